@@ -1,0 +1,34 @@
+"""Locations of the bundled defaults (embedded reference set, sample photos)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: The reference set shipped in the repository (built by scripts/build_default_reference.py).
+DEFAULT_REFERENCE_NAME = "default"
+
+
+def default_reference_path() -> Path:
+    """``$REME_REFERENCE`` if set, else ``reference_sets/default`` of the source checkout.
+
+    Raises:
+        FileNotFoundError: neither exists; the message says how to get one.
+    """
+    env = os.environ.get("REME_REFERENCE")
+    if env:
+        return Path(env)
+    path = Path(__file__).resolve().parents[1] / "reference_sets" / DEFAULT_REFERENCE_NAME
+    if not (path / "manifest.json").is_file():
+        raise FileNotFoundError(
+            f"no default reference set at {path}; pass --reference REF (build one with "
+            "`reme build-reference`) or set REME_REFERENCE"
+        )
+    return path
+
+
+def shared_data_dir() -> Path | None:
+    """The ``shared/data`` folder beside the checkout (``$REME_SHARED_DATA`` overrides), or None."""
+    env = os.environ.get("REME_SHARED_DATA")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return path if path.is_dir() else None

@@ -1,0 +1,96 @@
+"""Encoder interfaces shared by every backend.
+
+A *visual encoder* maps an RGB image to a dense feature map; segment embeddings are
+obtained from it by mask average pooling (METHOD.md step 6, ``reme.pooling``).
+A *text encoder* maps strings to L2-normalised vectors (METHOD.md step 5).
+A *captioner* maps an image to one or more captions (METHOD.md step 2).
+
+Backends live in sibling modules (``classical``, ``clip``, ``dinov2``, ``minilm``,
+``captioners``) and are created through :func:`reme.encoders.resolve_encoder`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+class VisualEncoder(ABC):
+    """Frozen image encoder producing a dense feature map.
+
+    Attributes:
+        spec (str): the canonical spec string that :func:`resolve_encoder` accepts to
+            rebuild this encoder; stored in reference-set manifests.
+        dim (int): feature dimension ``d``.
+        device (torch.device): where the forward pass runs.
+    """
+
+    spec: str
+    dim: int
+    device: torch.device
+
+    @abstractmethod
+    def dense_features(self, image: np.ndarray) -> torch.Tensor:
+        """Dense features of one image.
+
+        Args:
+            image: (H, W, 3) uint8 RGB array.
+
+        Returns:
+            (h, w, d) float32 tensor on ``self.device``; not normalised. The grid
+            (h, w) covers the whole image (cell (i, j) spans rows ``i*H/h .. (i+1)*H/h``).
+        """
+
+    def dense_features_batch(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Dense features of several images; default loops over :meth:`dense_features`."""
+        return [self.dense_features(im) for im in images]
+
+
+class TextEncoder(ABC):
+    """Frozen text encoder.
+
+    Attributes:
+        spec (str): canonical spec string (see :class:`VisualEncoder`).
+        dim (int): embedding dimension.
+    """
+
+    spec: str
+    dim: int
+
+    @abstractmethod
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed strings.
+
+        Args:
+            texts: n strings.
+
+        Returns:
+            (n, dim) float32 array, each row L2-normalised. ``n == 0`` gives (0, dim).
+        """
+
+
+class Captioner(ABC):
+    """Image captioner (METHOD.md step 2)."""
+
+    spec: str
+
+    @abstractmethod
+    def caption(self, image: np.ndarray, key: str | None = None) -> list[str]:
+        """Captions of one image.
+
+        Args:
+            image: (H, W, 3) uint8 RGB array.
+            key: the image's file name relative to the image root; used by
+                file-based captioners to look the captions up.
+
+        Returns:
+            A list of zero or more caption strings.
+        """
+
+
+class CLIPModel(VisualEncoder, TextEncoder):
+    """An image-text model usable both as visual encoder (dense, text-aligned patch
+    features) and as text encoder; needed for the pairing step (METHOD.md step 4)."""

@@ -1,0 +1,192 @@
+"""DINOv2 dense patch features through ``transformers`` (``dinov2:`` specs).
+
+ReME's default visual encoder for group-based filtering and retrieval is DINOv2 ViT-L/14
+(METHOD.md step 6: "DINOv2 > CLIP at equal size, L > B"); segment embeddings are mask average
+pooled from its patch tokens. The patch tokens of ``last_hidden_state`` (after the final layer
+norm) are used; the CLS token and any register tokens (``Dinov2WithRegisters`` checkpoints) are
+dropped.
+
+Specs::
+
+    dinov2:facebook/dinov2-large     hub id (cached, or downloaded when the hub is reachable)
+    dinov2:/path/to/folder           a folder saved with save_pretrained / ``hf download``
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from reme.encoders import _hub
+from reme.encoders.base import VisualEncoder
+
+logger = logging.getLogger(__name__)
+
+#: Default short side of the resized image, in pixels (chosen by us: 448 gives a 32-patch
+#: short side with /14 patches, and matches the field's ADE/Cityscapes protocol, METHOD.md).
+DEFAULT_IMAGE_SIZE: int = 448
+
+
+class DINOv2Encoder(VisualEncoder):
+    """A frozen DINOv2 backbone giving an (h, w, d) patch-feature map.
+
+    Attributes:
+        spec (str): canonical spec, e.g. ``"dinov2:facebook/dinov2-large"`` or
+            ``"dinov2:/abs/folder"``.
+        dim (int): hidden size (1024 for ViT-L/14).
+        device (torch.device): where the forward pass runs.
+        model (transformers.PreTrainedModel): ``Dinov2Model`` (or ``Dinov2WithRegistersModel``).
+        image_size (int): short side the image is resized to.
+        patch_size (tuple[int, int]): 14 x 14 for released checkpoints.
+        num_register_tokens (int): register tokens after CLS (0 for plain DINOv2).
+        mean, std (tuple[float, float, float]): ImageNet normalisation.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        spec: str,
+        device: str | torch.device = "cpu",
+        image_size: int = DEFAULT_IMAGE_SIZE,
+        mean: tuple[float, float, float] = _hub.IMAGENET_MEAN,
+        std: tuple[float, float, float] = _hub.IMAGENET_STD,
+        interpolation: str = "bicubic",
+    ) -> None:
+        """Wrap a loaded DINOv2 model (use :func:`load_dinov2` to load one).
+
+        Args:
+            model: a ``transformers`` DINOv2 model whose config has ``patch_size`` and
+                ``hidden_size``; it is put in eval mode and frozen.
+            spec: canonical spec string.
+            device: device the model is on.
+            image_size: short side in pixels (default 448; sides are rounded to multiples of 14).
+            mean, std: per-channel normalisation (ImageNet, as DINOv2 was trained).
+            interpolation: ``"bicubic"`` (default, as the DINOv2 image processor) or
+                ``"bilinear"``.
+
+        Raises:
+            ValueError: ``image_size`` is not positive.
+        """
+        if int(image_size) < 1:
+            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+        config = model.config
+        patch = config.patch_size
+        self.model = model.eval().requires_grad_(False)
+        self.spec = spec
+        self.device = torch.device(device)
+        self.dim = int(config.hidden_size)
+        self.patch_size = (int(patch), int(patch)) if isinstance(patch, int) else tuple(patch)
+        self.num_register_tokens = int(getattr(config, "num_register_tokens", 0) or 0)
+        self.image_size = int(image_size)
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+        self.interpolation = interpolation
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(spec={self.spec!r}, dim={self.dim}, device={self.device})"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the model's weights."""
+        return next(self.model.parameters()).dtype
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Feature grid (h, w) that :meth:`dense_features` gives for an H x W image."""
+        return _hub.patch_grid(height, width, self.image_size, self.patch_size)
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (1, 3, h * 14, w * 14) normalised tensor on ``self.device``."""
+        return _hub.to_model_input(
+            image,
+            image_size=self.image_size,
+            patch=self.patch_size,
+            mean=self.mean,
+            std=self.std,
+            device=self.device,
+            dtype=self.dtype,
+            interpolation=self.interpolation,
+        )
+
+    def dense_features(self, image: np.ndarray) -> torch.Tensor:
+        """DINOv2 patch tokens of one image as a feature map.
+
+        Args:
+            image: (H, W, 3) uint8 RGB.
+
+        Returns:
+            (h, w, dim) float32 tensor on ``self.device``, not normalised;
+            ``(h, w) = self.grid_size(H, W)``.
+
+        Raises:
+            TypeError, ValueError: ``image`` is not an (H, W, 3) uint8 array.
+        """
+        with torch.inference_mode():
+            pixels = self.preprocess(image)
+            gh, gw = pixels.shape[-2] // self.patch_size[0], pixels.shape[-1] // self.patch_size[1]
+            hidden = self.model(pixel_values=pixels).last_hidden_state  # (1, 1 + R + h*w, d)
+            patches = hidden[0, 1 + self.num_register_tokens:]
+            if patches.shape[0] != gh * gw:
+                raise RuntimeError(
+                    f"{self.spec}: expected {gh * gw} patch tokens for a {gh}x{gw} grid, got "
+                    f"{patches.shape[0]} (unexpected prefix tokens?)"
+                )
+            return patches.reshape(gh, gw, self.dim).float()
+
+
+def load_dinov2(
+    target: str,
+    *,
+    device: str | torch.device = "cpu",
+    cache_dir: str | None = None,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    dtype: torch.dtype | None = None,
+    mean: tuple[float, float, float] = _hub.IMAGENET_MEAN,
+    std: tuple[float, float, float] = _hub.IMAGENET_STD,
+) -> DINOv2Encoder:
+    """Load a DINOv2 backbone (``dinov2:`` specs) with ``transformers.AutoModel``.
+
+    Args:
+        target: hub id (``facebook/dinov2-large``) or a local ``save_pretrained`` folder.
+        device: torch device; weights are read on the CPU, then moved.
+        cache_dir: hub cache (``$REME_CACHE_DIR``); None uses the default cache.
+        image_size: short side in pixels (default 448).
+        dtype: weights dtype; None keeps float32.
+        mean, std: normalisation (default ImageNet).
+
+    Returns:
+        A :class:`DINOv2Encoder`; ``.spec`` is ``"dinov2:<hub id>"`` or ``"dinov2:<abs folder>"``.
+
+    Raises:
+        reme.errors.MissingWeightsError: the folder does not exist or has no ``config.json``;
+            or the hub id is not cached while offline / the hub is unreachable (the message
+            gives the ``hf download`` command and the ``dinov2:/path`` spec).
+        ValueError: the config is not a DINOv2 model.
+    """
+    try:
+        from transformers import AutoConfig, AutoModel
+    except ImportError as exc:  # pragma: no cover
+        raise ImportError('DINOv2 encoders need transformers: pip install "reme[hf]"') from exc
+    target = (target or "").strip()
+    given_folder = bool(target) and os.path.isdir(os.path.expanduser(target))
+    source, _ = _hub.resolve_hf_repo(target, family="dinov2", cache_dir=cache_dir)
+    spec = f"dinov2:{source}" if given_folder else f"dinov2:{target}"
+    config = AutoConfig.from_pretrained(source, cache_dir=cache_dir, trust_remote_code=False)
+    if not str(getattr(config, "model_type", "")).startswith("dinov2"):
+        raise ValueError(
+            f"{spec}: config model_type is {getattr(config, 'model_type', None)!r}, expected a "
+            f"DINOv2 model (dinov2 / dinov2_with_registers)"
+        )
+    kwargs: dict[str, Any] = {"cache_dir": cache_dir, "trust_remote_code": False}
+    kwargs.update(_hub.hf_dtype_kwargs(dtype))
+    model = AutoModel.from_pretrained(source, config=config, **kwargs)
+    model = model.to(torch.device(device)).eval()
+    encoder = DINOv2Encoder(
+        model, spec=spec, device=device, image_size=image_size, mean=mean, std=std
+    )
+    logger.info("loaded %s (dim %d) on %s", spec, encoder.dim, encoder.device)
+    return encoder

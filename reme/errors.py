@@ -1,0 +1,23 @@
+"""Exception types raised by reme.
+
+All derive from the built-in type a caller would expect (``ValueError`` for bad input,
+``FileNotFoundError`` for missing weights), so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class MissingWeightsError(FileNotFoundError):
+    """Pretrained weights are not available locally and cannot be fetched.
+
+    The message names the model, where to download it and which flag or environment
+    variable points reme at a local copy.
+    """
+
+
+class ImageReadError(ValueError):
+    """An image file is missing, truncated, corrupt or of an unsupported kind."""
+
+
+class ReferenceSetError(ValueError):
+    """A reference set on disk is incomplete, corrupt, or does not match the encoders in use."""

@@ -1,0 +1,78 @@
+"""Mask average pooling of dense features (METHOD.md step 6).
+
+S_k = MAP(phi(I), zeta(M_k)): the mask M_k is downsampled to the feature grid as a soft
+*coverage* (the fraction of each grid cell it covers, via a nearest-cell assignment of every
+pixel), and the grid features are averaged with those weights. A segment smaller than a cell
+therefore still gets the feature of the cell it lies in, never an empty average.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _pixel_cells(shape_hw: tuple[int, int], grid_hw: tuple[int, int]) -> np.ndarray:
+    """(H, W) int64 index of the grid cell each pixel falls in (row-major)."""
+    (H, W), (h, w) = shape_hw, grid_hw
+    rows = np.minimum((np.arange(H) * h) // H, h - 1)
+    cols = np.minimum((np.arange(W) * w) // W, w - 1)
+    return rows[:, None] * w + cols[None, :]
+
+
+def segment_cell_coverage(seg: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
+    """Pixel counts of each segment in each feature-grid cell.
+
+    Args:
+        seg: (H, W) int segment-id map, ids 0..k-1 (``reme.proposals``); ids < 0 are ignored.
+        grid_hw: (h, w) of the feature grid.
+
+    Returns:
+        (k, h*w) float32 counts; row i sums to the area of segment i in pixels.
+    """
+    k = int(seg.max()) + 1 if seg.size else 0
+    n = grid_hw[0] * grid_hw[1]
+    cells = _pixel_cells(seg.shape, grid_hw)
+    valid = seg >= 0
+    flat = seg[valid].astype(np.int64) * n + cells[valid]
+    return np.bincount(flat, minlength=k * n).reshape(k, n).astype(np.float32)
+
+
+def mask_average_pool(features: torch.Tensor, seg: np.ndarray, normalize: bool = True) -> torch.Tensor:
+    """Segment embeddings by mask average pooling.
+
+    Args:
+        features: (h, w, d) float tensor, the dense map phi(I).
+        seg: (H, W) int segment-id map at image resolution (ids 0..k-1).
+        normalize: L2-normalise each row (METHOD.md: all embeddings are L2-normalised).
+
+    Returns:
+        (k, d) float32 tensor on ``features.device``.
+    """
+    h, w, d = features.shape
+    cov = torch.from_numpy(segment_cell_coverage(seg, (h, w))).to(features.device)
+    area = cov.sum(1, keepdim=True).clamp_min(1.0)
+    out = (cov / area) @ features.reshape(h * w, d).float()
+    if normalize:
+        out = torch.nn.functional.normalize(out, dim=1)
+    return out
+
+
+def masks_average_pool(features: torch.Tensor, masks: np.ndarray, normalize: bool = True) -> torch.Tensor:
+    """Mask average pooling for possibly overlapping masks.
+
+    Args:
+        features: (h, w, d) float tensor.
+        masks: (k, H, W) bool masks M_k.
+        normalize: L2-normalise rows.
+
+    Returns:
+        (k, d) float32 tensor.
+    """
+    k, H, W = masks.shape
+    h, w, d = features.shape
+    cells = torch.from_numpy(_pixel_cells((H, W), (h, w)).ravel()).to(features.device)
+    m = torch.from_numpy(masks.reshape(k, H * W)).to(features.device).float()
+    cov = torch.zeros(k, h * w, device=features.device).index_add_(1, cells, m)
+    out = (cov / cov.sum(1, keepdim=True).clamp_min(1.0)) @ features.reshape(h * w, d).float()
+    return torch.nn.functional.normalize(out, dim=1) if normalize else out

@@ -1,0 +1,323 @@
+"""The reference set {S_ref, O_ref, L_ref} in memory and on disk (METHOD.md step 10).
+
+On-disk layout of a reference folder::
+
+    REF/
+      manifest.json      format version, encoder specs and dims, templates, every build
+                         hyper-parameter, counts per stage, sha256 of every file below
+      segments.parquet   S_ref: segment_id, image, bbox (x, y, w, h), area, embedding
+                         (fixed-size list of float16 or float32, L2-normalised)
+      labels.parquet     L_ref: label_id, text, root, embedding (fixed-size list float32)
+      pairs.parquet      O_ref as sparse pairs: segment_id, label_id (one row per 1 in O_ref)
+      index.faiss        FAISS inner-product index over S_ref
+
+A folder is written under a temporary name and renamed into place when complete, so a
+crash never leaves a half-written reference set behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from reme._version import __version__
+from reme.errors import ReferenceSetError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_FILES = ("segments.parquet", "labels.parquet", "pairs.parquet")
+INDEX_FILE = "index.faiss"
+
+
+@dataclass
+class ReferenceSet:
+    """A reference set.
+
+    Attributes:
+        S_ref: (m, d1) float16 or float32 visual segment embeddings, L2-normalised rows.
+        L_ref: (n, d2) float32 label text embeddings, L2-normalised rows.
+        pair_segment: (p,) int64 and
+        pair_label: (p,) int64 -- the nonzeros of the binary O_ref (m x n).
+        labels: n label strings (column j of O_ref, row j of L_ref).
+        roots: n root nouns of the labels.
+        segment_image: m source-image keys (relative paths).
+        segment_bbox: (m, 4) int32 XYWH boxes in source-image pixels.
+        segment_area: (m,) int64 areas in pixels.
+        manifest: encoder specs, parameters and counts (see module docstring).
+    """
+
+    S_ref: np.ndarray
+    L_ref: np.ndarray
+    pair_segment: np.ndarray
+    pair_label: np.ndarray
+    labels: list[str]
+    roots: list[str]
+    segment_image: list[str]
+    segment_bbox: np.ndarray
+    segment_area: np.ndarray
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.pair_segment = np.asarray(self.pair_segment, np.int64)
+        self.pair_label = np.asarray(self.pair_label, np.int64)
+        self.validate()
+
+    @property
+    def num_segments(self) -> int:
+        return int(self.S_ref.shape[0])
+
+    @property
+    def num_labels(self) -> int:
+        return int(self.L_ref.shape[0])
+
+    def validate(self) -> None:
+        """Check shapes and index ranges; raises ReferenceSetError naming the mismatch."""
+        m, n = self.S_ref.shape[0], self.L_ref.shape[0]
+        checks = [
+            (self.S_ref.ndim == 2 and self.L_ref.ndim == 2, f"S_ref {self.S_ref.shape} and L_ref {self.L_ref.shape} must be 2-D"),
+            (len(self.labels) == n and len(self.roots) == n, f"{len(self.labels)} labels / {len(self.roots)} roots for L_ref of {n} rows"),
+            (len(self.segment_image) == m and len(self.segment_bbox) == m and len(self.segment_area) == m,
+             f"segment metadata lengths do not match S_ref's {m} rows"),
+            (self.pair_segment.shape == self.pair_label.shape, "pair_segment and pair_label differ in length"),
+            (self.pair_segment.size == 0 or (self.pair_segment.min() >= 0 and self.pair_segment.max() < m),
+             f"O_ref segment ids out of range [0, {m})"),
+            (self.pair_label.size == 0 or (self.pair_label.min() >= 0 and self.pair_label.max() < n),
+             f"O_ref label ids out of range [0, {n})"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ReferenceSetError(f"invalid reference set: {msg}")
+
+    def O_ref_dense(self) -> np.ndarray:
+        """(m, n) float32 binary O_ref (for small sets and tests)."""
+        O = np.zeros((self.num_segments, self.num_labels), np.float32)
+        O[self.pair_segment, self.pair_label] = 1.0
+        return O
+
+    def save(self, path: str | Path, *, overwrite: bool = False, embedding_dtype: str = "float16",
+             with_index: bool = True) -> Path:
+        """Write the reference folder atomically (module docstring).
+
+        Args:
+            path: destination folder.
+            overwrite: replace an existing folder (after the new one is complete).
+            embedding_dtype: "float16" (half the disk) or "float32" for S_ref.
+            with_index: also write ``index.faiss`` (needs faiss).
+
+        Raises:
+            FileExistsError: ``path`` exists and ``overwrite`` is False.
+        """
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite)")
+        if embedding_dtype not in ("float16", "float32"):
+            raise ValueError(f"embedding_dtype must be float16 or float32, got {embedding_dtype!r}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the final folder gets the usual mode
+        try:
+            S = np.ascontiguousarray(self.S_ref, dtype=embedding_dtype)
+            bbox = np.asarray(self.segment_bbox, np.int32).reshape(-1, 4)
+            seg_table = pa.table({
+                "segment_id": pa.array(np.arange(self.num_segments, dtype=np.int64)),
+                "image": pa.array(self.segment_image, pa.string()),
+                "bbox": pa.FixedSizeListArray.from_arrays(pa.array(bbox.ravel()), 4),
+                "area": pa.array(np.asarray(self.segment_area, np.int64)),
+                "embedding": _fixed_list(S),
+            })
+            label_table = pa.table({
+                "label_id": pa.array(np.arange(self.num_labels, dtype=np.int64)),
+                "text": pa.array(self.labels, pa.string()),
+                "root": pa.array(self.roots, pa.string()),
+                "embedding": _fixed_list(np.ascontiguousarray(self.L_ref, np.float32)),
+            })
+            pair_table = pa.table({"segment_id": pa.array(self.pair_segment), "label_id": pa.array(self.pair_label)})
+            for name, table in zip(_FILES, (seg_table, label_table, pair_table)):
+                pq.write_table(table, tmp / name, compression="zstd")
+            files = list(_FILES)
+            if with_index:
+                from reme.index import build_index, write_index
+
+                write_index(build_index(S.astype(np.float32)), tmp / INDEX_FILE)
+                files.append(INDEX_FILE)
+            manifest = dict(self.manifest)
+            manifest.update({
+                "format_version": FORMAT_VERSION,
+                "reme_version": __version__,
+                "created": manifest.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "num_segments": self.num_segments,
+                "num_labels": self.num_labels,
+                "num_pairs": int(self.pair_segment.size),
+                "visual_dim": int(self.S_ref.shape[1]),
+                "text_dim": int(self.L_ref.shape[1]),
+                "embedding_dtype": embedding_dtype,
+                "files": {f: _sha256(tmp / f) for f in files},
+            })
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            self.manifest = manifest
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("wrote reference set %s (%d segments, %d labels)", path, self.num_segments, self.num_labels)
+        return path
+
+
+def _fixed_list(arr: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(arr.ravel()), arr.shape[1])
+
+
+def _sha256(path: Path, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a reference folder.
+
+    Raises:
+        ReferenceSetError: folder or manifest missing or not valid JSON.
+    """
+    mpath = Path(path) / "manifest.json"
+    if not mpath.is_file():
+        raise ReferenceSetError(f"{path} is not a reme reference set: {mpath} not found")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ReferenceSetError(f"{mpath} is not valid JSON ({exc}); rebuild the reference set") from exc
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ReferenceSetError(
+            f"{mpath}: format_version {manifest.get('format_version')!r}, this reme reads {FORMAT_VERSION}; "
+            "rebuild it with this version (reme build-reference)"
+        )
+    return manifest
+
+
+def _read_embedding(table: pa.Table, fname: str, dim: int) -> np.ndarray:
+    col = table.column("embedding").combine_chunks()
+    if col.type.list_size != dim:
+        raise ReferenceSetError(f"{fname}: embedding size {col.type.list_size}, manifest says {dim}")
+    return col.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+def load_reference(path: str | Path, *, verify: bool = True) -> ReferenceSet:
+    """Read a reference folder written by :meth:`ReferenceSet.save`.
+
+    Args:
+        path: the folder.
+        verify: check every file's sha256 against the manifest (reads each file once more).
+
+    Returns:
+        The :class:`ReferenceSet`; S_ref keeps its stored dtype (float16 or float32).
+
+    Raises:
+        ReferenceSetError: missing or altered files (checksum), truncated or unreadable Parquet,
+            or contents that disagree with the manifest; the message names the file and the fix.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    files = manifest.get("files", {})
+    for name in _FILES:
+        f = path / name
+        if not f.is_file():
+            raise ReferenceSetError(f"{f} is missing; the reference set is incomplete, rebuild it")
+        if verify and name in files and _sha256(f) != files[name]:
+            raise ReferenceSetError(
+                f"{f} does not match the sha256 in {path / 'manifest.json'} (file changed or truncated); "
+                "rebuild the reference set or restore the file"
+            )
+    tables = {}
+    for name in _FILES:
+        try:
+            tables[name] = pq.read_table(path / name)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ReferenceSetError(f"cannot read {path / name}: {exc}; the file is truncated or corrupt, rebuild the reference set") from exc
+    seg, lab, pairs = (tables[n] for n in _FILES)
+    try:
+        S = _read_embedding(seg, "segments.parquet", int(manifest["visual_dim"]))
+        L = _read_embedding(lab, "labels.parquet", int(manifest["text_dim"])).astype(np.float32)
+        bbox = seg.column("bbox").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, 4)
+        ref = ReferenceSet(
+            S_ref=S, L_ref=L,
+            pair_segment=pairs.column("segment_id").to_numpy(), pair_label=pairs.column("label_id").to_numpy(),
+            labels=lab.column("text").to_pylist(), roots=lab.column("root").to_pylist(),
+            segment_image=seg.column("image").to_pylist(), segment_bbox=bbox,
+            segment_area=seg.column("area").to_numpy(), manifest=manifest,
+        )
+    except KeyError as exc:
+        raise ReferenceSetError(f"{path}: missing column or manifest key {exc}; rebuild the reference set") from exc
+    for key, val in (("num_segments", ref.num_segments), ("num_labels", ref.num_labels)):
+        if manifest.get(key) != val:
+            raise ReferenceSetError(f"{path}: manifest says {key}={manifest.get(key)}, files hold {val}")
+    return ref
+
+
+def concat_references(refs: list[ReferenceSet], manifest: dict[str, Any] | None = None) -> ReferenceSet:
+    """Concatenate reference sets built with the same encoders; labels with the same text
+    are merged into one column of O_ref.
+
+    Args:
+        refs: at least one ReferenceSet; all with equal ``manifest["encoders"]`` and dims.
+        manifest: manifest of the result (default: the first set's, with ``parts`` listing
+            each input's manifest).
+
+    Raises:
+        ReferenceSetError: encoders or dimensions differ.
+    """
+    if not refs:
+        raise ValueError("concat_references needs at least one reference set")
+    enc = refs[0].manifest.get("encoders")
+    for r in refs[1:]:
+        if r.manifest.get("encoders") != enc or r.S_ref.shape[1] != refs[0].S_ref.shape[1] \
+                or r.L_ref.shape[1] != refs[0].L_ref.shape[1]:
+            raise ReferenceSetError(f"cannot concatenate reference sets built with different encoders: {enc} vs {r.manifest.get('encoders')}")
+    label_id: dict[str, int] = {}
+    labels, roots, L_rows = [], [], []
+    ps, pl, offset = [], [], 0
+    for r in refs:
+        remap = np.empty(r.num_labels, np.int64)
+        for j, (t, root) in enumerate(zip(r.labels, r.roots)):
+            if t not in label_id:
+                label_id[t] = len(labels)
+                labels.append(t)
+                roots.append(root)
+                L_rows.append(r.L_ref[j])
+            remap[j] = label_id[t]
+        ps.append(r.pair_segment + offset)
+        pl.append(remap[r.pair_label])
+        offset += r.num_segments
+    man = dict(manifest or refs[0].manifest)
+    if manifest is None:
+        man["parts"] = [r.manifest for r in refs]
+    return ReferenceSet(
+        S_ref=np.concatenate([np.asarray(r.S_ref, np.float32) for r in refs]),
+        L_ref=np.stack(L_rows).astype(np.float32),
+        pair_segment=np.concatenate(ps), pair_label=np.concatenate(pl), labels=labels, roots=roots,
+        segment_image=[k for r in refs for k in r.segment_image],
+        segment_bbox=np.concatenate([r.segment_bbox for r in refs]),
+        segment_area=np.concatenate([r.segment_area for r in refs]), manifest=man,
+    )

@@ -1,0 +1,74 @@
+"""Label-map rendering: palette PNGs and colour overlays with a legend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from reme.io import atomic_path
+
+
+def palette(n: int) -> np.ndarray:
+    """(n, 3) uint8 colours; the first 256 follow the PASCAL VOC bit-interleaved colormap
+    (index 0 black), so palette PNGs look familiar in every viewer."""
+    out = np.zeros((max(n, 256), 3), np.uint8)
+    for i in range(out.shape[0]):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        out[i] = (r, g, b)
+    return out[:n]
+
+
+def class_colors(n: int) -> np.ndarray:
+    """(n, 3) uint8 display colours for classes 0..n-1 (VOC colormap without black)."""
+    return palette(n + 1)[1:]
+
+
+def save_label_png(label_map: np.ndarray, path: str | Path) -> None:
+    """Write an (H, W) label map (values < 256) as a palette PNG whose pixel values are the
+    class indices; ``np.array(Image.open(path))`` gives the map back. Written atomically."""
+    if label_map.max(initial=0) > 255 or label_map.min(initial=0) < 0:
+        raise ValueError("palette PNG holds label values 0..255 only")
+    img = Image.fromarray(label_map.astype(np.uint8), mode="P")
+    img.putpalette(np.concatenate([class_colors(255), np.zeros((1, 3), np.uint8)]).ravel().tolist())
+    with atomic_path(path, ".png") as tmp:
+        img.save(tmp, format="PNG")
+
+
+def overlay(image: np.ndarray, label_map: np.ndarray, classes: Sequence[str], alpha: float = 0.5,
+            fractions: Sequence[float] | None = None) -> Image.Image:
+    """Colour overlay of a label map on its image, with a legend strip on the right.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        label_map: (H, W) int class indices.
+        classes: C class names.
+        alpha: label colour opacity in [0, 1].
+        fractions: optional (C,) pixel fractions printed in the legend.
+
+    Returns:
+        A PIL RGB image of width W + legend width, height max(H, legend height).
+    """
+    colors = class_colors(len(classes))
+    blend = (image.astype(np.float32) * (1 - alpha) + colors[label_map].astype(np.float32) * alpha).astype(np.uint8)
+    present = [i for i in range(len(classes)) if (label_map == i).any()]
+    font = ImageFont.load_default()
+    row_h, pad = 18, 6
+    texts = [f"{classes[i]}" + (f"  {100 * fractions[i]:.1f}%" if fractions is not None else "") for i in present]
+    width = max([int(font.getlength(t)) for t in texts] + [40]) + row_h + 3 * pad
+    H, W = label_map.shape
+    canvas = Image.new("RGB", (W + width, max(H, pad + row_h * len(present) + pad)), (255, 255, 255))
+    canvas.paste(Image.fromarray(blend), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for r, (i, t) in enumerate(zip(present, texts)):
+        y = pad + r * row_h
+        draw.rectangle([W + pad, y + 2, W + pad + row_h - 6, y + row_h - 4], fill=tuple(int(c) for c in colors[i]))
+        draw.text((W + pad + row_h, y + 2), t, fill=(0, 0, 0), font=font)
+    return canvas

@@ -1,0 +1,61 @@
+"""Rebuild the embedded default reference set ``reference_sets/default`` from ../shared/data.
+
+GT-mode reference (paper Fig. 1b) with the offline encoders (classical visual features,
+MiniLM text): COCO train2017 instance masks of ``coco_tiny`` (80 thing classes) plus every
+third CamVid train frame (11 street-scene classes: sky, road, building, tree, ...). Only
+derived embeddings, labels and the manifest are stored, no image or mask.
+
+    python scripts/build_default_reference.py [--data ../shared/data] [--out reference_sets/default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from reme.annotations import CocoInstances, MaskFolder, read_class_names
+from reme.build import build_gt_reference
+from reme.defaults import shared_data_dir
+from reme.encoders import resolve_encoder
+from reme.proposals import FelzenszwalbParams
+from reme.reference import concat_references
+
+#: Coarser proposals than FreeDA's default keep the embedded set small (a few MB) and
+#: segmentation fast on a CPU; the Segmenter uses the manifest's settings for test images too.
+PROPOSALS = FelzenszwalbParams(scale=100.0, sigma=1.0, min_size=100)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=shared_data_dir())
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "reference_sets" / "default")
+    ap.add_argument("--camvid-step", type=int, default=3, help="use every n-th CamVid train frame")
+    args = ap.parse_args()
+    if args.data is None or not args.data.is_dir():
+        raise SystemExit("shared data folder not found; pass --data PATH/TO/shared/data")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    vis = resolve_encoder("classical", device="cpu")
+    txt = resolve_encoder("minilm", device="cpu")
+    coco = args.data / "coco_tiny"
+    ref_coco = build_gt_reference(coco / "images" / "train2017",
+                                  CocoInstances(coco / "annotations" / "instances_train2017.json"),
+                                  vis, txt, felzenszwalb=PROPOSALS)
+    cam = args.data / "camvid"
+    frames = sorted(p.name for p in (cam / "images" / "train").glob("*.png"))[:: args.camvid_step]
+    ref_cam = build_gt_reference(cam / "images" / "train",
+                                 MaskFolder(cam / "masks" / "train", read_class_names(cam / "classes.txt")),
+                                 vis, txt, felzenszwalb=PROPOSALS, images=frames)
+    manifest = dict(ref_coco.manifest)
+    manifest["image_root"] = "shared/data: coco_tiny/images/train2017 + camvid/images/train"
+    manifest["counts"] = {"coco_" + k: v for k, v in ref_coco.manifest["counts"].items()}
+    manifest["counts"].update({"camvid_" + k: v for k, v in ref_cam.manifest["counts"].items()})
+    manifest["skipped_images"] = ref_coco.manifest["skipped_images"] + ref_cam.manifest["skipped_images"]
+    manifest["built_by"] = "scripts/build_default_reference.py"
+    ref = concat_references([ref_coco, ref_cam], manifest=manifest)
+    ref.save(args.out, overwrite=True)
+    print(f"wrote {args.out}: {ref.num_segments} segments, {ref.num_labels} labels")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Shared test configuration: offline hub, shared data location, tiny random-weight models."""
+
+from __future__ import annotations
+
+import os
+
+# Never let a test reach for the Hugging Face hub: a hub call must fail fast, not hang.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ["REME_SHARED_DATA"]) if os.environ.get("REME_SHARED_DATA") else REPO.parent / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared data not found at {SHARED} (set REME_SHARED_DATA)")
+
+TINY_CLIP = "ReMETinyViT-T16"
+TINY_CLIP_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A tiny random open_clip ViT registered under TINY_CLIP: (checkpoint path, state dict)."""
+    import open_clip
+
+    root = tmp_path_factory.mktemp("clip")
+    cfg_dir = root / "configs"
+    cfg_dir.mkdir()
+    (cfg_dir / f"{TINY_CLIP}.json").write_text(json.dumps(TINY_CLIP_CFG))
+    other = json.loads(json.dumps(TINY_CLIP_CFG))
+    other["vision_cfg"]["width"], other["text_cfg"]["width"] = 32, 16
+    (cfg_dir / f"{TINY_CLIP}-narrow.json").write_text(json.dumps(other))
+    open_clip.add_model_config(cfg_dir)
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY_CLIP)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ckpt = root / "ckpt.pt"
+    torch.save(state, ckpt)
+    return ckpt, state
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2(tmp_path_factory):
+    """A tiny random DINOv2 saved with save_pretrained: (folder, state dict)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    folder = tmp_path_factory.mktemp("dinov2") / "tiny-dinov2"
+    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       patch_size=14, image_size=56)
+    torch.manual_seed(0)
+    model = Dinov2Model(cfg).eval()
+    model.save_pretrained(folder)
+    return folder, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="session")
+def classical():
+    from reme.encoders import resolve_encoder
+
+    return resolve_encoder("classical", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from reme.encoders import resolve_encoder
+
+    return resolve_encoder("minilm", device="cpu")
+
+
+def photo(name: str = "astronaut") -> np.ndarray:
+    """A real photo bundled with scikit-image."""
+    import skimage.data
+
+    return getattr(skimage.data, name)()

@@ -1,0 +1,105 @@
+"""Build stages of METHOD.md Part 1 on constructed data where the answer is known."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import SHARED, needs_shared
+from reme.filtering import ambiguous_roots, group_median_filter, knee_index
+from reme.nounphrases import NounPhrase, extract_noun_phrases, load_spacy, substitute_root
+from reme.pairing import pair_labels_to_segments
+from reme.synonyms import synonym_pairs
+from reme.text_embedding import TEMPLATES, embed_labels
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def nlp():
+    return load_spacy()
+
+
+def test_pairing_picks_best_segment_per_label():
+    rng = np.random.default_rng(1)
+    S = _unit(rng.normal(size=(6, 8)))
+    L = _unit(S[[4, 1, 4]] + 0.05 * rng.normal(size=(3, 8)))
+    best, score = pair_labels_to_segments(S, L)
+    assert best.tolist() == [4, 1, 4]
+    assert np.all(score > 0.9)
+    with pytest.raises(ValueError):
+        pair_labels_to_segments(S, L[:, :4])
+
+
+def test_group_filter_drops_planted_outliers():
+    rng = np.random.default_rng(0)
+    d = 32
+    cat_c, dog_c = _unit(rng.normal(size=d)), _unit(rng.normal(size=d))
+    cats = _unit(cat_c + 0.2 * rng.normal(size=(7, d)))
+    dogs = _unit(dog_c + 0.2 * rng.normal(size=(10, d)))
+    outliers = _unit(rng.normal(size=(3, d)))           # mislabeled "dog" segments
+    S = np.concatenate([cats, dogs, outliers]).astype(np.float32)
+    roots = ["cat"] * 7 + ["dog"] * 13
+    keep = group_median_filter(S, np.arange(20), roots, drop_rate=0.30)
+    assert not keep[17:].any(), "the three outliers in the dog group must be dropped"
+    assert keep[:17].sum() == 17 - 2 - 0  # floor(0.3*7)=2 cats dropped, 3 dogs (the outliers)
+    assert keep[7:17].all()
+    # adaptive: the consistent cat group loses less than the polluted dog group (by rate)
+    keep_a = group_median_filter(S, np.arange(20), roots, adaptive=True, max_drop_rate=0.5)
+    assert not keep_a[17:].any()
+    assert (~keep_a[:7]).sum() / 7 < (~keep_a[7:]).sum() / 13
+
+
+def test_knee_filter_removes_oversized_background_group():
+    sizes = {"background": 900, "scene": 700, "image": 650}
+    sizes.update({f"thing{i}": 60 - i for i in range(30)})
+    removed = ambiguous_roots(sizes)
+    assert set(removed) == {"background", "scene", "image"}
+    assert ambiguous_roots({"a": 100, "b": 1}) == []  # too few groups to find a knee
+    assert knee_index(np.array([5, 5, 5, 5])) == 0
+
+
+def test_synonyms_found_between_bike_and_bicycle(minilm):
+    roots = ["bike", "bicycle", "sky", "dog", "kitchen", "car", "puppy", "tree"]
+    E = embed_labels(minilm, roots, ("{}",))
+    pairs = synonym_pairs(roots, E, k_sim=2)
+    top = {frozenset(p[:2]) for p in pairs}
+    assert frozenset({"bike", "bicycle"}) in top
+    assert pairs[0][2] >= pairs[1][2]
+    assert len(synonym_pairs(roots, E, k_sim=100)) == len(roots) * (len(roots) - 1) // 2
+
+
+def test_template_ensembling_is_mean_then_normalised(minilm):
+    E = embed_labels(minilm, ["cat", "striped rug"])
+    raw = minilm.encode([t.format("cat") for t in TEMPLATES]).mean(0)
+    np.testing.assert_allclose(E[0], raw / np.linalg.norm(raw), atol=1e-5)
+    assert np.allclose(np.linalg.norm(E, axis=1), 1, atol=1e-5)
+    with pytest.raises(ValueError):
+        embed_labels(minilm, ["cat"], ("no placeholder",))
+
+
+def test_noun_phrases_keep_modifiers_and_compound_roots(nlp):
+    (ps,) = extract_noun_phrases(["A stuffed teddy bear sits next to a red stop sign near a cute white rabbit."], nlp)
+    by_text = {p.text: p for p in ps}
+    assert by_text["a stuffed teddy bear"].root == "teddy bear"
+    assert by_text["a red stop sign"].root == "stop sign"
+    assert by_text["a cute white rabbit"].root == "rabbit"
+    (bare,) = extract_noun_phrases(["A stuffed teddy bear"], nlp, keep_compounds=False)
+    assert bare[0].root == "bear"
+    assert substitute_root(NounPhrase("a small kitten", "kitten", "kitten"), "cat").text == "a small cat"
+
+
+@needs_shared
+def test_noun_phrases_on_real_coco_captions(nlp):
+    rows = [json.loads(x) for x in (SHARED / "captions" / "coco_captions.jsonl").read_text().splitlines()[:20]]
+    caps = [c for r in rows for c in r["captions"]]
+    out = extract_noun_phrases(caps, nlp)
+    assert len(out) == len(caps)
+    roots = {p.root for ps in out for p in ps}
+    assert {"man", "kitchen", "teddy bear", "bathroom"} <= roots
+    assert all(p.text == p.text.lower() and p.root in p.text or p.head in p.text for ps in out for p in ps)
+    assert not any(p.root in {"it", "they"} for ps in out for p in ps)

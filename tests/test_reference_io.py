@@ -1,0 +1,113 @@
+"""Reference-set files: round trip, atomic writes, and refusal of damaged or mismatched sets."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from reme.errors import ReferenceSetError
+from reme.reference import ReferenceSet, concat_references, load_reference, read_manifest
+from reme.segmenter import Segmenter
+
+
+def make_ref(m=40, n=6, d1=26, d2=384, seed=0, encoders=None) -> ReferenceSet:
+    rng = np.random.default_rng(seed)
+    S = rng.normal(size=(m, d1)).astype(np.float32)
+    L = rng.normal(size=(n, d2)).astype(np.float32)
+    return ReferenceSet(
+        S_ref=S / np.linalg.norm(S, axis=1, keepdims=True), L_ref=L / np.linalg.norm(L, axis=1, keepdims=True),
+        pair_segment=np.arange(m), pair_label=rng.integers(0, n, m),
+        labels=[f"label {j}" for j in range(n)], roots=[f"root{j}" for j in range(n)],
+        segment_image=[f"img{i % 3}.jpg" for i in range(m)], segment_bbox=rng.integers(0, 50, (m, 4)),
+        segment_area=rng.integers(1, 500, m),
+        manifest={"encoders": encoders or {"visual": "classical", "text": "minilm"}, "mode": "test"},
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_round_trip(tmp_path, dtype):
+    ref = make_ref()
+    ref.save(tmp_path / "ref", embedding_dtype=dtype)
+    back = load_reference(tmp_path / "ref")
+    assert back.S_ref.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(back.S_ref.astype(np.float32), ref.S_ref, atol=1e-3 if dtype == "float16" else 0)
+    np.testing.assert_array_equal(back.L_ref, ref.L_ref)
+    np.testing.assert_array_equal(back.O_ref_dense(), ref.O_ref_dense())
+    assert back.labels == ref.labels and back.segment_image == ref.segment_image
+    np.testing.assert_array_equal(back.segment_bbox, ref.segment_bbox)
+    man = read_manifest(tmp_path / "ref")
+    assert man["num_segments"] == 40 and man["visual_dim"] == 26 and set(man["files"]) >= {"segments.parquet", "index.faiss"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"
+
+
+def test_existing_folder_needs_overwrite(tmp_path):
+    make_ref().save(tmp_path / "ref")
+    with pytest.raises(FileExistsError):
+        make_ref(seed=1).save(tmp_path / "ref")
+    make_ref(m=10, seed=1).save(tmp_path / "ref", overwrite=True)
+    assert load_reference(tmp_path / "ref").num_segments == 10
+
+
+def test_checksum_mismatch_and_truncation_are_refused(tmp_path):
+    make_ref().save(tmp_path / "ref")
+    seg = tmp_path / "ref" / "segments.parquet"
+    data = seg.read_bytes()
+    seg.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ReferenceSetError, match="segments.parquet.*sha256"):
+        load_reference(tmp_path / "ref")
+    with pytest.raises(ReferenceSetError, match="truncated or corrupt"):
+        load_reference(tmp_path / "ref", verify=False)
+
+
+def test_missing_file_and_bad_manifest(tmp_path):
+    make_ref().save(tmp_path / "ref")
+    os.remove(tmp_path / "ref" / "pairs.parquet")
+    with pytest.raises(ReferenceSetError, match="pairs.parquet is missing"):
+        load_reference(tmp_path / "ref")
+    (tmp_path / "ref" / "manifest.json").write_text("{not json")
+    with pytest.raises(ReferenceSetError, match="not valid JSON"):
+        load_reference(tmp_path / "ref")
+    with pytest.raises(ReferenceSetError, match="not a reme reference set"):
+        load_reference(tmp_path / "nothing")
+
+
+def test_manifest_dimension_mismatch(tmp_path):
+    make_ref().save(tmp_path / "ref")
+    mpath = tmp_path / "ref" / "manifest.json"
+    man = json.loads(mpath.read_text())
+    man["visual_dim"] = 64
+    mpath.write_text(json.dumps(man))
+    with pytest.raises(ReferenceSetError, match="embedding size 26, manifest says 64"):
+        load_reference(tmp_path / "ref")
+
+
+def test_invalid_pairs_rejected():
+    with pytest.raises(ReferenceSetError, match="out of range"):
+        ReferenceSet(**{**make_ref().__dict__, "pair_label": np.full(40, 99)})
+
+
+def test_segmenter_refuses_wrong_encoder_and_dims(tmp_path):
+    make_ref(encoders={"visual": "classical", "text": "minilm"}, d1=26).save(tmp_path / "ok")
+    with pytest.raises(ReferenceSetError, match="built with visual encoder 'classical', not 'dinov2:x'"):
+        Segmenter(load_reference(tmp_path / "ok"), visual_encoder=_FakeVisual("dinov2:x", 26), device="cpu")
+    make_ref(d1=20).save(tmp_path / "bad")
+    with pytest.raises(ReferenceSetError, match="26-d features but S_ref is 20-d"):
+        Segmenter(tmp_path / "bad", device="cpu")
+
+
+def test_concat_merges_labels_and_offsets_segments():
+    a, b = make_ref(m=5, n=3, seed=0), make_ref(m=4, n=4, seed=1)
+    c = concat_references([a, b])
+    assert c.num_segments == 9 and c.labels == ["label 0", "label 1", "label 2", "label 3"]
+    np.testing.assert_array_equal(c.O_ref_dense()[:5, :3], a.O_ref_dense())
+    np.testing.assert_array_equal(c.O_ref_dense()[5:], b.O_ref_dense())
+    with pytest.raises(ReferenceSetError):
+        concat_references([a, make_ref(encoders={"visual": "x", "text": "y"})])
+
+
+class _FakeVisual:
+    def __init__(self, spec, dim):
+        self.spec, self.dim = spec, dim
