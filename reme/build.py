@@ -69,11 +69,13 @@ class _Collector:
         self.image: list[str] = []
         self.bbox: list[np.ndarray] = []
         self.area: list[np.ndarray] = []
+        self.source: list[str] = []
 
-    def add(self, S: np.ndarray, key: str, bbox: np.ndarray, area: np.ndarray) -> np.ndarray:
-        start = sum(len(s) for s in self.S)
+    def add(self, S: np.ndarray, key: str, bbox: np.ndarray, area: np.ndarray, source: str) -> np.ndarray:
+        start = len(self.image)
         self.S.append(np.asarray(S, np.float32))
         self.image.extend([key] * len(S))
+        self.source.extend([source] * len(S))
         self.bbox.append(np.asarray(bbox, np.int32).reshape(-1, 4))
         self.area.append(np.asarray(area, np.int64))
         return np.arange(start, start + len(S))
@@ -85,7 +87,7 @@ class _Collector:
 
 
 def _finish(collector: _Collector, visual_dim: int, pair_seg: np.ndarray, pair_text: list[str],
-            pair_root: list[str], text_encoder, templates, manifest: dict) -> ReferenceSet:
+            pair_root: list[str], text_encoder, templates, manifest: dict, dropped: dict | None = None) -> ReferenceSet:
     """Drop segments without labels, deduplicate labels, embed L_ref, assemble the set."""
     S, bbox, area = collector.arrays(visual_dim)
     # distinct (segment, label) pairs; label ids in order of first appearance
@@ -114,7 +116,7 @@ def _finish(collector: _Collector, visual_dim: int, pair_seg: np.ndarray, pair_t
         S_ref=S[used], L_ref=L, pair_segment=remap[np.asarray(ps, np.int64)] if ps else np.zeros(0, np.int64),
         pair_label=np.asarray(pl, np.int64), labels=labels, roots=roots,
         segment_image=[collector.image[i] for i in used], segment_bbox=bbox[used], segment_area=area[used],
-        manifest=manifest,
+        manifest=manifest, segment_source=[collector.source[i] for i in used], dropped=dropped,
     )
 
 
@@ -209,7 +211,7 @@ def build_gt_reference(image_root: str | Path, annotations, visual_encoder, text
             if not keep.any():
                 continue
             S = mask_average_pool(feats, seg).cpu().numpy()[keep]
-            rows = col.add(S, key, segment_bboxes(seg)[keep], area[keep])
+            rows = col.add(S, key, segment_bboxes(seg)[keep], area[keep], "gt_proposal")
             pair_seg.extend(rows.tolist())
             pair_text.extend(names[i] for i in lab[keep])
         else:
@@ -222,7 +224,7 @@ def build_gt_reference(image_root: str | Path, annotations, visual_encoder, text
             masks = np.stack([m for m, _ in regions])
             S = masks_average_pool(feats, masks).cpu().numpy()
             boxes = np.array([_mask_bbox(m) for m in masks])
-            rows = col.add(S, key, boxes, masks.reshape(len(masks), -1).sum(1))
+            rows = col.add(S, key, boxes, masks.reshape(len(masks), -1).sum(1), "gt_mask")
             pair_seg.extend(rows.tolist())
             pair_text.extend(names[li] for _, li in regions)
     manifest["counts"] = {"images": len(images), "images_skipped": len(skipped), "gt_segments": len(pair_seg)}
@@ -294,20 +296,23 @@ def build_caption_reference(image_root: str | Path, captioner, pairing_model, vi
         picked = np.unique(best)
         S_vis = mask_average_pool(visual_encoder.dense_features(img), seg).cpu().numpy()[picked]  # step 6
         area = np.bincount(seg.ravel(), minlength=int(seg.max()) + 1)
-        rows = col.add(S_vis, key, segment_bboxes(seg)[picked], area[picked])
+        rows = col.add(S_vis, key, segment_bboxes(seg)[picked], area[picked], "caption_pairing")
         row_of = dict(zip(picked.tolist(), rows.tolist()))
         pair_seg.extend(row_of[b] for b in best.tolist())
         pair_phrase.extend(phrases)
     counts = {"images": len(images), "images_skipped": len(skipped), "captions": n_captions,
               "noun_phrases": n_phrases, "proposals": n_segments, "paired_segments": len(col.image),
               "pairs": len(pair_seg)}
-    S_all, _, _ = col.arrays(visual_encoder.dim)
+    S_all, bbox_all, _ = col.arrays(visual_encoder.dim)
     ps = np.asarray(pair_seg, np.int64)
     roots = [p.root for p in pair_phrase]
     keep = np.ones(len(ps), bool)
+    score = np.full(len(ps), np.nan, np.float32)
     if params.group_filter and len(ps):                                                  # step 7
-        keep = group_median_filter(S_all, ps, roots, drop_rate=params.drop_rate,
-                                   adaptive=params.adaptive_filter, max_drop_rate=params.max_drop_rate)
+        keep, score = group_median_filter(S_all, ps, roots, drop_rate=params.drop_rate,
+                                          adaptive=params.adaptive_filter, max_drop_rate=params.max_drop_rate,
+                                          return_scores=True)
+    reason = np.where(keep, "", "group_filter").astype(object)
     counts["pairs_after_group_filter"] = int(keep.sum())
     removed_roots: list[str] = []
     if params.knee_filter:                                                               # step 8
@@ -315,8 +320,15 @@ def build_caption_reference(image_root: str | Path, captioner, pairing_model, vi
         for s, r in zip(ps[keep].tolist(), np.asarray(roots, object)[keep].tolist()):
             sizes.setdefault(r, set()).add(s)
         removed_roots = ambiguous_roots({r: len(v) for r, v in sizes.items()}, min_groups=params.knee_min_groups)
-        keep &= ~np.isin(np.asarray(roots, object), removed_roots)
+        knee = keep & np.isin(np.asarray(roots, object), removed_roots)
+        reason[knee] = "knee_filter"
+        keep &= ~knee
     counts["pairs_after_knee_filter"] = int(keep.sum())
+    gone = np.flatnonzero(~keep)
+    dropped = {"image": [col.image[ps[i]] for i in gone], "bbox": bbox_all[ps[gone]].reshape(-1, 4),
+               "label": [pair_phrase[i].text for i in gone], "root": [roots[i] for i in gone],
+               "reason": [reason[i] for i in gone],
+               "score": np.where(reason[gone] == "group_filter", score[gone], np.nan).astype(np.float32)}
     manifest["ambiguous_roots_removed"] = removed_roots
     kept_seg = ps[keep].tolist()
     kept_phr = [p for p, k in zip(pair_phrase, keep) if k]
@@ -340,4 +352,4 @@ def build_caption_reference(image_root: str | Path, captioner, pairing_model, vi
     manifest["counts"] = counts
     manifest["skipped_images"] = skipped
     return _finish(col, visual_encoder.dim, np.asarray(kept_seg, np.int64), [p.text for p in kept_phr],
-                   [p.root for p in kept_phr], text_encoder, templates, manifest)
+                   [p.root for p in kept_phr], text_encoder, templates, manifest, dropped)

@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 def group_median_filter(S: np.ndarray, pair_segment: np.ndarray, pair_root: Sequence[str], *,
                         drop_rate: float = 0.30, adaptive: bool = False,
-                        max_drop_rate: float = 0.50) -> np.ndarray:
+                        max_drop_rate: float = 0.50, return_scores: bool = False):
     """Keep-mask of pairs after group-based filtering (METHOD.md step 7).
 
     Pairs are grouped by root noun. Per group, S_center is the element-wise median of the
@@ -37,8 +37,10 @@ def group_median_filter(S: np.ndarray, pair_segment: np.ndarray, pair_root: Sequ
         adaptive: use the adaptive per-group rate.
         max_drop_rate: upper end of the adaptive range.
 
+        return_scores: also return each pair's score <S_i, S_center>.
+
     Returns:
-        (p,) bool, True for pairs kept.
+        (p,) bool, True for pairs kept; with ``return_scores``, also (p,) float32 scores.
     """
     if not 0.0 <= drop_rate < 1.0 or not 0.0 <= max_drop_rate < 1.0:
         raise ValueError(f"drop rates must lie in [0, 1), got {drop_rate}, {max_drop_rate}")
@@ -47,6 +49,7 @@ def group_median_filter(S: np.ndarray, pair_segment: np.ndarray, pair_root: Sequ
     if len(roots) != len(pair_segment):
         raise ValueError(f"{len(pair_segment)} pair segments but {len(roots)} roots")
     keep = np.ones(len(roots), bool)
+    pair_score = np.zeros(len(roots), np.float32)
     groups: dict[str, np.ndarray] = {}
     for r in dict.fromkeys(roots.tolist()):
         groups[r] = np.flatnonzero(roots == r)
@@ -58,6 +61,7 @@ def group_median_filter(S: np.ndarray, pair_segment: np.ndarray, pair_root: Sequ
         norm = np.linalg.norm(center)
         center = center / norm if norm > 0 else center
         scores[r] = emb @ center
+        pair_score[idx] = scores[r]
         incons[r] = float(np.mean(1.0 - scores[r]))
     w_max = max(incons.values(), default=0.0)
     for r, idx in groups.items():
@@ -66,7 +70,7 @@ def group_median_filter(S: np.ndarray, pair_segment: np.ndarray, pair_root: Sequ
         if n_drop:
             order = np.argsort(scores[r], kind="stable")
             keep[idx[order[:n_drop]]] = False
-    return keep
+    return (keep, pair_score) if return_scores else keep
 
 
 def knee_index(sizes_desc: np.ndarray) -> int:

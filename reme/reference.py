@@ -40,6 +40,25 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 _FILES = ("segments.parquet", "labels.parquet", "pairs.parquet")
 INDEX_FILE = "index.faiss"
+DROPPED_FILE = "dropped.parquet"
+
+
+def empty_dropped() -> dict[str, Any]:
+    """An empty ``dropped`` table (see :class:`ReferenceSet`)."""
+    return {"image": [], "bbox": np.zeros((0, 4), np.int32), "label": [], "root": [], "reason": [],
+            "score": np.zeros(0, np.float32)}
+
+
+def _dropped_table(d: dict[str, Any]) -> pa.Table:
+    bbox = np.asarray(d["bbox"], np.int32).reshape(-1, 4)
+    return pa.table({
+        "image": pa.array(list(d["image"]), pa.string()),
+        "bbox": pa.FixedSizeListArray.from_arrays(pa.array(bbox.ravel(), pa.int32()), 4),
+        "label": pa.array(list(d["label"]), pa.string()),
+        "root": pa.array(list(d["root"]), pa.string()),
+        "reason": pa.array(list(d["reason"]), pa.string()),
+        "score": pa.array(np.asarray(d["score"], np.float32)),
+    })
 
 
 @dataclass
@@ -57,6 +76,12 @@ class ReferenceSet:
         segment_bbox: (m, 4) int32 XYWH boxes in source-image pixels.
         segment_area: (m,) int64 areas in pixels.
         manifest: encoder specs, parameters and counts (see module docstring).
+        segment_source: m strings, the stage that produced each kept segment
+            ("caption_pairing", "gt_proposal", "gt_mask"); provenance.
+        dropped: pairs removed while building, as columns ``image`` (m' str), ``bbox``
+            ((m', 4) int32 XYWH), ``label``, ``root``, ``reason`` ("group_filter",
+            "knee_filter") and ``score`` (float, <S_i, S_center> for the group filter, NaN
+            otherwise); provenance for inspection.
     """
 
     S_ref: np.ndarray
@@ -69,10 +94,15 @@ class ReferenceSet:
     segment_bbox: np.ndarray
     segment_area: np.ndarray
     manifest: dict[str, Any] = field(default_factory=dict)
+    segment_source: list[str] | None = None
+    dropped: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.pair_segment = np.asarray(self.pair_segment, np.int64)
         self.pair_label = np.asarray(self.pair_label, np.int64)
+        if self.segment_source is None:
+            self.segment_source = ["unknown"] * int(self.S_ref.shape[0])
+        self.dropped = empty_dropped() if self.dropped is None else self.dropped
         self.validate()
 
     @property
@@ -89,7 +119,8 @@ class ReferenceSet:
         checks = [
             (self.S_ref.ndim == 2 and self.L_ref.ndim == 2, f"S_ref {self.S_ref.shape} and L_ref {self.L_ref.shape} must be 2-D"),
             (len(self.labels) == n and len(self.roots) == n, f"{len(self.labels)} labels / {len(self.roots)} roots for L_ref of {n} rows"),
-            (len(self.segment_image) == m and len(self.segment_bbox) == m and len(self.segment_area) == m,
+            (len(self.segment_image) == m and len(self.segment_bbox) == m and len(self.segment_area) == m
+             and len(self.segment_source) == m,
              f"segment metadata lengths do not match S_ref's {m} rows"),
             (self.pair_segment.shape == self.pair_label.shape, "pair_segment and pair_label differ in length"),
             (self.pair_segment.size == 0 or (self.pair_segment.min() >= 0 and self.pair_segment.max() < m),
@@ -138,8 +169,10 @@ class ReferenceSet:
                 "image": pa.array(self.segment_image, pa.string()),
                 "bbox": pa.FixedSizeListArray.from_arrays(pa.array(bbox.ravel()), 4),
                 "area": pa.array(np.asarray(self.segment_area, np.int64)),
+                "source": pa.array(self.segment_source, pa.string()),
                 "embedding": _fixed_list(S),
             })
+            dropped_table = _dropped_table(self.dropped)
             label_table = pa.table({
                 "label_id": pa.array(np.arange(self.num_labels, dtype=np.int64)),
                 "text": pa.array(self.labels, pa.string()),
@@ -149,7 +182,8 @@ class ReferenceSet:
             pair_table = pa.table({"segment_id": pa.array(self.pair_segment), "label_id": pa.array(self.pair_label)})
             for name, table in zip(_FILES, (seg_table, label_table, pair_table)):
                 pq.write_table(table, tmp / name, compression="zstd")
-            files = list(_FILES)
+            pq.write_table(dropped_table, tmp / DROPPED_FILE, compression="zstd")
+            files = list(_FILES) + [DROPPED_FILE]
             if with_index:
                 from reme.index import build_index, write_index
 
@@ -224,6 +258,21 @@ def _read_embedding(table: pa.Table, fname: str, dim: int) -> np.ndarray:
     return col.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
 
 
+def _read_dropped(path: Path, sha: str | None) -> dict[str, Any]:
+    if not path.is_file():
+        return empty_dropped()
+    if sha and _sha256(path) != sha:
+        raise ReferenceSetError(f"{path} does not match the sha256 in the manifest; rebuild the reference set")
+    try:
+        t = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ReferenceSetError(f"cannot read {path}: {exc}; the file is truncated or corrupt") from exc
+    return {"image": t.column("image").to_pylist(),
+            "bbox": t.column("bbox").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, 4),
+            "label": t.column("label").to_pylist(), "root": t.column("root").to_pylist(),
+            "reason": t.column("reason").to_pylist(), "score": t.column("score").to_numpy()}
+
+
 def load_reference(path: str | Path, *, verify: bool = True) -> ReferenceSet:
     """Read a reference folder written by :meth:`ReferenceSet.save`.
 
@@ -267,6 +316,8 @@ def load_reference(path: str | Path, *, verify: bool = True) -> ReferenceSet:
             labels=lab.column("text").to_pylist(), roots=lab.column("root").to_pylist(),
             segment_image=seg.column("image").to_pylist(), segment_bbox=bbox,
             segment_area=seg.column("area").to_numpy(), manifest=manifest,
+            segment_source=seg.column("source").to_pylist() if "source" in seg.column_names else None,
+            dropped=_read_dropped(path / DROPPED_FILE, files.get(DROPPED_FILE) if verify else None),
         )
     except KeyError as exc:
         raise ReferenceSetError(f"{path}: missing column or manifest key {exc}; rebuild the reference set") from exc
@@ -320,4 +371,7 @@ def concat_references(refs: list[ReferenceSet], manifest: dict[str, Any] | None 
         segment_image=[k for r in refs for k in r.segment_image],
         segment_bbox=np.concatenate([r.segment_bbox for r in refs]),
         segment_area=np.concatenate([r.segment_area for r in refs]), manifest=man,
+        segment_source=[x for r in refs for x in r.segment_source],
+        dropped={k: (np.concatenate([np.asarray(r.dropped[k]) for r in refs]) if k in ("bbox", "score")
+                     else [x for r in refs for x in r.dropped[k]]) for k in empty_dropped()},
     )

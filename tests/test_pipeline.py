@@ -86,6 +86,12 @@ def test_caption_mode_with_caption_file_and_tiny_clip(tiny_clip, classical, mini
     assert len(ref.manifest["synonym_pairs"]) == 5
     assert ref.manifest["encoders"]["pairing"] == clip.spec
     assert ref.num_labels > 10 and all(isinstance(t, str) for t in ref.labels)
+    # provenance: every removed pair is listed with its reason; kept segments say where they came from
+    assert len(ref.dropped["label"]) == c["pairs"] - c["pairs_after_knee_filter"]
+    assert "group_filter" in ref.dropped["reason"] and set(ref.dropped["reason"]) <= {"group_filter", "knee_filter"}
+    assert set(ref.segment_source) == {"caption_pairing"}
+    gf = np.array(ref.dropped["reason"]) == "group_filter"
+    assert np.all(np.isfinite(ref.dropped["score"][gf]))
 
 
 def test_caption_mode_with_tiny_llava_on_three_photos(tiny_llava, tiny_clip, classical, minilm):

@@ -37,6 +37,7 @@ def test_round_trip(tmp_path, dtype):
     np.testing.assert_array_equal(back.L_ref, ref.L_ref)
     np.testing.assert_array_equal(back.O_ref_dense(), ref.O_ref_dense())
     assert back.labels == ref.labels and back.segment_image == ref.segment_image
+    assert back.segment_source == ref.segment_source and back.dropped["label"] == []
     np.testing.assert_array_equal(back.segment_bbox, ref.segment_bbox)
     man = read_manifest(tmp_path / "ref")
     assert man["num_segments"] == 40 and man["visual_dim"] == 26 and set(man["files"]) >= {"segments.parquet", "index.faiss"}
