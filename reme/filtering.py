@@ -112,3 +112,71 @@ def ambiguous_roots(group_sizes: dict[str, int], *, min_groups: int = 10) -> lis
     items = sorted(group_sizes.items(), key=lambda kv: (-kv[1], kv[0]))
     k = knee_index(np.array([v for _, v in items]))
     return [r for r, _ in items[:k]]
+
+
+def clip_score_filter(clip_scores: np.ndarray, pair_root: Sequence[str] | None = None, *,
+                      drop_rate: float = 0.30) -> np.ndarray:
+    """Baseline filters the paper compares against (METHOD.md step 7, "compared and worse").
+
+    Drops the pairs with the lowest CLIP pairing score, either globally (``pair_root=None``)
+    or within each root-noun group (``floor(drop_rate * size)`` per group).
+
+    Args:
+        clip_scores: (p,) float CLIP similarity of each pair (``pair_labels_to_segments``).
+        pair_root: p root nouns for the per-group variant; None for the global one.
+        drop_rate: fraction dropped, in [0, 1).
+
+    Returns:
+        (p,) bool keep-mask.
+    """
+    if not 0.0 <= drop_rate < 1.0:
+        raise ValueError(f"drop_rate must lie in [0, 1), got {drop_rate}")
+    s = np.asarray(clip_scores, np.float64)
+    keep = np.ones(len(s), bool)
+    groups = [np.arange(len(s))] if pair_root is None else \
+        [np.flatnonzero(np.asarray(pair_root, object) == r) for r in dict.fromkeys(pair_root)]
+    for idx in groups:
+        n_drop = int(np.floor(drop_rate * len(idx) + 1e-9))
+        if n_drop:
+            keep[idx[np.argsort(s[idx], kind="stable")[:n_drop]]] = False
+    return keep
+
+
+def relabel_dropped(S: np.ndarray, pair_segment: np.ndarray, pair_root: Sequence[str], keep: np.ndarray, *,
+                    min_similarity: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Relabel instead of drop (the paper's stated limitation, METHOD.md "an opportunity").
+
+    Each dropped pair's segment gets the root whose group centre (element-wise median of the
+    kept members' visual embeddings, L2-normalised) it is closest to, when that cosine
+    similarity is at least ``min_similarity``; otherwise it stays dropped.
+
+    Args:
+        S: (m, d) visual segment embeddings, L2-normalised.
+        pair_segment: (p,) row of S per pair.
+        pair_root: p root nouns.
+        keep: (p,) bool result of a filter.
+        min_similarity: threshold on <S_i, S_center> (our default 0.5).
+
+    Returns:
+        ``(new_root_index, similarity)``: for each pair, the index into the sorted list of kept
+        roots (``sorted(set(kept roots))``) it is relabelled to, or -1 (kept pairs and pairs
+        left dropped get -1); and the (p,) float32 best similarity (NaN for kept pairs).
+    """
+    roots = np.asarray(pair_root, object)
+    pair_segment = np.asarray(pair_segment, np.int64)
+    kept_roots = sorted(set(roots[keep].tolist()))
+    new = np.full(len(roots), -1, np.int64)
+    sim_out = np.full(len(roots), np.nan, np.float32)
+    gone = np.flatnonzero(~keep)
+    if not kept_roots or len(gone) == 0:
+        return new, sim_out
+    centers = []
+    for r in kept_roots:
+        c = np.median(S[pair_segment[keep & (roots == r)]], axis=0)
+        centers.append(c / max(np.linalg.norm(c), 1e-12))
+    sims = S[pair_segment[gone]] @ np.stack(centers).T
+    best = sims.argmax(1)
+    val = sims[np.arange(len(gone)), best]
+    sim_out[gone] = val
+    new[gone] = np.where(val >= min_similarity, best, -1)
+    return new, sim_out

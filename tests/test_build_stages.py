@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED, needs_shared
-from reme.filtering import ambiguous_roots, group_median_filter, knee_index
+from reme.filtering import ambiguous_roots, clip_score_filter, group_median_filter, knee_index, relabel_dropped
 from reme.nounphrases import NounPhrase, extract_noun_phrases, load_spacy, substitute_root
 from reme.pairing import pair_labels_to_segments
 from reme.synonyms import synonym_pairs
@@ -103,3 +103,27 @@ def test_noun_phrases_on_real_coco_captions(nlp):
     assert {"man", "kitchen", "teddy bear", "bathroom"} <= roots
     assert all(p.text == p.text.lower() and p.root in p.text or p.head in p.text for ps in out for p in ps)
     assert not any(p.root in {"it", "they"} for ps in out for p in ps)
+
+
+def test_clip_score_baselines_global_and_per_group():
+    scores = np.array([0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.6, 0.25, 0.5, 0.4])
+    roots = ["a"] * 5 + ["b"] * 5
+    keep_g = clip_score_filter(scores, drop_rate=0.3)
+    assert sorted(np.flatnonzero(~keep_g)) == [1, 3, 7]                 # three lowest overall
+    keep_r = clip_score_filter(scores, roots, drop_rate=0.3)
+    assert sorted(np.flatnonzero(~keep_r)) == [1, 7]                     # lowest of each group (floor(1.5)=1)
+
+
+def test_relabel_moves_mislabelled_segment_to_the_right_group():
+    rng = np.random.default_rng(0)
+    ca, cb = _unit(rng.normal(size=(2, 16)))
+    S = _unit(np.concatenate([ca + 0.1 * rng.normal(size=(5, 16)), cb + 0.1 * rng.normal(size=(5, 16)),
+                              _unit(rng.normal(size=(1, 16)))]))
+    S[4] = _unit(cb + 0.1 * rng.normal(size=16))     # a "cat" segment that looks like the dogs
+    roots = ["cat"] * 5 + ["dog"] * 5 + ["cat"]
+    keep = np.ones(11, bool)
+    keep[[4, 10]] = False
+    new, sim = relabel_dropped(S, np.arange(11), roots, keep, min_similarity=0.6)
+    assert new[4] == 1 and sim[4] > 0.8                 # relabelled to "dog" (sorted kept roots: cat, dog)
+    assert new[10] == -1 and sim[10] < 0.6              # random segment stays dropped
+    assert (new[keep] == -1).all() and np.isnan(sim[keep]).all()
