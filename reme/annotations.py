@@ -7,9 +7,11 @@ label map with -1 for unlabelled / ignored pixels, plus the label names.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -68,6 +70,7 @@ class CocoInstances:
     """
 
     def __init__(self, path: str | Path):
+        self.path = Path(path).resolve()
         data = json.loads(Path(path).read_text())
         if "images" not in data or "categories" not in data:
             raise ValueError(f"{path}: not a COCO instances file (needs 'images' and 'categories')")
@@ -87,11 +90,26 @@ class CocoInstances:
             self.anns[key].append(a)
         if unknown:
             logger.warning("%s: %d annotations with unknown image or category ids skipped", path, unknown)
+        #: annotations skipped because their image or category id is not in the file
+        self.num_unknown_annotations = unknown
         self.label_names = [self.categories[c] for c in sorted(self.categories)]
         self._cat_index = {c: i for i, c in enumerate(sorted(self.categories))}
 
     def keys(self) -> list[str]:
         return sorted(self.images)
+
+    def config(self) -> dict[str, Any]:
+        """Plain-dict recipe that :func:`annotations_from_config` turns back into this object
+        (used by worker processes and Ray actors)."""
+        return {"kind": "coco", "path": str(self.path)}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """:meth:`config` plus the file's sha256: identifies the annotations of a build."""
+        h = hashlib.sha256()
+        with open(self.path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        return {**self.config(), "sha256": h.hexdigest()}
 
     def instance_masks(self, key: str, shape: tuple[int, int]) -> list[tuple[np.ndarray, int, bool]]:
         """(mask (H, W) bool, label index, iscrowd) for each annotation of an image; polygons
@@ -103,14 +121,23 @@ class CocoInstances:
             if isinstance(seg, list):
                 mask = np.zeros((H, W), bool)
                 for poly in seg:
-                    xy = np.asarray(poly, np.float64).reshape(-1, 2)
-                    if len(xy) < 3:
+                    try:
+                        xy = np.asarray(poly, np.float64).reshape(-1, 2)
+                    except (TypeError, ValueError):
+                        logger.warning("%s: malformed polygon of annotation %s skipped", key, a.get("id"))
                         continue
+                    if len(xy) < 3 or not np.isfinite(xy).all():
+                        continue
+                    # vertices outside the image are clipped to it (shape=...)
                     rr, cc = draw_polygon(xy[:, 1], xy[:, 0], shape=(H, W))
                     mask[rr, cc] = True
             elif isinstance(seg, dict):
                 h, w = seg.get("size", (H, W))
-                mask = decode_coco_rle(seg, h, w)
+                try:
+                    mask = decode_coco_rle(seg, h, w)
+                except (KeyError, TypeError, ValueError, IndexError) as exc:
+                    logger.warning("%s: malformed RLE of annotation %s skipped (%s)", key, a.get("id"), exc)
+                    continue
                 if mask.shape != (H, W):
                     logger.warning("%s: RLE of size %s for an image of size %s skipped", key, mask.shape, (H, W))
                     continue
@@ -149,6 +176,15 @@ class MaskFolder:
         self.label_names = list(label_names)
         self.ignore_index = ignore_index
 
+    def config(self) -> dict[str, Any]:
+        """Plain-dict recipe for :func:`annotations_from_config` (worker processes, Ray)."""
+        return {"kind": "masks", "mask_root": str(self.mask_root.resolve()), "label_names": list(self.label_names),
+                "ignore_index": int(self.ignore_index)}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Identifies the annotations of a build (the mask files themselves are not hashed)."""
+        return self.config()
+
     def mask_path(self, key: str) -> Path:
         return self.mask_root / PurePosixPath(key).with_suffix(".png")
 
@@ -167,3 +203,17 @@ class MaskFolder:
 def read_class_names(path: str | Path) -> list[str]:
     """One class name per non-empty line."""
     return [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+def annotations_from_config(config: dict[str, Any]):
+    """Rebuild annotations from :meth:`CocoInstances.config` / :meth:`MaskFolder.config`.
+
+    Raises:
+        ValueError: unknown ``kind``.
+    """
+    kind = config.get("kind")
+    if kind == "coco":
+        return CocoInstances(config["path"])
+    if kind == "masks":
+        return MaskFolder(config["mask_root"], config["label_names"], config.get("ignore_index", 255))
+    raise ValueError(f"unknown annotations kind {kind!r}; expected 'coco' or 'masks'")

@@ -1,4 +1,4 @@
-"""Building a reference set from photos (METHOD.md Part 1).
+"""Building a reference set from photos (METHOD.md Part 1): streaming, resumable, parallel.
 
 Two modes:
 
@@ -7,33 +7,56 @@ Two modes:
   knee filter, synonym enrichment (steps 1-10).
 * **GT mode** (:func:`build_gt_reference`, the paper's Fig. 1b "GT reference"): segments and
   labels from ground-truth annotations instead of captions and pairing.
+
+A build runs in two phases (docs/building.md):
+
+1. **Per-image stages** (:mod:`reme.shard_stages`) over shards of ``shard_size`` images, each
+   written atomically as Parquet to a work folder (:mod:`reme.shards`). A re-run with the
+   same arguments skips finished shards, so a killed build (``kill -9``, full disk) resumes
+   where it stopped. Shards run in this process, in ``workers`` processes
+   (:mod:`reme.engines.local`) or on a Ray cluster (:mod:`reme.engines.ray`).
+2. **Global stages** (:mod:`reme.global_stages`) read the shards with bounded memory: group
+   filter per root group, knee filter, synonyms, assembly of {S_ref, O_ref, L_ref}.
+
+The Parquet files of the result are byte-identical whatever the worker count or engine and
+whether or not the build was interrupted (only the manifest's ``created`` and ``build``
+entries differ).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import logging
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any, Sequence
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from reme._version import __version__
-from reme.errors import ImageReadError
-from reme.filtering import ambiguous_roots, group_median_filter
-from reme.io import list_images, load_image
-from reme.nounphrases import NounPhrase, extract_noun_phrases, load_spacy, substitute_root
-from reme.pairing import pair_labels_to_segments
-from reme.pooling import mask_average_pool, masks_average_pool
-from reme.proposals import FelzenszwalbParams, felzenszwalb_segments, segment_bboxes
+from reme.annotations import _safe_relpath
+from reme.global_stages import ShardReader, caption_global_stages, gt_global_stages
+from reme.io import list_images
+from reme.nounphrases import load_spacy
+from reme.proposals import FelzenszwalbParams
 from reme.reference import ReferenceSet
-from reme.synonyms import synonym_pairs
-from reme.text_embedding import TEMPLATES, embed_labels
+from reme.shard_stages import (MAX_BUILD_PIXELS, ShardComputer, StageSettings, encoder_fingerprint,
+                               nlp_fingerprint)
+from reme.shards import ShardStore, ShardWriteError
+from reme.text_embedding import TEMPLATES
 
 logger = logging.getLogger(__name__)
+
+#: Default images per shard: the unit of resumption and of work handed to a worker (our
+#: choice: ~1-2 min of work per shard on one CPU core with the classical encoder).
+SHARD_SIZE = 32
+#: Default images per encoder / captioner / spaCy batch inside a shard.
+BATCH_SIZE = 8
 
 
 @dataclass
@@ -49,6 +72,15 @@ class CaptionBuildParams:
         knee_min_groups: below this many root groups step 8 removes nothing (our choice).
         k_sim: number of synonym pairs of step 9 (30); 0 disables enrichment.
         keep_compounds: compound modifiers stay in the root noun (our choice, step 3).
+        filter_method: step 7 criterion: "median" (the paper's group-median filter, default),
+            "clip_global" / "clip_group" (the baselines the paper compares against: drop the
+            ``drop_rate`` of pairs with the lowest CLIP pairing score, over all pairs or per
+            root group).
+        relabel: relabel pairs dropped by step 7 instead of dropping them (the paper's stated
+            limitation): the segment takes the root of the nearest kept group centre in visual
+            space when the cosine is at least ``relabel_min_similarity``
+            (:func:`reme.filtering.relabel_dropped`); off by default.
+        relabel_min_similarity: threshold of ``relabel`` (our default 0.5).
     """
 
     drop_rate: float = 0.30
@@ -59,65 +91,73 @@ class CaptionBuildParams:
     knee_min_groups: int = 10
     k_sim: int = 30
     keep_compounds: bool = True
+    filter_method: str = "median"
+    relabel: bool = False
+    relabel_min_similarity: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.filter_method not in ("median", "clip_global", "clip_group"):
+            raise ValueError(f"filter_method must be median, clip_global or clip_group, got {self.filter_method!r}")
 
 
-class _Collector:
-    """Accumulates reference segments (rows of S_ref) and their provenance."""
+@dataclass
+class BuildOptions:
+    """How a build runs. ``workers``, ``engine``, ``work_dir``, ``resume`` and
+    ``memory_budget_mb`` never change the output files; ``batch_size``, ``max_image_pixels``
+    (what the per-image stages see) and ``shard_size`` are part of the shard fingerprint;
+    ``embedding_dtype`` is the stored S_ref dtype.
 
-    def __init__(self):
-        self.S: list[np.ndarray] = []
-        self.image: list[str] = []
-        self.bbox: list[np.ndarray] = []
-        self.area: list[np.ndarray] = []
-        self.source: list[str] = []
+    Attributes:
+        out: save the reference set here (None: return it unsaved).
+        overwrite: replace an existing ``out``.
+        embedding_dtype: S_ref storage dtype, "float16" or "float32".
+        work_dir: folder for shards (default ``OUT.work`` beside ``out``; a temporary folder
+            when ``out`` is None).
+        resume: reuse finished shards of an earlier run with the same settings.
+        keep_work_dir: keep the shards after a successful build (default: keep only an
+            explicitly given ``work_dir``).
+        workers: processes (local engine) or Ray actors computing shards.
+        batch_size: images per encoder / captioner / spaCy batch.
+        shard_size: images per shard.
+        engine: "local" or "ray".
+        ray_address: Ray cluster address for the Ray engine (None: running or local Ray).
+        ray_gpus_per_worker: GPUs per Ray actor (default 1 on CUDA, else 0).
+        start_method: local worker start method, "fork" or "spawn" (default: fork on CPU).
+        max_image_pixels: per-image size limit (:data:`reme.shard_stages.MAX_BUILD_PIXELS`).
+        memory_budget_mb: embeddings held at once by the group filter, in MiB.
+        progress: progress bars.
+    """
 
-    def add(self, S: np.ndarray, key: str, bbox: np.ndarray, area: np.ndarray, source: str) -> np.ndarray:
-        start = len(self.image)
-        self.S.append(np.asarray(S, np.float32))
-        self.image.extend([key] * len(S))
-        self.source.extend([source] * len(S))
-        self.bbox.append(np.asarray(bbox, np.int32).reshape(-1, 4))
-        self.area.append(np.asarray(area, np.int64))
-        return np.arange(start, start + len(S))
+    out: str | Path | None = None
+    overwrite: bool = False
+    embedding_dtype: str = "float16"
+    work_dir: str | Path | None = None
+    resume: bool = True
+    keep_work_dir: bool | None = None
+    workers: int = 1
+    batch_size: int = BATCH_SIZE
+    shard_size: int = SHARD_SIZE
+    engine: str = "local"
+    ray_address: str | None = None
+    ray_gpus_per_worker: float | None = None
+    start_method: str | None = None
+    max_image_pixels: int | None = MAX_BUILD_PIXELS
+    memory_budget_mb: float = 1024.0
+    progress: bool = True
 
-    def arrays(self, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if not self.S:
-            return np.zeros((0, d), np.float32), np.zeros((0, 4), np.int32), np.zeros(0, np.int64)
-        return np.concatenate(self.S), np.concatenate(self.bbox), np.concatenate(self.area)
-
-
-def _finish(collector: _Collector, visual_dim: int, pair_seg: np.ndarray, pair_text: list[str],
-            pair_root: list[str], text_encoder, templates, manifest: dict, dropped: dict | None = None) -> ReferenceSet:
-    """Drop segments without labels, deduplicate labels, embed L_ref, assemble the set."""
-    S, bbox, area = collector.arrays(visual_dim)
-    # distinct (segment, label) pairs; label ids in order of first appearance
-    label_id: dict[str, int] = {}
-    roots: list[str] = []
-    seen = set()
-    ps, pl = [], []
-    for s, t, r in zip(pair_seg.tolist(), pair_text, pair_root):
-        if t not in label_id:
-            label_id[t] = len(label_id)
-            roots.append(r)
-        key = (s, label_id[t])
-        if key not in seen:
-            seen.add(key)
-            ps.append(s)
-            pl.append(label_id[t])
-    used = np.unique(np.asarray(ps, np.int64))
-    remap = np.full(len(S), -1, np.int64)
-    remap[used] = np.arange(len(used))
-    labels = list(label_id)
-    L = embed_labels(text_encoder, labels, templates) if labels else np.zeros((0, text_encoder.dim), np.float32)
-    manifest.setdefault("counts", {})["final_segments"] = int(len(used))
-    manifest["counts"]["final_labels"] = len(labels)
-    manifest["counts"]["final_pairs"] = len(ps)
-    return ReferenceSet(
-        S_ref=S[used], L_ref=L, pair_segment=remap[np.asarray(ps, np.int64)] if ps else np.zeros(0, np.int64),
-        pair_label=np.asarray(pl, np.int64), labels=labels, roots=roots,
-        segment_image=[collector.image[i] for i in used], segment_bbox=bbox[used], segment_area=area[used],
-        manifest=manifest, segment_source=[collector.source[i] for i in used], dropped=dropped,
-    )
+    def validate(self) -> None:
+        if int(self.workers) < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if int(self.shard_size) < 1 or int(self.batch_size) < 1:
+            raise ValueError(f"shard_size and batch_size must be >= 1, got {self.shard_size}, {self.batch_size}")
+        if self.engine not in ("local", "ray"):
+            raise ValueError(f"engine must be 'local' or 'ray', got {self.engine!r}")
+        if self.embedding_dtype not in ("float16", "float32"):
+            raise ValueError(f"embedding_dtype must be float16 or float32, got {self.embedding_dtype!r}")
+        if self.start_method not in (None, "fork", "spawn", "forkserver"):
+            raise ValueError(f"start_method must be fork, spawn or forkserver, got {self.start_method!r}")
+        if self.memory_budget_mb <= 0:
+            raise ValueError(f"memory_budget_mb must be > 0, got {self.memory_budget_mb}")
 
 
 def _base_manifest(mode: str, visual_encoder, text_encoder, fz: FelzenszwalbParams, templates, image_root) -> dict:
@@ -132,21 +172,147 @@ def _base_manifest(mode: str, visual_encoder, text_encoder, fz: FelzenszwalbPara
     }
 
 
-def _read(path: Path, key: str, skipped: list[dict]) -> np.ndarray | None:
+def _check_keys(images: Sequence[str]) -> list[str]:
+    keys, seen = [], set()
+    for k in images:
+        key = _safe_relpath(str(k), "images")
+        if key in seen:
+            raise ValueError(f"image {key!r} is listed twice")
+        seen.add(key)
+        keys.append(key)
+    return keys
+
+
+def _device_type(enc) -> str:
+    return str(getattr(getattr(enc, "device", None), "type", getattr(enc, "device", "cpu")) or "cpu")
+
+
+def _run(mode: str, image_root: Path, keys: list[str], computer: ShardComputer, fingerprint: dict[str, Any],
+         opts: BuildOptions, global_fn, manifest: dict[str, Any], extra_counts: dict[str, int]) -> ReferenceSet:
+    """Shared driver: shards (resumable), then the global stages ``global_fn(reader)`` ->
+    (assembled arrays, info, dropped); info keys ``pairs_*`` are counts, the rest manifest
+    entries."""
+    opts.validate()
+    out = Path(opts.out) if opts.out is not None else None
+    if out is not None and out.exists() and not opts.overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite)")
+    tmp_work = None
+    if opts.work_dir is not None:
+        work = Path(opts.work_dir)
+    elif out is not None:
+        work = out.with_name(out.name + ".work")
+    else:
+        tmp_work = work = Path(tempfile.mkdtemp(prefix="reme-build-"))
+    keep_work = opts.keep_work_dir if opts.keep_work_dir is not None else opts.work_dir is not None
+    store = ShardStore(work)
+    store.open(fingerprint, resume=opts.resume)
+    size = int(opts.shard_size)
+    tasks = [(i, keys[a:a + size]) for i, a in enumerate(range(0, len(keys), size))]
+    pending = [(i, k) for i, k in tasks if not store.is_done(i)]
+    reused = len(tasks) - len(pending)
+    if reused:
+        logger.info("resuming: %d of %d shards already done in %s", reused, len(tasks), work)
+    bar = tqdm(total=len(keys), initial=sum(len(k) for i, k in tasks) - sum(len(k) for _, k in pending),
+               desc=f"per-image stages ({mode})", unit="img", disable=not opts.progress)
+    n_seg = [0]
+
+    def on_done(meta: dict[str, Any]) -> None:
+        n_seg[0] += int(meta.get("segments", 0))
+        bar.update(int(meta["counts"]["images"]))
+        bar.set_postfix(segments=n_seg[0], refresh=False)
+
+    t0 = time.perf_counter()
     try:
-        return load_image(path)
-    except ImageReadError as exc:
-        logger.warning("skipping %s: %s", key, exc)
-        skipped.append({"image": key, "reason": str(exc)})
-        return None
+        if opts.engine == "ray":
+            from reme.engines.ray import run_ray
+
+            # an actor sees only its own GPU(s), so "cuda:1" becomes "cuda" there
+            run_ray(store, pending, computer.config(_device_type(computer.visual)), workers=int(opts.workers),
+                    address=opts.ray_address, num_gpus=opts.ray_gpus_per_worker, on_done=on_done)
+        else:
+            from reme.engines.local import run_local
+
+            run_local(store, pending, computer, workers=int(opts.workers), start_method=opts.start_method,
+                      device=str(getattr(computer.visual, "device", "cpu")), on_done=on_done)
+    finally:
+        bar.close()
+    t_images = time.perf_counter() - t0
+    metas = [store.read_meta(i) for i, _ in tasks]
+    counts: dict[str, int] = {}
+    for m in metas:
+        for k, v in m["counts"].items():
+            counts[k] = counts.get(k, 0) + int(v)
+    counts["images"] = len(keys)
+    counts.setdefault("images_skipped", 0)
+    skipped = [s for m in metas for s in m.get("skipped", [])]
+    downscaled = [s for m in metas for s in m.get("downscaled", [])]
+    t1 = time.perf_counter()
+    reader = ShardReader(store, len(tasks), computer.visual.dim)
+    with torch.inference_mode():
+        assembled, info, dropped = global_fn(reader)
+    t_global = time.perf_counter() - t1
+    counts.update({k: v for k, v in info.items() if k.startswith("pairs_")})
+    manifest.update({k: v for k, v in info.items() if not k.startswith("pairs_")})
+    counts.update(extra_counts)
+    counts.update({"final_segments": int(len(assembled.S_ref)), "final_labels": len(assembled.labels),
+                   "final_pairs": int(len(assembled.pair_segment))})
+    manifest["counts"] = counts
+    manifest["skipped_images"] = skipped
+    manifest["downscaled_images"] = downscaled
+    done_now = sum(len(k) for _, k in pending)
+    manifest["build"] = {
+        "engine": opts.engine, "workers": int(opts.workers), "batch_size": int(opts.batch_size),
+        "shard_size": size, "shards": len(tasks), "shards_reused": reused, "images_computed": done_now,
+        "seconds_per_image_stages": round(t_images, 3), "seconds_global_stages": round(t_global, 3),
+        "images_per_second": round(done_now / t_images, 4) if done_now and t_images > 0 else None,
+    }
+    ref = ReferenceSet(S_ref=assembled.S_ref, L_ref=assembled.L_ref, pair_segment=assembled.pair_segment,
+                       pair_label=assembled.pair_label, labels=assembled.labels, roots=assembled.roots,
+                       segment_image=assembled.segment_image, segment_bbox=assembled.segment_bbox,
+                       segment_area=assembled.segment_area, manifest=manifest,
+                       segment_source=assembled.segment_source, dropped=dropped)
+    logger.info("reference set: %d images (%d skipped, %d from earlier shards), %d segments, %d labels, %d pairs",
+                len(keys), counts["images_skipped"], len(keys) - done_now, ref.num_segments, ref.num_labels,
+                int(ref.pair_segment.size))
+    if out is not None:
+        try:
+            ref.save(out, overwrite=opts.overwrite, embedding_dtype=opts.embedding_dtype)
+        except OSError as exc:
+            if isinstance(exc, FileExistsError):
+                raise
+            raise ShardWriteError(exc.errno or errno.EIO,
+                                  f"cannot write the reference set {out}: {exc.strerror or exc}. The shards in "
+                                  f"{work} are intact: free disk space or fix the permissions, then re-run the "
+                                  "same command to finish") from exc
+    if tmp_work is not None or not keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return ref
 
 
-@torch.inference_mode()
+def _options(kw: dict[str, Any], progress: bool) -> BuildOptions:
+    unknown = set(kw) - set(BuildOptions.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {sorted(unknown)}; build options are "
+                        f"{sorted(BuildOptions.__dataclass_fields__)}")
+    return BuildOptions(progress=progress, **kw)
+
+
+def _fingerprint(mode: str, image_root: Path, keys: list[str], settings: StageSettings, opts: BuildOptions,
+                 encoders: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "mode": mode, "reme_version": __version__, "image_root": str(image_root.resolve()),
+        "images": {"count": len(keys), "sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest()},
+        "shard_size": int(opts.shard_size), "settings": settings.to_dict(),
+        "encoders": {k: encoder_fingerprint(v) for k, v in encoders.items()},
+        "device": _device_type(encoders["visual"]), **extra,
+    }
+
+
 def build_gt_reference(image_root: str | Path, annotations, visual_encoder, text_encoder, *,
                        segments: str = "proposals", felzenszwalb: FelzenszwalbParams = FelzenszwalbParams(),
                        min_purity: float = 0.5, background_label: str | None = None,
                        exclude_labels: Sequence[str] = (), templates: Sequence[str] = TEMPLATES,
-                       images: Sequence[str] | None = None, progress: bool = True) -> ReferenceSet:
+                       images: Sequence[str] | None = None, progress: bool = True, **options) -> ReferenceSet:
     """GT reference: segments labelled by ground-truth annotations (paper Fig. 1b).
 
     Args:
@@ -162,88 +328,61 @@ def build_gt_reference(image_root: str | Path, annotations, visual_encoder, text
         background_label: name given to unannotated pixels (None: such segments are dropped).
         exclude_labels: label names to leave out (e.g. "background" of a mask folder).
         templates: prompt templates for L_ref.
-        images: image keys to use (default: every annotated image present on disk).
-        progress: show a progress bar.
+        images: image keys to use (default: every annotated image present on disk); keys that
+            are absolute or contain ``..`` raise ValueError.
+        progress: show progress bars.
+        **options: how the build runs, see :class:`BuildOptions` (``out``, ``work_dir``,
+            ``resume``, ``workers``, ``batch_size``, ``shard_size``, ``engine``, ...).
 
     Returns:
-        The :class:`ReferenceSet` (not yet saved).
+        The :class:`ReferenceSet` (saved to ``out`` when given). ``manifest["counts"]`` holds
+        the counts, ``manifest["skipped_images"]`` the images skipped and why.
+
+    Raises:
+        FileExistsError: ``out`` exists and ``overwrite`` is False.
+        ValueError: bad arguments, or a work folder of a build with other settings.
+        reme.shards.ShardWriteError: the work or output folder cannot be written (disk full,
+            permission denied); finished shards are kept and a re-run resumes.
     """
-    if segments not in ("proposals", "masks"):
-        raise ValueError(f"segments must be 'proposals' or 'masks', got {segments!r}")
+    opts = _options(options, progress)
     image_root = Path(image_root)
-    names = list(annotations.label_names)
-    if background_label:
-        names = names + [background_label]
-    bg_index = len(names) - 1 if background_label else None
-    excluded = set(exclude_labels)
+    settings = StageSettings(mode="gt", felzenszwalb=felzenszwalb, batch_size=int(opts.batch_size),
+                             max_image_pixels=opts.max_image_pixels, gt_segments=segments, min_purity=min_purity,
+                             background_label=background_label, exclude_labels=tuple(exclude_labels),
+                             templates=tuple(templates))
+    missing = 0
     if images is None:
         if hasattr(annotations, "keys"):
-            images = [k for k in annotations.keys() if (image_root / k).is_file()]
+            all_keys = annotations.keys()
+            images = [k for k in all_keys if (image_root / k).is_file()]
+            missing = len(all_keys) - len(images)
+            if missing:
+                logger.warning("%d annotated images are not under %s; building from the %d present",
+                               missing, image_root, len(images))
         else:
             images = [p.relative_to(image_root).as_posix() for p in list_images(image_root)]
+    keys = _check_keys(images)
+    computer = ShardComputer(settings, image_root, visual_encoder, annotations=annotations)
     manifest = _base_manifest("gt", visual_encoder, text_encoder, felzenszwalb, templates, image_root)
     manifest.update({"gt_segments": segments, "min_purity": min_purity, "background_label": background_label,
-                     "exclude_labels": sorted(excluded)})
-    col, skipped = _Collector(), []
-    pair_seg, pair_text = [], []
-    for key in tqdm(images, desc="GT reference", unit="img", disable=not progress):
-        img = _read(image_root / key, key, skipped)
-        if img is None:
-            continue
-        try:
-            gt = annotations.label_map(key, img.shape[:2])
-        except (FileNotFoundError, ValueError) as exc:
-            logger.warning("skipping %s: %s", key, exc)
-            skipped.append({"image": key, "reason": str(exc)})
-            continue
-        if bg_index is not None:
-            gt = np.where(gt == -1, bg_index, gt) if segments == "proposals" else gt
-        feats = visual_encoder.dense_features(img)
-        if segments == "proposals":
-            seg = felzenszwalb_segments(img, felzenszwalb)
-            k, nl = int(seg.max()) + 1, len(names)
-            valid = gt >= 0
-            counts = np.bincount(seg[valid] * nl + gt[valid], minlength=k * nl).reshape(k, nl)
-            area = np.bincount(seg.ravel(), minlength=k)
-            lab = counts.argmax(1)
-            keep = (counts.max(1) >= min_purity * area) & (counts.max(1) > 0)
-            keep &= ~np.isin(lab, [i for i, n in enumerate(names) if n in excluded])
-            if not keep.any():
-                continue
-            S = mask_average_pool(feats, seg).cpu().numpy()[keep]
-            rows = col.add(S, key, segment_bboxes(seg)[keep], area[keep], "gt_proposal")
-            pair_seg.extend(rows.tolist())
-            pair_text.extend(names[i] for i in lab[keep])
-        else:
-            regions = [(gt == li, li) for li in np.unique(gt[gt >= 0]) if names[li] not in excluded]
-            if hasattr(annotations, "instance_masks"):
-                regions = [(m, li) for m, li, crowd in annotations.instance_masks(key, img.shape[:2])
-                           if not crowd and m.any() and names[li] not in excluded]
-            if not regions:
-                continue
-            masks = np.stack([m for m, _ in regions])
-            S = masks_average_pool(feats, masks).cpu().numpy()
-            boxes = np.array([_mask_bbox(m) for m in masks])
-            rows = col.add(S, key, boxes, masks.reshape(len(masks), -1).sum(1), "gt_mask")
-            pair_seg.extend(rows.tolist())
-            pair_text.extend(names[li] for _, li in regions)
-    manifest["counts"] = {"images": len(images), "images_skipped": len(skipped), "gt_segments": len(pair_seg)}
-    manifest["skipped_images"] = skipped
-    return _finish(col, visual_encoder.dim, np.asarray(pair_seg, np.int64), pair_text, list(pair_text),
-                   text_encoder, templates, manifest)
+                     "exclude_labels": sorted(set(exclude_labels))})
+    fp = _fingerprint("gt", image_root, keys, settings, opts, {"visual": visual_encoder},
+                      {"annotations": annotations.fingerprint() if hasattr(annotations, "fingerprint") else None})
+
+    def global_fn(reader):
+        return gt_global_stages(reader, text_encoder, templates, memmap_path=reader.store.root / "S_ref.npy",
+                                memmap_above_bytes=opts.memory_budget_mb * 2**20), {}, None
+
+    extra = {"annotated_images_missing": missing,
+             "annotations_unknown_image": int(getattr(annotations, "num_unknown_annotations", 0))}
+    return _run("gt", image_root, keys, computer, fp, opts, global_fn, manifest, extra)
 
 
-def _mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
-    ys, xs = np.nonzero(mask)
-    return int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
-
-
-@torch.inference_mode()
 def build_caption_reference(image_root: str | Path, captioner, pairing_model, visual_encoder, text_encoder, *,
                             params: CaptionBuildParams = CaptionBuildParams(),
                             felzenszwalb: FelzenszwalbParams = FelzenszwalbParams(),
                             templates: Sequence[str] = TEMPLATES, nlp=None,
-                            images: Sequence[str] | None = None, progress: bool = True) -> ReferenceSet:
+                            images: Sequence[str] | None = None, progress: bool = True, **options) -> ReferenceSet:
     """Caption-mode reference set, METHOD.md Part 1 steps 1-10.
 
     Args:
@@ -252,104 +391,60 @@ def build_caption_reference(image_root: str | Path, captioner, pairing_model, vi
         pairing_model: a :class:`reme.encoders.CLIPModel` for step 4 (image-text aligned).
         visual_encoder: VisualEncoder for S_ref and the group filter (DINOv2 in the paper).
         text_encoder: TextEncoder for L_ref and root-noun synonyms.
-        params: filter / enrichment hyper-parameters (:class:`CaptionBuildParams`).
+        params: filter / enrichment hyper-parameters (:class:`CaptionBuildParams`); they act
+            in the global stages only, so changing them reuses the shards of a kept work folder.
         felzenszwalb: proposal settings (step 1).
         templates: prompt templates (step 5).
         nlp: a spaCy pipeline (default :func:`reme.nounphrases.load_spacy`).
-        images: image keys (default: every image under ``image_root``).
+        images: image keys (default: every image under ``image_root``); keys that are
+            absolute or contain ``..`` raise ValueError.
         progress: show progress bars.
+        **options: how the build runs, see :class:`BuildOptions`.
 
     Returns:
-        The :class:`ReferenceSet`; ``manifest["counts"]`` holds the counts after each stage.
+        The :class:`ReferenceSet` (saved to ``out`` when given); ``manifest["counts"]`` holds
+        the counts after each stage.
+
+    Raises:
+        FileExistsError, ValueError, reme.shards.ShardWriteError: as :func:`build_gt_reference`.
     """
+    opts = _options(options, progress)
     image_root = Path(image_root)
     nlp = nlp or load_spacy()
     if images is None:
         images = [p.relative_to(image_root).as_posix() for p in list_images(image_root)]
+    keys = _check_keys(images)
+    settings = StageSettings(mode="caption", felzenszwalb=felzenszwalb, batch_size=int(opts.batch_size),
+                             max_image_pixels=opts.max_image_pixels, keep_compounds=params.keep_compounds,
+                             templates=tuple(templates))
+    computer = ShardComputer(settings, image_root, visual_encoder, captioner=captioner, pairing_model=pairing_model,
+                             nlp=nlp)
     manifest = _base_manifest("caption", visual_encoder, text_encoder, felzenszwalb, templates, image_root)
     manifest["encoders"].update({"pairing": pairing_model.spec, "captioner": captioner.spec})
     manifest["params"] = asdict(params)
-    col, skipped = _Collector(), []
-    pair_seg: list[int] = []
-    pair_phrase: list[NounPhrase] = []
-    clip_label_cache: dict[str, np.ndarray] = {}
-    n_captions = n_phrases = n_segments = 0
-    for key in tqdm(images, desc="caption reference", unit="img", disable=not progress):
-        img = _read(image_root / key, key, skipped)
-        if img is None:
-            continue
-        captions = [c for c in captioner.caption(img, key=key) if c and c.strip()]
-        n_captions += len(captions)
-        phrases = list({p.text: p for ps in extract_noun_phrases(captions, nlp, keep_compounds=params.keep_compounds)
-                        for p in ps}.values())
-        if not phrases:
-            continue
-        n_phrases += len(phrases)
-        seg = felzenszwalb_segments(img, felzenszwalb)                                   # step 1
-        n_segments += int(seg.max()) + 1
-        S_clip = mask_average_pool(pairing_model.dense_features(img), seg).cpu().numpy()  # step 4
-        new = [p.text for p in phrases if p.text not in clip_label_cache]
-        if new:
-            clip_label_cache.update(zip(new, embed_labels(pairing_model, new, templates)))
-        L_clip = np.stack([clip_label_cache[p.text] for p in phrases])
-        best, _ = pair_labels_to_segments(S_clip, L_clip)
-        picked = np.unique(best)
-        S_vis = mask_average_pool(visual_encoder.dense_features(img), seg).cpu().numpy()[picked]  # step 6
-        area = np.bincount(seg.ravel(), minlength=int(seg.max()) + 1)
-        rows = col.add(S_vis, key, segment_bboxes(seg)[picked], area[picked], "caption_pairing")
-        row_of = dict(zip(picked.tolist(), rows.tolist()))
-        pair_seg.extend(row_of[b] for b in best.tolist())
-        pair_phrase.extend(phrases)
-    counts = {"images": len(images), "images_skipped": len(skipped), "captions": n_captions,
-              "noun_phrases": n_phrases, "proposals": n_segments, "paired_segments": len(col.image),
-              "pairs": len(pair_seg)}
-    S_all, bbox_all, _ = col.arrays(visual_encoder.dim)
-    ps = np.asarray(pair_seg, np.int64)
-    roots = [p.root for p in pair_phrase]
-    keep = np.ones(len(ps), bool)
-    score = np.full(len(ps), np.nan, np.float32)
-    if params.group_filter and len(ps):                                                  # step 7
-        keep, score = group_median_filter(S_all, ps, roots, drop_rate=params.drop_rate,
-                                          adaptive=params.adaptive_filter, max_drop_rate=params.max_drop_rate,
-                                          return_scores=True)
-    reason = np.where(keep, "", "group_filter").astype(object)
-    counts["pairs_after_group_filter"] = int(keep.sum())
-    removed_roots: list[str] = []
-    if params.knee_filter:                                                               # step 8
-        sizes: dict[str, set] = {}
-        for s, r in zip(ps[keep].tolist(), np.asarray(roots, object)[keep].tolist()):
-            sizes.setdefault(r, set()).add(s)
-        removed_roots = ambiguous_roots({r: len(v) for r, v in sizes.items()}, min_groups=params.knee_min_groups)
-        knee = keep & np.isin(np.asarray(roots, object), removed_roots)
-        reason[knee] = "knee_filter"
-        keep &= ~knee
-    counts["pairs_after_knee_filter"] = int(keep.sum())
-    gone = np.flatnonzero(~keep)
-    dropped = {"image": [col.image[ps[i]] for i in gone], "bbox": bbox_all[ps[gone]].reshape(-1, 4),
-               "label": [pair_phrase[i].text for i in gone], "root": [roots[i] for i in gone],
-               "reason": [reason[i] for i in gone],
-               "score": np.where(reason[gone] == "group_filter", score[gone], np.nan).astype(np.float32)}
-    manifest["ambiguous_roots_removed"] = removed_roots
-    kept_seg = ps[keep].tolist()
-    kept_phr = [p for p, k in zip(pair_phrase, keep) if k]
-    syn: list[tuple[str, str, float]] = []
-    if params.k_sim > 0 and kept_phr:                                                    # step 9
-        distinct = sorted({p.root for p in kept_phr})
-        syn = synonym_pairs(distinct, embed_labels(text_encoder, distinct, templates), params.k_sim)
-        partners: dict[str, list[str]] = {}
-        for a, b, _ in syn:
-            partners.setdefault(a, []).append(b)
-            partners.setdefault(b, []).append(a)
-        extra_seg, extra_phr = [], []
-        for s, p in zip(kept_seg, kept_phr):
-            for other in partners.get(p.root, ()):
-                extra_seg.append(s)
-                extra_phr.append(substitute_root(p, other))
-        kept_seg += extra_seg
-        kept_phr += extra_phr
-    manifest["synonym_pairs"] = [[a, b, round(v, 4)] for a, b, v in syn]
-    counts["pairs_after_synonyms"] = len(kept_seg)
-    manifest["counts"] = counts
-    manifest["skipped_images"] = skipped
-    return _finish(col, visual_encoder.dim, np.asarray(kept_seg, np.int64), [p.text for p in kept_phr],
-                   [p.root for p in kept_phr], text_encoder, templates, manifest, dropped)
+    unused_rows = _caption_rows_without_image(captioner, keys)
+    fp = _fingerprint("caption", image_root, keys, settings, opts,
+                      {"visual": visual_encoder, "pairing": pairing_model, "captioner": captioner},
+                      {"nlp": nlp_fingerprint(nlp)})
+    budget = max(1, int(opts.memory_budget_mb * 2**20 // (8 * visual_encoder.dim)))
+
+    def global_fn(reader):
+        return caption_global_stages(reader, params, text_encoder, templates, budget_rows=budget,
+                                     progress=opts.progress, memmap_path=reader.store.root / "S_ref.npy")
+
+    return _run("caption", image_root, keys, computer, fp, opts, global_fn, manifest,
+                {"caption_rows_without_image": unused_rows})
+
+
+def _caption_rows_without_image(captioner, keys: list[str]) -> int:
+    """Rows of a caption file whose file name matches none of the build's images (logged)."""
+    rows = getattr(captioner, "captions", None)
+    if not isinstance(rows, dict):
+        return 0
+    names = {PurePosixPath(k).name for k in keys}
+    stems = {PurePosixPath(k).stem for k in keys}
+    unused = [r for r in rows if PurePosixPath(r).name not in names and PurePosixPath(r).stem not in stems]
+    if unused:
+        logger.info("%d caption rows name images that are not in this build (e.g. %s); they are ignored",
+                    len(unused), ", ".join(unused[:3]))
+    return len(unused)

@@ -1,4 +1,5 @@
-"""Command-line interface: ``reme build-reference``, ``reme segment``, ``reme info``.
+"""Command-line interface: ``reme build-reference``, ``reme segment``, ``reme info``,
+``reme inspect``, ``reme demo``, ``reme eval``, ``reme ablate``.
 
 Thin wrappers over the Python API; flags mirror the keyword names.
 """
@@ -49,9 +50,21 @@ def build_reference_cmd(
     group_filter: bool = typer.Option(True, help="Run the group-median filter (step 7)."),
     knee_filter: bool = typer.Option(True, help="Run the ambiguous-label knee filter (step 8)."),
     k_sim: int = typer.Option(30, help="Synonym pairs added (step 9); 0 disables."),
+    filter_method: str = typer.Option("median", help="Step 7 criterion: median (paper), clip_global or clip_group "
+                                      "(lowest CLIP pairing scores; the paper's baselines)."),
+    relabel: bool = typer.Option(False, help="Relabel step-7 drops to the nearest kept group centre instead of dropping."),
     embedding_dtype: str = typer.Option("float16", help="Storage dtype of S_ref: float16 or float32."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: CUDA if available)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    workers: int = typer.Option(1, help="Worker processes (local engine) or Ray actors for the per-image stages."),
+    batch_size: int = typer.Option(8, help="Images per encoder / captioner / spaCy batch."),
+    shard_size: int = typer.Option(32, help="Images per shard (the unit of resumption)."),
+    engine: str = typer.Option("local", help="'local' (this machine) or 'ray' (Ray Data; pip install \"reme[ray]\")."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address for --engine ray (default: local Ray)."),
+    work_dir: Optional[Path] = typer.Option(None, help="Folder for shards (default: OUT.work, removed after success)."),
+    resume: bool = typer.Option(True, help="Reuse finished shards of an interrupted run with the same settings."),
+    keep_work_dir: bool = typer.Option(False, help="Keep the shards after a successful build."),
+    max_image_pixels: int = typer.Option(4096 * 4096, help="Larger images are downscaled (caption) or skipped (GT); 0 = no limit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings only, no progress bars."),
 ):
     """Build a reference set {S_ref, O_ref, L_ref} from photos (METHOD.md Part 1)."""
@@ -66,6 +79,10 @@ def build_reference_cmd(
         _fail(f"{out} exists; pass --overwrite to replace it")
     if annotations and masks:
         _fail("give either --annotations or --masks, not both")
+    run_opts = dict(out=out, overwrite=overwrite, embedding_dtype=embedding_dtype, workers=workers,
+                    batch_size=batch_size, shard_size=shard_size, engine=engine, ray_address=ray_address,
+                    work_dir=work_dir, resume=resume, keep_work_dir=keep_work_dir or None,
+                    max_image_pixels=max_image_pixels or None)
     try:
         fz = FelzenszwalbParams.preset(felzenszwalb)
         gt_mode = bool(annotations or masks)
@@ -77,17 +94,17 @@ def build_reference_cmd(
             txt = resolve_encoder(text_encoder or "minilm", device=device)
             ref = build_gt_reference(images, ann, vis, txt, segments=gt_segments, felzenszwalb=fz,
                                      background_label=background_label, exclude_labels=exclude_label,
-                                     progress=not quiet)
+                                     progress=not quiet, **run_opts)
         else:
             cap = resolve_encoder(f"captions:{captions}" if captions else captioner, device=device)
             clip = resolve_encoder(pairing_encoder, device=device)
             txt = resolve_encoder(text_encoder, device=device) if text_encoder else clip
             params = CaptionBuildParams(drop_rate=drop_rate, adaptive_filter=adaptive_filter,
-                                        group_filter=group_filter, knee_filter=knee_filter, k_sim=k_sim)
+                                        group_filter=group_filter, knee_filter=knee_filter, k_sim=k_sim,
+                                        filter_method=filter_method, relabel=relabel)
             ref = build_caption_reference(images, cap, clip, vis, txt, params=params, felzenszwalb=fz,
-                                          progress=not quiet)
-        ref.save(out, overwrite=overwrite, embedding_dtype=embedding_dtype)
-    except (MissingWeightsError, FileNotFoundError, ValueError, ImportError) as exc:
+                                          progress=not quiet, **run_opts)
+    except (MissingWeightsError, FileNotFoundError, ValueError, ImportError, OSError) as exc:
         _fail(str(exc))
     typer.echo(json.dumps({"reference": str(out), **ref.manifest["counts"]}))
 
@@ -103,8 +120,21 @@ def segment_cmd(
     label_logit_scale: Optional[float] = typer.Option(None, help="tau2 of eq. 2 (default 50)."),
     top_k: Optional[int] = typer.Option(None, help="Softmax over the top-k reference segments (default 10; 0 = all)."),
     paper_form: bool = typer.Option(False, help="Literal paper eqs. 1-3: scales 1, softmax over all segments."),
+    retrieval: str = typer.Option("exact", help="Eq. 1 search: 'exact' (stream all of S_ref) or 'topk' "
+                                  "(the FAISS index's top-k neighbours, re-scored exactly; faster on large sets)."),
+    proposals: str = typer.Option("felzenszwalb", help="Proposals: felzenszwalb, cluster (Split Matching k-means), "
+                                  "sam or sam:MODEL (SAM automatic masks; hub id or local folder)."),
+    n_clusters: int = typer.Option(8, help="k of --proposals cluster."),
+    smooth_omega: float = typer.Option(0.0, help="GFA smoothing of P_seg over adjacent segments, in [0, 1); 0 = off."),
+    others_threshold: Optional[float] = typer.Option(None, help="Label segments whose normalised confidence is "
+                                                     "below this 'others' (extra class); default off."),
     allow_encoder_mismatch: bool = typer.Option(False, help="Accept encoders whose spec differs from the manifest."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: CUDA if available)."),
+    explain: bool = typer.Option(False, help="Also write <stem>_evidence.json and <stem>_contact_sheet.png: "
+                                 "the reference segments behind each test segment's label."),
+    explain_segments: int = typer.Option(8, help="With --explain: largest test segments on the contact sheet."),
+    image_root: List[Path] = typer.Option([], help="With --explain: folder of the reference set's source photos "
+                                          "(repeatable; default: the manifest's image root)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Segment images: writes <stem>_labels.png, <stem>_overlay.png and <stem>_scores.json."""
@@ -130,7 +160,9 @@ def segment_cmd(
             kw["label_logit_scale"] = label_logit_scale
         if top_k is not None:
             kw["top_k"] = top_k or None
-        seg = sm.Segmenter(ref, device=device, allow_encoder_mismatch=allow_encoder_mismatch, **kw)
+        seg = sm.Segmenter(ref, device=device, allow_encoder_mismatch=allow_encoder_mismatch, retrieval=retrieval,
+                           proposals=proposals, n_clusters=n_clusters, smooth_omega=smooth_omega,
+                           others_threshold=others_threshold, **kw)
     except (MissingWeightsError, ReferenceSetError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +170,7 @@ def segment_cmd(
     for path in images:
         try:
             img = load_image(path)
-            res = seg.predict(img, class_list)
+            res = seg.predict(img, class_list, return_evidence=explain)
         except ImageReadError as exc:
             typer.secho(f"skipping {path}: {exc}", fg="yellow", err=True)
             failed += 1
@@ -159,6 +191,8 @@ def segment_cmd(
         }
         with atomic_path(out / f"{stem}_scores.json", ".json") as tmp:
             tmp.write_text(json.dumps(scores, indent=2))
+        if explain:
+            _write_explanation(img, res, seg.reference, str(ref), out, stem, path, explain_segments, image_root)
         top = sorted(zip(res.classes, res.class_fractions), key=lambda x: -x[1])[:5]
         typer.echo(f"{path}: " + ", ".join(f"{c} {100 * f:.1f}%" for c, f in top if f > 0))
     if failed == len(images):
@@ -191,6 +225,227 @@ def info_cmd(reference: Optional[Path] = typer.Argument(None, help="Reference fo
     for k, v in man.get("counts", {}).items():
         lines.append(f"  {k}: {v}")
     typer.echo("\n".join(lines))
+
+
+def _write_explanation(img, res, reference, ref_path: str, out: Path, stem: str, path: str, n_segments: int,
+                       image_root) -> None:
+    """``segment --explain``: evidence JSON (every test segment) and a contact sheet PNG."""
+    import numpy as np
+
+    from reme.contact_sheet import contact_sheet, largest_segments, save_contact_sheet
+    from reme.crops import ReferenceImages
+    from reme.io import atomic_path
+
+    ev = res.evidence
+    records = ev.records(reference)
+    area = np.bincount(res.segment_ids.ravel(), minlength=len(records))
+    for rec in records:
+        s = rec["segment"]
+        rec["area"] = int(area[s])
+        rec["class"] = res.classes[int(np.argmax(res.segment_probs[s]))]
+        rec["class_scores"] = {c: round(float(p), 6) for c, p in zip(res.classes, res.segment_probs[s])}
+    doc = {"image": path, "classes": res.classes, "segment_ids": f"{stem}_segments.png",
+           "logit_scale": ev.logit_scale, "top_k": ev.support, "reference": ref_path}
+    with atomic_path(out / f"{stem}_evidence.json", ".json") as tmp:  # one test segment per line
+        tmp.write_text(json.dumps(doc)[:-1] + ', "segments": [\n' + ",\n".join(json.dumps(r) for r in records) + "\n]}\n")
+    from PIL import Image
+
+    with atomic_path(out / f"{stem}_segments.png", ".png") as tmp:  # test segment id of each pixel (16-bit)
+        Image.fromarray(res.segment_ids.astype(np.uint16)).save(tmp, format="PNG")
+    images = ReferenceImages.for_reference(reference, image_root)
+    if not images.readable:
+        typer.secho("note: the reference set's source photos are not readable here; the contact sheet shows "
+                    "placeholders (pass --image-root DIR)", fg="yellow", err=True)
+    sheet = contact_sheet(img, res.segment_ids, ev, reference, segments=largest_segments(res.segment_ids, n_segments),
+                          images=images, classes=res.classes, segment_probs=res.segment_probs)
+    save_contact_sheet(sheet, out / f"{stem}_contact_sheet.png")
+
+
+@app.command("inspect")
+def inspect_cmd(
+    reference: Optional[Path] = typer.Argument(None, help="Reference folder (default: the embedded one)."),
+    out: Path = typer.Option(Path("reme_inspect"), help="Report folder (replaced if it holds an earlier report)."),
+    image_root: List[Path] = typer.Option([], help="Folder of the source photos (repeatable; default: the manifest's)."),
+    max_groups: int = typer.Option(24, help="Largest root-noun groups that get a thumbnail sheet."),
+    thumbs: int = typer.Option(8, help="Thumbnails per row in a group sheet."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Write a report on a reference set: counts per stage, group sizes with the knee, synonym pairs,
+    kept and dropped segments per group (OUT/index.html)."""
+    _setup_logging(quiet)
+    from reme.defaults import default_reference_path
+    from reme.errors import ReferenceSetError
+    from reme.inspect_report import inspect_reference
+    from reme.reference import load_reference
+
+    try:
+        path = reference or default_reference_path()
+        ref = load_reference(path)
+        report = inspect_reference(ref, out, image_roots=image_root, max_groups=max_groups, thumbs=thumbs,
+                                   reference_path=path)
+    except (ReferenceSetError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        _fail(str(exc))
+    summary = json.loads((report / "summary.json").read_text())
+    typer.echo(f"wrote {report / 'index.html'}: {summary['num_segments']} segments, {summary['num_groups']} groups, "
+               f"knee at rank {summary['knee_rank']}, {len(summary['synonym_pairs'])} synonym pairs, "
+               f"{sum(summary['dropped_by_reason'].values())} dropped pairs"
+               + ("" if summary["images_readable"] else " (source photos not readable: placeholder thumbnails)"))
+
+
+@app.command("demo")
+def demo_cmd(
+    reference: List[str] = typer.Option([], help="Reference set as PATH or NAME=PATH (repeatable; the first is "
+                                        "the default; default: the embedded one)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(7860, help="TCP port."),
+    image_root: List[Path] = typer.Option([], help="Folder of the reference sets' source photos (repeatable)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: CUDA if available)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Start the demo page: upload a photo, type classes, click a segment to see its evidence
+    (needs: pip install "reme[demo]")."""
+    _setup_logging(quiet)
+    from reme.defaults import default_reference_path
+    from reme.errors import MissingWeightsError, ReferenceSetError
+
+    refs: dict = {}
+    try:
+        for item in reference or [str(default_reference_path())]:
+            name, sep, p = item.partition("=")
+            if not sep:
+                name, p = (Path(item).name if reference else "default"), item
+            if not (Path(p) / "manifest.json").is_file():
+                raise FileNotFoundError(f"{p} is not a reference set (no manifest.json)")
+            refs[name] = Path(p)
+        from reme.demo import serve
+        from reme.demo.app import require_demo_extra
+
+        require_demo_extra()
+        typer.echo(f"reme demo: loading the reference set, then serving http://{host}:{port}/ (Ctrl+C stops it)")
+        serve(refs, host=host, port=port, image_roots=image_root, device=device)
+    except ImportError as exc:
+        _fail(str(exc))
+    except (ReferenceSetError, MissingWeightsError, FileNotFoundError) as exc:
+        _fail(str(exc))
+
+
+_EVAL_DATASETS = "voc21, voc20, pc60, pc59, pc459, coco_object, coco_stuff171, cityscapes, ade150, ade847 or generic"
+
+
+def _eval_protocol_kw(short_side, mode, crop, window_stride, background_mode, bg_threshold, others_threshold,
+                      no_synonyms) -> dict:
+    return dict(short_side=short_side, mode=mode, crop=crop, window_stride=window_stride, background=background_mode,
+                bg_threshold=bg_threshold, others_threshold=others_threshold, synonyms=not no_synonyms)
+
+
+def _segmenter_kw(top_k, segment_logit_scale, label_logit_scale) -> dict:
+    kw: dict = {}
+    if top_k is not None:
+        kw["top_k"] = top_k or None
+    if segment_logit_scale is not None:
+        kw["segment_logit_scale"] = segment_logit_scale
+    if label_logit_scale is not None:
+        kw["label_logit_scale"] = label_logit_scale
+    return kw
+
+
+@app.command("eval")
+def eval_cmd(
+    dataset: str = typer.Option(..., "--dataset", help=f"Benchmark: {_EVAL_DATASETS}."),
+    root: Optional[Path] = typer.Option(None, help="Dataset root (folder trees: docs/evaluation.md)."),
+    reference: Optional[Path] = typer.Option(None, help="Reference folder (default: the embedded one)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder: results.json, results.md, confusion.png, vis/."),
+    split: Optional[str] = typer.Option(None, help="Benchmark split (default val / validation)."),
+    images: Optional[Path] = typer.Option(None, help="Image folder (generic; overrides a benchmark's layout)."),
+    masks: Optional[Path] = typer.Option(None, help="Index-mask folder, same stems (generic; overrides the layout)."),
+    classes_file: Optional[Path] = typer.Option(None, help="Class names, one per line, synonyms after commas."),
+    ignore_index: Optional[int] = typer.Option(None, help="Mask value to ignore (generic default 255)."),
+    reduce_zero_label: bool = typer.Option(False, help="Generic: ignore mask value 0 and shift the others down."),
+    background: Optional[str] = typer.Option(None, help="Generic: name of the background class (set by threshold)."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate the first N images (after --offset and --stride)."),
+    stride: int = typer.Option(1, help="Use every N-th image."),
+    offset: int = typer.Option(0, help="Skip the first N images (sorted by name)."),
+    short_side: Optional[int] = typer.Option(None, help="Short side in pixels (default: the benchmark's; 0 = native)."),
+    mode: Optional[str] = typer.Option(None, help="Inference: whole (default) or slide."),
+    crop: Optional[int] = typer.Option(None, help="Sliding-window size (default 336)."),
+    window_stride: Optional[int] = typer.Option(None, help="Sliding-window step (default 112)."),
+    background_mode: Optional[str] = typer.Option(None, help="threshold (default), class or class+threshold."),
+    bg_threshold: Optional[float] = typer.Option(None, help="Background confidence threshold (default 0.9)."),
+    others_threshold: Optional[float] = typer.Option(None, help="Answer 'others' below this confidence."),
+    no_synonyms: bool = typer.Option(False, help="Query display names only (no synonym max)."),
+    vis: int = typer.Option(4, help="Side-by-side PNGs for the first N images."),
+    distractors: Optional[str] = typer.Option(None, help="Also run the distractor sweep, e.g. 0,10,50,150,500."),
+    overlap: bool = typer.Option(False, help="Also report the vocabulary overlap with the reference labels."),
+    bg_sweep: Optional[str] = typer.Option(None, help="Also score these background thresholds, e.g. 0.3,0.5,0.7."),
+    hold_out: Optional[str] = typer.Option(None, help="'others' analysis: comma-separated classes to hold out."),
+    others_sweep: Optional[str] = typer.Option(None, help="'others' thresholds of that analysis (default 0,0.3,...,0.7)."),
+    top_k: Optional[int] = typer.Option(None, help="Retrieval top-k (default 10; 0 = all)."),
+    segment_logit_scale: Optional[float] = typer.Option(None, help="tau1 of eq. 1 (default 50)."),
+    label_logit_scale: Optional[float] = typer.Option(None, help="tau2 of eq. 2 (default 50)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: CUDA if available)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Evaluate a reference set on a benchmark: mIoU, per-class IoU, pixel/mean accuracy."""
+    _setup_logging(quiet)
+    from reme.defaults import default_reference_path
+    from reme.errors import MissingWeightsError, ReferenceSetError
+    from reme.eval.commands import run_eval
+
+    try:
+        text = run_eval(dataset=dataset, reference=reference or default_reference_path(), out=out, root=root,
+                        split=split, images=images, masks=masks, classes_file=classes_file, ignore_index=ignore_index,
+                        reduce_zero_label=reduce_zero_label, background_name=background, limit=limit, stride=stride,
+                        offset=offset,
+                        protocol_kw=_eval_protocol_kw(short_side, mode, crop, window_stride, background_mode,
+                                                      bg_threshold, others_threshold, no_synonyms),
+                        vis=vis, distractors=distractors, overlap=overlap, bg_sweep=bg_sweep, hold_out=hold_out,
+                        others_sweep=others_sweep, segmenter_kw=_segmenter_kw(top_k, segment_logit_scale, label_logit_scale), device=device,
+                        progress=not quiet)
+    except (MissingWeightsError, ReferenceSetError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(text)
+
+
+@app.command("ablate")
+def ablate_cmd(
+    kind: str = typer.Option("noisy-gt", help="noisy-gt (GT reference with corrupted labels) or caption."),
+    dataset: str = typer.Option(..., "--dataset", help=f"Evaluation data: {_EVAL_DATASETS}."),
+    root: Optional[Path] = typer.Option(None, help="Dataset root."),
+    images: Optional[Path] = typer.Option(None, help="Evaluation image folder (generic)."),
+    masks: Optional[Path] = typer.Option(None, help="Evaluation mask folder (generic)."),
+    classes_file: Optional[Path] = typer.Option(None, help="Evaluation class names (generic)."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate the first N images (after --stride)."),
+    stride: int = typer.Option(1, help="Use every N-th evaluation image."),
+    short_side: Optional[int] = typer.Option(None, help="Short side (default: the benchmark's; 0 = native)."),
+    mode: Optional[str] = typer.Option(None, help="whole (default) or slide."),
+    reference: Optional[Path] = typer.Option(None, help="noisy-gt: the GT-mode reference set."),
+    noise: float = typer.Option(0.3, help="noisy-gt: fraction of labels replaced at random."),
+    seed: int = typer.Option(0, help="noisy-gt: corruption seed."),
+    photos: Optional[Path] = typer.Option(None, help="caption: reference photos."),
+    captions: Optional[Path] = typer.Option(None, help="caption: JSON-lines caption file."),
+    pairing_encoder: Optional[str] = typer.Option(None, help="caption: CLIP spec for pairing (step 4)."),
+    visual_encoder: str = typer.Option("classical", help="caption: visual encoder spec."),
+    text_encoder: str = typer.Option("minilm", help="caption: text encoder spec."),
+    photo_limit: Optional[int] = typer.Option(None, help="caption: use the first N photos."),
+    out: Optional[Path] = typer.Option(None, help="Output folder: ablation.json, ablation.md."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: CUDA if available)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Build reference-set variants with stages switched off/on, evaluate each, print one table."""
+    _setup_logging(quiet)
+    from reme.errors import MissingWeightsError, ReferenceSetError
+    from reme.eval.commands import run_ablate
+
+    try:
+        text = run_ablate(kind=kind, dataset=dataset, out=out, root=root, images=images, masks=masks,
+                          classes_file=classes_file, limit=limit, stride=stride,
+                          protocol_kw=_eval_protocol_kw(short_side, mode, None, None, None, None, None, False),
+                          reference=reference, noise=noise, seed=seed, photos=photos, captions=captions,
+                          pairing_encoder=pairing_encoder, visual_encoder=visual_encoder, text_encoder=text_encoder,
+                          photo_limit=photo_limit, device=device, progress=not quiet)
+    except (MissingWeightsError, ReferenceSetError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(text)
 
 
 def main() -> None:

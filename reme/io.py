@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
+import threading
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -13,10 +16,20 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from reme.errors import ImageReadError
 
+logger = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
-#: Images with more pixels than this are refused (decompression-bomb guard), 100 MP.
+#: Images with more pixels than this are refused (decompression-bomb guard), 100 MP. The
+#: check reads only the file header, so a refused image is never decoded. It replaces
+#: Pillow's own guard (``Image.MAX_IMAGE_PIXELS``: a warning above 89 MP, an error above
+#: 179 MP), which is switched off while the header is read so that :func:`read_image` can
+#: decode a larger JPEG at reduced size, never allocating its full size.
 MAX_PIXELS = 100_000_000
+
+_BOMB_LOCK = threading.Lock()
+#: Pillow modes resized directly (bilinear) before conversion to RGB.
+_RESIZABLE_MODES = ("L", "RGB", "RGBA", "LA", "CMYK", "I", "F", "RGBX")
 
 
 def to_rgb_array(img: Image.Image) -> np.ndarray:
@@ -34,12 +47,14 @@ def to_rgb_array(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
 
 
-def load_image(source) -> np.ndarray:
+def load_image(source, *, max_pixels: int | None = None) -> np.ndarray:
     """Read an image as RGB.
 
     Args:
         source: a path, ``"skimage:NAME"`` (a photo bundled with scikit-image, e.g.
             ``skimage:astronaut``), a PIL image, or an (H, W, 3) / (H, W) uint8 array.
+        max_pixels: for paths, downscale images with more pixels than this (see
+            :func:`read_image`); None keeps the full resolution.
 
     Returns:
         (H, W, 3) uint8 RGB array (EXIF orientation applied; grey, palette, alpha, CMYK and
@@ -47,7 +62,8 @@ def load_image(source) -> np.ndarray:
 
     Raises:
         ImageReadError: missing, empty, truncated or undecodable file, an image over
-            :data:`MAX_PIXELS`, or an array of the wrong shape or dtype.
+            :data:`MAX_PIXELS` (that cannot be decoded at reduced size), or an array of the
+            wrong shape or dtype.
     """
     if isinstance(source, np.ndarray):
         arr = source
@@ -62,23 +78,94 @@ def load_image(source) -> np.ndarray:
         return to_rgb_array(source)
     if isinstance(source, str) and source.startswith(SAMPLE_PREFIX):
         return sample_image(source[len(SAMPLE_PREFIX):])
-    path = Path(source)
+    return read_image(source, max_pixels=max_pixels)[0]
+
+
+@contextlib.contextmanager
+def _pillow_bomb_guard_off() -> Iterator[None]:
+    """Let ``Image.open`` read the header of a huge file; :func:`read_image` applies its own
+    limits before anything is decoded."""
+    with _BOMB_LOCK:
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+
+
+def read_image(path: str | Path, *, max_pixels: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Read an image file as RGB, downscaling images larger than ``max_pixels``.
+
+    Memory is bounded by the output size, not the file's: the pixel count is checked from the
+    header before decoding; a JPEG over the limit is decoded at 1/2, 1/4 or 1/8 scale by
+    libjpeg (``Image.draft``), so a 20000 x 20000 photo never allocates its 1.2 GB full size;
+    other formats are decoded at full size only up to :data:`MAX_PIXELS` and then resized.
+
+    Args:
+        path: image file.
+        max_pixels: largest output size in pixels (H * W); larger images are resized
+            (bilinear, aspect ratio kept) to fit. None: keep the full resolution.
+
+    Returns:
+        ``(image, (H0, W0))``: (H, W, 3) uint8 RGB (EXIF orientation applied, modes converted
+        as :func:`to_rgb_array`) and the original oriented size in pixels.
+
+    Raises:
+        ImageReadError: missing, empty, truncated or undecodable file; more than
+            :data:`MAX_PIXELS` pixels and not a JPEG that can be reduced under it; a file
+            whose size is 0 x 0.
+        ValueError: ``max_pixels`` < 1.
+    """
+    if max_pixels is not None and max_pixels < 1:
+        raise ValueError(f"max_pixels must be >= 1 or None, got {max_pixels}")
+    path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"image file not found: {path}")
     if path.stat().st_size == 0:
         raise ImageReadError(f"image file is empty (0 bytes): {path}")
     try:
-        with Image.open(path) as img:
-            if img.width * img.height > MAX_PIXELS:
+        with _pillow_bomb_guard_off():
+            img = Image.open(path)
+        with img:
+            W0, H0 = img.size
+            if W0 < 1 or H0 < 1:
+                raise ImageReadError(f"{path}: image of size {W0}x{H0} has no pixels")
+            oriented = (W0, H0) if _exif_orientation(img) not in (5, 6, 7, 8) else (H0, W0)
+            n = W0 * H0
+            if max_pixels is not None and n > max_pixels and img.format == "JPEG":
+                s = (max_pixels / n) ** 0.5
+                img.draft("RGB", (max(1, int(W0 * s)), max(1, int(H0 * s))))  # libjpeg DCT scaling
+            if img.size[0] * img.size[1] > MAX_PIXELS:
                 raise ImageReadError(
-                    f"{path}: {img.width}x{img.height} exceeds {MAX_PIXELS} pixels; downscale it first"
+                    f"{path}: {W0}x{H0} exceeds {MAX_PIXELS} pixels; downscale it first"
+                    + ("" if img.format == "JPEG" else " (only JPEGs are decoded at reduced size)")
                 )
             img.load()
-            return to_rgb_array(img)
+            w, h = img.size
+            if max_pixels is not None and w * h > max_pixels:
+                s = (max_pixels / (w * h)) ** 0.5
+                size = (max(1, int(w * s)), max(1, int(h * s)))
+                logger.debug("downscaling %s from %dx%d to %dx%d", path, w, h, *size)
+                if img.mode not in _RESIZABLE_MODES:
+                    img = Image.fromarray(to_rgb_array(img))  # 16-bit, palette, 1-bit: convert first
+                # resized before EXIF rotation (scaling commutes with it; ``info`` keeps the tag)
+                img = img.resize(size, Image.BILINEAR, reducing_gap=2.0)
+            out = to_rgb_array(img)
     except ImageReadError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageReadError(f"cannot decode image {path}: {exc}") from exc
+    return out, (oriented[1], oriented[0])
+
+
+def _exif_orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except Exception:  # malformed EXIF: to_rgb_array's exif_transpose ignores it as well
+        return 1
 
 
 SAMPLE_PREFIX = "skimage:"
@@ -123,3 +210,20 @@ def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def write_bytes_atomic(final: str | Path, data: bytes, *, fsync: bool = True) -> None:
+    """Write ``data`` to ``final`` atomically (temp file + fsync + rename).
+
+    Readers see either the old file or the complete new one, also after ``kill -9`` or a
+    failed write (disk full): the temporary file is removed and ``final`` is left untouched.
+
+    Raises:
+        OSError: the write, fsync or rename failed (e.g. ``ENOSPC``, ``EACCES``).
+    """
+    with atomic_path(final) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())

@@ -1,15 +1,23 @@
 """The reference set {S_ref, O_ref, L_ref} in memory and on disk (METHOD.md step 10).
 
-On-disk layout of a reference folder::
+On-disk layout of a reference folder (format version 2)::
 
     REF/
       manifest.json      format version, encoder specs and dims, templates, every build
-                         hyper-parameter, counts per stage, sha256 of every file below
-      segments.parquet   S_ref: segment_id, image, bbox (x, y, w, h), area, embedding
-                         (fixed-size list of float16 or float32, L2-normalised)
+                         hyper-parameter, counts per stage, sha256 of every file below,
+                         ``s_ref_file`` and the FAISS index description (``index``)
+      S_ref.npy          S_ref: raw (m, d1) float16 (or float32) NumPy array, L2-normalised
+                         rows, row i = segment_id i; loaded as a read-only memory map, so a
+                         3M x 1024 float16 set takes 6 GB of (page-cache) memory, not 12+
+      segments.parquet   per-segment metadata: segment_id, image, bbox (x, y, w, h), area, source
       labels.parquet     L_ref: label_id, text, root, embedding (fixed-size list float32)
       pairs.parquet      O_ref as sparse pairs: segment_id, label_id (one row per 1 in O_ref)
-      index.faiss        FAISS inner-product index over S_ref
+      dropped.parquet    pairs removed while building, with the reason (provenance)
+      index.faiss        FAISS inner-product index over S_ref, kind chosen by size
+                         (:func:`reme.index.choose_index_kind`: flat < 200k, IVF-SQ8 above)
+
+Format version 1 folders (S_ref as an ``embedding`` column of segments.parquet, read into
+memory) still load.
 
 A folder is written under a temporary name and renamed into place when complete, so a
 crash never leaves a half-written reference set behind.
@@ -37,8 +45,11 @@ from reme.errors import ReferenceSetError
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Format versions this reme reads (1: S_ref inside segments.parquet).
+READABLE_FORMAT_VERSIONS = (1, 2)
 _FILES = ("segments.parquet", "labels.parquet", "pairs.parquet")
+S_REF_FILE = "S_ref.npy"
 INDEX_FILE = "index.faiss"
 DROPPED_FILE = "dropped.parquet"
 
@@ -66,7 +77,9 @@ class ReferenceSet:
     """A reference set.
 
     Attributes:
-        S_ref: (m, d1) float16 or float32 visual segment embeddings, L2-normalised rows.
+        S_ref: (m, d1) float16 or float32 visual segment embeddings, L2-normalised rows; a
+            read-only ``np.memmap`` of ``S_ref.npy`` when loaded from a folder (never copied by
+            the retrieval, which reads it block by block).
         L_ref: (n, d2) float32 label text embeddings, L2-normalised rows.
         pair_segment: (p,) int64 and
         pair_label: (p,) int64 -- the nonzeros of the binary O_ref (m x n).
@@ -78,6 +91,8 @@ class ReferenceSet:
         manifest: encoder specs, parameters and counts (see module docstring).
         segment_source: m strings, the stage that produced each kept segment
             ("caption_pairing", "gt_proposal", "gt_mask"); provenance.
+        path: the folder it was loaded from (None when built in memory); where
+            :meth:`load_index` finds ``index.faiss``.
         dropped: pairs removed while building, as columns ``image`` (m' str), ``bbox``
             ((m', 4) int32 XYWH), ``label``, ``root``, ``reason`` ("group_filter",
             "knee_filter") and ``score`` (float, <S_i, S_center> for the group filter, NaN
@@ -96,6 +111,7 @@ class ReferenceSet:
     manifest: dict[str, Any] = field(default_factory=dict)
     segment_source: list[str] | None = None
     dropped: dict[str, Any] | None = None
+    path: Path | None = None
 
     def __post_init__(self) -> None:
         self.pair_segment = np.asarray(self.pair_segment, np.int64)
@@ -132,6 +148,15 @@ class ReferenceSet:
             if not ok:
                 raise ReferenceSetError(f"invalid reference set: {msg}")
 
+    def load_index(self):
+        """The FAISS index saved with this set (``index.faiss``), or None when there is none
+        (built in memory, or saved with ``with_index=False``)."""
+        if self.path is None or not (Path(self.path) / INDEX_FILE).is_file():
+            return None
+        from reme.index import read_index
+
+        return read_index(Path(self.path) / INDEX_FILE)
+
     def O_ref_dense(self) -> np.ndarray:
         """(m, n) float32 binary O_ref (for small sets and tests)."""
         O = np.zeros((self.num_segments, self.num_labels), np.float32)
@@ -145,8 +170,9 @@ class ReferenceSet:
         Args:
             path: destination folder.
             overwrite: replace an existing folder (after the new one is complete).
-            embedding_dtype: "float16" (half the disk) or "float32" for S_ref.
-            with_index: also write ``index.faiss`` (needs faiss).
+            embedding_dtype: "float16" (half the disk and memory) or "float32" for S_ref.
+            with_index: also write ``index.faiss`` (kind by size, :func:`reme.index.build_index`;
+                an IVF index over 1e6 x 1024 takes about a minute on 2 cores).
 
         Raises:
             FileExistsError: ``path`` exists and ``overwrite`` is False.
@@ -162,7 +188,11 @@ class ReferenceSet:
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the final folder gets the usual mode
         try:
-            S = np.ascontiguousarray(self.S_ref, dtype=embedding_dtype)
+            S = np.lib.format.open_memmap(tmp / S_REF_FILE, mode="w+", dtype=embedding_dtype,
+                                          shape=tuple(int(x) for x in self.S_ref.shape))
+            for start in range(0, self.num_segments, 65536):                 # no second full copy
+                S[start:start + 65536] = self.S_ref[start:start + 65536]
+            S.flush()
             bbox = np.asarray(self.segment_bbox, np.int32).reshape(-1, 4)
             seg_table = pa.table({
                 "segment_id": pa.array(np.arange(self.num_segments, dtype=np.int64)),
@@ -170,7 +200,6 @@ class ReferenceSet:
                 "bbox": pa.FixedSizeListArray.from_arrays(pa.array(bbox.ravel()), 4),
                 "area": pa.array(np.asarray(self.segment_area, np.int64)),
                 "source": pa.array(self.segment_source, pa.string()),
-                "embedding": _fixed_list(S),
             })
             dropped_table = _dropped_table(self.dropped)
             label_table = pa.table({
@@ -183,13 +212,18 @@ class ReferenceSet:
             for name, table in zip(_FILES, (seg_table, label_table, pair_table)):
                 pq.write_table(table, tmp / name, compression="zstd")
             pq.write_table(dropped_table, tmp / DROPPED_FILE, compression="zstd")
-            files = list(_FILES) + [DROPPED_FILE]
-            if with_index:
-                from reme.index import build_index, write_index
-
-                write_index(build_index(S.astype(np.float32)), tmp / INDEX_FILE)
-                files.append(INDEX_FILE)
+            files = list(_FILES) + [DROPPED_FILE, S_REF_FILE]
             manifest = dict(self.manifest)
+            manifest.pop("index", None)
+            if with_index:
+                from reme.index import build_index, describe_index, write_index
+
+                index = build_index(S)
+                write_index(index, tmp / INDEX_FILE)
+                manifest["index"] = {**describe_index(index), "file": INDEX_FILE}
+                del index
+                files.append(INDEX_FILE)
+            del S
             manifest.update({
                 "format_version": FORMAT_VERSION,
                 "reme_version": __version__,
@@ -200,10 +234,12 @@ class ReferenceSet:
                 "visual_dim": int(self.S_ref.shape[1]),
                 "text_dim": int(self.L_ref.shape[1]),
                 "embedding_dtype": embedding_dtype,
+                "s_ref_file": S_REF_FILE,
                 "files": {f: _sha256(tmp / f) for f in files},
             })
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
             self.manifest = manifest
+            self.path = path
             if path.exists():
                 old = path.with_name(f".{path.name}.old-{os.getpid()}")
                 os.replace(path, old)
@@ -243,10 +279,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         manifest = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ReferenceSetError(f"{mpath} is not valid JSON ({exc}); rebuild the reference set") from exc
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise ReferenceSetError(
-            f"{mpath}: format_version {manifest.get('format_version')!r}, this reme reads {FORMAT_VERSION}; "
-            "rebuild it with this version (reme build-reference)"
+            f"{mpath}: format_version {manifest.get('format_version')!r}, this reme reads "
+            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}; rebuild it with this version (reme build-reference)"
         )
     return manifest
 
@@ -273,15 +309,37 @@ def _read_dropped(path: Path, sha: str | None) -> dict[str, Any]:
             "reason": t.column("reason").to_pylist(), "score": t.column("score").to_numpy()}
 
 
-def load_reference(path: str | Path, *, verify: bool = True) -> ReferenceSet:
+def _read_s_ref(path: Path, manifest: dict[str, Any], mmap: bool) -> np.ndarray:
+    f = path / manifest.get("s_ref_file", S_REF_FILE)
+    try:
+        S = np.load(f, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError as exc:
+        raise ReferenceSetError(f"{f} is missing; the reference set is incomplete, rebuild it") from exc
+    except (ValueError, OSError, EOFError) as exc:
+        raise ReferenceSetError(f"cannot read {f}: {exc}; the file is truncated or corrupt, rebuild the reference set") from exc
+    want = (int(manifest["num_segments"]), int(manifest["visual_dim"]))
+    if S.ndim != 2 or S.shape[1] != want[1]:
+        raise ReferenceSetError(f"{f.name}: embedding size {S.shape[1] if S.ndim == 2 else S.shape}, manifest says {want[1]}")
+    if S.shape[0] != want[0]:
+        raise ReferenceSetError(f"{path}: manifest says num_segments={want[0]}, {f.name} holds {S.shape[0]}")
+    if str(S.dtype) != manifest.get("embedding_dtype", str(S.dtype)):
+        raise ReferenceSetError(f"{f.name} holds {S.dtype}, manifest says {manifest['embedding_dtype']}")
+    return S
+
+
+def load_reference(path: str | Path, *, verify: bool = True, mmap: bool = True) -> ReferenceSet:
     """Read a reference folder written by :meth:`ReferenceSet.save`.
 
     Args:
         path: the folder.
-        verify: check every file's sha256 against the manifest (reads each file once more).
+        verify: check every file's sha256 against the manifest (reads each file once more;
+            about 1 s per GB here).
+        mmap: memory-map S_ref.npy read-only (format 2) instead of reading it into memory;
+            the pages are shared with the OS page cache, so S_ref is held once.
 
     Returns:
-        The :class:`ReferenceSet`; S_ref keeps its stored dtype (float16 or float32).
+        The :class:`ReferenceSet`; S_ref keeps its stored dtype (float16 or float32): a
+        read-only ``np.memmap`` (format 2, ``mmap=True``) or an in-memory array.
 
     Raises:
         ReferenceSetError: missing or altered files (checksum), truncated or unreadable Parquet,
@@ -290,7 +348,8 @@ def load_reference(path: str | Path, *, verify: bool = True) -> ReferenceSet:
     path = Path(path)
     manifest = read_manifest(path)
     files = manifest.get("files", {})
-    for name in _FILES:
+    v1 = manifest.get("format_version") == 1
+    for name in _FILES + (() if v1 else (manifest.get("s_ref_file", S_REF_FILE),)):
         f = path / name
         if not f.is_file():
             raise ReferenceSetError(f"{f} is missing; the reference set is incomplete, rebuild it")
@@ -307,7 +366,8 @@ def load_reference(path: str | Path, *, verify: bool = True) -> ReferenceSet:
             raise ReferenceSetError(f"cannot read {path / name}: {exc}; the file is truncated or corrupt, rebuild the reference set") from exc
     seg, lab, pairs = (tables[n] for n in _FILES)
     try:
-        S = _read_embedding(seg, "segments.parquet", int(manifest["visual_dim"]))
+        S = (_read_embedding(seg, "segments.parquet", int(manifest["visual_dim"])) if v1
+             else _read_s_ref(path, manifest, mmap))
         L = _read_embedding(lab, "labels.parquet", int(manifest["text_dim"])).astype(np.float32)
         bbox = seg.column("bbox").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, 4)
         ref = ReferenceSet(
@@ -318,6 +378,7 @@ def load_reference(path: str | Path, *, verify: bool = True) -> ReferenceSet:
             segment_area=seg.column("area").to_numpy(), manifest=manifest,
             segment_source=seg.column("source").to_pylist() if "source" in seg.column_names else None,
             dropped=_read_dropped(path / DROPPED_FILE, files.get(DROPPED_FILE) if verify else None),
+            path=path,
         )
     except KeyError as exc:
         raise ReferenceSetError(f"{path}: missing column or manifest key {exc}; rebuild the reference set") from exc
@@ -365,7 +426,7 @@ def concat_references(refs: list[ReferenceSet], manifest: dict[str, Any] | None 
     if manifest is None:
         man["parts"] = [r.manifest for r in refs]
     return ReferenceSet(
-        S_ref=np.concatenate([np.asarray(r.S_ref, np.float32) for r in refs]),
+        S_ref=np.concatenate([np.asarray(r.S_ref) for r in refs]).astype(np.result_type(*[r.S_ref.dtype for r in refs])),
         L_ref=np.stack(L_rows).astype(np.float32),
         pair_segment=np.concatenate(ps), pair_label=np.concatenate(pl), labels=labels, roots=roots,
         segment_image=[k for r in refs for k in r.segment_image],

@@ -8,16 +8,52 @@
 ``tau1`` / ``tau2`` are the logit scales (inverse temperatures) of the two softmaxes; the
 notes give none, so the literal paper form is ``tau = 1`` and ``top_k = None``.
 
-Since P_seg = softmax(.) (O_ref A2), reme computes B = O_ref A2 (m x c) once per class
-list and streams the softmax over chunks of S_ref with an online log-sum-exp, so neither
-the k x m similarity matrix nor A1 is ever materialised (:func:`segment_class_probs`).
-:func:`segment_label_affinity` computes A1 itself, for inspection and tests.
+How reme computes them at scale (m up to millions of reference segments; docs/performance.md
+has the measurements):
+
+* **Exact eq. 1** streams S_ref in blocks of ``chunk_size`` rows with an online log-sum-exp,
+  so the k x m similarity matrix is never materialised. Each block is converted from its stored
+  dtype (float16 on disk, possibly a memory map) into one reused float32 buffer, multiplied by
+  the test embeddings with one GEMM (the softmax shift is folded into that GEMM as an extra
+  column), exponentiated in place and folded into the accumulator: A1 with O_ref kept sparse
+  (:func:`streamed_label_affinity`, O(k n) memory) or P_seg directly with a dense
+  B = O_ref A2 (:func:`segment_class_probs`, O(m c) memory).
+* **Top-k eq. 1** restricts the softmax to each test segment's nearest reference segments,
+  found exactly (:func:`exact_topk`) or by a FAISS index (:mod:`reme.index`), whose candidates
+  are re-scored exactly against S_ref (:func:`rescore`) before the softmax
+  (:func:`topk_label_affinity`). With k = m candidates it equals the exact eq. 1.
+* **Eq. 3** is a gather ``P_seg[segment_ids]`` for a partition (:func:`pixel_class_probs`) and a
+  sparse product for overlapping masks (:func:`pixel_class_probs_masks`); memory O(H W c).
+
+:func:`segment_label_affinity` materialises A1 directly, for inspection and tests.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
+
+#: Reference rows per block of the streamed eq. 1. Chosen by us: on the 2-core test machine
+#: (k = 256, d = 1024) blocks of 8k-16k rows were fastest (docs/performance.md); the working
+#: memory is about chunk_size * (d + k) * 4 bytes (~80 MB at 16384 x (1024 + 256)).
+DEFAULT_CHUNK_SIZE = 16384
+
+#: Candidate neighbours of the top-k path when the softmax itself is not restricted (top_k
+#: None): chosen by us from scripts/bench_retrieval.py --sweep at N = 1e6 (32, 64, 128, 256
+#: all kept argmax agreement 1.0 with the exact eq. 1 on the clustered synthetic set; the
+#: exact re-scoring of k x 256 candidates cost ~0.4 s, of k x 32 ~0.05 s; docs/performance.md).
+DEFAULT_TOPK_CANDIDATES = 32
+
+#: The running softmax shift of a test segment is raised only when a block exceeds it by more
+#: than this many logits, so exp() never overflows (values stay <= e^20) and the in-place
+#: subtraction runs only for the few blocks that raise the maximum.
+_SHIFT_SLACK = 20.0
 
 
 def _as_tensor(x, device, dtype=torch.float32) -> torch.Tensor:
@@ -29,9 +65,33 @@ def _as_tensor(x, device, dtype=torch.float32) -> torch.Tensor:
     return torch.as_tensor(arr, device=device).to(dtype)
 
 
+def _view(x) -> torch.Tensor:
+    """A CPU tensor sharing memory with a numpy array (read-only arrays and memory maps too;
+    the result is only ever read)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    arr = np.asarray(x)
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": never written here
+        return torch.from_numpy(arr)
+
+
 def _check_dims(a: torch.Tensor, b: torch.Tensor, an: str, bn: str) -> None:
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"{an} and {bn} must be (., d) with the same d, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def _check_pair(St: torch.Tensor, S_ref) -> None:
+    if St.ndim != 2 or S_ref.ndim != 2 or St.shape[1] != S_ref.shape[1]:
+        raise ValueError(f"S_test and S_ref must be (k, d) and (m, d) with the same d, got {tuple(St.shape)} and {tuple(S_ref.shape)}")
+
+
+def _check_chunk(chunk_size: int) -> int:
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return int(chunk_size)
 
 
 def label_affinity(L_ref, L_test, logit_scale: float = 1.0, device=None) -> torch.Tensor:
@@ -59,23 +119,354 @@ def reference_class_scores(pair_segment, pair_label, A2: torch.Tensor, num_segme
     return B.index_add_(0, ps, A2[pl])
 
 
-def _topk_similarities(St: torch.Tensor, S_ref, top_k: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k inner products over chunks of S_ref: (k, top_k) values, (k, top_k) ids."""
-    m = S_ref.shape[0]
-    vals = torch.full((St.shape[0], 0), -float("inf"), device=St.device)
-    ids = torch.zeros((St.shape[0], 0), dtype=torch.int64, device=St.device)
-    for start in range(0, m, chunk_size):
-        Sr = _as_tensor(S_ref[start:start + chunk_size], St.device)
-        sim = St @ Sr.T
-        kk = min(top_k, sim.shape[1])
-        v, i = torch.topk(sim, kk, dim=1)
-        vals, order = torch.topk(torch.cat([vals, v], 1), min(top_k, vals.shape[1] + kk), dim=1)
-        ids = torch.gather(torch.cat([ids, i + start], 1), 1, order)
-    return vals, ids
+# --------------------------------------------------------------------------- O_ref, sparse
+
+
+@dataclass(frozen=True)
+class ORefCSR:
+    """O_ref (m x n, binary) in compressed-row form: the labels of segment i are
+    ``label[ptr[i]:ptr[i + 1]]``.
+
+    Attributes:
+        ptr: (m + 1,) int64 row pointers.
+        label: (p,) int64 label ids (columns of O_ref), grouped by segment.
+        num_labels: n.
+    """
+
+    ptr: np.ndarray
+    label: np.ndarray
+    num_labels: int
+
+    @property
+    def num_segments(self) -> int:
+        return int(self.ptr.shape[0] - 1)
+
+
+def o_ref_csr(pair_segment, pair_label, num_segments: int, num_labels: int) -> ORefCSR:
+    """O_ref from its nonzeros ``(pair_segment[j], pair_label[j])`` as :class:`ORefCSR`.
+
+    Args:
+        pair_segment, pair_label: (p,) int ids in [0, m) and [0, n).
+        num_segments: m. num_labels: n.
+
+    Raises:
+        ValueError: lengths differ or ids are out of range.
+    """
+    ps = np.asarray(pair_segment, np.int64).ravel()
+    pl = np.asarray(pair_label, np.int64).ravel()
+    if ps.shape != pl.shape:
+        raise ValueError(f"pair_segment and pair_label differ in length: {ps.shape} vs {pl.shape}")
+    if ps.size and (ps.min() < 0 or ps.max() >= num_segments or pl.min() < 0 or pl.max() >= num_labels):
+        raise ValueError(f"O_ref pairs out of range for m={num_segments}, n={num_labels}")
+    order = np.argsort(ps, kind="stable")
+    ptr = np.zeros(num_segments + 1, np.int64)
+    np.cumsum(np.bincount(ps, minlength=num_segments), out=ptr[1:])
+    return ORefCSR(ptr=ptr, label=np.ascontiguousarray(pl[order]), num_labels=int(num_labels))
+
+
+# --------------------------------------------------------------------------- streamed eq. 1
+
+
+class _serial:
+    """Run element-wise CPU work on one thread (context manager).
+
+    Measured on the 2-core test machine: with both threads, every element-wise op over a
+    16384 x 256 block paid a parallel-region start-up of ~10 ms under load (exp_ 11.6 ms vs
+    2.0 ms single-threaded, sum 11.8 vs 1.3 ms); the GEMMs keep all threads.
+    """
+
+    def __init__(self, device: torch.device):
+        self.active = device.type == "cpu"
+
+    def __enter__(self):
+        if self.active:
+            self.n = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.active:
+            torch.set_num_threads(self.n)
+
+
+class _Blocks:
+    """Blocks of S_ref as float32 tensors on ``device``.
+
+    float16 (or off-device) rows are converted into one reused (chunk, d + 1) buffer whose last
+    column is 1, so the GEMM against [tau S_test, -shift] also subtracts the softmax shift;
+    float32 rows already on the device are used in place (``fused`` False).
+    """
+
+    def __init__(self, S_ref, chunk_size: int, device: torch.device):
+        self.src, self.device = S_ref, device
+        self.m, self.d = int(S_ref.shape[0]), int(S_ref.shape[1])
+        self.chunk = min(chunk_size, max(self.m, 1))
+        on_device = S_ref.device == device if isinstance(S_ref, torch.Tensor) else device.type == "cpu"
+        self.fused = not (on_device and S_ref.dtype in (np.float32, torch.float32))
+        if self.fused:
+            self.buf = torch.empty(self.chunk, self.d + 1, device=device)
+            self.buf[:, self.d] = 1.0
+
+    def __iter__(self):
+        for start in range(0, self.m, self.chunk):
+            yield start, self.get(start, min(self.m, start + self.chunk))
+
+    def get(self, start: int, stop: int) -> torch.Tensor:
+        block = _view(self.src[start:stop])
+        if not self.fused:
+            return block
+        if block.device != self.device:
+            block = block.to(self.device, non_blocking=True)
+        out = self.buf[:stop - start]
+        with _serial(self.device):
+            out[:, :self.d].copy_(block)  # float16 -> float32
+        return out
+
+
+def _streamed_softmax(St: torch.Tensor, S_ref, logit_scale: float, chunk_size: int, acc: torch.Tensor,
+                      add_block) -> torch.Tensor:
+    """Online-softmax core shared by the exact paths.
+
+    For every block R = S_ref[s:t]: E = exp(tau R St^T - shift) ((t-s) x k, float32, in place),
+    ``add_block(s, t, E)`` adds its contribution to ``acc`` (q x k, columns = test segments),
+    and the per-column denominators are summed. Returns acc / denominator.
+
+    The shift of each column starts at the maximum of the first block and is raised only when a
+    later block's column sum shows values above e^_SHIFT_SLACK (or overflowed, in which case
+    the block is recomputed), so most blocks cost one GEMM, one exp and one sum.
+    """
+    k, d = St.shape
+    blocks = _Blocks(S_ref, chunk_size, St.device)
+    serial = _serial(St.device)
+    Sq = St * float(logit_scale)
+    W = torch.cat([Sq, torch.zeros(k, 1, device=St.device)], 1) if blocks.fused else Sq
+    shift = torch.zeros(k, device=St.device)
+    denom = torch.zeros(k, device=St.device)
+    ebuf = torch.empty(blocks.chunk, k, device=St.device)
+    limit = float(np.exp(_SHIFT_SLACK))
+
+    def logits(R, e):
+        torch.mm(R, W.T, out=e)                                    # tau S_ref S_test^T (- shift)
+        if not blocks.fused:
+            with serial:
+                e.sub_(shift)
+
+    def raise_shift(delta, rescale=True):
+        nonlocal shift
+        shift = shift + delta
+        if rescale:                                                # acc, denom hold earlier blocks
+            f = torch.exp(-delta)
+            denom.mul_(f)
+            acc.mul_(f)
+        if blocks.fused:
+            W[:, d] = -shift
+
+    for start, R in blocks:
+        e = ebuf[:R.shape[0]]
+        logits(R, e)
+        with serial:
+            if start == 0:
+                cmax = e.amax(dim=0)
+                e.sub_(cmax)
+                raise_shift(cmax, rescale=False)
+            e.exp_()
+            colsum = e.sum(dim=0)
+            if not (bool(torch.isfinite(colsum).all()) and float(colsum.max()) <= limit):
+                # rare: this block holds values far above the running shift; redo it exactly
+                logits(R, e)
+                cmax = e.amax(dim=0)
+                delta = torch.where(cmax > 0, cmax, torch.zeros_like(cmax))
+                e.sub_(delta)
+                raise_shift(delta)
+                e.exp_()
+                colsum = e.sum(dim=0)
+            denom += colsum
+        add_block(start, start + e.shape[0], e)
+    return acc / denom
+
+
+def streamed_label_affinity(S_test, S_ref, o_ref: ORefCSR, *, logit_scale: float = 1.0,
+                            chunk_size: int = DEFAULT_CHUNK_SIZE, device=None) -> torch.Tensor:
+    """Exact A1 = softmax(logit_scale * S_test S_ref^T, axis=1) O_ref (eq. 1), streamed.
+
+    S_ref is read block by block (so it may be a float16 memory map) and O_ref stays sparse:
+    each block adds O_ref[block]^T E to A1^T with a sparse-dense product.
+
+    Args:
+        S_test: (k, d1) float array or tensor, L2-normalised test segment embeddings.
+        S_ref: (m, d1) float16/float32 array, memory map or tensor, L2-normalised rows.
+        o_ref: O_ref as :class:`ORefCSR` (:func:`o_ref_csr`) with m rows.
+        logit_scale: tau1 (1 = literal paper form).
+        chunk_size: reference rows per block.
+        device: where to compute (default: S_test's device, else CPU).
+
+    Returns:
+        (k, n) float32 tensor A1; each row sums to the mean number of labels of the reference
+        segments under its softmax (1 when every segment has one label).
+
+    Raises:
+        ValueError: dimension mismatch, or O_ref not m rows.
+    """
+    device = torch.device(device) if device is not None else (
+        S_test.device if isinstance(S_test, torch.Tensor) else torch.device("cpu"))
+    St = _as_tensor(S_test, device)
+    _check_pair(St, S_ref)
+    if o_ref.num_segments != S_ref.shape[0]:
+        raise ValueError(f"O_ref has {o_ref.num_segments} rows but S_ref has {S_ref.shape[0]}")
+    k, n = St.shape[0], o_ref.num_labels
+    if k == 0 or S_ref.shape[0] == 0:
+        return torch.zeros(k, n, device=device)
+    acc = torch.zeros(n, k, device=device)                                   # A1^T
+    ptr, lab = o_ref.ptr, o_ref.label
+    if device.type == "cpu":
+        import scipy.sparse as sp
+
+        ones = np.ones(lab.size, np.float32)
+        acc_np = acc.numpy()
+
+        def add_block(s, t, e):                                              # A1^T += O[s:t]^T E
+            a, b = ptr[s], ptr[t]
+            Ot = sp.csc_matrix((ones[a:b], lab[a:b], ptr[s:t + 1] - a), shape=(n, t - s))
+            np.add(acc_np, Ot @ e.numpy(), out=acc_np)
+    else:
+        lab_t = torch.as_tensor(lab, device=device)
+        seg_t = torch.as_tensor(np.repeat(np.arange(S_ref.shape[0]), np.diff(ptr)), device=device)
+
+        def add_block(s, t, e):
+            a, b = ptr[s], ptr[t]
+            acc.index_add_(0, lab_t[a:b], e[seg_t[a:b] - s])
+
+    return _streamed_softmax(St, S_ref, logit_scale, _check_chunk(chunk_size), acc, add_block).T
+
+
+def exact_topk(S_test, S_ref, top_k: int, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+               device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k inner products of each test segment over S_ref, streamed in blocks.
+
+    Args:
+        S_test: (k, d1) float; S_ref: (m, d1) float16/float32 array, memory map or tensor.
+        top_k: neighbours per test segment (capped at m).
+        chunk_size: reference rows per block.
+
+    Returns:
+        ``(sims, ids)``: (k, min(top_k, m)) float32 inner products, descending, and int64 rows
+        of S_ref.
+
+    Raises:
+        ValueError: ``top_k`` < 1 or dimension mismatch.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    device = torch.device(device) if device is not None else (
+        S_test.device if isinstance(S_test, torch.Tensor) else torch.device("cpu"))
+    St = _as_tensor(S_test, device)
+    _check_pair(St, S_ref)
+    blocks = _Blocks(S_ref, _check_chunk(chunk_size), device)
+    k, d = St.shape
+    W = torch.cat([St, torch.zeros(k, 1, device=device)], 1) if blocks.fused else St
+    vals = torch.full((0, k), -float("inf"), device=device)
+    ids = torch.zeros((0, k), dtype=torch.int64, device=device)
+    for start, R in blocks:
+        sim = R @ W.T                                                          # (rows, k)
+        with _serial(device):
+            v, i = torch.topk(sim, min(top_k, sim.shape[0]), dim=0)
+            vals, order = torch.topk(torch.cat([vals, v], 0), min(top_k, vals.shape[0] + v.shape[0]), dim=0)
+            ids = torch.gather(torch.cat([ids, i + start], 0), 0, order)
+    return vals.T.contiguous(), ids.T.contiguous()
+
+
+def rescore(S_test, S_ref, ids, *, block: int = 32) -> torch.Tensor:
+    """Exact inner products <S_test[q], S_ref[ids[q, t]]> of candidate neighbours.
+
+    Used after an approximate (FAISS IVF) search, whose distances are only estimates. Rows
+    are gathered in their stored dtype for ``block`` test segments at a time (memory
+    ~ block * t * d1 * 6 bytes), converted to float32 and multiplied in a batched GEMM.
+
+    Args:
+        S_test: (k, d1) float; S_ref: (m, d1) array, memory map or tensor.
+        ids: (k, t) int rows of S_ref; -1 marks a missing candidate.
+        block: test segments per gather.
+
+    Returns:
+        (k, t) float32 tensor on S_test's device; -inf where ``ids`` is -1.
+    """
+    St = _as_tensor(S_test, S_test.device if isinstance(S_test, torch.Tensor) else "cpu")
+    _check_pair(St, S_ref)
+    I = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, np.int64)
+    if I.ndim != 2 or I.shape[0] != St.shape[0]:
+        raise ValueError(f"ids must be (k, t) with k = {St.shape[0]}, got shape {I.shape}")
+    k, t = I.shape
+    out = torch.empty(k, t, device=St.device)
+    safe = np.where(I >= 0, I, 0)
+    with _serial(St.device):
+        for q0 in range(0, k, block):
+            rows = safe[q0:q0 + block]
+            if isinstance(S_ref, torch.Tensor):
+                R = S_ref[torch.as_tensor(rows.ravel(), device=S_ref.device)].to(St.device, torch.float32)
+            else:
+                R = _view(np.asarray(S_ref[rows.ravel()])).to(St.device, torch.float32)
+            R = R.reshape(rows.shape[0], t, -1)
+            out[q0:q0 + block] = torch.bmm(R, St[q0:q0 + block, :, None])[:, :, 0]
+    out[torch.as_tensor(I < 0, device=St.device)] = -float("inf")
+    return out
+
+
+def _topk_csr_parts(sims, ids, o_ref: ORefCSR, logit_scale: float):
+    """(crow, col, values) of A1 restricted to the candidates, rows = test segments."""
+    sims = torch.as_tensor(sims, dtype=torch.float32)
+    k, t = sims.shape
+    with _serial(sims.device):
+        w = torch.softmax(logit_scale * sims, dim=1) if t else sims
+        w = torch.nan_to_num(w, nan=0.0)                                       # rows with no candidate
+    I = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, np.int64).ravel()
+    safe = np.where(I >= 0, I, 0)
+    counts = np.where(I >= 0, o_ref.ptr[safe + 1] - o_ref.ptr[safe], 0)
+    total = int(counts.sum())
+    starts = np.repeat(o_ref.ptr[safe] - np.cumsum(counts) + counts, counts)
+    labels = o_ref.label[starts + np.arange(total)] if total else np.zeros(0, np.int64)
+    crow = np.zeros(k + 1, np.int64)
+    np.cumsum(counts.reshape(k, t).sum(1), out=crow[1:])
+    dev = sims.device
+    vals = w.reshape(-1)[torch.as_tensor(np.repeat(np.arange(I.size), counts), device=dev)]
+    return torch.as_tensor(crow, device=dev), torch.as_tensor(labels, device=dev), vals
+
+
+def topk_label_affinity(sims, ids, o_ref: ORefCSR, *, logit_scale: float = 1.0) -> torch.Tensor:
+    """A1 restricted to candidate neighbours: softmax over each row's candidates, times O_ref.
+
+    Args:
+        sims: (k, t) float tensor of exact inner products (-inf for missing candidates).
+        ids: (k, t) int rows of S_ref (-1 for missing).
+        o_ref: :class:`ORefCSR`.
+        logit_scale: tau1.
+
+    Returns:
+        (k, n) float32 sparse CSR tensor A1 (on ``sims``' device; a label reached through
+        several candidates has several entries, which ``A1 @ A2`` and ``to_dense`` sum);
+        :func:`topk_class_probs` gives P_seg = A1 A2 directly.
+    """
+    crow, col, vals = _topk_csr_parts(sims, ids, o_ref, logit_scale)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(crow, col, vals, (crow.shape[0] - 1, o_ref.num_labels), check_invariants=False)
+
+
+def topk_class_probs(sims, ids, o_ref: ORefCSR, A2: torch.Tensor, *, logit_scale: float = 1.0) -> torch.Tensor:
+    """P_seg = A1 A2 with A1 restricted to candidate neighbours (:func:`topk_label_affinity`).
+
+    Args:
+        sims, ids, o_ref, logit_scale: as in :func:`topk_label_affinity`.
+        A2: (n, c) float32 tensor (eq. 2), or several class lists stacked along columns.
+
+    Returns:
+        (k, c) float32 tensor.
+    """
+    A1 = topk_label_affinity(sims, ids, o_ref, logit_scale=logit_scale)
+    with _serial(A1.device):                     # 2-10 ms on one thread vs ~100 ms on two here
+        return A1 @ A2.to(A1.device, torch.float32)
 
 
 def segment_class_probs(S_test, S_ref, B: torch.Tensor, *, logit_scale: float = 1.0,
-                        top_k: int | None = None, chunk_size: int = 65536) -> torch.Tensor:
+                        top_k: int | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     """P_seg = softmax(logit_scale * S_test S_ref^T, axis=1) B, streamed (eqs. 1-2 fused).
 
     Args:
@@ -86,38 +477,31 @@ def segment_class_probs(S_test, S_ref, B: torch.Tensor, *, logit_scale: float = 
         logit_scale: tau1 (1 = literal paper form).
         top_k: restrict the softmax to each test segment's ``top_k`` most similar reference
             segments (exact search); None = all m (paper form).
-        chunk_size: reference rows per block (memory ~ k * chunk_size floats).
+        chunk_size: reference rows per block (memory ~ chunk_size * (d1 + k) floats).
 
     Returns:
         (k, c) float32 tensor P_seg.
     """
     St = _as_tensor(S_test, B.device)
-    if St.ndim != 2 or S_ref.ndim != 2 or St.shape[1] != S_ref.shape[1]:
-        raise ValueError(f"S_test and S_ref must be (k, d) and (m, d) with the same d, got {tuple(St.shape)} and {tuple(S_ref.shape)}")
+    _check_pair(St, S_ref)
     if B.shape[0] != S_ref.shape[0]:
         raise ValueError(f"B has {B.shape[0]} rows but S_ref has {S_ref.shape[0]}")
     k, m = St.shape[0], S_ref.shape[0]
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     if k == 0 or m == 0:
         return torch.zeros(k, B.shape[1], device=B.device)
+    Bf = B.float()
     if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-        vals, ids = _topk_similarities(St, S_ref, top_k, chunk_size)
-        w = torch.softmax(logit_scale * vals, dim=1)                      # (k, top_k)
-        return torch.einsum("kt,ktc->kc", w, B[ids])
-    run_max = torch.full((k, 1), -float("inf"), device=B.device)
-    denom = torch.zeros(k, 1, device=B.device)
-    acc = torch.zeros(k, B.shape[1], device=B.device)
-    for start in range(0, m, chunk_size):
-        Sr = _as_tensor(S_ref[start:start + chunk_size], B.device)
-        logits = logit_scale * (St @ Sr.T)
-        new_max = torch.maximum(run_max, logits.max(dim=1, keepdim=True).values)
-        rescale = torch.exp(run_max - new_max)
-        e = torch.exp(logits - new_max)
-        denom = denom * rescale + e.sum(dim=1, keepdim=True)
-        acc = acc * rescale + e @ B[start:start + Sr.shape[0]]
-        run_max = new_max
-    return acc / denom
+        vals, ids = exact_topk(St, S_ref, top_k, chunk_size=chunk_size)
+        w = torch.softmax(logit_scale * vals, dim=1)                           # (k, top_k)
+        return torch.einsum("kt,ktc->kc", w, Bf[ids])
+    acc = torch.zeros(B.shape[1], k, device=B.device)                           # P_seg^T
+
+    def add_block(s, t, e):                                                     # P^T += B[s:t]^T E
+        acc.addmm_(Bf[s:t].T, e)
+
+    return _streamed_softmax(St, S_ref, logit_scale, _check_chunk(chunk_size), acc, add_block).T
 
 
 def segment_label_affinity(S_test, S_ref, pair_segment, pair_label, num_labels: int, *,
@@ -146,8 +530,14 @@ def segment_label_affinity(S_test, S_ref, pair_segment, pair_label, num_labels: 
     return A1.index_add_(1, _as_tensor(pair_label, device, torch.int64), W[:, _as_tensor(pair_segment, device, torch.int64)])
 
 
+# --------------------------------------------------------------------------- eq. 3
+
+
 def pixel_class_probs(P_seg: torch.Tensor, segment_ids: np.ndarray) -> torch.Tensor:
     """Eq. 3 for a partition: P_test[x, y] = P_seg[segment_ids[x, y]] (a gather).
+
+    Since Felzenszwalb segments partition the image, sum_i P_seg[i] M_seg[i, x, y] has exactly
+    one term per pixel; memory O(H W c), never O(k H W).
 
     Args:
         P_seg: (k, c) float tensor.
@@ -160,15 +550,49 @@ def pixel_class_probs(P_seg: torch.Tensor, segment_ids: np.ndarray) -> torch.Ten
     return P_seg[ids]
 
 
-def pixel_class_probs_masks(P_seg: torch.Tensor, masks: np.ndarray) -> torch.Tensor:
-    """Eq. 3 for possibly overlapping masks: P_test = sum_i P_seg[i] M_seg[i].
+def _mask_pixels(masks) -> tuple[np.ndarray, np.ndarray, tuple[int, int], int]:
+    """(mask ids, flat pixel ids, (H, W), k) of the nonzeros of possibly overlapping masks."""
+    if isinstance(masks, torch.Tensor) and masks.is_sparse:
+        masks = masks.coalesce()
+        k, H, W = masks.shape
+        i, y, x = masks.indices().cpu().numpy()
+        keep = masks.values().cpu().numpy() != 0
+        return i[keep], (y * W + x)[keep], (H, W), k
+    if isinstance(masks, tuple) and len(masks) == 2 and isinstance(masks[1], tuple):
+        lists, (H, W) = masks                                                   # (index lists, shape)
+        k = len(lists)
+        counts = np.array([len(a) for a in lists], np.int64)
+        pix = np.concatenate([np.asarray(a, np.int64).ravel() for a in lists]) if k else np.zeros(0, np.int64)
+        return np.repeat(np.arange(k), counts), pix, (int(H), int(W)), k
+    M = np.asarray(masks.cpu() if isinstance(masks, torch.Tensor) else masks)
+    if M.ndim != 3:
+        raise ValueError(f"masks must be (k, H, W), got shape {M.shape}")
+    k, H, W = M.shape
+    i, p = np.nonzero(M.reshape(k, H * W))
+    return i, p, (H, W), k
+
+
+def pixel_class_probs_masks(P_seg: torch.Tensor, masks) -> torch.Tensor:
+    """Eq. 3 for possibly overlapping masks (SAM): P_test = sum_i P_seg[i] M_seg[i], sparse.
+
+    The masks are used as a sparse (H W x k) matrix, so memory is O(nnz + H W c), never
+    O(k H W) floats.
 
     Args:
         P_seg: (k, c) float tensor.
-        masks: (k, H, W) bool.
+        masks: the k binary masks M_seg as (k, H, W) bool array or tensor, a sparse (k, H, W)
+            torch tensor, or ``(index_lists, (H, W))`` with k arrays of flat pixel indices.
 
     Returns:
         (H, W, c) float32 tensor.
+
+    Raises:
+        ValueError: the number of masks differs from P_seg's rows, or bad shapes.
     """
-    M = torch.as_tensor(masks, device=P_seg.device).float()
-    return torch.einsum("khw,kc->hwc", M, P_seg)
+    i, p, (H, W), k = _mask_pixels(masks)
+    if k != P_seg.shape[0]:
+        raise ValueError(f"{k} masks but P_seg has {P_seg.shape[0]} rows")
+    dev = P_seg.device
+    idx = torch.as_tensor(np.stack([p, i]), dtype=torch.int64, device=dev)
+    M = torch.sparse_coo_tensor(idx, torch.ones(p.size, device=dev), (H * W, k), check_invariants=False)
+    return torch.sparse.mm(M, P_seg.float()).reshape(H, W, -1)

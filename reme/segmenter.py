@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -19,10 +19,17 @@ from reme.pooling import mask_average_pool
 from reme.proposals import FelzenszwalbParams, felzenszwalb_segments
 from reme.reference import ReferenceSet, load_reference
 from reme.retrieval import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_TOPK_CANDIDATES,
+    exact_topk,
     label_affinity,
+    o_ref_csr,
     pixel_class_probs,
     reference_class_scores,
+    rescore,
     segment_class_probs,
+    streamed_label_affinity,
+    topk_class_probs,
 )
 from reme.text_embedding import TEMPLATES, embed_labels
 
@@ -48,6 +55,8 @@ class SegmentationResult:
         segment_probs: (k, C) float32 P_seg (rows need not sum to 1).
         class_fractions: (C,) float64 fraction of pixels assigned to each class.
         probs: (H, W, C) float32 P_test, only with ``return_probs=True`` (else None).
+        evidence: :class:`reme.evidence.RetrievalEvidence`, the nearest reference segments
+            behind each test segment's A1 row, only with ``return_evidence=True`` (else None).
     """
 
     label_map: np.ndarray
@@ -57,6 +66,7 @@ class SegmentationResult:
     class_fractions: np.ndarray
     probs: np.ndarray | None = None
     extras: dict = field(default_factory=dict)
+    evidence: Any = None
 
 
 class Segmenter:
@@ -78,6 +88,26 @@ class Segmenter:
             dimension still required); for local copies of the same weights.
         device: "cpu", "cuda", ... or None (CUDA if available).
         chunk_size: reference rows per block in eq. 1 (memory vs speed).
+        retrieval: how eq. 1 finds reference segments. "exact" (default): streamed over all of
+            S_ref (the full softmax, or an exact top_k search). "topk": the reference set's
+            FAISS index (``index.faiss``; built in memory when missing) proposes ``top_k``
+            neighbours (:data:`reme.retrieval.DEFAULT_TOPK_CANDIDATES` when top_k is None),
+            re-scored exactly, softmax over them; approximate for IVF indexes (reference sets
+            of 200k+ segments), ~30-100x faster at 1e6 segments (docs/performance.md).
+        proposals: class-agnostic proposal generator for the test image: "felzenszwalb"
+            (default, METHOD.md step 1), "cluster" (Split Matching's k-means over the visual
+            encoder's dense features, :mod:`reme.proposals_cluster`), or "sam" / "sam:MODEL"
+            (SAM automatic masks, 32 x 32 grid, :mod:`reme.proposals_sam`; hub id or local folder,
+            default facebook/sam-vit-huge). SAM's overlapping masks are flattened into a
+            partition with smaller masks on top (the overlapping form is available through
+            ``reme.pooling.masks_average_pool`` and ``reme.retrieval.pixel_class_probs_masks``).
+        n_clusters: k of the "cluster" proposals (our default 8).
+        smooth_omega: in [0, 1); > 0 smooths P_seg over the test image's segment adjacency
+            graph with the GFA random walk of OVSNet (:func:`reme.gfa.smooth_segment_probs`,
+            edges weighted by S_test similarity). 0 (default) = off.
+        others_threshold: when set, a segment whose normalised confidence (max of its P_seg row
+            divided by the row sum, in [1/C, 1]) is below it is labelled "others", an extra
+            class appended to ``classes`` (OpenBench). None (default) = off.
 
     Raises:
         ReferenceSetError: the encoders do not match the reference set.
@@ -89,7 +119,9 @@ class Segmenter:
                  label_logit_scale: float = DEFAULT_LABEL_LOGIT_SCALE,
                  top_k: int | None = DEFAULT_TOP_K, templates: Sequence[str] | None = None,
                  allow_encoder_mismatch: bool = False, device: str | torch.device | None = None,
-                 chunk_size: int = 65536):
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, retrieval: str = "exact",
+                 proposals: str = "felzenszwalb", n_clusters: int = 8, smooth_omega: float = 0.0,
+                 others_threshold: float | None = None):
         self.device = resolve_device(device)
         self.reference = reference if isinstance(reference, ReferenceSet) else load_reference(reference)
         man = self.reference.manifest
@@ -115,10 +147,29 @@ class Segmenter:
         self.top_k = top_k
         self.templates = tuple(templates or man.get("templates") or TEMPLATES)
         self.chunk_size = int(chunk_size)
-        S_ref = np.asarray(self.reference.S_ref)
-        # float32 on the CPU (fast matmul); stored dtype (float16 halves memory) on an accelerator
-        S_ref = S_ref.astype(np.float32) if self.device.type == "cpu" else S_ref
-        self._S_ref = torch.as_tensor(S_ref if S_ref.flags.writeable else S_ref.copy()).to(self.device)
+        if retrieval not in ("exact", "topk"):
+            raise ValueError(f"retrieval must be 'exact' or 'topk', got {retrieval!r}")
+        self.retrieval = retrieval
+        if not (proposals in ("felzenszwalb", "cluster", "sam") or proposals.startswith("sam:")):
+            raise ValueError(f"proposals must be 'felzenszwalb', 'cluster', 'sam' or 'sam:MODEL', got {proposals!r}")
+        if not 0.0 <= smooth_omega < 1.0:
+            raise ValueError(f"smooth_omega must lie in [0, 1), got {smooth_omega}")
+        self.proposals = proposals
+        self.n_clusters = int(n_clusters)
+        self.smooth_omega = float(smooth_omega)
+        self.others_threshold = others_threshold
+        self._sam = None
+        if proposals.startswith("sam"):
+            from reme.proposals_sam import SamProposals
+
+            self._sam = SamProposals(proposals[4:] or "facebook/sam-vit-huge", device=self.device)
+        # the CPU reads S_ref in its stored dtype (float16 memory map) block by block, no copy;
+        # an accelerator gets one copy in the stored dtype
+        S_ref = self.reference.S_ref
+        self._S_ref = S_ref if self.device.type == "cpu" else torch.as_tensor(np.asarray(S_ref)).to(self.device)
+        self._o_ref = o_ref_csr(self.reference.pair_segment, self.reference.pair_label,
+                                self.reference.num_segments, self.reference.num_labels)
+        self._index = None
         self._L_ref = torch.as_tensor(self.reference.L_ref, dtype=torch.float32, device=self.device)
         self._class_cache: dict[tuple, tuple[torch.Tensor, list[int]]] = {}
 
@@ -148,29 +199,92 @@ class Segmenter:
         return self._class_cache[key]
 
     @torch.inference_mode()
-    def segment_probs(self, image, classes) -> tuple[np.ndarray, torch.Tensor, list[str]]:
+    def segment_probs(self, image, classes, *, return_embeddings: bool = False) -> tuple:
         """Proposals and P_seg of one image.
 
         Returns:
-            ``(segment_ids, P_seg, names)``: (H, W) int32 ids, (k, C) float32 tensor, class names.
+            ``(segment_ids, P_seg, names)``: (H, W) int32 ids, (k, C) float32 tensor, class names;
+            with ``return_embeddings``, S_test ((k, d1) float32 tensor) is appended.
         """
         names, synonyms = parse_classes(classes)
         img = load_image(image)
-        seg = felzenszwalb_segments(img, self.felzenszwalb)
         feats = self.visual_encoder.dense_features(img)
+        seg = self._proposals(img, feats)
         S_test = mask_average_pool(feats.to(self.device), seg)
         L_test, owner = self._class_embeddings(synonyms)
         A2 = label_affinity(self._L_ref, L_test, self.label_logit_scale)              # (n, c') eq. 2
-        B = reference_class_scores(self.reference.pair_segment, self.reference.pair_label, A2,
-                                   self.reference.num_segments)                      # O_ref A2
-        P = segment_class_probs(S_test, self._S_ref, B.to(self.device), logit_scale=self.segment_logit_scale,
-                                top_k=self.top_k, chunk_size=self.chunk_size)         # (k, c') eqs. 1-2
+        P = self._segment_class_probs(S_test, A2)                                    # (k, c') eqs. 1-2
         if len(owner) != len(names):  # synonyms of one class merged by max
             merged = torch.full((P.shape[0], len(names)), -float("inf"), device=P.device)
             P = merged.scatter_reduce(1, owner.expand(P.shape[0], -1), P, reduce="amax")
-        return seg, P, names
+        if self.smooth_omega > 0:
+            from reme.gfa import smooth_segment_probs
 
-    def predict(self, image, classes, *, return_probs: bool = False) -> SegmentationResult:
+            P = smooth_segment_probs(P, seg, S_test, omega=self.smooth_omega).to(P.device)
+        if self.others_threshold is not None:
+            if "others" in (n.lower() for n in names):
+                raise ValueError("'others' is reserved when others_threshold is set; rename that class")
+            conf = P.clamp_min(0) / P.clamp_min(0).sum(dim=1, keepdim=True).clamp_min(1e-12)
+            low = conf.max(dim=1).values < self.others_threshold
+            others = torch.where(low, P.max(dim=1).values + 1.0, torch.zeros_like(low, dtype=P.dtype))
+            P = torch.cat([P, others[:, None]], dim=1)
+            names = names + ["others"]
+        return (seg, P, names, S_test) if return_embeddings else (seg, P, names)
+
+    def _proposals(self, img: np.ndarray, feats: torch.Tensor) -> np.ndarray:
+        """(H, W) int32 segment-id map of the configured proposal generator."""
+        if self.proposals == "felzenszwalb":
+            return felzenszwalb_segments(img, self.felzenszwalb)
+        if self.proposals == "cluster":
+            from reme.proposals_cluster import cluster_segments
+
+            return cluster_segments(feats, img.shape[:2], n_clusters=self.n_clusters,
+                                    min_size=self.felzenszwalb.min_size)
+        masks = self._sam.masks(img)                                   # (k, H, W), largest first
+        seg = np.zeros(img.shape[:2], np.int32)
+        for i, m in enumerate(masks):                                  # smaller masks painted on top
+            seg[m] = i
+        from reme.proposals import relabel_sequential
+
+        return relabel_sequential(seg)
+
+    @property
+    def index(self):
+        """The FAISS index of the top-k path: the reference set's ``index.faiss``, else one
+        built in memory (:func:`reme.index.build_index`), moved to the GPU when faiss has one."""
+        if self._index is None:
+            from reme.index import build_index, to_gpu
+
+            index = self.reference.load_index()
+            if index is None:
+                logger.info("no saved FAISS index; building one over %d segments", self.reference.num_segments)
+                index = build_index(self.reference.S_ref)
+            self._index = to_gpu(index)
+        return self._index
+
+    def _segment_class_probs(self, S_test: torch.Tensor, A2: torch.Tensor) -> torch.Tensor:
+        """P_seg (k, c') = A1 A2 by the configured retrieval (eq. 1 x eq. 2)."""
+        tau = self.segment_logit_scale
+        if self.retrieval == "topk" or self.top_k is not None:
+            K = self.top_k or DEFAULT_TOPK_CANDIDATES
+            if self.retrieval == "topk":
+                from reme.index import search
+
+                _, ids = search(self.index, S_test.float().cpu().numpy(), K)
+                sims = rescore(S_test, self._S_ref, ids)                              # exact re-scoring
+            else:
+                sims, ids = exact_topk(S_test, self._S_ref, K, chunk_size=self.chunk_size)
+            return topk_class_probs(sims, ids, self._o_ref, A2, logit_scale=tau)     # sparse A1 (k, n) x A2
+        k, (n, c), m = S_test.shape[0], A2.shape, self.reference.num_segments
+        if n * k <= m * c:                                                           # A1 is the smaller
+            A1 = streamed_label_affinity(S_test, self._S_ref, self._o_ref, logit_scale=tau,
+                                         chunk_size=self.chunk_size)
+            return A1 @ A2
+        B = reference_class_scores(self.reference.pair_segment, self.reference.pair_label, A2, m)  # O_ref A2
+        return segment_class_probs(S_test, self._S_ref, B, logit_scale=tau, chunk_size=self.chunk_size)
+
+    def predict(self, image, classes, *, return_probs: bool = False,
+                return_evidence: bool = False) -> SegmentationResult:
         """Segment one image into the given classes.
 
         Args:
@@ -178,6 +292,10 @@ class Segmenter:
             classes: class names, a list or a comma-separated string; ``;`` separates
                 synonyms within a class ("person; people").
             return_probs: also return the (H, W, C) P_test.
+            return_evidence: also return, per test segment, the nearest reference segments
+                behind its A1 row (:func:`reme.evidence.retrieval_evidence`, exact search;
+                ``top_k`` of them, 10 when top_k is None). With ``retrieval="topk"`` on an
+                approximate (IVF) index, the segments eq. 1 used can differ from these.
 
         Returns:
             :class:`SegmentationResult` (label_map (H, W) int32 indexes ``classes``).
@@ -185,11 +303,20 @@ class Segmenter:
         Raises:
             reme.errors.ImageReadError: unreadable image. ValueError: bad class list.
         """
-        seg, P, names = self.segment_probs(image, classes)
+        seg, P, names, S_test = self.segment_probs(image, classes, return_embeddings=True)
+        evidence = None
+        if return_evidence:
+            from reme.evidence import DEFAULT_EVIDENCE_TOP, retrieval_evidence
+
+            # softmax support of eq. 1 as computed above; evidence itself is always an exact search
+            support = self.top_k or (DEFAULT_TOPK_CANDIDATES if self.retrieval == "topk" else None)
+            evidence = retrieval_evidence(S_test, self.reference, top=self.top_k or DEFAULT_EVIDENCE_TOP,
+                                          top_k=support, logit_scale=self.segment_logit_scale,
+                                          chunk_size=self.chunk_size)
         seg_label = P.argmax(dim=1).cpu().numpy().astype(np.int32)
         label_map = seg_label[seg]                                                    # eq. 3 argmax
         probs = pixel_class_probs(P, seg).cpu().numpy() if return_probs else None
         frac = np.bincount(label_map.ravel(), minlength=len(names)) / label_map.size
         return SegmentationResult(label_map=label_map, classes=names, segment_ids=seg,
                                   segment_probs=P.cpu().numpy().astype(np.float32),
-                                  class_fractions=frac, probs=probs)
+                                  class_fractions=frac, probs=probs, evidence=evidence)

@@ -1,0 +1,129 @@
+// reme demo page: plain JavaScript, no external resources.
+"use strict";
+const $ = (id) => document.getElementById(id);
+let current = null;  // last /api/segment answer
+
+function status(text, isError) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "";
+}
+
+function el(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") e.className = v; else if (k === "style") e.style.cssText = v; else e.setAttribute(k, v);
+  }
+  for (const c of children) e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return e;
+}
+
+const pct = (f) => (100 * f).toFixed(1) + "%";
+const bar = (f) => el("span", { class: "bar", style: `width:${Math.round(120 * Math.max(0, Math.min(1, f)))}px` });
+
+async function init() {
+  try {
+    const cfg = await (await fetch("api/config")).json();
+    for (const s of cfg.samples) $("sample").append(el("option", { value: s }, s));
+    for (const r of cfg.references) $("reference").append(el("option", { value: r }, r));
+    $("reference").value = cfg.default_reference;
+    $("sample").value = cfg.samples[0] || "";
+    $("classes").value = cfg.default_classes;
+    status("Ready. Choose a photo and classes, then press Segment.");
+  } catch (err) {
+    status("Cannot reach the reme server: " + err, true);
+  }
+}
+
+async function runSegment(ev) {
+  ev.preventDefault();
+  const fd = new FormData();
+  const file = $("image-file").files[0];
+  if (file) fd.append("image", file); else fd.append("sample", $("sample").value);
+  fd.append("classes", $("classes").value);
+  fd.append("reference", $("reference").value);
+  $("run").disabled = true;
+  status("Segmenting… (proposals, embeddings, retrieval)");
+  try {
+    const resp = await fetch("api/segment", { method: "POST", body: fd });
+    const data = await resp.json();
+    if (!resp.ok) throw new Error(data.error || resp.statusText);
+    current = data;
+    showResult(data);
+    status(`Done in ${data.seconds} s: ${data.num_segments} segments. Click a region to see why it got its label.`);
+  } catch (err) {
+    status("Error: " + err.message, true);
+  } finally {
+    $("run").disabled = false;
+  }
+}
+
+function showResult(d) {
+  $("overlay").src = d.overlay;
+  $("overlay").dataset.resultId = d.result_id;
+  $("result-info").textContent = `${d.width}×${d.height} px${d.resized ? " (downscaled for speed)" : ""}, ` +
+    `reference set "${d.reference}"`;
+  const body = $("legend").querySelector("tbody");
+  body.replaceChildren();
+  for (const row of [...d.legend].sort((a, b) => b.fraction - a.fraction)) {
+    body.append(el("tr", { "data-class": row.class },
+      el("td", {}, el("span", { class: "swatch", style: `background:${row.color}` })),
+      el("td", {}, row.class), el("td", {}, pct(row.fraction)), el("td", {}, row.max_segment_score.toFixed(3))));
+  }
+  $("result").hidden = false;
+  $("evidence").hidden = true;
+}
+
+async function showEvidence(ev) {
+  if (!current) return;
+  const img = $("overlay");
+  const r = img.getBoundingClientRect();
+  const x = Math.floor((ev.clientX - r.left) * img.naturalWidth / r.width);
+  const y = Math.floor((ev.clientY - r.top) * img.naturalHeight / r.height);
+  status(`Looking up evidence at (${x}, ${y})…`);
+  try {
+    const resp = await fetch(`api/evidence?result_id=${current.result_id}&x=${x}&y=${y}`);
+    const d = await resp.json();
+    if (!resp.ok) throw new Error(d.error || resp.statusText);
+    renderEvidence(d);
+    img.src = d.highlight;
+    status(`Segment ${d.segment} → ${d.class}. Click another region, or Segment again.`);
+  } catch (err) {
+    status("Error: " + err.message, true);
+  }
+}
+
+function renderEvidence(d) {
+  $("ev-title").textContent = `segment ${d.segment} → ${d.class}`;
+  const support = d.support === null ? "all reference segments (paper form)" : `the ${d.support} nearest reference segments`;
+  $("ev-info").textContent = `${d.area} px. Eq. 1 softmax (τ1 = ${d.logit_scale}) over ${support}; ` +
+    `the segments listed carry ${pct(d.covered)} of that weight.` +
+    (d.images_readable ? "" : " The reference set's source photos are not found on this machine, so the " +
+      "thumbnails are placeholders (start the demo with --image-root DIR pointing at them).");
+  const cls = $("ev-classes").querySelector("tbody");
+  cls.replaceChildren();
+  for (const [c, p] of d.class_scores) cls.append(el("tr", {}, el("td", {}, c), el("td", {}, p.toFixed(3)), el("td", {}, bar(p))));
+  const votes = $("ev-votes").querySelector("tbody");
+  votes.replaceChildren();
+  for (const [lab, w, cls, a2] of d.votes) {
+    votes.append(el("tr", {}, el("td", {}, lab), el("td", {}, w.toFixed(3)), el("td", {}, bar(w)),
+      el("td", { class: "meta" }, `→ ${cls} (A2 ${a2.toFixed(2)})`)));
+  }
+  const list = $("ev-neighbours");
+  list.replaceChildren();
+  d.neighbours.forEach((n, i) => {
+    const where = n.image ? `source photo ${n.image}, box [${n.bbox.join(", ")}], stage ${n.source}` : "";
+    list.append(el("li", {}, el("div", { class: "neighbour" },
+      el("img", { src: n.thumb, alt: `reference segment ${n.reference_id}`, loading: "lazy" }),
+      el("div", {},
+        el("div", {}, el("span", { class: "rank" }, `${i + 1}. `),
+          el("span", { class: "ref-labels" }, n.labels.join(", ") || "(no label)")),
+        el("div", { class: "meta" }, `similarity ${n.similarity.toFixed(3)} · weight ${n.weight.toFixed(3)} · #${n.reference_id}`),
+        el("div", { class: "meta" }, where)))));
+  });
+  $("evidence").hidden = false;
+}
+
+$("form").addEventListener("submit", runSegment);
+$("overlay").addEventListener("click", showEvidence);
+$("image-file").addEventListener("change", () => { if ($("image-file").files.length) $("sample").value = ""; });
+init();

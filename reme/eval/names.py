@@ -1,0 +1,103 @@
+"""Class-name files: one class per line, synonyms separated by commas.
+
+The benchmark files shipped in ``reme/eval/classnames/`` follow the convention of the
+training-free OVS code of this field (SCLIP, ProxyCLIP ``cls_*.txt``): line ``k`` is label
+``k`` of the masks (after the dataset's own label shift), its first name is the display name
+(the benchmark's official class name) and the others are synonyms whose scores are merged by
+max at inference ("person, people, man, woman"). Lines starting with ``#`` and empty lines are
+skipped. ``;`` is accepted as a synonym separator too, so a ``reme segment`` class string
+("person; people") pasted into a file means the same.
+
+Sources of the lists: the official class names of each benchmark (VOC, PASCAL-Context 59/60
+and 459, COCO-Object / COCO-Stuff-171 as in mmseg, Cityscapes trainIds, ADE20K-150 from
+``objectInfo150.txt``, ADE20K-847 as in the detectron2 preparation used by CAT-Seg and
+ProxyCLIP); synonyms are ours (common English alternatives such as "tvmonitor, tv monitor,
+television, monitor, screen"). ADE20K-847 repeats a few names; the later duplicates are
+reordered so that their most specific name comes first ("handbag, bag, ...") or, when the
+benchmark gives only the bare name, shown as "pot (2)" with "pot" as synonym.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+#: Folder of the shipped class-name files (package data).
+CLASSNAMES_DIR = Path(__file__).resolve().parent / "classnames"
+
+
+def parse_class_lines(lines: Sequence[str]) -> list[list[str]]:
+    """Synonym lists from class-file lines.
+
+    Args:
+        lines: text lines; ``#`` comments and blank lines are skipped.
+
+    Returns:
+        One list per class, its names stripped of surrounding and repeated whitespace;
+        the first is the display name.
+
+    Raises:
+        ValueError: a line holds no name, or two classes share a display name
+            (case-insensitive); the message names the lines.
+    """
+    out: list[list[str]] = []
+    seen: dict[str, int] = {}
+    for num, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        names = [" ".join(n.split()) for n in line.replace(";", ",").split(",")]
+        names = [n for n in names if n]
+        if not names:
+            raise ValueError(f"line {num} holds no class name: {raw!r}")
+        key = names[0].lower()
+        if key in seen:
+            raise ValueError(f"class {names[0]!r} appears twice (lines {seen[key]} and {num})")
+        seen[key] = num
+        out.append(list(dict.fromkeys(names)))
+    if not out:
+        raise ValueError("the class list is empty")
+    return out
+
+
+def read_class_file(path: str | Path) -> list[list[str]]:
+    """Read a class-name file (module docstring format); see :func:`parse_class_lines`.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: malformed content.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class-name file not found: {path}")
+    try:
+        return parse_class_lines(path.read_text(encoding="utf-8").splitlines())
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def shipped_class_files() -> dict[str, Path]:
+    """Name -> path of every class-name file shipped with reme (``voc21``, ``ade847``, ...)."""
+    return {p.stem: p for p in sorted(CLASSNAMES_DIR.glob("*.txt"))}
+
+
+def benchmark_classes(name: str) -> list[list[str]]:
+    """Synonym lists of a shipped benchmark class file.
+
+    Raises:
+        ValueError: unknown name (the message lists the shipped files).
+    """
+    files = shipped_class_files()
+    if name not in files:
+        raise ValueError(f"no class-name file {name!r}; shipped: {', '.join(files)}")
+    return read_class_file(files[name])
+
+
+def display_names(classes: Sequence[Sequence[str]]) -> list[str]:
+    """First name of each class."""
+    return [c[0] for c in classes]
+
+
+def class_queries(classes: Sequence[Sequence[str]], synonyms: bool = True) -> list[str]:
+    """Class strings for :meth:`reme.Segmenter.segment_probs`: synonyms joined by ``;``
+    (merged by max at inference); ``synonyms=False`` keeps the display names only."""
+    return ["; ".join(c) if synonyms else c[0] for c in classes]

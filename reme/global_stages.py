@@ -1,0 +1,385 @@
+"""Global stages of a reference build over finished shards, with bounded memory.
+
+Caption mode: group-median filter (METHOD.md step 7), ambiguous-label knee filter (step 8),
+synonym enrichment (step 9), then assembly of {S_ref, O_ref, L_ref} (step 10). GT mode only
+assembles.
+
+Memory: the pair table (segment id, label, root, head: strings and integers, no embeddings)
+is held in Arrow arrays. Embeddings are read from the shards' ``embedding`` column only when
+needed: the group filter packs root groups into passes of at most ``budget_rows`` member
+rows and reads, per pass, only those groups' segments (one shard file at a time); the final
+assembly reads only the kept segments. Peak memory is therefore about the final reference set
+(which retrieval holds in RAM anyway) + the largest pass + one shard, not every proposal of
+every image. A single root group larger than the budget is read as one pass (its median needs
+all its members).
+
+The results equal :func:`reme.filtering.group_median_filter` and the in-memory build on the
+same pairs: groups, medians, scores and drop decisions are computed per group in the same
+order with the same arithmetic.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm.auto import tqdm
+
+from reme.filtering import ambiguous_roots, clip_score_filter, group_median_filter, relabel_dropped
+from reme.nounphrases import NounPhrase, substitute_root
+from reme.shards import ShardStore
+from reme.synonyms import synonym_pairs
+from reme.text_embedding import embed_labels
+
+logger = logging.getLogger(__name__)
+
+
+class ShardReader:
+    """Random access to the segments of finished shards by global segment id.
+
+    Global ids number the segments of shard 0, then shard 1, ... in file order.
+
+    Args:
+        store: the :class:`reme.shards.ShardStore`.
+        n_shards: number of shards.
+        dim: visual embedding size d.
+    """
+
+    def __init__(self, store: ShardStore, n_shards: int, dim: int):
+        self.store = store
+        self.n_shards = n_shards
+        self.dim = dim
+        counts = [int(store.read_meta(i)["segments"]) for i in range(n_shards)]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    @property
+    def num_segments(self) -> int:
+        return int(self.offsets[-1])
+
+    def pairs(self) -> pa.Table:
+        """All pairs: ``segment`` (global id, int64), ``label``, ``root``, ``head``."""
+        parts = []
+        for i in range(self.n_shards):
+            t = self.store.read_table(i, "pairs", ["segment", "label", "root", "head"])
+            seg = pc.add(t.column("segment"), pa.scalar(int(self.offsets[i]), pa.int64()))
+            parts.append(t.set_column(0, "segment", seg))
+        if not parts:
+            return pa.table({"segment": pa.array([], pa.int64()), "label": pa.array([], pa.string()),
+                             "root": pa.array([], pa.string()), "head": pa.array([], pa.string())})
+        return pa.concat_tables(parts).combine_chunks()
+
+    def pair_scores(self) -> np.ndarray:
+        """(p,) float32 CLIP pairing score of every pair, in :meth:`pairs` order (NaN if absent)."""
+        parts = []
+        for i in range(self.n_shards):
+            t = self.store.read_table(i, "pairs", ["score"])
+            parts.append(t.column("score").to_numpy(zero_copy_only=False).astype(np.float32))
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+    def _by_shard(self, rows: np.ndarray):
+        """Yield (shard, positions in ``rows``, local rows) for sorted global ``rows``."""
+        shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        bounds = np.searchsorted(shard_of, np.arange(self.n_shards + 1))
+        for s in range(self.n_shards):
+            a, b = bounds[s], bounds[s + 1]
+            if a < b:
+                yield s, slice(a, b), rows[a:b] - self.offsets[s]
+
+    def embeddings(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """(len(rows), d) float32 embeddings of sorted, unique global ``rows``; reads only the
+        ``embedding`` column of the shards that hold them, one shard at a time, into ``out``
+        (e.g. a memory map; default a new array)."""
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows), self.dim), np.float32) if out is None else out
+        for s, pos, local in self._by_shard(rows):
+            col = self.store.read_table(s, "segments", ["embedding"]).column("embedding").combine_chunks()
+            out[pos] = col.values.to_numpy(zero_copy_only=False).reshape(-1, self.dim)[local]
+        return out
+
+    def metadata(self, rows: np.ndarray) -> dict[str, Any]:
+        """``image`` (list), ``bbox`` ((n, 4) int32), ``area`` ((n,) int64), ``source`` (list)
+        of sorted, unique global ``rows``."""
+        rows = np.asarray(rows, np.int64)
+        image: list[str] = [""] * len(rows)
+        source: list[str] = [""] * len(rows)
+        bbox = np.zeros((len(rows), 4), np.int32)
+        area = np.zeros(len(rows), np.int64)
+        for s, pos, local in self._by_shard(rows):
+            t = self.store.read_table(s, "segments", ["image", "bbox", "area", "source"])
+            idx = pa.array(local)
+            image[pos] = t.column("image").take(idx).to_pylist()
+            source[pos] = t.column("source").take(idx).to_pylist()
+            bbox[pos] = t.column("bbox").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, 4)[local]
+            area[pos] = t.column("area").to_numpy()[local]
+        return {"image": image, "bbox": bbox, "area": area, "source": source}
+
+
+def _passes(sizes: np.ndarray, budget_rows: int) -> list[tuple[int, int]]:
+    """Consecutive root ranges [a, b) whose total size is <= budget (a lone group may exceed it)."""
+    out, a, acc = [], 0, 0
+    for r, n in enumerate(sizes.tolist()):
+        if r > a and acc + n > budget_rows:
+            out.append((a, r))
+            a, acc = r, 0
+        acc += n
+    if a < len(sizes):
+        out.append((a, len(sizes)))
+    return out
+
+
+def streaming_group_filter(reader: ShardReader, pair_segment: np.ndarray, root_ids: np.ndarray, n_roots: int, *,
+                           drop_rate: float = 0.30, adaptive: bool = False, max_drop_rate: float = 0.50,
+                           budget_rows: int = 1_000_000, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Group-median filter (METHOD.md step 7) reading embeddings from shards group by group.
+
+    Same result as ``group_median_filter(S, pair_segment, roots, ..., return_scores=True)``
+    with all of S in memory.
+
+    Args:
+        reader: shard access.
+        pair_segment: (p,) int64 global segment id of each pair.
+        root_ids: (p,) int root-group index of each pair, in [0, n_roots).
+        n_roots: number of groups.
+        drop_rate, adaptive, max_drop_rate: as :func:`reme.filtering.group_median_filter`.
+        budget_rows: member rows (embeddings) read per pass.
+        progress: show a progress bar over groups.
+
+    Returns:
+        (p,) bool keep-mask and (p,) float32 scores <S_i, S_center>.
+    """
+    if not 0.0 <= drop_rate < 1.0 or not 0.0 <= max_drop_rate < 1.0:
+        raise ValueError(f"drop rates must lie in [0, 1), got {drop_rate}, {max_drop_rate}")
+    if budget_rows < 1:
+        raise ValueError(f"budget_rows must be >= 1, got {budget_rows}")
+    pair_segment = np.asarray(pair_segment, np.int64)
+    root_ids = np.asarray(root_ids, np.int64)
+    p = len(pair_segment)
+    order = np.argsort(root_ids, kind="stable")          # members of a group in pair order
+    bounds = np.searchsorted(root_ids[order], np.arange(n_roots + 1))
+    sizes = np.diff(bounds)
+    scores = np.zeros(p, np.float32)
+    incons = np.zeros(n_roots, np.float64)
+    bar = tqdm(total=n_roots, desc="group filter", unit="group", disable=not progress)
+    for a, b in _passes(sizes, budget_rows):
+        members = order[bounds[a]:bounds[b]]
+        segs = np.unique(pair_segment[members])
+        E = reader.embeddings(segs)
+        for r in range(a, b):
+            idx = order[bounds[r]:bounds[r + 1]]
+            if len(idx) == 0:
+                continue
+            emb = E[np.searchsorted(segs, pair_segment[idx])]
+            _, sc = group_median_filter(emb, np.arange(len(idx)), [0] * len(idx), drop_rate=0.0, return_scores=True)
+            scores[idx] = sc
+            incons[r] = float(np.mean(1.0 - sc))
+        bar.update(b - a)
+        del E
+    bar.close()
+    keep = np.ones(p, bool)
+    w_max = max(incons[sizes > 0].tolist(), default=0.0)
+    for r in np.flatnonzero(sizes):
+        idx = order[bounds[r]:bounds[r + 1]]
+        rate = max_drop_rate * incons[r] / w_max if adaptive and w_max > 0 else (0.0 if adaptive else drop_rate)
+        n_drop = int(np.floor(rate * len(idx) + 1e-9))
+        if n_drop:
+            keep[idx[np.argsort(scores[idx], kind="stable")[:n_drop]]] = False
+    return keep, scores
+
+
+@dataclass
+class Assembled:
+    """Final reference-set arrays (inputs of :class:`reme.reference.ReferenceSet`)."""
+
+    S_ref: np.ndarray
+    L_ref: np.ndarray
+    pair_segment: np.ndarray
+    pair_label: np.ndarray
+    labels: list[str]
+    roots: list[str]
+    segment_image: list[str]
+    segment_bbox: np.ndarray
+    segment_area: np.ndarray
+    segment_source: list[str]
+
+
+def assemble(reader: ShardReader, pair_segment: np.ndarray, labels: pa.Array, roots: pa.Array, text_encoder,
+             templates: Sequence[str], *, label_batch: int = 1024, memmap_path: Path | None = None,
+             memmap_above_bytes: float = 1 << 30) -> Assembled:
+    """Deduplicate labels and pairs, drop unlabelled segments, embed L_ref (step 10).
+
+    Label ids follow the order of first appearance in ``labels``; pairs keep the order of their
+    first occurrence; kept segments keep global-id order.
+
+    Args:
+        reader: shard access.
+        pair_segment: (p,) global segment ids.
+        labels, roots: p label strings and their root nouns (Arrow string arrays).
+        text_encoder: TextEncoder for L_ref; templates: step 5 templates.
+        label_batch: labels per text-encoder call.
+        memmap_path: where S_ref (float32) is written as a NumPy memory map when it is larger
+            than ``memmap_above_bytes`` (then it lives in the page cache, not the heap).
+    """
+    pair_segment = np.asarray(pair_segment, np.int64)
+    if len(pair_segment) == 0:
+        return Assembled(np.zeros((0, reader.dim), np.float32), np.zeros((0, text_encoder.dim), np.float32),
+                         np.zeros(0, np.int64), np.zeros(0, np.int64), [], [], [], np.zeros((0, 4), np.int32),
+                         np.zeros(0, np.int64), [])
+    labels, roots = _array(labels), _array(roots)
+    enc = pc.dictionary_encode(labels)
+    label_of = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)   # first-appearance order
+    label_text = enc.dictionary.to_pylist()
+    n = len(label_text)
+    _, first = np.unique(label_of, return_index=True)
+    root_list = roots.take(pa.array(first)).to_pylist()
+    _, first_pair = np.unique(pair_segment * n + label_of, return_index=True)
+    first_pair.sort()
+    ps, pl = pair_segment[first_pair], label_of[first_pair]
+    used = np.unique(ps)
+    meta = reader.metadata(used)
+    S = None
+    if memmap_path is not None and len(used) * reader.dim * 4 > memmap_above_bytes:
+        S = np.lib.format.open_memmap(memmap_path, mode="w+", dtype=np.float32, shape=(len(used), reader.dim))
+    S = reader.embeddings(used, out=S)
+    L = embed_labels(text_encoder, label_text, templates, batch_size=label_batch)
+    return Assembled(S_ref=S, L_ref=L, pair_segment=np.searchsorted(used, ps), pair_label=pl, labels=label_text,
+                     roots=root_list, segment_image=meta["image"], segment_bbox=meta["bbox"],
+                     segment_area=meta["area"], segment_source=meta["source"])
+
+
+def caption_global_stages(reader: ShardReader, params, text_encoder, templates: Sequence[str], *,
+                          budget_rows: int = 1_000_000, progress: bool = False,
+                          memmap_path: Path | None = None) -> tuple[Assembled, dict[str, Any], dict[str, Any]]:
+    """Steps 7-10 over the shards of a caption-mode build.
+
+    Args:
+        reader: shard access.
+        params: :class:`reme.build.CaptionBuildParams`.
+        text_encoder: TextEncoder for root synonyms and L_ref.
+        templates: step 5 templates.
+        budget_rows: embeddings read per group-filter pass (S_ref is memory-mapped at
+            ``memmap_path`` when larger than that).
+        progress: progress bars.
+        memmap_path: see :func:`assemble`.
+
+    Returns:
+        (assembled arrays, counts and manifest entries, the ``dropped`` table).
+    """
+    pairs = reader.pairs()
+    ps = pairs.column("segment").to_numpy().astype(np.int64)
+    p = len(ps)
+    renc = pc.dictionary_encode(_array(pairs.column("root")))
+    root_ids = renc.indices.to_numpy(zero_copy_only=False).astype(np.int64) if p else np.zeros(0, np.int64)
+    root_names = np.asarray(renc.dictionary.to_pylist(), dtype=object)
+    info: dict[str, Any] = {}
+    keep = np.ones(p, bool)
+    score = np.full(p, np.nan, np.float32)
+    method = getattr(params, "filter_method", "median")
+    if params.group_filter and p and method == "median":                                 # step 7
+        keep, score = streaming_group_filter(reader, ps, root_ids, len(root_names), drop_rate=params.drop_rate,
+                                             adaptive=params.adaptive_filter, max_drop_rate=params.max_drop_rate,
+                                             budget_rows=budget_rows, progress=progress)
+    elif params.group_filter and p:                                                      # step 7 baselines
+        clip = reader.pair_scores()
+        keep = clip_score_filter(clip, root_ids.tolist() if method == "clip_group" else None,
+                                 drop_rate=params.drop_rate)
+        score = clip.astype(np.float32)
+    reason = np.where(keep, "", "group_filter").astype(object)
+    info["pairs_after_group_filter"] = int(keep.sum())
+    relabelled = 0
+    if getattr(params, "relabel", False) and params.group_filter and (~keep).any():      # relabel, not drop
+        rows = np.unique(ps)
+        emb = reader.embeddings(rows)
+        local = np.searchsorted(rows, ps)
+        new, _ = relabel_dropped(emb, local, root_ids.tolist(), keep,
+                                 min_similarity=params.relabel_min_similarity)
+        kept_roots = sorted(set(root_ids[keep].tolist()))
+        hit = np.flatnonzero(new >= 0)
+        labels, roots_l, heads = (pairs.column(c).to_pylist() for c in ("label", "root", "head"))
+        for i in hit:                                   # the pair takes the root of the group it joined
+            root_ids[i] = kept_roots[new[i]]
+            q = substitute_root(NounPhrase(text=labels[i], root=roots_l[i], head=heads[i]), root_names[root_ids[i]])
+            labels[i], roots_l[i], heads[i] = q.text, q.root, q.head
+        pairs = pairs.set_column(1, "label", pa.array(labels, pa.string()))
+        pairs = pairs.set_column(2, "root", pa.array(roots_l, pa.string()))
+        pairs = pairs.set_column(3, "head", pa.array(heads, pa.string()))
+        keep[hit] = True
+        reason[hit] = ""
+        relabelled = len(hit)
+    info["pairs_relabelled"] = relabelled
+    removed: list[str] = []
+    if params.knee_filter and p:                                                         # step 8
+        uniq = np.unique(root_ids[keep] * max(reader.num_segments, 1) + ps[keep])
+        sizes = np.bincount(uniq // max(reader.num_segments, 1), minlength=len(root_names))
+        group_sizes = {root_names[r]: int(sizes[r]) for r in np.flatnonzero(sizes)}
+        info["knee_group_sizes"] = group_sizes                                           # for reme inspect
+        removed = ambiguous_roots(group_sizes, min_groups=params.knee_min_groups)
+        removed_set = set(removed)
+        removed_ids = [i for i, r in enumerate(root_names.tolist()) if r in removed_set]
+        knee = keep & np.isin(root_ids, np.asarray(removed_ids, np.int64))
+        reason[knee] = "knee_filter"
+        keep &= ~knee
+    info["pairs_after_knee_filter"] = int(keep.sum())
+    gone = np.flatnonzero(~keep)
+    gone_segs = ps[gone]
+    useg, inv = np.unique(gone_segs, return_inverse=True)
+    gmeta = reader.metadata(useg)
+    gi = pa.array(gone)
+    dropped = {"image": [gmeta["image"][j] for j in inv.ravel()], "bbox": gmeta["bbox"][inv.ravel()].reshape(-1, 4),
+               "label": pairs.column("label").take(gi).to_pylist(), "root": root_names[root_ids[gone]].tolist(),
+               "reason": reason[gone].tolist(),
+               "score": np.where(reason[gone] == "group_filter", score[gone], np.nan).astype(np.float32)}
+    info["ambiguous_roots_removed"] = removed
+    kidx = pa.array(np.flatnonzero(keep))
+    kept_seg = ps[keep]
+    kept_label = pairs.column("label").take(kidx)
+    kept_root = pairs.column("root").take(kidx)
+    syn: list[tuple[str, str, float]] = []
+    extra_seg: list[int] = []
+    extra_label: list[str] = []
+    extra_root: list[str] = []
+    if params.k_sim > 0 and len(kept_seg):                                               # step 9
+        distinct = sorted(set(pc.unique(kept_root).to_pylist()))
+        syn = synonym_pairs(distinct, embed_labels(text_encoder, distinct, templates), params.k_sim)
+        partners: dict[str, list[str]] = {}
+        for a, b, _ in syn:
+            partners.setdefault(a, []).append(b)
+            partners.setdefault(b, []).append(a)
+        hit = np.flatnonzero(pc.is_in(kept_root, value_set=pa.array(sorted(partners), pa.string()))
+                             .to_numpy(zero_copy_only=False))
+        if len(hit):
+            hi = pa.array(hit)
+            heads = pairs.column("head").take(kidx).take(hi).to_pylist()
+            for s, t, r, h in zip(kept_seg[hit].tolist(), kept_label.take(hi).to_pylist(),
+                                  kept_root.take(hi).to_pylist(), heads):
+                phrase = NounPhrase(text=t, root=r, head=h)
+                for other in partners[r]:
+                    q = substitute_root(phrase, other)
+                    extra_seg.append(s)
+                    extra_label.append(q.text)
+                    extra_root.append(q.root)
+    # the synonym labels follow all kept pairs, in kept-pair order (as the in-memory build)
+    info["synonym_pairs"] = [[a, b, round(v, 4)] for a, b, v in syn]
+    all_seg = np.concatenate([kept_seg, np.asarray(extra_seg, np.int64)])
+    all_label = pa.concat_arrays([_array(kept_label), pa.array(extra_label, pa.string())])
+    all_root = pa.concat_arrays([_array(kept_root), pa.array(extra_root, pa.string())])
+    info["pairs_after_synonyms"] = int(len(all_seg))
+    return assemble(reader, all_seg, all_label, all_root, text_encoder, templates, memmap_path=memmap_path,
+                    memmap_above_bytes=budget_rows * reader.dim * 4), info, dropped
+
+
+def _array(x) -> pa.Array:
+    return x.combine_chunks() if isinstance(x, pa.ChunkedArray) else x
+
+
+def gt_global_stages(reader: ShardReader, text_encoder, templates: Sequence[str], *,
+                     memmap_path: Path | None = None, memmap_above_bytes: float = 1 << 30) -> Assembled:
+    """Assembly of a GT-mode build (labels are the GT names, roots equal labels)."""
+    pairs = reader.pairs()
+    return assemble(reader, pairs.column("segment").to_numpy().astype(np.int64), pairs.column("label"),
+                    pairs.column("label"), text_encoder, templates, memmap_path=memmap_path,
+                    memmap_above_bytes=memmap_above_bytes)

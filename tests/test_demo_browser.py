@@ -1,0 +1,149 @@
+"""The demo page: its JSON API (default suite) and a real browser session (``-m browser``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SHARED, photo
+from PIL import Image
+
+fastapi = pytest.importorskip("fastapi", reason="the demo extra is not installed (pip install 'reme[demo]')")
+pytest.importorskip("multipart", reason="python-multipart (demo extra) is not installed")
+
+CHROMIUM = "/usr/bin/chromium"
+DEFAULT_REF = REPO / "reference_sets" / "default"
+
+
+@pytest.fixture(scope="module")
+def client():
+    from fastapi.testclient import TestClient
+
+    from reme.demo import DemoBackend, create_app
+
+    backend = DemoBackend({"default": DEFAULT_REF}, device="cpu")
+    return TestClient(create_app(backend)), backend
+
+
+def test_demo_api_segment_and_evidence(client, tmp_path):
+    c, backend = client
+    cfg = c.get("/api/config").json()
+    assert cfg["references"] == ["default"] and "chelsea" in cfg["samples"]
+    path = tmp_path / "chelsea.jpg"
+    Image.fromarray(photo("chelsea")).save(path, quality=92)
+    with open(path, "rb") as f:
+        r = c.post("/api/segment", data={"classes": "cat; kitten, wall, floor", "reference": "default"},
+                   files={"image": ("chelsea.jpg", f, "image/jpeg")})
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert (d["width"], d["height"]) == (451, 300) and d["overlay"].startswith("data:image/png;base64,")
+    assert [x["class"] for x in d["legend"]] == ["cat", "wall", "floor"]
+    assert abs(sum(x["fraction"] for x in d["legend"]) - 1.0) < 1e-3
+    ev = c.get("/api/evidence", params={"result_id": d["result_id"], "x": 225, "y": 150}).json()
+    ref = backend.segmenter("default").reference
+    assert ev["class"] in ("cat", "wall", "floor") and len(ev["neighbours"]) == 10
+    assert all(set(n["labels"]) <= set(ref.labels) and n["labels"] for n in ev["neighbours"])
+    sims = [n["similarity"] for n in ev["neighbours"]]
+    assert sims == sorted(sims, reverse=True)
+    assert abs(sum(n["weight"] for n in ev["neighbours"]) - 1.0) < 1e-3   # top_k = 10: all of A1's mass
+    assert abs(sum(v[1] for v in ev["votes"]) - 1.0) < 1e-3
+    # each voting reference label names the test class it speaks for in A2 (eq. 2)
+    assert all(v[2] in ("cat", "wall", "floor") and 0 < v[3] <= 1 for v in ev["votes"])
+    assert ev["class_scores"][0][0] == ev["class"]
+    assert ev["images_readable"] == SHARED.is_dir()                        # else placeholder thumbnails
+    thumb = c.get("/" + ev["neighbours"][0]["thumb"])
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/png"
+    # errors come back as JSON with a message, not a traceback
+    assert c.get("/api/evidence", params={"result_id": d["result_id"], "x": 9999, "y": 0}).status_code == 400
+    assert c.get("/api/evidence", params={"result_id": "gone", "x": 0, "y": 0}).status_code == 404
+    bad = c.post("/api/segment", data={"classes": "cat"}, files={"image": ("x.png", b"not a png", "image/png")})
+    assert bad.status_code == 400 and "cannot decode" in bad.json()["error"]
+    assert c.post("/api/segment", data={"classes": "cat", "sample": "chelsea", "reference": "nope"}).status_code == 404
+    assert c.get("/api/refcrop/default/99999999.png").status_code == 404
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"reme demo exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"Debian chromium not found at {CHROMIUM} (apt-get install chromium)")
+def test_demo_in_browser(tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    port = _free_port()
+    log = open(tmp_path / "demo.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "reme.cli", "demo", "--port", str(port), "--device", "cpu",
+                             "--reference", str(DEFAULT_REF), "-q"],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        _wait_for(url + "api/config", proc)
+        upload = tmp_path / "chelsea.jpg"
+        Image.fromarray(photo("chelsea")).save(upload, quality=92)
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                              "--disable-component-update"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            sync_api.expect(page.locator("#status")).to_contain_text("Ready", timeout=30_000)
+            assert page.locator("#reference option").all_inner_texts() == ["default"]
+            page.set_input_files("#image-file", str(upload))
+            page.fill("#classes", "cat, wall, floor, rug")
+            page.click("#run")
+            overlay = page.locator("#overlay")
+            sync_api.expect(page.locator("#result")).to_be_visible(timeout=120_000)
+            assert overlay.get_attribute("src").startswith("data:image/png")
+            legend = page.locator("#legend tbody tr").all_inner_texts()
+            assert len(legend) == 4 and any("cat" in row for row in legend)
+            nat = page.evaluate("() => [document.getElementById('overlay').naturalWidth, "
+                                "document.getElementById('overlay').naturalHeight]")
+            assert nat == [451, 300]
+            box = overlay.bounding_box()
+            overlay.click(position={"x": box["width"] * 0.5, "y": box["height"] * 0.45})
+            items = page.locator("#ev-neighbours li")
+            sync_api.expect(items).to_have_count(10, timeout=30_000)
+            labels = page.locator("#ev-neighbours .ref-labels").all_inner_texts()
+            from reme.reference import load_reference
+
+            known = set(load_reference(DEFAULT_REF, verify=False).labels)
+            assert all(lab and set(lab.split(", ")) <= known for lab in labels), labels
+            assert page.locator("#ev-title").inner_text().startswith("segment ")
+            page.wait_for_function("() => [...document.querySelectorAll('#ev-neighbours img')]"
+                                   ".every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
+            shot = tmp_path / "reme_demo.png"
+            page.screenshot(path=str(shot), full_page=True)
+            browser.close()
+        assert Image.open(shot).size[0] >= 1000
+        shutil.copy(shot, "/tmp/reme_demo_screenshot.png")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -1,0 +1,67 @@
+"""Segmenter options from the related systems (issue 7): proposals, GFA smoothing, "others",
+free-form queries and synonym merging; on the embedded reference set and real photos."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, photo
+from reme.segmenter import Segmenter
+from test_proposals_sam import tiny_sam  # noqa: F401  (fixture)
+
+REF = REPO / "reference_sets" / "default"
+
+
+@pytest.fixture(scope="module")
+def image():
+    return photo("coffee")[::2, ::2].copy()
+
+
+def test_cluster_proposals(image):
+    seg = Segmenter(REF, device="cpu", proposals="cluster", n_clusters=5)
+    res = seg.predict(image, ["cup", "table", "person"])
+    k = res.segment_probs.shape[0]
+    assert res.label_map.shape == image.shape[:2] and 5 <= k < 200
+    assert set(np.unique(res.segment_ids)) == set(range(k))
+
+
+def test_sam_proposals(image, tiny_sam):
+    seg = Segmenter(REF, device="cpu", proposals=f"sam:{tiny_sam}")
+    seg._sam.points_per_side, seg._sam.pred_iou_thresh, seg._sam.stability_score_thresh = 4, 0.0, 0.0
+    res = seg.predict(image, ["cup", "table"])
+    assert res.label_map.shape == image.shape[:2] and res.segment_ids.max() + 1 == res.segment_probs.shape[0]
+
+
+def test_others_threshold(image):
+    names = ["cup", "table", "sky"]
+    everything = Segmenter(REF, device="cpu", others_threshold=1.01).predict(image, names)
+    assert everything.classes == names + ["others"] and (everything.label_map == 3).all()
+    none = Segmenter(REF, device="cpu", others_threshold=0.0).predict(image, names)
+    plain = Segmenter(REF, device="cpu").predict(image, names)
+    assert np.array_equal(none.label_map, plain.label_map)
+    with pytest.raises(ValueError, match="reserved"):
+        Segmenter(REF, device="cpu", others_threshold=0.5).predict(image, ["others", "cup"])
+
+
+def test_gfa_smoothing_changes_scores_but_keeps_shapes(image):
+    plain = Segmenter(REF, device="cpu").predict(image, ["cup", "table", "sky"])
+    smooth = Segmenter(REF, device="cpu", smooth_omega=0.5).predict(image, ["cup", "table", "sky"])
+    assert smooth.segment_probs.shape == plain.segment_probs.shape
+    assert not np.allclose(smooth.segment_probs, plain.segment_probs)
+    # a walk mixes neighbours, so fewer isolated single-segment labels remain
+    assert (smooth.label_map != plain.label_map).mean() < 0.5
+    with pytest.raises(ValueError):
+        Segmenter(REF, device="cpu", smooth_omega=1.0)
+
+
+def test_free_form_queries_and_synonyms_merged_by_max(image):
+    seg = Segmenter(REF, device="cpu")
+    ids, P_syn, names = seg.segment_probs(image, ["a small white cup; mug", "wooden table"])
+    _, P_sep, _ = seg.segment_probs(image, ["a small white cup", "mug", "wooden table"])
+    assert names == ["a small white cup", "wooden table"]
+    torch.testing.assert_close(P_syn[:, 0], torch.maximum(P_sep[:, 0], P_sep[:, 1]))
+    torch.testing.assert_close(P_syn[:, 1], P_sep[:, 2])
+    with pytest.raises(ValueError, match="proposals"):
+        Segmenter(REF, device="cpu", proposals="slic")
