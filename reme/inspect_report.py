@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from reme.io import replace_dir
 from reme.crops import ReferenceImages, label_tile
 from reme.filtering import ambiguous_roots, knee_index
 
@@ -277,13 +278,7 @@ def inspect_reference(reference, out: str | Path, *, image_roots: Sequence[str |
     try:
         summary = _write_report(reference, tmp, image_roots, max_groups, thumbs, thumb_size, reference_path)
         os.chmod(tmp, 0o755)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

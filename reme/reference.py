@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from reme.io import replace_dir
 from reme._version import __version__
 from reme.errors import ReferenceSetError
 
@@ -240,13 +241,7 @@ class ReferenceSet:
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
             self.manifest = manifest
             self.path = path
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
+            replace_dir(tmp, path)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -74,6 +74,18 @@ def test_predict_image_whole_and_slide_agree_on_consistent_probs():
     assert np.allclose(conf_w, 4.0 / 6.0) and np.allclose(conf_s, conf_w)   # (3 + 1) / (3 + 1 + 1 + 1)
 
 
+def test_extra_segmenter_columns_are_dropped():
+    class OthersSegmenter(ColumnSegmenter):
+        def segment_probs(self, image, classes):
+            ids, P, names = super().segment_probs(image, classes)
+            return ids, torch.cat([P, torch.full((P.shape[0], 1), 100.0)], 1), names + ["others"]
+
+    img = np.zeros((4, 6, 3), np.uint8)
+    img[:, :, 0] = np.arange(6)[None, :]
+    lab, conf = predict_image(OthersSegmenter(2), img, ["a", "b"], Protocol(short_side=None))
+    assert lab.max() < 2 and np.allclose(conf, 4.0 / 5.0)
+
+
 def test_normalise_rows_and_upsample():
     P = torch.tensor([[2.0, 2.0, 0.0], [0.0, 0.0, 0.0]])
     assert torch.allclose(normalise_rows(P)[0], torch.tensor([0.5, 0.5, 0.0]))

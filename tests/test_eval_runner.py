@@ -17,6 +17,7 @@ from PIL import Image
 from conftest import SHARED, needs_shared
 from reme.eval import Protocol, evaluate, open_dataset, sweep_thresholds
 from reme.eval.openbench import distractor_pool, distractor_sweep, others_analysis, vocabulary_overlap
+from reme.eval.ablation import NOISY_GT_VARIANTS
 from test_eval_datasets import CASES, make_layout
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
@@ -273,7 +274,7 @@ def test_cli_eval_and_ablate(synth_reference, tmp_path):
     res = _reme("ablate", "--kind", "noisy-gt", "--reference", path, *generic, "--limit", "1", "--noise", "0.2",
                 "--out", tmp_path / "a", "--device", "cpu", "-q")
     assert "noise 20%: adaptive delta (0-50%)" in res.output
-    assert len(json.loads((tmp_path / "a/ablation.json").read_text())["rows"]) == 7
+    assert len(json.loads((tmp_path / "a/ablation.json").read_text())["rows"]) == 1 + len(NOISY_GT_VARIANTS)
 
 
 def test_cli_eval_subprocess(synth_reference, tmp_path):

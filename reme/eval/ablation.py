@@ -44,6 +44,10 @@ CAPTION_VARIANTS: dict[str, dict] = {
     "fixed delta + knee + synonyms (paper)": dict(group_filter=True, adaptive_filter=False, drop_rate=0.30,
                                                   knee_filter=True, k_sim=30),
     "adaptive delta + knee + synonyms": dict(group_filter=True, adaptive_filter=True, knee_filter=True, k_sim=30),
+    # issue 7: the paper's CLIP-score baselines and relabel-instead-of-drop
+    "CLIP score, global 30%": dict(group_filter=True, filter_method="clip_global", knee_filter=False, k_sim=0),
+    "CLIP score, per group 30%": dict(group_filter=True, filter_method="clip_group", knee_filter=False, k_sim=0),
+    "fixed delta 30% + relabel": dict(group_filter=True, drop_rate=0.30, relabel=True, knee_filter=False, k_sim=0),
 }
 
 #: Stage switches of the noisy-GT ablation: name -> keyword arguments of :func:`apply_stages`.
@@ -54,6 +58,7 @@ NOISY_GT_VARIANTS: dict[str, dict] = {
     "adaptive delta (0-50%)": dict(group_filter=True, adaptive=True),
     "fixed delta 30% + knee": dict(group_filter=True, drop_rate=0.30, knee_filter=True),
     "fixed delta 30% + synonyms (k_sim=3)": dict(group_filter=True, drop_rate=0.30, k_sim=3),
+    "fixed delta 30% + relabel (issue 7)": dict(group_filter=True, drop_rate=0.30, relabel=True),
 }
 
 
@@ -115,7 +120,8 @@ def corrupt_labels(ref: ReferenceSet, fraction: float, seed: int = 0) -> tuple[n
 
 def apply_stages(ref: ReferenceSet, pair_label: np.ndarray | None = None, *, group_filter: bool = False,
                  drop_rate: float = 0.30, adaptive: bool = False, max_drop_rate: float = 0.50,
-                 knee_filter: bool = False, knee_min_groups: int = 10, k_sim: int = 0) -> tuple[ReferenceSet, np.ndarray, dict]:
+                 knee_filter: bool = False, knee_min_groups: int = 10, k_sim: int = 0,
+                 relabel: bool = False, relabel_min_similarity: float = 0.5) -> tuple[ReferenceSet, np.ndarray, dict]:
     """Steps 7-9 of METHOD.md applied to a reference set's pairs, the label text as root noun.
 
     Args:
@@ -123,6 +129,8 @@ def apply_stages(ref: ReferenceSet, pair_label: np.ndarray | None = None, *, gro
         pair_label: (p,) labels to use instead of ``ref.pair_label`` (e.g. corrupted ones).
         group_filter, drop_rate, adaptive, max_drop_rate: step 7 (``group_median_filter``).
         knee_filter, knee_min_groups: step 8 (``ambiguous_roots``).
+        relabel, relabel_min_similarity: give pairs dropped by step 7 the label of the nearest
+            kept group centre instead (:func:`reme.filtering.relabel_dropped`).
         k_sim: step 9: the k_sim most similar label pairs (L_ref cosine) become synonyms and
             each kept pair also gets its label's synonyms; 0 = off.
 
@@ -138,6 +146,19 @@ def apply_stages(ref: ReferenceSet, pair_label: np.ndarray | None = None, *, gro
     if group_filter and len(ps):
         keep = group_median_filter(S, ps, roots, drop_rate=drop_rate, adaptive=adaptive, max_drop_rate=max_drop_rate)
     info: dict = {"pairs_in": int(len(ps)), "pairs_after_group_filter": int(keep.sum())}
+    if relabel and group_filter and (~keep).any():
+        from reme.filtering import relabel_dropped
+
+        new, _ = relabel_dropped(S, ps, roots, keep, min_similarity=relabel_min_similarity)
+        kept_roots = sorted(set(np.asarray(roots, object)[keep].tolist()))
+        by_name = {t: i for i, t in enumerate(ref.labels)}
+        labels = labels.copy()
+        hit = np.flatnonzero(new >= 0)
+        labels[hit] = [by_name[kept_roots[j]] for j in new[hit]]
+        roots = [ref.labels[i] for i in labels]
+        keep[hit] = True
+        info["pairs_relabelled"] = int(len(hit))
+        info["pair_labels"] = labels  # final label per source pair (popped by ablate_noisy_gt)
     removed: list[str] = []
     if knee_filter:
         sizes: dict[str, set] = {}
@@ -163,7 +184,8 @@ def apply_stages(ref: ReferenceSet, pair_label: np.ndarray | None = None, *, gro
             new_pl = np.concatenate([new_pl, np.array([e[1] for e in extra], np.int64)])
     info["synonym_pairs"] = [[a, b, round(float(v), 3)] for a, b, v in syn]
     info["pairs_out"] = int(len(new_ps))
-    return reference_from_pairs(ref, new_ps, new_pl, note=info), keep, info
+    note = {k: v for k, v in info.items() if k != "pair_labels"}
+    return reference_from_pairs(ref, new_ps, new_pl, note=note), keep, info
 
 
 def _eval_row(ref_or_seg, dataset, protocol, segmenter_kwargs, encoders, progress):
@@ -219,8 +241,10 @@ def ablate_noisy_gt(ref: ReferenceSet, dataset: SegDataset, protocol: Protocol |
                "miou": res.miou, "pixel_acc": res.pixel_acc, "mean_acc": res.scores["mean_acc"],
                "seconds": round(time.perf_counter() - t0, 1), "info": info}
         if keep is not None:
-            row["label_precision"] = 100.0 * float(correct[keep].mean()) if keep.any() else float("nan")
-            row["correct_kept"] = 100.0 * float((keep & correct).sum() / max(correct.sum(), 1))
+            final = info.pop("pair_labels", None)
+            ok = correct if final is None else (final == ref.pair_label)   # relabelled pairs judged by new label
+            row["label_precision"] = 100.0 * float(ok[keep].mean()) if keep.any() else float("nan")
+            row["correct_kept"] = 100.0 * float((keep & ok).sum() / max(correct.sum(), 1))
             row["noisy_removed"] = 100.0 * float((~keep & corrupted).sum() / max(corrupted.sum(), 1))
         else:
             row["label_precision"], row["correct_kept"], row["noisy_removed"] = 100.0, 100.0, float("nan")

@@ -178,14 +178,19 @@ def predict_image(segmenter, image: np.ndarray, queries: Sequence[str], protocol
     Returns:
         ``(label, conf)``: (h, w) int32 query index and (h, w) float32 confidence
         ``max_c P_hat`` in [1/Q, 1], where (h, w) = :func:`resized_shape`.
+
+    Columns a segmenter appends beyond the Q queries (``Segmenter(others_threshold=...)`` adds
+    an "others" column) are dropped: the evaluation applies its own
+    :attr:`Protocol.others_threshold` to the same normalised confidence.
     """
+    nq = len(queries)
     h, w = resized_shape(image.shape[0], image.shape[1], protocol.short_side, protocol.max_long_side)
     img = resize_image(image, (h, w))
     windows = slide_windows(h, w, protocol.crop, protocol.stride) if protocol.mode == "slide" else [(0, h, 0, w)]
     if len(windows) == 1:
         y0, y1, x0, x1 = windows[0]
-        ids, P, _ = segmenter.segment_probs(np.ascontiguousarray(img[y0:y1, x0:x1]), queries)
-        conf, lab = normalise_rows(P).max(dim=1)
+        ids, P, _ = segmenter.segment_probs(np.ascontiguousarray(img[y0:y1, x0:x1]), queries)[:3]
+        conf, lab = normalise_rows(P[:, :nq]).max(dim=1)
         ids_t = torch.as_tensor(np.ascontiguousarray(ids), dtype=torch.int64, device=lab.device)
         out_l = np.zeros((h, w), np.int32)
         out_c = np.zeros((h, w), np.float32)
@@ -195,8 +200,8 @@ def predict_image(segmenter, image: np.ndarray, queries: Sequence[str], protocol
     acc = None
     count = torch.zeros((h, w, 1), dtype=torch.float32)
     for y0, y1, x0, x1 in windows:
-        ids, P, _ = segmenter.segment_probs(np.ascontiguousarray(img[y0:y1, x0:x1]), queries)
-        Ph = normalise_rows(P).cpu()
+        ids, P, _ = segmenter.segment_probs(np.ascontiguousarray(img[y0:y1, x0:x1]), queries)[:3]
+        Ph = normalise_rows(P[:, :nq]).cpu()
         if acc is None:
             acc = torch.zeros((h, w, Ph.shape[1]), dtype=torch.float32)
         acc[y0:y1, x0:x1] += Ph[torch.as_tensor(np.ascontiguousarray(ids), dtype=torch.int64)]

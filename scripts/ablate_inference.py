@@ -1,0 +1,77 @@
+"""Inference-side ablation of the related-systems options (issue 7) on a labelled folder:
+proposal generator (Felzenszwalb vs Split-Matching clustering), GFA smoothing of P_seg over
+the segment graph, and the OpenBench "others" answer (counted as a miss of every class).
+
+    python scripts/ablate_inference.py --reference REF --images DIR --masks DIR \
+        --classes-file F [--limit N] [--out results.json]
+
+Prints a Markdown table (mIoU, pixel accuracy, seconds per image) and, last, one JSON line.
+SAM proposals are not in the table: no SAM weights can be loaded here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from reme.annotations import read_class_names
+from reme.io import list_images
+from reme.reference import load_reference
+from reme.segmenter import Segmenter
+
+VARIANTS: dict[str, dict] = {
+    "Felzenszwalb (default)": {},
+    "clustering proposals, k=8": {"proposals": "cluster", "n_clusters": 8},
+    "clustering proposals, k=16": {"proposals": "cluster", "n_clusters": 16},
+    "GFA smoothing omega=0.3": {"smooth_omega": 0.3},
+    "GFA smoothing omega=0.6": {"smooth_omega": 0.6},
+    "others threshold 0.5": {"others_threshold": 0.5},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reference", required=True)
+    ap.add_argument("--images", type=Path, required=True)
+    ap.add_argument("--masks", type=Path, required=True)
+    ap.add_argument("--classes-file", type=Path, required=True)
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--stride", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    classes = read_class_names(args.classes_file)
+    c = len(classes)
+    ref = load_reference(args.reference)
+    images = list_images(args.images)[:: args.stride][: args.limit]
+    rows = []
+    for name, kw in VARIANTS.items():
+        seg = Segmenter(ref, device="cpu", **kw)
+        cm = np.zeros((c, c + 1), np.int64)   # last column: "others" answers, a miss of every class
+        t0 = time.time()
+        for path in images:
+            gt = np.array(Image.open(args.masks / path.relative_to(args.images).with_suffix(".png"))).astype(np.int64)
+            pred = np.minimum(seg.predict(path, classes).label_map.astype(np.int64), c)
+            valid = (gt >= 0) & (gt < c)
+            cm += np.bincount(gt[valid] * (c + 1) + pred[valid], minlength=c * (c + 1)).reshape(c, c + 1)
+        tp = np.diag(cm[:, :c]).astype(np.float64)
+        union = cm.sum(1) + cm[:, :c].sum(0) - tp
+        present = union > 0
+        sc = {"miou": float(np.mean(tp[present] / union[present]) * 100), "pixel_acc": float(tp.sum() / cm.sum() * 100)}
+        rows.append({"variant": name, "miou": round(sc["miou"], 2), "pixel_acc": round(sc["pixel_acc"], 2),
+                     "s_per_image": round((time.time() - t0) / max(len(images), 1), 2)})
+    print("| variant | mIoU | pixel acc. | s / image |\n| --- | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['variant']} | {r['miou']} | {r['pixel_acc']} | {r['s_per_image']} |")
+    result = {"images": len(images), "reference": str(args.reference), "rows": rows}
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
