@@ -139,7 +139,6 @@ def segment_cmd(
 ):
     """Segment images: writes <stem>_labels.png, <stem>_overlay.png and <stem>_scores.json."""
     _setup_logging(quiet)
-    import numpy as np
 
     from reme import segmenter as sm
     from reme.annotations import read_class_names

@@ -216,6 +216,17 @@ def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in ``block``-byte chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a finished temporary folder onto ``final``, replacing an existing one only after
     the new one is in place (the old one is renamed aside, then removed)."""

@@ -25,7 +25,6 @@ crash never leaves a half-written reference set behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -40,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from reme.io import replace_dir
+from reme.io import replace_dir, sha256_file
 from reme._version import __version__
 from reme.errors import ReferenceSetError
 
@@ -253,12 +252,7 @@ def _fixed_list(arr: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(arr.ravel()), arr.shape[1])
 
 
-def _sha256(path: Path, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
+_sha256 = sha256_file
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

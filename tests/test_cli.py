@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, SHARED, needs_shared, photo
+from conftest import SHARED, needs_shared, photo
 
 
 def run(*args, cwd=None, check=True):

@@ -7,7 +7,6 @@ path (:func:`reme.encoders.resolve_encoder`). The tests run offline.
 
 from __future__ import annotations
 
-import os
 
 
 import json  # noqa: E402

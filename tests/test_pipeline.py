@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import SHARED, TINY_CLIP, needs_shared, photo
+from conftest import SHARED, TINY_CLIP, needs_shared
 from reme.annotations import CocoInstances, MaskFolder, decode_coco_rle, read_class_names
 from reme.build import CaptionBuildParams, build_caption_reference, build_gt_reference
 from reme.encoders import resolve_encoder
-from reme.reference import load_reference
 from reme.segmenter import Segmenter
 from test_loaders import tiny_llava  # noqa: F401  (fixture)
 
