@@ -596,3 +596,19 @@ def pixel_class_probs_masks(P_seg: torch.Tensor, masks) -> torch.Tensor:
     idx = torch.as_tensor(np.stack([p, i]), dtype=torch.int64, device=dev)
     M = torch.sparse_coo_tensor(idx, torch.ones(p.size, device=dev), (H * W, k), check_invariants=False)
     return torch.sparse.mm(M, P_seg.float()).reshape(H, W, -1)
+
+
+def normalise_rows(P: torch.Tensor) -> torch.Tensor:
+    """Normalised segment confidences P_hat = P_seg / row sum.
+
+    P_seg rows are not distributions (rows of A1 sum to the number of labels per reference
+    segment), so thresholds (background, "others") compare the max of P_hat, in [1/C, 1].
+
+    Args:
+        P: (k, C) segment-class scores; negative entries are clamped to 0.
+
+    Returns:
+        (k, C) float32; all-zero rows stay zero.
+    """
+    P = P.float().clamp_min(0)
+    return P / P.sum(dim=1, keepdim=True).clamp_min(1e-12)

@@ -23,6 +23,7 @@ from reme.retrieval import (
     DEFAULT_TOPK_CANDIDATES,
     exact_topk,
     label_affinity,
+    normalise_rows,
     o_ref_csr,
     pixel_class_probs,
     reference_class_scores,
@@ -224,8 +225,7 @@ class Segmenter:
         if self.others_threshold is not None:
             if "others" in (n.lower() for n in names):
                 raise ValueError("'others' is reserved when others_threshold is set; rename that class")
-            conf = P.clamp_min(0) / P.clamp_min(0).sum(dim=1, keepdim=True).clamp_min(1e-12)
-            low = conf.max(dim=1).values < self.others_threshold
+            low = normalise_rows(P).max(dim=1).values < self.others_threshold
             others = torch.where(low, P.max(dim=1).values + 1.0, torch.zeros_like(low, dtype=P.dtype))
             P = torch.cat([P, others[:, None]], dim=1)
             names = names + ["others"]

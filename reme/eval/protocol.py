@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from reme.retrieval import normalise_rows  # P_hat = P / row sum (step 3 above)
+
 MODES = ("whole", "slide")
 BACKGROUND_MODES = ("threshold", "class", "class+threshold")
 
@@ -159,10 +161,6 @@ def slide_windows(height: int, width: int, crop: int, stride: int) -> list[tuple
     return out
 
 
-def normalise_rows(P: torch.Tensor) -> torch.Tensor:
-    """P_hat = P / row sum (module docstring, step 3); (k, C) float32."""
-    P = P.float().clamp_min(0)
-    return P / P.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def predict_image(segmenter, image: np.ndarray, queries: Sequence[str], protocol: Protocol
