@@ -43,6 +43,10 @@ def build_reference_cmd(
     captioner: str = typer.Option("llava-1.5-7b", help="Caption mode: captioner spec (llava-1.5-7b, blip-base, ...)."),
     pairing_encoder: str = typer.Option("clip-vit-b-16", help="Caption mode: CLIP spec for pairing (step 4)."),
     visual_encoder: str = typer.Option("dinov2-vitl14", help="Visual encoder for S_ref ('classical' works offline)."),
+    gfa_with: Optional[str] = typer.Option(None, help="Fuse a second visual encoder into S_ref per segment with a GFA "
+                                           "random walk (OVSNet), e.g. clip-vit-b-16; same as --visual-encoder "
+                                           "gfa:VISUAL+SECOND@OMEGA. 'reme segment' reads it from the manifest."),
+    gfa_omega: float = typer.Option(0.5, help="With --gfa-with: fusion degree omega in [0, 1)."),
     text_encoder: Optional[str] = typer.Option(None, help="Text encoder for L_ref (default: the pairing CLIP; GT mode: minilm)."),
     felzenszwalb: str = typer.Option("default", help="Felzenszwalb preset: default, voc, coco-stuff, cityscapes."),
     drop_rate: float = typer.Option(0.30, help="delta_filter of the group-median filter (step 7)."),
@@ -86,7 +90,8 @@ def build_reference_cmd(
     try:
         fz = FelzenszwalbParams.preset(felzenszwalb)
         gt_mode = bool(annotations or masks)
-        vis = resolve_encoder(visual_encoder, device=device)
+        vis = resolve_encoder(f"gfa:{visual_encoder}+{gfa_with}@{gfa_omega}" if gfa_with else visual_encoder,
+                              device=device)
         if gt_mode:
             if masks and not classes_file:
                 _fail("--masks needs --classes-file")

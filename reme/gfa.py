@@ -97,9 +97,12 @@ def gfa_fuse(F_C, F_Q, omega: float = 0.5, lam: float = 5.0, normalize: bool = T
     return torch.nn.functional.normalize(out, dim=1) if normalize else out
 
 
-def segment_adjacency(segment_ids: np.ndarray) -> np.ndarray:
-    """(k, k) bool adjacency of a segment-id map (4-connectivity), no self loops."""
-    k = int(segment_ids.max()) + 1
+def segment_adjacency(segment_ids: np.ndarray, num_segments: int | None = None) -> np.ndarray:
+    """(k, k) bool adjacency of a segment-id map (4-connectivity), no self loops.
+
+    ``num_segments`` (default max id + 1) sets k when some ids do not appear in the map
+    (SAM masks hidden under smaller ones); those segments are isolated."""
+    k = int(segment_ids.max()) + 1 if num_segments is None else int(num_segments)
     adj = np.zeros((k, k), bool)
     for a, b in ((segment_ids[:, :-1], segment_ids[:, 1:]), (segment_ids[:-1, :], segment_ids[1:, :])):
         diff = a != b
@@ -117,7 +120,8 @@ def smooth_segment_probs(P_seg, segment_ids: np.ndarray, S_test=None, omega: flo
 
     Args:
         P_seg: (k, c) segment-class scores.
-        segment_ids: (H, W) int segment-id map (ids 0..k-1).
+        segment_ids: (H, W) int segment-id map (ids 0..k-1; ids absent from the map are
+            isolated segments).
         S_test: optional (k, d) L2-normalised segment embeddings.
         omega: smoothing degree in [0, 1).
         lam: similarity scale for the edge weights.
@@ -126,14 +130,13 @@ def smooth_segment_probs(P_seg, segment_ids: np.ndarray, S_test=None, omega: flo
         (k, c) float32 tensor.
     """
     P = _t(P_seg)
-    adj = torch.as_tensor(segment_adjacency(segment_ids), device=P.device)
-    if adj.shape[0] != P.shape[0]:
-        raise ValueError(f"P_seg has {P.shape[0]} rows but the segment map has {adj.shape[0]} segments")
+    if int(segment_ids.max()) >= P.shape[0]:
+        raise ValueError(f"P_seg has {P.shape[0]} rows but the segment map has ids up to {int(segment_ids.max())}")
+    adj = torch.as_tensor(segment_adjacency(segment_ids, P.shape[0]), device=P.device)
     logits = lam * (_t(S_test) @ _t(S_test).T) if S_test is not None else torch.zeros(adj.shape, device=P.device)
     logits = logits.masked_fill(~adj, -float("inf"))
     isolated = ~adj.any(dim=1)
-    logits[isolated, isolated] = 0.0  # self loop: a lone segment walks to itself
     idx = torch.nonzero(isolated).flatten()
-    logits[idx, idx] = 0.0
+    logits[idx, idx] = 0.0                              # self loop: a lone segment walks to itself
     A = torch.softmax(logits, dim=1)
     return propagate(A, P, omega)

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from reme.filtering import ambiguous_roots, clip_score_filter, group_median_filter, relabel_dropped
+from reme.filtering import ambiguous_roots, clip_score_filter, group_median_filter
 from reme.nounphrases import NounPhrase, substitute_root
 from reme.shards import ShardStore
 from reme.synonyms import synonym_pairs
@@ -251,6 +251,60 @@ def assemble(reader: ShardReader, pair_segment: np.ndarray, labels: pa.Array, ro
                      segment_area=meta["area"], segment_source=meta["source"])
 
 
+def streaming_relabel(reader: ShardReader, pair_segment: np.ndarray, root_ids: np.ndarray, keep: np.ndarray, *,
+                      min_similarity: float = 0.5, budget_rows: int = 1_000_000,
+                      progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Relabel instead of drop (:func:`reme.filtering.relabel_dropped`) reading embeddings from
+    shards in passes of at most ``budget_rows`` rows, so memory stays bounded.
+
+    Pass 1 forms each kept group's centre (element-wise median of its kept members, as in step
+    7); pass 2 scores the dropped pairs against all centres, ``budget_rows`` pairs at a time.
+
+    Args:
+        reader: shard access.
+        pair_segment: (p,) int64 global segment id of each pair.
+        root_ids: (p,) int root-group index of each pair.
+        keep: (p,) bool result of step 7.
+        min_similarity: cosine with the nearest centre needed to relabel.
+        budget_rows: embeddings read per pass.
+        progress: progress bars.
+
+    Returns:
+        ``(new_root, similarity)``: (p,) int64 root index each dropped pair moves to, or -1
+        (kept pairs, and dropped pairs under the threshold); (p,) float32 best similarity, NaN
+        for kept pairs. Equal to ``relabel_dropped`` with all embeddings in memory.
+    """
+    pair_segment = np.asarray(pair_segment, np.int64)
+    root_ids = np.asarray(root_ids, np.int64)
+    p = len(pair_segment)
+    new = np.full(p, -1, np.int64)
+    sim_out = np.full(p, np.nan, np.float32)
+    gone = np.flatnonzero(~keep)
+    kept = np.flatnonzero(keep)
+    if len(kept) == 0 or len(gone) == 0:
+        return new, sim_out
+    kept_roots, kept_root_of = np.unique(root_ids[kept], return_inverse=True)      # sorted root ids
+    order = kept[np.argsort(kept_root_of, kind="stable")]
+    bounds = np.searchsorted(np.sort(kept_root_of, kind="stable"), np.arange(len(kept_roots) + 1))
+    centers = np.zeros((len(kept_roots), reader.dim), np.float32)
+    for a, b in tqdm(_passes(np.diff(bounds), budget_rows), desc="relabel centres", disable=not progress):
+        segs = np.unique(pair_segment[order[bounds[a]:bounds[b]]])
+        E = reader.embeddings(segs)
+        for r in range(a, b):
+            c = np.median(E[np.searchsorted(segs, pair_segment[order[bounds[r]:bounds[r + 1]]])], axis=0)
+            centers[r] = c / max(np.linalg.norm(c), 1e-12)
+        del E
+    for s in tqdm(range(0, len(gone), budget_rows), desc="relabel dropped", disable=not progress):
+        idx = gone[s:s + budget_rows]
+        segs, inv = np.unique(pair_segment[idx], return_inverse=True)
+        sims = reader.embeddings(segs)[inv] @ centers.T
+        best = sims.argmax(1)
+        val = sims[np.arange(len(idx)), best]
+        sim_out[idx] = val
+        new[idx] = np.where(val >= min_similarity, kept_roots[best], -1)
+    return new, sim_out
+
+
 def caption_global_stages(reader: ShardReader, params, text_encoder, templates: Sequence[str], *,
                           budget_rows: int = 1_000_000, progress: bool = False,
                           memmap_path: Path | None = None) -> tuple[Assembled, dict[str, Any], dict[str, Any]]:
@@ -292,16 +346,12 @@ def caption_global_stages(reader: ShardReader, params, text_encoder, templates: 
     info["pairs_after_group_filter"] = int(keep.sum())
     relabelled = 0
     if getattr(params, "relabel", False) and params.group_filter and (~keep).any():      # relabel, not drop
-        rows = np.unique(ps)
-        emb = reader.embeddings(rows)
-        local = np.searchsorted(rows, ps)
-        new, _ = relabel_dropped(emb, local, root_ids.tolist(), keep,
-                                 min_similarity=params.relabel_min_similarity)
-        kept_roots = sorted(set(root_ids[keep].tolist()))
+        new, _ = streaming_relabel(reader, ps, root_ids, keep, min_similarity=params.relabel_min_similarity,
+                                   budget_rows=budget_rows, progress=progress)
         hit = np.flatnonzero(new >= 0)
         labels, roots_l, heads = (pairs.column(c).to_pylist() for c in ("label", "root", "head"))
         for i in hit:                                   # the pair takes the root of the group it joined
-            root_ids[i] = kept_roots[new[i]]
+            root_ids[i] = new[i]
             q = substitute_root(NounPhrase(text=labels[i], root=roots_l[i], head=heads[i]), root_names[root_ids[i]])
             labels[i], roots_l[i], heads[i] = q.text, q.root, q.head
         pairs = pairs.set_column(1, "label", pa.array(labels, pa.string()))

@@ -7,7 +7,8 @@ classical one), each cluster split into connected regions, regions smaller than 
 pixels merged into the neighbour they share the longest border with. The result is a
 partition (segment-id map) like Felzenszwalb's, so mask pooling and eq. 3 apply unchanged.
 Region embeddings: mask average pooling (``reme.pooling``) or the CLS embedding of each region's
-masked crop (:func:`cls_region_embeddings`, the SM form; needs a CLIP image tower).
+masked crop (``cls:`` encoder specs, :mod:`reme.encoders.masked_crop`, the SM form; needs a
+CLIP image tower).
 """
 
 from __future__ import annotations
@@ -86,30 +87,3 @@ def cluster_segments(features: torch.Tensor, image_hw: tuple[int, int], n_cluste
     full = assign[rows][:, cols]
     regions = connected_components(full + 1, background=0, connectivity=1) - 1
     return _merge_small(regions, min_size)
-
-
-def cls_region_embeddings(clip_model, image: np.ndarray, segment_ids: np.ndarray, fill: int = 0) -> np.ndarray:
-    """Region embeddings from CLS tokens of masked crops (Split Matching's form).
-
-    Each region's bounding box is cropped, pixels outside the region set to ``fill``, and the
-    crop embedded with the image tower's global (CLS) embedding.
-
-    Args:
-        clip_model: an encoder with ``encode_image_global(list of (h, w, 3) uint8) -> (n, d)``
-            (``reme.encoders.clip.OpenCLIPEncoder``).
-        image: (H, W, 3) uint8.
-        segment_ids: (H, W) int segment-id map.
-        fill: grey value outside the region.
-
-    Returns:
-        (k, d) float32, L2-normalised.
-    """
-    from reme.proposals import segment_bboxes
-
-    crops = []
-    for i, (x, y, bw, bh) in enumerate(segment_bboxes(segment_ids)):
-        crop = image[y:y + bh, x:x + bw].copy()
-        crop[segment_ids[y:y + bh, x:x + bw] != i] = fill
-        crops.append(crop)
-    emb = np.asarray(clip_model.encode_image_global(crops), np.float32)
-    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)

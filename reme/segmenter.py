@@ -15,7 +15,7 @@ from reme.classes import parse_classes
 from reme.encoders import resolve_device, resolve_encoder
 from reme.errors import ReferenceSetError
 from reme.io import load_image
-from reme.pooling import mask_average_pool
+from reme.pooling import mask_average_pool, masks_average_pool
 from reme.proposals import FelzenszwalbParams, felzenszwalb_segments
 from reme.reference import ReferenceSet, load_reference
 from reme.retrieval import (
@@ -26,6 +26,7 @@ from reme.retrieval import (
     normalise_rows,
     o_ref_csr,
     pixel_class_probs,
+    pixel_class_probs_masks,
     reference_class_scores,
     rescore,
     segment_class_probs,
@@ -76,7 +77,10 @@ class Segmenter:
     Args:
         reference: a reference folder path or a loaded :class:`ReferenceSet`.
         visual_encoder: spec of the visual encoder (``reme.encoders.resolve_encoder``) or an
-            encoder object; None = the one the reference set was built with (manifest).
+            encoder object; None = the one the reference set was built with (manifest). The
+            encoder also embeds the segments: mask average pooling, or a GFA fusion of two
+            encoders (``gfa:`` specs, :mod:`reme.encoders.fused`), or CLS embeddings of masked
+            crops (``cls:`` specs, :mod:`reme.encoders.masked_crop`).
         text_encoder: spec or object for L_test; None = the manifest's.
         felzenszwalb: proposal settings; None = the manifest's (else FreeDA's 100/1.0/20).
         segment_logit_scale: tau1 of eq. 1's softmax (paper form: 1.0). Default 50, chosen by
@@ -99,9 +103,10 @@ class Segmenter:
             (default, METHOD.md step 1), "cluster" (Split Matching's k-means over the visual
             encoder's dense features, :mod:`reme.proposals_cluster`), or "sam" / "sam:MODEL"
             (SAM automatic masks, 32 x 32 grid, :mod:`reme.proposals_sam`; hub id or local folder,
-            default facebook/sam-vit-huge). SAM's overlapping masks are flattened into a
-            partition with smaller masks on top (the overlapping form is available through
-            ``reme.pooling.masks_average_pool`` and ``reme.retrieval.pixel_class_probs_masks``).
+            default facebook/sam-vit-huge). SAM's masks overlap: each is pooled on its own
+            (``reme.pooling.masks_average_pool``) and eq. 3 sums P_seg over the masks covering a
+            pixel (``reme.retrieval.pixel_class_probs_masks``); ``segment_ids`` then shows the
+            smallest mask covering each pixel.
         n_clusters: k of the "cluster" proposals (our default 8).
         smooth_omega: in [0, 1); > 0 smooths P_seg over the test image's segment adjacency
             graph with the GFA random walk of OVSNet (:func:`reme.gfa.smooth_segment_probs`,
@@ -199,19 +204,44 @@ class Segmenter:
                                       torch.as_tensor(owner, dtype=torch.int64, device=self.device))
         return self._class_cache[key]
 
+    @property
+    def overlapping_proposals(self) -> bool:
+        """True when proposals may overlap (SAM masks): eq. 3 then sums over masks."""
+        return self.proposals.startswith("sam")
+
+    def _embed(self, img: np.ndarray, feats: torch.Tensor, seg: np.ndarray, masks: np.ndarray | None) -> torch.Tensor:
+        """S_test (k, d1): the encoder's segment embeddings (mask average pooling; GFA fusion
+        for ``gfa:`` encoders, masked-crop CLS for ``cls:``); duck-typed encoders without the
+        method get plain mask average pooling."""
+        enc = self.visual_encoder
+        if masks is not None:
+            fn = getattr(enc, "mask_embeddings", None)
+            return fn(feats, masks, image=img) if callable(fn) else masks_average_pool(feats, masks)
+        fn = getattr(enc, "segment_embeddings", None)
+        return fn(feats, seg, image=img) if callable(fn) else mask_average_pool(feats, seg)
+
     @torch.inference_mode()
-    def segment_probs(self, image, classes, *, return_embeddings: bool = False) -> tuple:
-        """Proposals and P_seg of one image.
+    def segment_probs(self, image, classes, *, return_embeddings: bool = False,
+                      return_masks: bool = False) -> tuple:
+        """Proposals and P_seg of one image (eqs. 1-2).
+
+        Args:
+            image: path, PIL image or (H, W, 3) uint8 RGB array.
+            classes: class list or string (:func:`reme.classes.parse_classes`).
+            return_embeddings: append S_test, (k, d1) float32 tensor.
+            return_masks: append the (k, H, W) bool proposal masks when they overlap (SAM),
+                else None.
 
         Returns:
-            ``(segment_ids, P_seg, names)``: (H, W) int32 ids, (k, C) float32 tensor, class names;
-            with ``return_embeddings``, S_test ((k, d1) float32 tensor) is appended.
+            ``(segment_ids, P_seg, names)`` then the requested extras: segment_ids is an (H, W)
+            int32 map indexing P_seg's k rows (with SAM: the smallest mask covering each
+            pixel); P_seg is a (k, C) float32 tensor.
         """
         names, synonyms = parse_classes(classes)
         img = load_image(image)
-        feats = self.visual_encoder.dense_features(img)
-        seg = self._proposals(img, feats)
-        S_test = mask_average_pool(feats.to(self.device), seg)
+        feats = self.visual_encoder.dense_features(img).to(self.device)
+        seg, masks = self._proposals(img, feats)
+        S_test = self._embed(img, feats, seg, masks)
         L_test, owner = self._class_embeddings(synonyms)
         A2 = label_affinity(self._L_ref, L_test, self.label_logit_scale)              # (n, c') eq. 2
         P = self._segment_class_probs(S_test, A2)                                    # (k, c') eqs. 1-2
@@ -229,24 +259,29 @@ class Segmenter:
             others = torch.where(low, P.max(dim=1).values + 1.0, torch.zeros_like(low, dtype=P.dtype))
             P = torch.cat([P, others[:, None]], dim=1)
             names = names + ["others"]
-        return (seg, P, names, S_test) if return_embeddings else (seg, P, names)
+        out = (seg, P, names)
+        if return_embeddings:
+            out += (S_test,)
+        if return_masks:
+            out += (masks,)
+        return out
 
-    def _proposals(self, img: np.ndarray, feats: torch.Tensor) -> np.ndarray:
-        """(H, W) int32 segment-id map of the configured proposal generator."""
+    def _proposals(self, img: np.ndarray, feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(segment_ids, masks)``: an (H, W) int32 id map, and for SAM the (k, H, W) bool
+        overlapping masks (None for partitions). SAM's id map paints smaller masks on top, so
+        ids index the masks; a mask hidden everywhere keeps its row but no pixel."""
         if self.proposals == "felzenszwalb":
-            return felzenszwalb_segments(img, self.felzenszwalb)
+            return felzenszwalb_segments(img, self.felzenszwalb), None
         if self.proposals == "cluster":
             from reme.proposals_cluster import cluster_segments
 
             return cluster_segments(feats, img.shape[:2], n_clusters=self.n_clusters,
-                                    min_size=self.felzenszwalb.min_size)
+                                    min_size=self.felzenszwalb.min_size), None
         masks = self._sam.masks(img)                                   # (k, H, W), largest first
         seg = np.zeros(img.shape[:2], np.int32)
         for i, m in enumerate(masks):                                  # smaller masks painted on top
             seg[m] = i
-        from reme.proposals import relabel_sequential
-
-        return relabel_sequential(seg)
+        return seg, masks
 
     @property
     def index(self):
@@ -303,7 +338,8 @@ class Segmenter:
         Raises:
             reme.errors.ImageReadError: unreadable image. ValueError: bad class list.
         """
-        seg, P, names, S_test = self.segment_probs(image, classes, return_embeddings=True)
+        seg, P, names, S_test, masks = self.segment_probs(image, classes, return_embeddings=True,
+                                                          return_masks=True)
         evidence = None
         if return_evidence:
             from reme.evidence import DEFAULT_EVIDENCE_TOP, retrieval_evidence
@@ -313,9 +349,14 @@ class Segmenter:
             evidence = retrieval_evidence(S_test, self.reference, top=self.top_k or DEFAULT_EVIDENCE_TOP,
                                           top_k=support, logit_scale=self.segment_logit_scale,
                                           chunk_size=self.chunk_size)
-        seg_label = P.argmax(dim=1).cpu().numpy().astype(np.int32)
-        label_map = seg_label[seg]                                                    # eq. 3 argmax
-        probs = pixel_class_probs(P, seg).cpu().numpy() if return_probs else None
+        if masks is None:
+            seg_label = P.argmax(dim=1).cpu().numpy().astype(np.int32)
+            label_map = seg_label[seg]                                                # eq. 3 argmax
+            probs = pixel_class_probs(P, seg).cpu().numpy() if return_probs else None
+        else:                                                                         # eq. 3, overlapping masks
+            P_test = pixel_class_probs_masks(P.clamp_min(0), masks)
+            label_map = P_test.argmax(dim=2).cpu().numpy().astype(np.int32)
+            probs = P_test.cpu().numpy() if return_probs else None
         frac = np.bincount(label_map.ravel(), minlength=len(names)) / label_map.size
         return SegmentationResult(label_map=label_map, classes=names, segment_ids=seg,
                                   segment_probs=P.cpu().numpy().astype(np.float32),

@@ -33,7 +33,7 @@ from reme.errors import ImageReadError
 from reme.io import read_image
 from reme.nounphrases import NounPhrase, extract_noun_phrases, load_spacy
 from reme.pairing import pair_labels_to_segments
-from reme.pooling import mask_average_pool, masks_average_pool
+from reme.pooling import mask_average_pool
 from reme.proposals import FelzenszwalbParams, felzenszwalb_segments, segment_bboxes
 from reme.shards import encode_shard, pairs_table, segments_table
 from reme.text_embedding import TEMPLATES, embed_labels
@@ -376,7 +376,7 @@ class ShardComputer:
                     keep &= ~np.isin(lab, self.excluded_ids)
                     if not keep.any():
                         continue
-                    S = mask_average_pool(f, seg).cpu().numpy()[keep]
+                    S = self.visual.segment_embeddings(f, seg, image=img).cpu().numpy()[keep]
                     rows = out.add_segments(key, S, segment_bboxes(seg)[keep], area[keep], "gt_proposal")
                     labels = [names[i] for i in lab[keep]]
                 else:
@@ -388,7 +388,7 @@ class ShardComputer:
                     if not regions:
                         continue
                     masks = np.stack([m for m, _ in regions])
-                    S = masks_average_pool(f, masks).cpu().numpy()
+                    S = self.visual.mask_embeddings(f, masks, image=img).cpu().numpy()
                     boxes = np.array([_mask_bbox(m) for m in masks])
                     rows = out.add_segments(key, S, boxes, masks.reshape(len(masks), -1).sum(1), "gt_mask")
                     labels = [names[li] for _, li in regions]
@@ -455,7 +455,7 @@ class ShardComputer:
                 L_clip = np.stack([cache[p.text] for p in phrases])
                 best, sim = pair_labels_to_segments(S_clip, L_clip)
                 picked = np.unique(best)
-                S_vis = mask_average_pool(fv, seg).cpu().numpy()[picked]                      # step 6
+                S_vis = self.visual.segment_embeddings(fv, seg, image=img).cpu().numpy()[picked]  # step 6
                 area = np.bincount(seg.ravel(), minlength=k)
                 rows = out.add_segments(key, S_vis, segment_bboxes(seg)[picked], area[picked], "caption_pairing",
                                         scale)

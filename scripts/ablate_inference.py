@@ -3,7 +3,12 @@ proposal generator (Felzenszwalb vs Split-Matching clustering), GFA smoothing of
 the segment graph, and the OpenBench "others" answer (counted as a miss of every class).
 
     python scripts/ablate_inference.py --reference REF --images DIR --masks DIR \
-        --classes-file F [--limit N] [--out results.json]
+        --classes-file F [--limit N] [--out results.json] \
+        [--reference-variant "LABEL=REF2" ...]
+
+``--reference-variant`` adds a row evaluated with default settings on another reference set,
+e.g. one built with ``reme build-reference --gfa-with SPEC`` (GFA fusion of two encoders: the
+Segmenter rebuilds the fused encoder from that reference's manifest).
 
 Prints a Markdown table (mIoU, pixel accuracy, seconds per image) and, last, one JSON line.
 SAM proposals are not in the table: no SAM weights can be loaded here.
@@ -21,6 +26,7 @@ from PIL import Image
 
 from reme.annotations import read_class_names
 from reme.io import list_images
+from reme.metrics import confusion_matrix, scores_from_confusion
 from reme.reference import load_reference
 from reme.segmenter import Segmenter
 
@@ -43,27 +49,38 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--stride", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--reference-variant", action="append", default=[], metavar="LABEL=PATH",
+                    help="extra row: default settings on another reference set (repeatable)")
+    ap.add_argument("--only-reference-variants", action="store_true",
+                    help="skip the option rows; baseline row plus the --reference-variant rows")
+    ap.add_argument("--segmenter-options", type=json.loads, default={},
+                    help='JSON keywords for every row\'s Segmenter, e.g. \'{"proposals": "cluster"}\'')
+    ap.add_argument("--baseline-label", default="Felzenszwalb (default)", help="name of the --reference row")
     args = ap.parse_args()
     classes = read_class_names(args.classes_file)
     c = len(classes)
     ref = load_reference(args.reference)
     images = list_images(args.images)[:: args.stride][: args.limit]
+    variants = [(name if kw else args.baseline_label, ref, kw) for name, kw in VARIANTS.items()
+                if not args.only_reference_variants or not kw]
+    for item in args.reference_variant:
+        label, eq, path = item.rpartition("=")
+        if not eq:
+            ap.error(f"--reference-variant must be LABEL=PATH, got {item!r}")
+        variants.append((label, load_reference(path), {}))
     rows = []
-    for name, kw in VARIANTS.items():
-        seg = Segmenter(ref, device="cpu", **kw)
-        cm = np.zeros((c, c + 1), np.int64)   # last column: "others" answers, a miss of every class
+    for name, reference, kw in variants:
+        seg = Segmenter(reference, device="cpu", **{**args.segmenter_options, **kw})
+        cm = np.zeros((c + 1, c + 1), np.int64)   # last column: "others" answers, a miss of every class
         t0 = time.time()
         for path in images:
             gt = np.array(Image.open(args.masks / path.relative_to(args.images).with_suffix(".png"))).astype(np.int64)
             pred = np.minimum(seg.predict(path, classes).label_map.astype(np.int64), c)
-            valid = (gt >= 0) & (gt < c)
-            cm += np.bincount(gt[valid] * (c + 1) + pred[valid], minlength=c * (c + 1)).reshape(c, c + 1)
-        tp = np.diag(cm[:, :c]).astype(np.float64)
-        union = cm.sum(1) + cm[:, :c].sum(0) - tp
-        present = union > 0
-        sc = {"miou": float(np.mean(tp[present] / union[present]) * 100), "pixel_acc": float(tp.sum() / cm.sum() * 100)}
+            cm += confusion_matrix(gt, pred, c, num_pred_classes=c + 1)
+        sc = scores_from_confusion(cm, c)
         rows.append({"variant": name, "miou": round(sc["miou"], 2), "pixel_acc": round(sc["pixel_acc"], 2),
-                     "s_per_image": round((time.time() - t0) / max(len(images), 1), 2)})
+                     "s_per_image": round((time.time() - t0) / max(len(images), 1), 2),
+                     "visual_encoder": seg.visual_encoder.spec})
     print("| variant | mIoU | pixel acc. | s / image |\n| --- | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['variant']} | {r['miou']} | {r['pixel_acc']} | {r['s_per_image']} |")

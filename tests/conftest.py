@@ -63,6 +63,24 @@ def tiny_dinov2(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sam(tmp_path_factory):
+    """A tiny random SAM saved with save_pretrained (model + processor): its folder."""
+    from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
+
+    cfg = SamConfig(
+        vision_config=dict(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2,
+                           window_size=7, global_attn_indexes=[1], num_pos_feats=16, mlp_dim=64),
+        prompt_encoder_config=dict(hidden_size=32, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("sam") / "tiny-sam"
+    SamModel(cfg).eval().save_pretrained(folder)
+    SamProcessor(image_processor=SamImageProcessor()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def classical():
     from reme.encoders import resolve_encoder
 

@@ -247,7 +247,9 @@ def test_config_recipe_rebuilds_the_same_shard(data, tmp_path):
     assert again.visual.image_size == 40
     assert comp.compute_encoded(0, ["img00.png", "img01.png"]) == again.compute_encoded(0, ["img00.png", "img01.png"])
     cfg["visual"]["kwargs"] = {}
-    with pytest.raises(ValueError, match="differs from the caller's in \\['image_size'\\]"):
+    assert ShardComputer.from_config(cfg).visual.image_size == 40      # the spec carries the size
+    cfg["visual"]["spec"] = "classical"
+    with pytest.raises(ValueError, match="differs from the caller's in \\['image_size', 'spec'\\]"):
         ShardComputer.from_config(cfg)
 
 
@@ -288,6 +290,26 @@ def test_streaming_group_filter_equals_in_memory(tmp_path, adaptive):
         np.testing.assert_array_equal(score, want_score)
     assert (~want_keep).any()
     np.testing.assert_array_equal(reader.embeddings(np.array([0, 4, len(S) - 1])), S[[0, 4, len(S) - 1]])
+
+
+def test_streaming_relabel_equals_in_memory(tmp_path):
+    from reme.filtering import relabel_dropped
+    from reme.global_stages import streaming_relabel
+
+    rng = np.random.default_rng(4)
+    store, S, ps, roots = _random_store(tmp_path, rng)
+    reader = ShardReader(store, 5, S.shape[1])
+    names = sorted(set(roots))
+    rid = np.array([names.index(r) for r in roots])
+    keep = group_median_filter(S, ps, roots, drop_rate=0.3)
+    want_new, want_sim = relabel_dropped(S, ps, rid.tolist(), keep, min_similarity=0.2)
+    kept_roots = sorted(set(rid[keep].tolist()))
+    want = np.array([kept_roots[i] if i >= 0 else -1 for i in want_new])
+    assert (want >= 0).any() and ((want < 0) & ~keep).any()           # some relabelled, some left dropped
+    for budget in (1, 5, 10_000):
+        new, sim = streaming_relabel(reader, ps, rid, keep, min_similarity=0.2, budget_rows=budget)
+        np.testing.assert_array_equal(new, want)
+        np.testing.assert_allclose(sim, want_sim, rtol=1e-5)
 
 
 def test_caption_mode_workers_identical_and_filter_params_reuse_shards(data, vis, tiny_clip, tmp_path):

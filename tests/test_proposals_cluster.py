@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import TINY_CLIP, photo
-from reme.proposals_cluster import cls_region_embeddings, cluster_segments, kmeans
+from reme.encoders.masked_crop import cls_region_embeddings
+from reme.proposals_cluster import cluster_segments, kmeans
 
 
 def test_kmeans_recovers_planted_clusters():
@@ -49,3 +51,40 @@ def test_cls_region_embeddings_with_tiny_clip(tiny_clip):
     emb = cls_region_embeddings(clip, img, seg)
     assert emb.shape == (2, clip.dim) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     assert not np.allclose(emb[0], emb[1])
+
+
+def test_cls_encoder_spec_in_build_and_segmenter(tiny_clip, tmp_path):
+    """``cls:CLIPSPEC`` embeds every segment as the CLS embedding of its masked crop, in the
+    build (S_ref) and at inference (S_test, rebuilt from the manifest)."""
+    from reme.build import build_gt_reference
+    from reme.encoders import resolve_encoder
+    from reme.encoders.masked_crop import MaskedCropEncoder, masked_crops
+    from reme.segmenter import Segmenter
+    from test_build_resume import HashText, make_dataset
+
+    ckpt, _ = tiny_clip
+    enc = resolve_encoder(f"cls:clip:{TINY_CLIP}:{ckpt}", device="cpu")
+    assert isinstance(enc, MaskedCropEncoder) and enc.spec == f"cls:{enc.clip.spec}" and enc.dim == 32
+    img = photo("astronaut")[:96, :128]
+    seg = np.zeros((96, 128), np.int32)
+    seg[:, 64:], seg[60:, :30] = 1, 2
+    feats = enc.dense_features(img)
+    S = enc.segment_embeddings(feats, seg, image=img)
+    np.testing.assert_allclose(S.numpy(), cls_region_embeddings(enc.clip, img, seg), atol=1e-6)
+    masks = np.stack([seg == i for i in range(3)])
+    np.testing.assert_allclose(enc.mask_embeddings(feats, masks, image=img).numpy(), S.numpy(), atol=1e-6)
+    crop = masked_crops(img, masks[2:])[0]
+    assert crop.shape == (36, 30, 3) and (crop == img[60:, :30]).all()       # bounding box, all inside
+    assert (masked_crops(img, masks[:1])[0][60:, :30] == 0).all()            # segment 2 filled in crop 0
+    with pytest.raises(ValueError, match="need the image"):
+        enc.segment_embeddings(feats, seg)
+    with pytest.raises(ValueError, match="cannot be parts"):
+        resolve_encoder(f"gfa:classical+cls:clip:{TINY_CLIP}:{ckpt}", device="cpu")
+
+    imgs, ann = make_dataset(tmp_path / "data", n=2, size=(48, 64))
+    ref = build_gt_reference(imgs, ann, enc, HashText(), out=tmp_path / "ref", segments="masks", progress=False)
+    assert ref.manifest["encoders"]["visual"] == enc.spec
+    sgm = Segmenter(tmp_path / "ref", text_encoder=HashText(), device="cpu", proposals="cluster", n_clusters=3)
+    assert sgm.visual_encoder.spec == enc.spec
+    res = sgm.predict(imgs / "img00.png", ["dark", "bright"])
+    assert res.label_map.shape == (48, 64) and res.segment_probs.shape[1] == 2

@@ -3,27 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from conftest import photo
 from reme.errors import MissingWeightsError
-
-
-@pytest.fixture(scope="module")
-def tiny_sam(tmp_path_factory):
-    from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
-
-    cfg = SamConfig(
-        vision_config=dict(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2,
-                           window_size=7, global_attn_indexes=[1], num_pos_feats=16, mlp_dim=64),
-        prompt_encoder_config=dict(hidden_size=32, mask_input_channels=4),
-        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("sam") / "tiny-sam"
-    SamModel(cfg).eval().save_pretrained(folder)
-    SamProcessor(image_processor=SamImageProcessor()).save_pretrained(folder)
-    return folder
 
 
 def test_sam_masks_cover_the_image(tiny_sam):

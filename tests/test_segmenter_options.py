@@ -9,7 +9,6 @@ import torch
 
 from conftest import REPO, photo
 from reme.segmenter import Segmenter
-from test_proposals_sam import tiny_sam  # noqa: F401  (fixture)
 
 REF = REPO / "reference_sets" / "default"
 

@@ -17,6 +17,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from reme.pooling import mask_average_pool, masks_average_pool
+
 
 class VisualEncoder(ABC):
     """Frozen image encoder producing a dense feature map.
@@ -47,6 +49,31 @@ class VisualEncoder(ABC):
     def dense_features_batch(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Dense features of several images; default loops over :meth:`dense_features`."""
         return [self.dense_features(im) for im in images]
+
+    def segment_embeddings(self, features: torch.Tensor, seg: np.ndarray, normalize: bool = True,
+                           image: np.ndarray | None = None) -> torch.Tensor:
+        """Segment embeddings S_k from :meth:`dense_features` (METHOD.md step 6).
+
+        Default: mask average pooling (:func:`reme.pooling.mask_average_pool`). Encoders that
+        combine two views per segment (``reme.encoders.fused``) or embed masked crops
+        (``reme.encoders.masked_crop``, which needs ``image``) override it.
+
+        Args:
+            features: (h, w, d') output of :meth:`dense_features`.
+            seg: (H, W) int segment-id map, ids 0..k-1.
+            normalize: L2-normalise the rows.
+            image: the (H, W, 3) uint8 image the features came from (unused by pooling).
+
+        Returns:
+            (k, dim) float32 tensor.
+        """
+        return mask_average_pool(features, seg, normalize=normalize)
+
+    def mask_embeddings(self, features: torch.Tensor, masks: np.ndarray, normalize: bool = True,
+                        image: np.ndarray | None = None) -> torch.Tensor:
+        """Like :meth:`segment_embeddings` for (k, H, W) bool, possibly overlapping masks
+        (:func:`reme.pooling.masks_average_pool`)."""
+        return masks_average_pool(features, masks, normalize=normalize)
 
 
 class TextEncoder(ABC):

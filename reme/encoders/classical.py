@@ -100,7 +100,8 @@ class ClassicalEncoder(VisualEncoder):
         self.stride = int(stride)
         self.device = torch.device(device)
         self.dim = FEATURE_DIM
-        self.spec = "classical"
+        default = (self.image_size, self.stride) == (320, 8)
+        self.spec = "classical" if default else f"classical:size={self.image_size},stride={self.stride}"
         self._kernels = _gabor_bank()
 
     def dense_features(self, image: np.ndarray) -> torch.Tensor:
@@ -120,7 +121,17 @@ class ClassicalEncoder(VisualEncoder):
 
 
 def load_classical(target: str = "", *, device: torch.device, cache_dir: str | None = None, **kwargs) -> ClassicalEncoder:
-    """Loader for spec ``classical`` (``target`` must be empty); kwargs go to ClassicalEncoder."""
-    if target:
-        raise ValueError(f"spec 'classical' takes no target, got 'classical:{target}'")
-    return ClassicalEncoder(device=device, **kwargs)
+    """Loader for ``classical`` and ``classical:size=S,stride=T`` (short side S px, T px cells;
+    defaults 320 and 8); further kwargs go to :class:`ClassicalEncoder`.
+
+    Raises:
+        ValueError: an unknown or non-integer option in the target.
+    """
+    opts = {}
+    for part in filter(None, (p.strip() for p in target.split(","))):
+        key, eq, val = part.partition("=")
+        name = {"size": "image_size", "stride": "stride"}.get(key.strip())
+        if not eq or name is None or not val.strip().isdigit():
+            raise ValueError(f"classical spec options are size=INT,stride=INT, got 'classical:{target}'")
+        opts[name] = int(val)
+    return ClassicalEncoder(device=device, **{**opts, **kwargs})

@@ -16,6 +16,11 @@ spec                           meaning
 ``llava:llava-hf/llava-1.5-7b-hf``  LLaVA-1.5 captioner (hub id or local folder)
 ``blip:Salesforce/blip-image-captioning-base``  BLIP captioner (hub id or local folder)
 ``captions:/path/file.jsonl``  captions read from a JSON-lines file (no model)
+``classical:size=160,stride=8``  the classical encoder at another scale
+``gfa:dinov2-vitl14+clip-vit-b-16@0.5``  two visual encoders fused per segment by a GFA
+                               random walk, omega 0.5 (``reme.encoders.fused``)
+``cls:clip-vit-b-16``          segment embeddings = CLS embeddings of masked crops (Split
+                               Matching; ``reme.encoders.masked_crop``)
 =============================  ===========================================================
 
 Short registry names (``list_encoders()``) expand to full specs, e.g. ``dinov2-vitl14``.
@@ -59,6 +64,8 @@ _FAMILIES: dict[str, tuple[str, str]] = {
     "llava": ("reme.encoders.captioners", "load_llava"),
     "blip": ("reme.encoders.captioners", "load_blip"),
     "captions": ("reme.encoders.captioners", "load_caption_file"),
+    "gfa": ("reme.encoders.fused", "load_gfa"),
+    "cls": ("reme.encoders.masked_crop", "load_masked_crop"),
 }
 
 

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from reme.retrieval import normalise_rows  # P_hat = P / row sum (step 3 above)
+from reme.retrieval import normalise_rows, pixel_class_probs_masks  # P_hat = P / row sum (step 3 above)
 
 MODES = ("whole", "slide")
 BACKGROUND_MODES = ("threshold", "class", "class+threshold")
@@ -163,6 +163,21 @@ def slide_windows(height: int, width: int, crop: int, stride: int) -> list[tuple
 
 
 
+def _window_probs(segmenter, window: np.ndarray, queries: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P_hat, rows)`` of one window: normalised scores of the Q queries, (r, Q) float32, and
+    the (h, w) int64 row of P_hat for each pixel. Rows are segments, or pixels when the
+    segmenter's proposals overlap (SAM; eq. 3 sums over the masks covering a pixel)."""
+    nq = len(queries)
+    if getattr(segmenter, "overlapping_proposals", False):
+        ids, P, _, masks = segmenter.segment_probs(window, queries, return_masks=True)
+        if masks is not None:
+            P_test = pixel_class_probs_masks(P[:, :nq].clamp_min(0), masks)
+            h, w = P_test.shape[:2]
+            return normalise_rows(P_test.reshape(h * w, nq)), torch.arange(h * w, device=P.device).reshape(h, w)
+    ids, P, _ = segmenter.segment_probs(window, queries)[:3]
+    return normalise_rows(P[:, :nq]), torch.as_tensor(np.ascontiguousarray(ids), dtype=torch.int64, device=P.device)
+
+
 def predict_image(segmenter, image: np.ndarray, queries: Sequence[str], protocol: Protocol
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Label and confidence maps of one image at the protocol's inference size.
@@ -181,15 +196,13 @@ def predict_image(segmenter, image: np.ndarray, queries: Sequence[str], protocol
     an "others" column) are dropped: the evaluation applies its own
     :attr:`Protocol.others_threshold` to the same normalised confidence.
     """
-    nq = len(queries)
     h, w = resized_shape(image.shape[0], image.shape[1], protocol.short_side, protocol.max_long_side)
     img = resize_image(image, (h, w))
     windows = slide_windows(h, w, protocol.crop, protocol.stride) if protocol.mode == "slide" else [(0, h, 0, w)]
     if len(windows) == 1:
         y0, y1, x0, x1 = windows[0]
-        ids, P, _ = segmenter.segment_probs(np.ascontiguousarray(img[y0:y1, x0:x1]), queries)[:3]
-        conf, lab = normalise_rows(P[:, :nq]).max(dim=1)
-        ids_t = torch.as_tensor(np.ascontiguousarray(ids), dtype=torch.int64, device=lab.device)
+        Ph, ids_t = _window_probs(segmenter, np.ascontiguousarray(img[y0:y1, x0:x1]), queries)
+        conf, lab = Ph.max(dim=1)
         out_l = np.zeros((h, w), np.int32)
         out_c = np.zeros((h, w), np.float32)
         out_l[y0:y1, x0:x1] = lab[ids_t].cpu().numpy()
@@ -198,11 +211,10 @@ def predict_image(segmenter, image: np.ndarray, queries: Sequence[str], protocol
     acc = None
     count = torch.zeros((h, w, 1), dtype=torch.float32)
     for y0, y1, x0, x1 in windows:
-        ids, P, _ = segmenter.segment_probs(np.ascontiguousarray(img[y0:y1, x0:x1]), queries)[:3]
-        Ph = normalise_rows(P[:, :nq]).cpu()
+        Ph, ids_t = _window_probs(segmenter, np.ascontiguousarray(img[y0:y1, x0:x1]), queries)
         if acc is None:
             acc = torch.zeros((h, w, Ph.shape[1]), dtype=torch.float32)
-        acc[y0:y1, x0:x1] += Ph[torch.as_tensor(np.ascontiguousarray(ids), dtype=torch.int64)]
+        acc[y0:y1, x0:x1] += Ph.cpu()[ids_t.cpu()]
         count[y0:y1, x0:x1] += 1
     conf, lab = (acc / count).max(dim=2)
     return lab.numpy().astype(np.int32), conf.numpy().astype(np.float32)

@@ -1,0 +1,129 @@
+"""Segment embeddings from the CLS token of masked crops (Split Matching's region embedding).
+
+Spec: ``cls:CLIPSPEC``, e.g. ``cls:clip-vit-b-16`` or ``cls:clip:ViT-B-16:/models/b16.pt``.
+
+For each segment, its bounding box is cropped from the image, the pixels outside the segment
+are set to a fill value, and the crop goes through the CLIP image tower's standard (CLS)
+embedding (``OpenCLIPEncoder.encode_image_global``). Split Matching embeds its k-means regions
+this way; reme offers it for any proposals, in the build (S_ref) and at inference (S_test),
+as an alternative to mask average pooling (METHOD.md step 6). The dense features of a
+:class:`MaskedCropEncoder` are the CLIP's own (MaskCLIP patches), so clustering proposals
+still work.
+
+Cost: one forward pass of the image tower per segment (batched), against one per image for
+mask average pooling: with Felzenszwalb's hundreds of segments per photo it is far slower,
+with k-means clusters (8-16 regions) it is cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from reme.encoders.base import VisualEncoder
+
+#: Grey value outside the segment in each crop (our choice; SM does not state one).
+DEFAULT_FILL = 0
+
+
+def masked_crops(image: np.ndarray, masks: np.ndarray, fill: int = DEFAULT_FILL) -> list[np.ndarray]:
+    """Bounding-box crops of each mask with the pixels outside the mask set to ``fill``.
+
+    Args:
+        image: (H, W, 3) uint8.
+        masks: (k, H, W) bool masks (may overlap); an empty mask gives a 1 x 1 fill crop.
+        fill: grey value in [0, 255].
+
+    Returns:
+        k arrays (h_i, w_i, 3) uint8.
+    """
+    crops = []
+    for m in masks:
+        ys, xs = np.nonzero(m)
+        if ys.size == 0:
+            crops.append(np.full((1, 1, 3), fill, np.uint8))
+            continue
+        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        crop = image[y0:y1, x0:x1].copy()
+        crop[~m[y0:y1, x0:x1]] = fill
+        crops.append(crop)
+    return crops
+
+
+def cls_region_embeddings(clip_model, image: np.ndarray, segment_ids: np.ndarray,
+                          fill: int = DEFAULT_FILL) -> np.ndarray:
+    """Region embeddings from CLS tokens of masked crops (Split Matching's form).
+
+    Args:
+        clip_model: an encoder with ``encode_image_global(list of (h, w, 3) uint8) -> (n, d)``
+            (``reme.encoders.clip.OpenCLIPEncoder``).
+        image: (H, W, 3) uint8.
+        segment_ids: (H, W) int segment-id map (ids 0..k-1), or (k, H, W) bool masks.
+        fill: grey value outside the region.
+
+    Returns:
+        (k, d) float32, L2-normalised.
+    """
+    seg = np.asarray(segment_ids)
+    masks = seg.astype(bool) if seg.ndim == 3 else seg[None] == np.arange(int(seg.max()) + 1)[:, None, None]
+    emb = np.asarray(clip_model.encode_image_global(masked_crops(image, masks, fill)), np.float32)
+    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+
+
+class MaskedCropEncoder(VisualEncoder):
+    """A CLIP whose segment embeddings are CLS embeddings of masked crops (module docstring).
+
+    Args:
+        clip: an ``OpenCLIPEncoder`` (needs ``dense_features`` and ``encode_image_global``).
+        fill: grey value outside the segment in each crop.
+
+    Raises:
+        ValueError: ``clip`` has no ``encode_image_global``.
+    """
+
+    def __init__(self, clip, fill: int = DEFAULT_FILL):
+        if not callable(getattr(clip, "encode_image_global", None)):
+            raise ValueError(f"cls: needs a CLIP image tower, got {getattr(clip, 'spec', clip)!r}")
+        self.clip = clip
+        self.fill = int(fill)
+        self.dim, self.device = clip.dim, clip.device
+        self.spec = f"cls:{clip.spec}"
+
+    def dense_features(self, image: np.ndarray) -> torch.Tensor:
+        """The CLIP's dense (MaskCLIP) features, (h, w, dim); used by clustering proposals."""
+        return self.clip.dense_features(image)
+
+    def dense_features_batch(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        return self.clip.dense_features_batch(images)
+
+    def _embed(self, image, masks, device) -> torch.Tensor:
+        if image is None:
+            raise ValueError("cls: segment embeddings need the image (pass image=...)")
+        emb = cls_region_embeddings(self.clip, np.asarray(image), masks, self.fill)
+        return torch.as_tensor(emb, device=device)   # always L2-normalised (CLIP convention)
+
+    def segment_embeddings(self, features: torch.Tensor, seg: np.ndarray, normalize: bool = True,
+                           image: np.ndarray | None = None) -> torch.Tensor:
+        """(k, dim) float32 CLS embeddings of the k segments' masked crops of ``image``.
+
+        Raises:
+            ValueError: ``image`` is None.
+        """
+        return self._embed(image, seg, features.device)
+
+    def mask_embeddings(self, features: torch.Tensor, masks: np.ndarray, normalize: bool = True,
+                        image: np.ndarray | None = None) -> torch.Tensor:
+        """Like :meth:`segment_embeddings` for (k, H, W) bool, possibly overlapping masks."""
+        return self._embed(image, masks, features.device)
+
+
+def load_masked_crop(target: str, *, device: torch.device, cache_dir: str | None = None, **kwargs) -> MaskedCropEncoder:
+    """Loader for ``cls:CLIPSPEC``; the CLIP goes through :func:`reme.encoders.resolve_encoder`
+    (same weight rules and errors)."""
+    from reme.encoders.factory import resolve_encoder
+
+    if not target:
+        raise ValueError("spec 'cls:' needs a CLIP spec, e.g. 'cls:clip-vit-b-16'")
+    return MaskedCropEncoder(resolve_encoder(target, device=device, **kwargs))
