@@ -191,7 +191,7 @@ def _device_type(enc) -> str:
 def _run(mode: str, image_root: Path, keys: list[str], computer: ShardComputer, fingerprint: dict[str, Any],
          opts: BuildOptions, global_fn, manifest: dict[str, Any], extra_counts: dict[str, int]) -> ReferenceSet:
     """Shared driver: shards (resumable), then the global stages ``global_fn(reader)`` ->
-    (assembled arrays, info, dropped); info keys ``pairs_*`` are counts, the rest manifest
+    (ReferenceSet without manifest, info, dropped); info keys ``pairs_*`` are counts, the rest manifest
     entries."""
     opts.validate()
     out = Path(opts.out) if opts.out is not None else None
@@ -267,11 +267,10 @@ def _run(mode: str, image_root: Path, keys: list[str], computer: ShardComputer, 
         "seconds_per_image_stages": round(t_images, 3), "seconds_global_stages": round(t_global, 3),
         "images_per_second": round(done_now / t_images, 4) if done_now and t_images > 0 else None,
     }
-    ref = ReferenceSet(S_ref=assembled.S_ref, L_ref=assembled.L_ref, pair_segment=assembled.pair_segment,
-                       pair_label=assembled.pair_label, labels=assembled.labels, roots=assembled.roots,
-                       segment_image=assembled.segment_image, segment_bbox=assembled.segment_bbox,
-                       segment_area=assembled.segment_area, manifest=manifest,
-                       segment_source=assembled.segment_source, dropped=dropped)
+    ref = assembled                                   # a ReferenceSet without manifest and provenance yet
+    ref.manifest = manifest
+    if dropped is not None:
+        ref.dropped = dropped
     logger.info("reference set: %d images (%d skipped, %d from earlier shards), %d segments, %d labels, %d pairs",
                 len(keys), counts["images_skipped"], len(keys) - done_now, ref.num_segments, ref.num_labels,
                 int(ref.pair_segment.size))

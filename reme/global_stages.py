@@ -21,7 +21,6 @@ order with the same arithmetic.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 
 from reme.filtering import ambiguous_roots, clip_score_filter, group_median_filter
 from reme.nounphrases import NounPhrase, substitute_root
+from reme.reference import ReferenceSet
 from reme.shards import ShardStore
 from reme.synonyms import synonym_pairs
 from reme.text_embedding import embed_labels
@@ -191,25 +191,9 @@ def streaming_group_filter(reader: ShardReader, pair_segment: np.ndarray, root_i
     return keep, scores
 
 
-@dataclass
-class Assembled:
-    """Final reference-set arrays (inputs of :class:`reme.reference.ReferenceSet`)."""
-
-    S_ref: np.ndarray
-    L_ref: np.ndarray
-    pair_segment: np.ndarray
-    pair_label: np.ndarray
-    labels: list[str]
-    roots: list[str]
-    segment_image: list[str]
-    segment_bbox: np.ndarray
-    segment_area: np.ndarray
-    segment_source: list[str]
-
-
 def assemble(reader: ShardReader, pair_segment: np.ndarray, labels: pa.Array, roots: pa.Array, text_encoder,
              templates: Sequence[str], *, label_batch: int = 1024, memmap_path: Path | None = None,
-             memmap_above_bytes: float = 1 << 30) -> Assembled:
+             memmap_above_bytes: float = 1 << 30) -> ReferenceSet:
     """Deduplicate labels and pairs, drop unlabelled segments, embed L_ref (step 10).
 
     Label ids follow the order of first appearance in ``labels``; pairs keep the order of their
@@ -226,9 +210,11 @@ def assemble(reader: ShardReader, pair_segment: np.ndarray, labels: pa.Array, ro
     """
     pair_segment = np.asarray(pair_segment, np.int64)
     if len(pair_segment) == 0:
-        return Assembled(np.zeros((0, reader.dim), np.float32), np.zeros((0, text_encoder.dim), np.float32),
-                         np.zeros(0, np.int64), np.zeros(0, np.int64), [], [], [], np.zeros((0, 4), np.int32),
-                         np.zeros(0, np.int64), [])
+        return ReferenceSet(S_ref=np.zeros((0, reader.dim), np.float32),
+                            L_ref=np.zeros((0, text_encoder.dim), np.float32), pair_segment=np.zeros(0, np.int64),
+                            pair_label=np.zeros(0, np.int64), labels=[], roots=[], segment_image=[],
+                            segment_bbox=np.zeros((0, 4), np.int32), segment_area=np.zeros(0, np.int64),
+                            segment_source=[])
     labels, roots = _array(labels), _array(roots)
     enc = pc.dictionary_encode(labels)
     label_of = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)   # first-appearance order
@@ -246,9 +232,9 @@ def assemble(reader: ShardReader, pair_segment: np.ndarray, labels: pa.Array, ro
         S = np.lib.format.open_memmap(memmap_path, mode="w+", dtype=np.float32, shape=(len(used), reader.dim))
     S = reader.embeddings(used, out=S)
     L = embed_labels(text_encoder, label_text, templates, batch_size=label_batch)
-    return Assembled(S_ref=S, L_ref=L, pair_segment=np.searchsorted(used, ps), pair_label=pl, labels=label_text,
-                     roots=root_list, segment_image=meta["image"], segment_bbox=meta["bbox"],
-                     segment_area=meta["area"], segment_source=meta["source"])
+    return ReferenceSet(S_ref=S, L_ref=L, pair_segment=np.searchsorted(used, ps), pair_label=pl, labels=label_text,
+                        roots=root_list, segment_image=meta["image"], segment_bbox=meta["bbox"],
+                        segment_area=meta["area"], segment_source=meta["source"])
 
 
 def streaming_relabel(reader: ShardReader, pair_segment: np.ndarray, root_ids: np.ndarray, keep: np.ndarray, *,
@@ -307,7 +293,7 @@ def streaming_relabel(reader: ShardReader, pair_segment: np.ndarray, root_ids: n
 
 def caption_global_stages(reader: ShardReader, params, text_encoder, templates: Sequence[str], *,
                           budget_rows: int = 1_000_000, progress: bool = False,
-                          memmap_path: Path | None = None) -> tuple[Assembled, dict[str, Any], dict[str, Any]]:
+                          memmap_path: Path | None = None) -> tuple[ReferenceSet, dict[str, Any], dict[str, Any]]:
     """Steps 7-10 over the shards of a caption-mode build.
 
     Args:
@@ -321,7 +307,8 @@ def caption_global_stages(reader: ShardReader, params, text_encoder, templates: 
         memmap_path: see :func:`assemble`.
 
     Returns:
-        (assembled arrays, counts and manifest entries, the ``dropped`` table).
+        (the :class:`ReferenceSet`, without manifest yet; counts and manifest entries; the
+        ``dropped`` table).
     """
     pairs = reader.pairs()
     ps = pairs.column("segment").to_numpy().astype(np.int64)
@@ -427,7 +414,7 @@ def _array(x) -> pa.Array:
 
 
 def gt_global_stages(reader: ShardReader, text_encoder, templates: Sequence[str], *,
-                     memmap_path: Path | None = None, memmap_above_bytes: float = 1 << 30) -> Assembled:
+                     memmap_path: Path | None = None, memmap_above_bytes: float = 1 << 30) -> ReferenceSet:
     """Assembly of a GT-mode build (labels are the GT names, roots equal labels)."""
     pairs = reader.pairs()
     return assemble(reader, pairs.column("segment").to_numpy().astype(np.int64), pairs.column("label"),

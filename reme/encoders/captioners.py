@@ -76,6 +76,21 @@ class _HFCaptioner(Captioner):
     dim: int | None = None
     max_new_tokens: int
 
+    def _setup(self, model: Any, processor: Any, spec: str, device, prompt, max_new_tokens: int) -> None:
+        """Store the wrapped model (eval mode) and the generation settings.
+
+        Raises:
+            ValueError: ``max_new_tokens < 1``.
+        """
+        if int(max_new_tokens) < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.model = model.eval()
+        self.processor = processor
+        self.spec = spec
+        self.device = torch.device(device)
+        self.prompt = prompt
+        self.max_new_tokens = int(max_new_tokens)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(spec={self.spec!r}, device={self.device})"
 
@@ -131,16 +146,9 @@ class LLaVACaptioner(_HFCaptioner):
         Raises:
             ValueError: ``max_new_tokens < 1`` or an empty prompt.
         """
-        if int(max_new_tokens) < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not prompt or not prompt.strip():
             raise ValueError("prompt must be a non-empty string")
-        self.model = model.eval()
-        self.processor = processor
-        self.spec = spec
-        self.device = torch.device(device)
-        self.prompt = prompt
-        self.max_new_tokens = int(max_new_tokens)
+        self._setup(model, processor, spec, device, prompt, max_new_tokens)
         self.text = self._build_text(prompt)
 
     def _build_text(self, prompt: str) -> str:
@@ -205,14 +213,7 @@ class BLIPCaptioner(_HFCaptioner):
         Raises:
             ValueError: ``max_new_tokens < 1``.
         """
-        if int(max_new_tokens) < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        self.model = model.eval()
-        self.processor = processor
-        self.spec = spec
-        self.device = torch.device(device)
-        self.prompt = prompt
-        self.max_new_tokens = int(max_new_tokens)
+        self._setup(model, processor, spec, device, prompt, max_new_tokens)
 
     def caption(self, image: np.ndarray, key: str | None = None) -> list[str]:
         """Caption one image.
