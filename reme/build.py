@@ -161,12 +161,14 @@ class BuildOptions:
             raise ValueError(f"memory_budget_mb must be > 0, got {self.memory_budget_mb}")
 
 
-def _base_manifest(mode: str, visual_encoder, text_encoder, fz: FelzenszwalbParams, templates, image_root) -> dict:
+def _base_manifest(mode: str, visual_encoder, text_encoder, settings: StageSettings, templates, image_root) -> dict:
     return {
         "mode": mode,
         "encoders": {"visual": visual_encoder.spec, "text": text_encoder.spec},
         "templates": list(templates),
-        "felzenszwalb": asdict(fz),
+        "felzenszwalb": asdict(settings.felzenszwalb),
+        "proposals": {"method": settings.proposals, "n_clusters": settings.n_clusters,
+                      "sam_options": dict(settings.sam_options)},
         "image_root": str(image_root),
         "reme_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -310,6 +312,7 @@ def _fingerprint(mode: str, image_root: Path, keys: list[str], settings: StageSe
 
 def build_gt_reference(image_root: str | Path, annotations, visual_encoder, text_encoder, *,
                        segments: str = "proposals", felzenszwalb: FelzenszwalbParams = FelzenszwalbParams(),
+                       proposals: str = "felzenszwalb", n_clusters: int = 8, sam_options: dict | None = None,
                        min_purity: float = 0.5, background_label: str | None = None,
                        exclude_labels: Sequence[str] = (), templates: Sequence[str] = TEMPLATES,
                        images: Sequence[str] | None = None, progress: bool = True, **options) -> ReferenceSet:
@@ -319,11 +322,14 @@ def build_gt_reference(image_root: str | Path, annotations, visual_encoder, text
         image_root: folder of the photos; keys are paths relative to it.
         annotations: :class:`reme.annotations.CocoInstances` or :class:`reme.annotations.MaskFolder`.
         visual_encoder: VisualEncoder for S_ref; text_encoder: TextEncoder for L_ref.
-        segments: ``"proposals"`` (default, our choice): Felzenszwalb segments, each labelled
-            with the GT label covering at least ``min_purity`` of it -- the same kind of segments
-            the test image gets; ``"masks"``: one segment per GT region (a COCO instance, or a
-            class region of an index mask).
-        felzenszwalb: proposal settings (``segments="proposals"``), recorded in the manifest.
+        segments: ``"proposals"`` (default, our choice): class-agnostic proposals (``proposals``),
+            each labelled with the GT label covering at least ``min_purity`` of it -- the same
+            kind of segments the test image gets; ``"masks"``: one segment per GT region (a
+            COCO instance, or a class region of an index mask).
+        felzenszwalb: Felzenszwalb settings, recorded in the manifest.
+        proposals, n_clusters, sam_options: step 1 method (``"felzenszwalb"``, ``"cluster"``,
+            ``"sam[:MODEL]"``) and its settings (:class:`reme.proposals.ProposalGenerator`),
+            recorded in the manifest; the ``Segmenter`` uses the same method by default.
         min_purity: minimum fraction of a proposal covered by its majority GT label.
         background_label: name given to unannotated pixels (None: such segments are dropped).
         exclude_labels: label names to leave out (e.g. "background" of a mask folder).
@@ -346,7 +352,8 @@ def build_gt_reference(image_root: str | Path, annotations, visual_encoder, text
     """
     opts = _options(options, progress)
     image_root = Path(image_root)
-    settings = StageSettings(mode="gt", felzenszwalb=felzenszwalb, batch_size=int(opts.batch_size),
+    settings = StageSettings(mode="gt", felzenszwalb=felzenszwalb, proposals=proposals, n_clusters=n_clusters,
+                             sam_options=dict(sam_options or {}), batch_size=int(opts.batch_size),
                              max_image_pixels=opts.max_image_pixels, gt_segments=segments, min_purity=min_purity,
                              background_label=background_label, exclude_labels=tuple(exclude_labels),
                              templates=tuple(templates))
@@ -363,7 +370,7 @@ def build_gt_reference(image_root: str | Path, annotations, visual_encoder, text
             images = [p.relative_to(image_root).as_posix() for p in list_images(image_root)]
     keys = _check_keys(images)
     computer = ShardComputer(settings, image_root, visual_encoder, annotations=annotations)
-    manifest = _base_manifest("gt", visual_encoder, text_encoder, felzenszwalb, templates, image_root)
+    manifest = _base_manifest("gt", visual_encoder, text_encoder, settings, templates, image_root)
     manifest.update({"gt_segments": segments, "min_purity": min_purity, "background_label": background_label,
                      "exclude_labels": sorted(set(exclude_labels))})
     fp = _fingerprint("gt", image_root, keys, settings, opts, {"visual": visual_encoder},
@@ -381,6 +388,7 @@ def build_gt_reference(image_root: str | Path, annotations, visual_encoder, text
 def build_caption_reference(image_root: str | Path, captioner, pairing_model, visual_encoder, text_encoder, *,
                             params: CaptionBuildParams = CaptionBuildParams(),
                             felzenszwalb: FelzenszwalbParams = FelzenszwalbParams(),
+                            proposals: str = "felzenszwalb", n_clusters: int = 8, sam_options: dict | None = None,
                             templates: Sequence[str] = TEMPLATES, nlp=None,
                             images: Sequence[str] | None = None, progress: bool = True, **options) -> ReferenceSet:
     """Caption-mode reference set, METHOD.md Part 1 steps 1-10.
@@ -393,7 +401,9 @@ def build_caption_reference(image_root: str | Path, captioner, pairing_model, vi
         text_encoder: TextEncoder for L_ref and root-noun synonyms.
         params: filter / enrichment hyper-parameters (:class:`CaptionBuildParams`); they act
             in the global stages only, so changing them reuses the shards of a kept work folder.
-        felzenszwalb: proposal settings (step 1).
+        felzenszwalb: Felzenszwalb settings (step 1).
+        proposals, n_clusters, sam_options: step 1 method and settings, as in
+            :func:`build_gt_reference` (SAM: METHOD.md step 1's option, 32 x 32 point grid).
         templates: prompt templates (step 5).
         nlp: a spaCy pipeline (default :func:`reme.nounphrases.load_spacy`).
         images: image keys (default: every image under ``image_root``); keys that are
@@ -414,12 +424,13 @@ def build_caption_reference(image_root: str | Path, captioner, pairing_model, vi
     if images is None:
         images = [p.relative_to(image_root).as_posix() for p in list_images(image_root)]
     keys = _check_keys(images)
-    settings = StageSettings(mode="caption", felzenszwalb=felzenszwalb, batch_size=int(opts.batch_size),
+    settings = StageSettings(mode="caption", felzenszwalb=felzenszwalb, proposals=proposals, n_clusters=n_clusters,
+                             sam_options=dict(sam_options or {}), batch_size=int(opts.batch_size),
                              max_image_pixels=opts.max_image_pixels, keep_compounds=params.keep_compounds,
                              templates=tuple(templates))
     computer = ShardComputer(settings, image_root, visual_encoder, captioner=captioner, pairing_model=pairing_model,
                              nlp=nlp)
-    manifest = _base_manifest("caption", visual_encoder, text_encoder, felzenszwalb, templates, image_root)
+    manifest = _base_manifest("caption", visual_encoder, text_encoder, settings, templates, image_root)
     manifest["encoders"].update({"pairing": pairing_model.spec, "captioner": captioner.spec})
     manifest["params"] = asdict(params)
     unused_rows = _caption_rows_without_image(captioner, keys)

@@ -36,7 +36,7 @@ def build_reference_cmd(
     annotations: Optional[Path] = typer.Option(None, help="GT mode: COCO instances JSON."),
     masks: Optional[Path] = typer.Option(None, help="GT mode: folder of index-PNG masks (same stems as images)."),
     classes_file: Optional[Path] = typer.Option(None, help="GT mode with --masks: class names, one per line."),
-    gt_segments: str = typer.Option("proposals", help="GT mode: 'proposals' (Felzenszwalb, majority label) or 'masks'."),
+    gt_segments: str = typer.Option("proposals", help="GT mode: 'proposals' (--proposals, majority label) or 'masks'."),
     background_label: Optional[str] = typer.Option(None, help="GT mode: label for unannotated pixels."),
     exclude_label: List[str] = typer.Option([], help="GT mode: label names to leave out (repeatable)."),
     captions: Optional[Path] = typer.Option(None, help="Caption mode: JSON-lines caption file (skips captioning)."),
@@ -49,6 +49,11 @@ def build_reference_cmd(
     gfa_omega: float = typer.Option(0.5, help="With --gfa-with: fusion degree omega in [0, 1)."),
     text_encoder: Optional[str] = typer.Option(None, help="Text encoder for L_ref (default: the pairing CLIP; GT mode: minilm)."),
     felzenszwalb: str = typer.Option("default", help="Felzenszwalb preset: default, voc, coco-stuff, cityscapes."),
+    proposals: str = typer.Option("felzenszwalb", help="Step 1 proposals: felzenszwalb, cluster (Split Matching k-means "
+                                  "over the visual features) or sam[:MODEL] (SAM automatic masks; hub id or folder). "
+                                  "'reme segment' uses the same by default."),
+    n_clusters: int = typer.Option(8, help="k of --proposals cluster."),
+    sam_points_per_side: int = typer.Option(32, help="SAM point grid (N x N) of --proposals sam."),
     drop_rate: float = typer.Option(0.30, help="delta_filter of the group-median filter (step 7)."),
     adaptive_filter: bool = typer.Option(False, help="Adaptive per-group drop rate in [0, 50%] (step 7 variant)."),
     group_filter: bool = typer.Option(True, help="Run the group-median filter (step 7)."),
@@ -89,6 +94,8 @@ def build_reference_cmd(
                     max_image_pixels=max_image_pixels or None)
     try:
         fz = FelzenszwalbParams.preset(felzenszwalb)
+        step1 = dict(proposals=proposals, n_clusters=n_clusters,
+                     sam_options={"points_per_side": sam_points_per_side} if proposals.startswith("sam") else None)
         gt_mode = bool(annotations or masks)
         vis = resolve_encoder(f"gfa:{visual_encoder}+{gfa_with}@{gfa_omega}" if gfa_with else visual_encoder,
                               device=device)
@@ -97,7 +104,7 @@ def build_reference_cmd(
                 _fail("--masks needs --classes-file")
             ann = CocoInstances(annotations) if annotations else MaskFolder(masks, read_class_names(classes_file))
             txt = resolve_encoder(text_encoder or "minilm", device=device)
-            ref = build_gt_reference(images, ann, vis, txt, segments=gt_segments, felzenszwalb=fz,
+            ref = build_gt_reference(images, ann, vis, txt, segments=gt_segments, felzenszwalb=fz, **step1,
                                      background_label=background_label, exclude_labels=exclude_label,
                                      progress=not quiet, **run_opts)
         else:
@@ -107,7 +114,7 @@ def build_reference_cmd(
             params = CaptionBuildParams(drop_rate=drop_rate, adaptive_filter=adaptive_filter,
                                         group_filter=group_filter, knee_filter=knee_filter, k_sim=k_sim,
                                         filter_method=filter_method, relabel=relabel)
-            ref = build_caption_reference(images, cap, clip, vis, txt, params=params, felzenszwalb=fz,
+            ref = build_caption_reference(images, cap, clip, vis, txt, params=params, felzenszwalb=fz, **step1,
                                           progress=not quiet, **run_opts)
     except (MissingWeightsError, FileNotFoundError, ValueError, ImportError, OSError) as exc:
         _fail(str(exc))
@@ -127,9 +134,10 @@ def segment_cmd(
     paper_form: bool = typer.Option(False, help="Literal paper eqs. 1-3: scales 1, softmax over all segments."),
     retrieval: str = typer.Option("exact", help="Eq. 1 search: 'exact' (stream all of S_ref) or 'topk' "
                                   "(the FAISS index's top-k neighbours, re-scored exactly; faster on large sets)."),
-    proposals: str = typer.Option("felzenszwalb", help="Proposals: felzenszwalb, cluster (Split Matching k-means), "
+    proposals: Optional[str] = typer.Option(None, help="Proposals (default: the reference set's, else felzenszwalb): "
+                                  "felzenszwalb, cluster (Split Matching k-means), "
                                   "sam or sam:MODEL (SAM automatic masks; hub id or local folder)."),
-    n_clusters: int = typer.Option(8, help="k of --proposals cluster."),
+    n_clusters: Optional[int] = typer.Option(None, help="k of --proposals cluster (default: the reference set's, else 8)."),
     smooth_omega: float = typer.Option(0.0, help="GFA smoothing of P_seg over adjacent segments, in [0, 1); 0 = off."),
     others_threshold: Optional[float] = typer.Option(None, help="Label segments whose normalised confidence is "
                                                      "below this 'others' (extra class); default off."),

@@ -76,3 +76,27 @@ def masks_average_pool(features: torch.Tensor, masks: np.ndarray, normalize: boo
     cov = torch.zeros(k, h * w, device=features.device).index_add_(1, cells, m)
     out = (cov / cov.sum(1, keepdim=True).clamp_min(1.0)) @ features.reshape(h * w, d).float()
     return torch.nn.functional.normalize(out, dim=1) if normalize else out
+
+
+def embed_proposals(encoder, features: torch.Tensor, proposals, image: np.ndarray | None = None) -> torch.Tensor:
+    """Segment embeddings S (METHOD.md step 6) of an image's proposals with ``encoder``.
+
+    The encoder decides how a segment is embedded (``VisualEncoder.segment_embeddings`` /
+    ``mask_embeddings``: mask average pooling by default, GFA fusion for ``gfa:`` encoders, CLS
+    of masked crops for ``cls:``); objects without those methods get plain mask average pooling.
+
+    Args:
+        encoder: the visual encoder that produced ``features``.
+        features: (h, w, d') its dense features of ``image``.
+        proposals: :class:`reme.proposals.Proposals` (a partition, or overlapping masks).
+        image: the (H, W, 3) uint8 image (needed by ``cls:`` encoders).
+
+    Returns:
+        (k, d) float32 tensor, rows L2-normalised.
+    """
+    if proposals.masks is not None:
+        fn = getattr(encoder, "mask_embeddings", None)
+        return fn(features, proposals.masks, image=image) if callable(fn) else masks_average_pool(features, proposals.masks)
+    fn = getattr(encoder, "segment_embeddings", None)
+    seg = proposals.segment_ids
+    return fn(features, seg, image=image) if callable(fn) else mask_average_pool(features, seg)

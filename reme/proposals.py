@@ -2,7 +2,9 @@
 
 Felzenszwalb graph segmentation (``skimage.segmentation.felzenszwalb``) partitions the image;
 a partition is stored as one (H, W) int32 *segment-id map* (ids 0..k-1), which is both the
-compact form of the k boolean masks M_k and what eq. 3 gathers from.
+compact form of the k boolean masks M_k and what eq. 3 gathers from. SAM masks overlap and are
+kept as (k, H, W) bool masks (:class:`Proposals`). :class:`ProposalGenerator` picks the method
+by name for the build and for inference alike.
 """
 
 from __future__ import annotations
@@ -81,3 +83,111 @@ def segment_bboxes(seg: np.ndarray) -> np.ndarray:
             ys, xs = sl
             boxes[i] = (xs.start, ys.start, xs.stop - xs.start, ys.stop - ys.start)
     return boxes
+
+
+def masks_bboxes(masks: np.ndarray) -> np.ndarray:
+    """(k, 4) int32 XYWH boxes of (k, H, W) bool masks (an empty mask gives zeros)."""
+    boxes = np.zeros((len(masks), 4), np.int32)
+    for i, m in enumerate(masks):
+        ys, xs = np.nonzero(m)
+        if ys.size:
+            boxes[i] = (xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
+    return boxes
+
+
+@dataclass
+class Proposals:
+    """Class-agnostic proposals of one image.
+
+    Attributes:
+        segment_ids: (H, W) int32 map whose values index the k proposals; for overlapping
+            masks, the smallest mask covering each pixel (larger masks painted first).
+        masks: (k, H, W) bool masks when proposals may overlap (SAM), else None (a partition:
+            ``segment_ids`` is the whole story).
+    """
+
+    segment_ids: np.ndarray
+    masks: np.ndarray | None = None
+
+    @property
+    def num(self) -> int:
+        """k, the number of proposals."""
+        return len(self.masks) if self.masks is not None else int(self.segment_ids.max()) + 1
+
+    def bboxes(self) -> np.ndarray:
+        """(k, 4) int32 XYWH boxes."""
+        return masks_bboxes(self.masks) if self.masks is not None else segment_bboxes(self.segment_ids)
+
+    def areas(self) -> np.ndarray:
+        """(k,) int64 areas in pixels (overlapping masks count shared pixels in each)."""
+        if self.masks is not None:
+            return self.masks.reshape(len(self.masks), -1).sum(1).astype(np.int64)
+        return np.bincount(self.segment_ids.ravel(), minlength=self.num).astype(np.int64)
+
+
+#: Proposal methods of :class:`ProposalGenerator` ("sam:MODEL" names a SAM checkpoint).
+PROPOSAL_METHODS = ("felzenszwalb", "cluster", "sam")
+
+
+class ProposalGenerator:
+    """Class-agnostic proposals by method name (METHOD.md step 1 and its options).
+
+    Args:
+        method: ``"felzenszwalb"`` (default; FreeDA settings), ``"cluster"`` (Split Matching's
+            k-means over the visual encoder's dense features, :mod:`reme.proposals_cluster`),
+            or ``"sam"`` / ``"sam:MODEL"`` (SAM automatic masks, :mod:`reme.proposals_sam`;
+            hub id or local folder, default facebook/sam-vit-huge; masks may overlap).
+        felzenszwalb: Felzenszwalb settings (its ``min_size`` is also the smallest cluster
+            region).
+        n_clusters: k of ``"cluster"`` (our default 8).
+        sam_options: keywords of :class:`reme.proposals_sam.SamProposals` (``points_per_side``
+            32, ``pred_iou_thresh`` 0.88, ``stability_score_thresh`` 0.95, ...).
+        device: where SAM runs.
+
+    Raises:
+        ValueError: unknown method. reme.errors.MissingWeightsError: SAM weights missing.
+    """
+
+    def __init__(self, method: str = "felzenszwalb", *, felzenszwalb: FelzenszwalbParams = FelzenszwalbParams(),
+                 n_clusters: int = 8, sam_options: dict | None = None, device=None):
+        family = method.partition(":")[0]
+        if family not in PROPOSAL_METHODS or (family != "sam" and method != family):
+            raise ValueError(f"proposals must be 'felzenszwalb', 'cluster', 'sam' or 'sam:MODEL', got {method!r}")
+        if int(n_clusters) < 1:
+            raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
+        self.method, self.felzenszwalb, self.n_clusters = method, felzenszwalb, int(n_clusters)
+        self.sam = None
+        if family == "sam":
+            from reme.proposals_sam import SamProposals
+
+            self.sam = SamProposals(method[4:] or "facebook/sam-vit-huge", device=device, **(sam_options or {}))
+
+    @property
+    def overlapping(self) -> bool:
+        """True when proposals may overlap (SAM)."""
+        return self.sam is not None
+
+    def __call__(self, image: np.ndarray, features=None) -> Proposals:
+        """Proposals of one image.
+
+        Args:
+            image: (H, W, 3) uint8 RGB.
+            features: (h, w, d) dense features of the image; needed by ``"cluster"``.
+
+        Returns:
+            :class:`Proposals`.
+        """
+        if self.method == "felzenszwalb":
+            return Proposals(felzenszwalb_segments(image, self.felzenszwalb))
+        if self.method == "cluster":
+            if features is None:
+                raise ValueError("cluster proposals need the image's dense features")
+            from reme.proposals_cluster import cluster_segments
+
+            return Proposals(cluster_segments(features, image.shape[:2], n_clusters=self.n_clusters,
+                                              min_size=self.felzenszwalb.min_size))
+        masks = self.sam.masks(image)                                   # (k, H, W), largest first
+        seg = np.zeros(image.shape[:2], np.int32)
+        for i, m in enumerate(masks):                                   # smaller masks painted on top
+            seg[m] = i
+        return Proposals(seg, masks)

@@ -15,8 +15,8 @@ from reme.classes import parse_classes
 from reme.encoders import resolve_device, resolve_encoder
 from reme.errors import ReferenceSetError
 from reme.io import load_image
-from reme.pooling import mask_average_pool, masks_average_pool
-from reme.proposals import FelzenszwalbParams, felzenszwalb_segments
+from reme.pooling import embed_proposals
+from reme.proposals import FelzenszwalbParams, ProposalGenerator
 from reme.reference import ReferenceSet, load_reference
 from reme.retrieval import (
     DEFAULT_CHUNK_SIZE,
@@ -99,15 +99,17 @@ class Segmenter:
             neighbours (:data:`reme.retrieval.DEFAULT_TOPK_CANDIDATES` when top_k is None),
             re-scored exactly, softmax over them; approximate for IVF indexes (reference sets
             of 200k+ segments), ~30-100x faster at 1e6 segments (docs/performance.md).
-        proposals: class-agnostic proposal generator for the test image: "felzenszwalb"
-            (default, METHOD.md step 1), "cluster" (Split Matching's k-means over the visual
-            encoder's dense features, :mod:`reme.proposals_cluster`), or "sam" / "sam:MODEL"
-            (SAM automatic masks, 32 x 32 grid, :mod:`reme.proposals_sam`; hub id or local folder,
-            default facebook/sam-vit-huge). SAM's masks overlap: each is pooled on its own
-            (``reme.pooling.masks_average_pool``) and eq. 3 sums P_seg over the masks covering a
-            pixel (``reme.retrieval.pixel_class_probs_masks``); ``segment_ids`` then shows the
-            smallest mask covering each pixel.
-        n_clusters: k of the "cluster" proposals (our default 8).
+        proposals: class-agnostic proposal generator for the test image
+            (:class:`reme.proposals.ProposalGenerator`): "felzenszwalb" (METHOD.md step 1),
+            "cluster" (Split Matching's k-means over the visual encoder's dense features,
+            :mod:`reme.proposals_cluster`), or "sam" / "sam:MODEL" (SAM automatic masks, 32 x 32
+            grid, :mod:`reme.proposals_sam`; hub id or local folder, default
+            facebook/sam-vit-huge). None (default) = the method the reference set was built
+            with (manifest), else "felzenszwalb". SAM's masks overlap: each is pooled on its
+            own (``reme.pooling.masks_average_pool``) and eq. 3 sums P_seg over the masks
+            covering a pixel (``reme.retrieval.pixel_class_probs_masks``); ``segment_ids`` then
+            shows the smallest mask covering each pixel.
+        n_clusters: k of the "cluster" proposals; None = the manifest's, else 8.
         smooth_omega: in [0, 1); > 0 smooths P_seg over the test image's segment adjacency
             graph with the GFA random walk of OVSNet (:func:`reme.gfa.smooth_segment_probs`,
             edges weighted by S_test similarity). 0 (default) = off.
@@ -126,7 +128,7 @@ class Segmenter:
                  top_k: int | None = DEFAULT_TOP_K, templates: Sequence[str] | None = None,
                  allow_encoder_mismatch: bool = False, device: str | torch.device | None = None,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, retrieval: str = "exact",
-                 proposals: str = "felzenszwalb", n_clusters: int = 8, smooth_omega: float = 0.0,
+                 proposals: str | None = None, n_clusters: int | None = None, smooth_omega: float = 0.0,
                  others_threshold: float | None = None):
         self.device = resolve_device(device)
         self.reference = reference if isinstance(reference, ReferenceSet) else load_reference(reference)
@@ -156,19 +158,16 @@ class Segmenter:
         if retrieval not in ("exact", "topk"):
             raise ValueError(f"retrieval must be 'exact' or 'topk', got {retrieval!r}")
         self.retrieval = retrieval
-        if not (proposals in ("felzenszwalb", "cluster", "sam") or proposals.startswith("sam:")):
-            raise ValueError(f"proposals must be 'felzenszwalb', 'cluster', 'sam' or 'sam:MODEL', got {proposals!r}")
         if not 0.0 <= smooth_omega < 1.0:
             raise ValueError(f"smooth_omega must lie in [0, 1), got {smooth_omega}")
-        self.proposals = proposals
-        self.n_clusters = int(n_clusters)
+        built = man.get("proposals") or {}
+        self.proposals = proposals or built.get("method", "felzenszwalb")
+        self.n_clusters = int(n_clusters if n_clusters is not None else built.get("n_clusters", 8))
         self.smooth_omega = float(smooth_omega)
         self.others_threshold = others_threshold
-        self._sam = None
-        if proposals.startswith("sam"):
-            from reme.proposals_sam import SamProposals
-
-            self._sam = SamProposals(proposals[4:] or "facebook/sam-vit-huge", device=self.device)
+        self.proposer = ProposalGenerator(self.proposals, felzenszwalb=self.felzenszwalb, n_clusters=self.n_clusters,
+                                          sam_options=built.get("sam_options") if self.proposals == built.get("method") else None,
+                                          device=self.device)
         # the CPU reads S_ref in its stored dtype (float16 memory map) block by block, no copy;
         # an accelerator gets one copy in the stored dtype
         S_ref = self.reference.S_ref
@@ -207,18 +206,7 @@ class Segmenter:
     @property
     def overlapping_proposals(self) -> bool:
         """True when proposals may overlap (SAM masks): eq. 3 then sums over masks."""
-        return self.proposals.startswith("sam")
-
-    def _embed(self, img: np.ndarray, feats: torch.Tensor, seg: np.ndarray, masks: np.ndarray | None) -> torch.Tensor:
-        """S_test (k, d1): the encoder's segment embeddings (mask average pooling; GFA fusion
-        for ``gfa:`` encoders, masked-crop CLS for ``cls:``); duck-typed encoders without the
-        method get plain mask average pooling."""
-        enc = self.visual_encoder
-        if masks is not None:
-            fn = getattr(enc, "mask_embeddings", None)
-            return fn(feats, masks, image=img) if callable(fn) else masks_average_pool(feats, masks)
-        fn = getattr(enc, "segment_embeddings", None)
-        return fn(feats, seg, image=img) if callable(fn) else mask_average_pool(feats, seg)
+        return self.proposer.overlapping
 
     @torch.inference_mode()
     def segment_probs(self, image, classes, *, return_embeddings: bool = False,
@@ -240,8 +228,9 @@ class Segmenter:
         names, synonyms = parse_classes(classes)
         img = load_image(image)
         feats = self.visual_encoder.dense_features(img).to(self.device)
-        seg, masks = self._proposals(img, feats)
-        S_test = self._embed(img, feats, seg, masks)
+        props = self.proposer(img, feats)
+        seg, masks = props.segment_ids, props.masks
+        S_test = embed_proposals(self.visual_encoder, feats, props, img)
         L_test, owner = self._class_embeddings(synonyms)
         A2 = label_affinity(self._L_ref, L_test, self.label_logit_scale)              # (n, c') eq. 2
         P = self._segment_class_probs(S_test, A2)                                    # (k, c') eqs. 1-2
@@ -265,23 +254,6 @@ class Segmenter:
         if return_masks:
             out += (masks,)
         return out
-
-    def _proposals(self, img: np.ndarray, feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        """``(segment_ids, masks)``: an (H, W) int32 id map, and for SAM the (k, H, W) bool
-        overlapping masks (None for partitions). SAM's id map paints smaller masks on top, so
-        ids index the masks; a mask hidden everywhere keeps its row but no pixel."""
-        if self.proposals == "felzenszwalb":
-            return felzenszwalb_segments(img, self.felzenszwalb), None
-        if self.proposals == "cluster":
-            from reme.proposals_cluster import cluster_segments
-
-            return cluster_segments(feats, img.shape[:2], n_clusters=self.n_clusters,
-                                    min_size=self.felzenszwalb.min_size), None
-        masks = self._sam.masks(img)                                   # (k, H, W), largest first
-        seg = np.zeros(img.shape[:2], np.int32)
-        for i, m in enumerate(masks):                                  # smaller masks painted on top
-            seg[m] = i
-        return seg, masks
 
     @property
     def index(self):

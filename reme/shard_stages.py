@@ -33,8 +33,8 @@ from reme.errors import ImageReadError
 from reme.io import read_image
 from reme.nounphrases import NounPhrase, extract_noun_phrases, load_spacy
 from reme.pairing import pair_labels_to_segments
-from reme.pooling import mask_average_pool
-from reme.proposals import FelzenszwalbParams, felzenszwalb_segments, segment_bboxes
+from reme.pooling import embed_proposals
+from reme.proposals import PROPOSAL_METHODS, FelzenszwalbParams, ProposalGenerator, Proposals, masks_bboxes
 from reme.shards import encode_shard, pairs_table, segments_table
 from reme.text_embedding import TEMPLATES, embed_labels
 
@@ -53,7 +53,12 @@ class StageSettings:
 
     Attributes:
         mode: ``"gt"`` or ``"caption"``.
-        felzenszwalb: proposal settings (step 1).
+        felzenszwalb: Felzenszwalb settings (step 1).
+        proposals: step 1 method, ``"felzenszwalb"``, ``"cluster"`` or ``"sam[:MODEL]"``
+            (:class:`reme.proposals.ProposalGenerator`); GT mode uses it with
+            ``gt_segments="proposals"``.
+        n_clusters: k of ``"cluster"`` proposals.
+        sam_options: keywords of :class:`reme.proposals_sam.SamProposals`.
         batch_size: images per encoder / captioner / spaCy batch inside a shard.
         max_image_pixels: larger images are downscaled (caption) or skipped (GT); None: no
             limit below :data:`reme.io.MAX_PIXELS`.
@@ -67,6 +72,9 @@ class StageSettings:
 
     mode: str
     felzenszwalb: FelzenszwalbParams = FelzenszwalbParams()
+    proposals: str = "felzenszwalb"
+    n_clusters: int = 8
+    sam_options: dict = field(default_factory=dict)
     batch_size: int = 8
     max_image_pixels: int | None = MAX_BUILD_PIXELS
     gt_segments: str = "proposals"
@@ -81,6 +89,8 @@ class StageSettings:
             raise ValueError(f"mode must be 'gt' or 'caption', got {self.mode!r}")
         if self.gt_segments not in ("proposals", "masks"):
             raise ValueError(f"segments must be 'proposals' or 'masks', got {self.gt_segments!r}")
+        if self.proposals.partition(":")[0] not in PROPOSAL_METHODS:
+            raise ValueError(f"proposals must be 'felzenszwalb', 'cluster', 'sam' or 'sam:MODEL', got {self.proposals!r}")
         if int(self.batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_image_pixels is not None and int(self.max_image_pixels) < 1:
@@ -88,6 +98,7 @@ class StageSettings:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["sam_options"] = dict(sorted(self.sam_options.items()))
         d["exclude_labels"] = sorted(self.exclude_labels)
         d["templates"] = list(self.templates)
         return d
@@ -186,9 +197,14 @@ def _chunks(seq: Sequence[str], n: int) -> Iterator[Sequence[str]]:
         yield seq[i:i + n]
 
 
-def _mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
-    ys, xs = np.nonzero(mask)
-    return int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
+def _label_counts(props: Proposals, gt: np.ndarray, num_labels: int) -> np.ndarray:
+    """(k, num_labels) int64 GT pixel counts per proposal (pixels with gt < 0 not counted)."""
+    valid = gt >= 0
+    if props.masks is None:
+        seg = props.segment_ids
+        flat = seg[valid].astype(np.int64) * num_labels + gt[valid]
+        return np.bincount(flat, minlength=props.num * num_labels).reshape(props.num, num_labels)
+    return np.stack([np.bincount(gt[m & valid], minlength=num_labels) for m in props.masks]).astype(np.int64)
 
 
 class _ShardOut:
@@ -253,6 +269,9 @@ class ShardComputer:
         self.annotations = annotations
         self.captioner = captioner
         self.pairing = pairing_model
+        self.proposer = ProposalGenerator(settings.proposals, felzenszwalb=settings.felzenszwalb,
+                                          n_clusters=settings.n_clusters, sam_options=settings.sam_options,
+                                          device=getattr(visual_encoder, "device", None))
         if settings.mode == "gt":
             if annotations is None:
                 raise ValueError("GT mode needs annotations")
@@ -366,18 +385,16 @@ class ShardComputer:
                 if st.gt_segments == "proposals":
                     if self.bg_index is not None:
                         gt = np.where(gt == -1, self.bg_index, gt)
-                    seg = felzenszwalb_segments(img, st.felzenszwalb)
-                    k, nl = int(seg.max()) + 1, len(names)
-                    valid = gt >= 0
-                    counts = np.bincount(seg[valid] * nl + gt[valid], minlength=k * nl).reshape(k, nl)
-                    area = np.bincount(seg.ravel(), minlength=k)
+                    props = self.proposer(img, f)                                         # step 1
+                    counts = _label_counts(props, gt, len(names))
+                    area = props.areas()
                     lab = counts.argmax(1)
                     keep = (counts.max(1) >= st.min_purity * area) & (counts.max(1) > 0)
                     keep &= ~np.isin(lab, self.excluded_ids)
                     if not keep.any():
                         continue
-                    S = self.visual.segment_embeddings(f, seg, image=img).cpu().numpy()[keep]
-                    rows = out.add_segments(key, S, segment_bboxes(seg)[keep], area[keep], "gt_proposal")
+                    S = embed_proposals(self.visual, f, props, img).cpu().numpy()[keep]
+                    rows = out.add_segments(key, S, props.bboxes()[keep], area[keep], "gt_proposal")
                     labels = [names[i] for i in lab[keep]]
                 else:
                     excl = set(self.excluded_ids)
@@ -389,7 +406,7 @@ class ShardComputer:
                         continue
                     masks = np.stack([m for m, _ in regions])
                     S = self.visual.mask_embeddings(f, masks, image=img).cpu().numpy()
-                    boxes = np.array([_mask_bbox(m) for m in masks])
+                    boxes = masks_bboxes(masks)
                     rows = out.add_segments(key, S, boxes, masks.reshape(len(masks), -1).sum(1), "gt_mask")
                     labels = [names[li] for _, li in regions]
                 out.pair_seg.extend(rows.tolist())
@@ -448,17 +465,15 @@ class ShardComputer:
             clip_feats = self.pairing.dense_features_batch(imgs)
             vis_feats = self.visual.dense_features_batch(imgs)
             for (key, img, scale, phrases), fc, fv in zip(work, clip_feats, vis_feats):
-                seg = felzenszwalb_segments(img, st.felzenszwalb)                             # step 1
-                k = int(seg.max()) + 1
-                c["proposals"] += k
-                S_clip = mask_average_pool(fc, seg).cpu().numpy()                             # step 4
+                props = self.proposer(img, fv)                                                # step 1
+                c["proposals"] += props.num
+                S_clip = embed_proposals(self.pairing, fc, props, img).cpu().numpy()          # step 4
                 L_clip = np.stack([cache[p.text] for p in phrases])
                 best, sim = pair_labels_to_segments(S_clip, L_clip)
                 picked = np.unique(best)
-                S_vis = self.visual.segment_embeddings(fv, seg, image=img).cpu().numpy()[picked]  # step 6
-                area = np.bincount(seg.ravel(), minlength=k)
-                rows = out.add_segments(key, S_vis, segment_bboxes(seg)[picked], area[picked], "caption_pairing",
-                                        scale)
+                S_vis = embed_proposals(self.visual, fv, props, img).cpu().numpy()[picked]    # step 6
+                rows = out.add_segments(key, S_vis, props.bboxes()[picked], props.areas()[picked],
+                                        "caption_pairing", scale)
                 row_of = dict(zip(picked.tolist(), rows.tolist()))
                 out.pair_seg.extend(row_of[b] for b in best.tolist())
                 out.label.extend(p.text for p in phrases)

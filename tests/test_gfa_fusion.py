@@ -110,7 +110,7 @@ def test_sam_overlapping_masks_in_pooling_and_eq3(tiny_sam):
     image = photo("coffee")[::4, ::4].copy()
     classes = ["cup", "table", "sky"]
     seg = Segmenter(REPO / "reference_sets" / "default", device="cpu", proposals=f"sam:{tiny_sam}")
-    seg._sam = FixedMasks()
+    seg.proposer.sam = FixedMasks()
     assert seg.overlapping_proposals
     ids, P, names, S, masks = seg.segment_probs(image, classes, return_embeddings=True, return_masks=True)
     feats = seg.visual_encoder.dense_features(image)

@@ -10,7 +10,6 @@ from reme.annotations import CocoInstances, MaskFolder, decode_coco_rle, read_cl
 from reme.build import CaptionBuildParams, build_caption_reference, build_gt_reference
 from reme.encoders import resolve_encoder
 from reme.segmenter import Segmenter
-from test_loaders import tiny_llava  # noqa: F401  (fixture)
 
 pytestmark = needs_shared
 COCO = SHARED / "coco_tiny"
