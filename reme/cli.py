@@ -350,8 +350,9 @@ def _eval_protocol_kw(short_side, mode, crop, window_stride, background_mode, bg
                 bg_threshold=bg_threshold, others_threshold=others_threshold, synonyms=not no_synonyms)
 
 
-def _segmenter_kw(top_k, segment_logit_scale, label_logit_scale) -> dict:
-    kw: dict = {}
+def _segmenter_kw(top_k, segment_logit_scale, label_logit_scale, **options) -> dict:
+    """Segmenter keywords the user set (None = the Segmenter's default)."""
+    kw: dict = {k: v for k, v in options.items() if v is not None}
     if top_k is not None:
         kw["top_k"] = top_k or None
     if segment_logit_scale is not None:
@@ -394,6 +395,10 @@ def eval_cmd(
     top_k: Optional[int] = typer.Option(None, help="Retrieval top-k (default 10; 0 = all)."),
     segment_logit_scale: Optional[float] = typer.Option(None, help="tau1 of eq. 1 (default 50)."),
     label_logit_scale: Optional[float] = typer.Option(None, help="tau2 of eq. 2 (default 50)."),
+    retrieval: Optional[str] = typer.Option(None, help="Eq. 1 search: exact (default) or topk (FAISS index)."),
+    proposals: Optional[str] = typer.Option(None, help="felzenszwalb, cluster or sam[:MODEL] (default: the reference set's)."),
+    n_clusters: Optional[int] = typer.Option(None, help="k of --proposals cluster."),
+    smooth_omega: Optional[float] = typer.Option(None, help="GFA smoothing of P_seg over adjacent segments, in [0, 1)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: CUDA if available)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
@@ -411,7 +416,10 @@ def eval_cmd(
                         protocol_kw=_eval_protocol_kw(short_side, mode, crop, window_stride, background_mode,
                                                       bg_threshold, others_threshold, no_synonyms),
                         vis=vis, distractors=distractors, overlap=overlap, bg_sweep=bg_sweep, hold_out=hold_out,
-                        others_sweep=others_sweep, segmenter_kw=_segmenter_kw(top_k, segment_logit_scale, label_logit_scale), device=device,
+                        others_sweep=others_sweep, segmenter_kw=_segmenter_kw(top_k, segment_logit_scale, label_logit_scale, retrieval=retrieval,
+                                                   proposals=proposals, n_clusters=n_clusters,
+                                                   smooth_omega=smooth_omega),
+                        device=device,
                         progress=not quiet)
     except (MissingWeightsError, ReferenceSetError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))

@@ -269,6 +269,12 @@ def test_cli_eval_and_ablate(synth_reference, tmp_path):
     assert d["vocabulary_overlap"]["mean"] == pytest.approx(1.0, abs=1e-4)   # classes == reference labels
     assert d["distractor_sweep"]["num_distractors"] == [0, 5]
     assert (tmp_path / "o/distractors.png").is_file() and len(list((tmp_path / "o/vis").iterdir())) == 2
+    assert d["reference"]["proposals"] == "felzenszwalb" and d["reference"]["smooth_omega"] == 0.0
+    res = _reme("eval", *generic, "--reference", path, "--out", tmp_path / "o2", "--proposals", "cluster",
+                "--n-clusters", "3", "--smooth-omega", "0.3", "--retrieval", "topk", "--vis", "0", "--device", "cpu", "-q")
+    d2 = json.loads((tmp_path / "o2/results.json").read_text())
+    assert (d2["reference"]["proposals"], d2["reference"]["smooth_omega"], d2["reference"]["retrieval"]) == ("cluster", 0.3, "topk")
+    assert d2["miou"] != d["miou"]                                       # other proposals, other scores
     bad = _reme("eval", "--dataset", "voc21", "--root", tmp_path / "missing", "--reference", path, check=False)
     assert bad.exit_code == 2 and "not found" in bad.output
     res = _reme("ablate", "--kind", "noisy-gt", "--reference", path, *generic, "--limit", "1", "--noise", "0.2",

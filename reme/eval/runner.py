@@ -59,6 +59,9 @@ def reference_info(segmenter, path=None) -> dict:
         "top_k": getattr(segmenter, "top_k", None),
         "segment_logit_scale": getattr(segmenter, "segment_logit_scale", None),
         "label_logit_scale": getattr(segmenter, "label_logit_scale", None),
+        "retrieval": getattr(segmenter, "retrieval", None),
+        "proposals": getattr(segmenter, "proposals", None),
+        "smooth_omega": getattr(segmenter, "smooth_omega", None),
     }
 
 
