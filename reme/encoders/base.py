@@ -26,7 +26,9 @@ class VisualEncoder(ABC):
     Attributes:
         spec (str): the canonical spec string that :func:`resolve_encoder` accepts to
             rebuild this encoder; stored in reference-set manifests.
-        dim (int): feature dimension ``d``.
+        dim (int): dimension ``d`` of the segment embeddings, and of the dense features
+            except for encoders that stack two views (``gfa:`` specs carry both encoders'
+            channels in :meth:`dense_features`).
         device (torch.device): where the forward pass runs.
     """
 
