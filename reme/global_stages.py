@@ -132,6 +132,26 @@ def _passes(sizes: np.ndarray, budget_rows: int) -> list[tuple[int, int]]:
     return out
 
 
+def _group_embeddings(reader: ShardReader, pair_segment: np.ndarray, group_ids: np.ndarray, n_groups: int,
+                      budget_rows: int, *, desc: str, progress: bool = False):
+    """Yield ``(group, pair indices, (len, d) embeddings of those pairs' segments)`` for every
+    non-empty group, reading at most ``budget_rows`` member rows per pass (a lone larger group
+    is read whole). Members are in pair order."""
+    order = np.argsort(group_ids, kind="stable")
+    bounds = np.searchsorted(group_ids[order], np.arange(n_groups + 1))
+    bar = tqdm(total=n_groups, desc=desc, unit="group", disable=not progress)
+    for a, b in _passes(np.diff(bounds), budget_rows):
+        segs = np.unique(pair_segment[order[bounds[a]:bounds[b]]])
+        E = reader.embeddings(segs)
+        for r in range(a, b):
+            idx = order[bounds[r]:bounds[r + 1]]
+            if len(idx):
+                yield r, idx, E[np.searchsorted(segs, pair_segment[idx])]
+        bar.update(b - a)
+        del E
+    bar.close()
+
+
 def streaming_group_filter(reader: ShardReader, pair_segment: np.ndarray, root_ids: np.ndarray, n_roots: int, *,
                            drop_rate: float = 0.30, adaptive: bool = False, max_drop_rate: float = 0.50,
                            budget_rows: int = 1_000_000, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -159,31 +179,18 @@ def streaming_group_filter(reader: ShardReader, pair_segment: np.ndarray, root_i
     pair_segment = np.asarray(pair_segment, np.int64)
     root_ids = np.asarray(root_ids, np.int64)
     p = len(pair_segment)
-    order = np.argsort(root_ids, kind="stable")          # members of a group in pair order
-    bounds = np.searchsorted(root_ids[order], np.arange(n_roots + 1))
-    sizes = np.diff(bounds)
     scores = np.zeros(p, np.float32)
     incons = np.zeros(n_roots, np.float64)
-    bar = tqdm(total=n_roots, desc="group filter", unit="group", disable=not progress)
-    for a, b in _passes(sizes, budget_rows):
-        members = order[bounds[a]:bounds[b]]
-        segs = np.unique(pair_segment[members])
-        E = reader.embeddings(segs)
-        for r in range(a, b):
-            idx = order[bounds[r]:bounds[r + 1]]
-            if len(idx) == 0:
-                continue
-            emb = E[np.searchsorted(segs, pair_segment[idx])]
-            _, sc = group_median_filter(emb, np.arange(len(idx)), [0] * len(idx), drop_rate=0.0, return_scores=True)
-            scores[idx] = sc
-            incons[r] = float(np.mean(1.0 - sc))
-        bar.update(b - a)
-        del E
-    bar.close()
+    members: dict[int, np.ndarray] = {}
+    for r, idx, emb in _group_embeddings(reader, pair_segment, root_ids, n_roots, budget_rows,
+                                         desc="group filter", progress=progress):
+        _, sc = group_median_filter(emb, np.arange(len(idx)), [0] * len(idx), drop_rate=0.0, return_scores=True)
+        scores[idx] = sc
+        incons[r] = float(np.mean(1.0 - sc))
+        members[r] = idx
     keep = np.ones(p, bool)
-    w_max = max(incons[sizes > 0].tolist(), default=0.0)
-    for r in np.flatnonzero(sizes):
-        idx = order[bounds[r]:bounds[r + 1]]
+    w_max = max((incons[r] for r in members), default=0.0)
+    for r, idx in members.items():
         rate = max_drop_rate * incons[r] / w_max if adaptive and w_max > 0 else (0.0 if adaptive else drop_rate)
         n_drop = int(np.floor(rate * len(idx) + 1e-9))
         if n_drop:
@@ -270,16 +277,11 @@ def streaming_relabel(reader: ShardReader, pair_segment: np.ndarray, root_ids: n
     if len(kept) == 0 or len(gone) == 0:
         return new, sim_out
     kept_roots, kept_root_of = np.unique(root_ids[kept], return_inverse=True)      # sorted root ids
-    order = kept[np.argsort(kept_root_of, kind="stable")]
-    bounds = np.searchsorted(np.sort(kept_root_of, kind="stable"), np.arange(len(kept_roots) + 1))
     centers = np.zeros((len(kept_roots), reader.dim), np.float32)
-    for a, b in tqdm(_passes(np.diff(bounds), budget_rows), desc="relabel centres", disable=not progress):
-        segs = np.unique(pair_segment[order[bounds[a]:bounds[b]]])
-        E = reader.embeddings(segs)
-        for r in range(a, b):
-            c = np.median(E[np.searchsorted(segs, pair_segment[order[bounds[r]:bounds[r + 1]]])], axis=0)
-            centers[r] = c / max(np.linalg.norm(c), 1e-12)
-        del E
+    for r, _, emb in _group_embeddings(reader, pair_segment[kept], kept_root_of.astype(np.int64), len(kept_roots),
+                                       budget_rows, desc="relabel centres", progress=progress):
+        c = np.median(emb, axis=0)
+        centers[r] = c / max(np.linalg.norm(c), 1e-12)
     for s in tqdm(range(0, len(gone), budget_rows), desc="relabel dropped", disable=not progress):
         idx = gone[s:s + budget_rows]
         segs, inv = np.unique(pair_segment[idx], return_inverse=True)
