@@ -28,26 +28,31 @@ from reme.encoders.base import VisualEncoder
 DEFAULT_FILL = 0
 
 
-def masked_crops(image: np.ndarray, masks: np.ndarray, fill: int = DEFAULT_FILL) -> list[np.ndarray]:
-    """Bounding-box crops of each mask with the pixels outside the mask set to ``fill``.
+def masked_crops(image: np.ndarray, segments: np.ndarray, fill: int = DEFAULT_FILL) -> list[np.ndarray]:
+    """Bounding-box crops of each segment with the pixels outside the segment set to ``fill``.
 
     Args:
         image: (H, W, 3) uint8.
-        masks: (k, H, W) bool masks (may overlap); an empty mask gives a 1 x 1 fill crop.
+        segments: (H, W) int segment-id map (ids 0..k-1; boxes from ``scipy.ndimage``, each
+            segment compared only inside its box), or (k, H, W) bool masks that may overlap.
+            An empty mask gives a 1 x 1 fill crop.
         fill: grey value in [0, 255].
 
     Returns:
         k arrays (h_i, w_i, 3) uint8.
     """
+    from reme.proposals import masks_bboxes, segment_bboxes
+
+    seg = np.asarray(segments)
+    boxes = segment_bboxes(seg) if seg.ndim == 2 else masks_bboxes(seg)
     crops = []
-    for m in masks:
-        ys, xs = np.nonzero(m)
-        if ys.size == 0:
+    for i, (x, y, bw, bh) in enumerate(boxes):
+        if bw == 0 or bh == 0:
             crops.append(np.full((1, 1, 3), fill, np.uint8))
             continue
-        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-        crop = image[y0:y1, x0:x1].copy()
-        crop[~m[y0:y1, x0:x1]] = fill
+        crop = image[y:y + bh, x:x + bw].copy()
+        inside = seg[y:y + bh, x:x + bw] == i if seg.ndim == 2 else seg[i, y:y + bh, x:x + bw]
+        crop[~inside] = fill
         crops.append(crop)
     return crops
 
@@ -66,9 +71,7 @@ def cls_region_embeddings(clip_model, image: np.ndarray, segment_ids: np.ndarray
     Returns:
         (k, d) float32, L2-normalised.
     """
-    seg = np.asarray(segment_ids)
-    masks = seg.astype(bool) if seg.ndim == 3 else seg[None] == np.arange(int(seg.max()) + 1)[:, None, None]
-    emb = np.asarray(clip_model.encode_image_global(masked_crops(image, masks, fill)), np.float32)
+    emb = np.asarray(clip_model.encode_image_global(masked_crops(image, segment_ids, fill)), np.float32)
     return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 
 
