@@ -129,6 +129,18 @@ class Proposals:
 PROPOSAL_METHODS = ("felzenszwalb", "cluster", "sam")
 
 
+def check_proposal_method(method: str) -> str:
+    """Return ``method`` if it is ``"felzenszwalb"``, ``"cluster"``, ``"sam"`` or ``"sam:MODEL"``.
+
+    Raises:
+        ValueError: anything else.
+    """
+    family = method.partition(":")[0] if isinstance(method, str) else None
+    if family not in PROPOSAL_METHODS or (family != "sam" and method != family):
+        raise ValueError(f"proposals must be 'felzenszwalb', 'cluster', 'sam' or 'sam:MODEL', got {method!r}")
+    return method
+
+
 class ProposalGenerator:
     """Class-agnostic proposals by method name (METHOD.md step 1 and its options).
 
@@ -150,14 +162,12 @@ class ProposalGenerator:
 
     def __init__(self, method: str = "felzenszwalb", *, felzenszwalb: FelzenszwalbParams = FelzenszwalbParams(),
                  n_clusters: int = 8, sam_options: dict | None = None, device=None):
-        family = method.partition(":")[0]
-        if family not in PROPOSAL_METHODS or (family != "sam" and method != family):
-            raise ValueError(f"proposals must be 'felzenszwalb', 'cluster', 'sam' or 'sam:MODEL', got {method!r}")
+        check_proposal_method(method)
         if int(n_clusters) < 1:
             raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
         self.method, self.felzenszwalb, self.n_clusters = method, felzenszwalb, int(n_clusters)
         self.sam = None
-        if family == "sam":
+        if method.startswith("sam"):
             from reme.proposals_sam import SamProposals
 
             self.sam = SamProposals(method[4:] or "facebook/sam-vit-huge", device=device, **(sam_options or {}))

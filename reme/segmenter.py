@@ -161,12 +161,12 @@ class Segmenter:
         if not 0.0 <= smooth_omega < 1.0:
             raise ValueError(f"smooth_omega must lie in [0, 1), got {smooth_omega}")
         built = man.get("proposals") or {}
-        self.proposals = proposals or built.get("method", "felzenszwalb")
-        self.n_clusters = int(n_clusters if n_clusters is not None else built.get("n_clusters", 8))
+        method = proposals or built.get("method", "felzenszwalb")
         self.smooth_omega = float(smooth_omega)
         self.others_threshold = others_threshold
-        self.proposer = ProposalGenerator(self.proposals, felzenszwalb=self.felzenszwalb, n_clusters=self.n_clusters,
-                                          sam_options=built.get("sam_options") if self.proposals == built.get("method") else None,
+        self.proposer = ProposalGenerator(method, felzenszwalb=self.felzenszwalb,
+                                          n_clusters=n_clusters if n_clusters is not None else built.get("n_clusters", 8),
+                                          sam_options=built.get("sam_options") if method == built.get("method") else None,
                                           device=self.device)
         # the CPU reads S_ref in its stored dtype (float16 memory map) block by block, no copy;
         # an accelerator gets one copy in the stored dtype
@@ -202,6 +202,16 @@ class Segmenter:
             self._class_cache[key] = (torch.as_tensor(L, device=self.device),
                                       torch.as_tensor(owner, dtype=torch.int64, device=self.device))
         return self._class_cache[key]
+
+    @property
+    def proposals(self) -> str:
+        """The proposal method in use ("felzenszwalb", "cluster", "sam[:MODEL]")."""
+        return self.proposer.method
+
+    @property
+    def n_clusters(self) -> int:
+        """k of the "cluster" proposals."""
+        return self.proposer.n_clusters
 
     @property
     def overlapping_proposals(self) -> bool:

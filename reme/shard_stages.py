@@ -34,7 +34,7 @@ from reme.io import read_image
 from reme.nounphrases import NounPhrase, extract_noun_phrases, load_spacy
 from reme.pairing import pair_labels_to_segments
 from reme.pooling import embed_proposals
-from reme.proposals import PROPOSAL_METHODS, FelzenszwalbParams, ProposalGenerator, Proposals, masks_bboxes
+from reme.proposals import FelzenszwalbParams, ProposalGenerator, Proposals, check_proposal_method, masks_bboxes
 from reme.shards import encode_shard, pairs_table, segments_table
 from reme.text_embedding import TEMPLATES, embed_labels
 
@@ -89,8 +89,7 @@ class StageSettings:
             raise ValueError(f"mode must be 'gt' or 'caption', got {self.mode!r}")
         if self.gt_segments not in ("proposals", "masks"):
             raise ValueError(f"segments must be 'proposals' or 'masks', got {self.gt_segments!r}")
-        if self.proposals.partition(":")[0] not in PROPOSAL_METHODS:
-            raise ValueError(f"proposals must be 'felzenszwalb', 'cluster', 'sam' or 'sam:MODEL', got {self.proposals!r}")
+        check_proposal_method(self.proposals)
         if int(self.batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_image_pixels is not None and int(self.max_image_pixels) < 1:
