@@ -135,6 +135,7 @@ def test_coco128_label_map_matches_polygon_area():
         assert abs(int((lab == small).sum()) - area) <= 0.03 * area, (stem, names[small])
 
 
+@pytest.mark.slow
 @needs_shared
 def test_cli_gt_build_from_coco128_yolo_labels(tmp_path):
     from reme.reference import load_reference
@@ -156,12 +157,53 @@ def test_cli_gt_build_from_coco128_yolo_labels(tmp_path):
     ref = load_reference(out)
     names = read_class_names(COCO128 / "classes_coco80.txt")
     assert set(ref.labels) <= set(names) and {"giraffe", "zebra"} <= set(ref.labels)
-    assert ref.manifest["annotations"]["kind"] == "yolo" if "annotations" in ref.manifest else True
     assert len(ref.S_ref) > 0 and set(ref.segment_image) == {f"{s}.jpg" for s in STEMS}
-    # options that exclude each other, and the missing class file, fail before any work
-    both = subprocess.run(cmd[:-1] + ["--masks", str(imgs), "--overwrite"], capture_output=True, text=True,
-                          env=env, timeout=120)
-    assert both.returncode == 2 and "only one of" in both.stderr
-    no_classes = [a for i, a in enumerate(cmd) if a != "--classes-file" and cmd[i - 1] != "--classes-file"]
-    proc = subprocess.run(no_classes + ["--overwrite"], capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 2 and "--classes-file" in proc.stderr
+
+
+def test_cli_option_checks(labels, tmp_path):
+    from typer.testing import CliRunner
+
+    from reme.cli import app
+
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(NAMES) + "\n")
+    base = ["build-reference", "--images", str(tmp_path), "--out", str(tmp_path / "ref"), "--yolo-labels", str(labels),
+            "--visual-encoder", "classical", "--text-encoder", "minilm"]
+    both = CliRunner().invoke(app, base + ["--classes-file", str(classes), "--masks", str(tmp_path)])
+    assert both.exit_code == 2 and "only one of" in both.output
+    no_classes = CliRunner().invoke(app, base)
+    assert no_classes.exit_code == 2 and "--yolo-labels needs --classes-file" in no_classes.output
+    assert not (tmp_path / "ref").exists()
+
+
+def test_gt_build_in_worker_processes(tmp_path):
+    """Workers rebuild YoloLabels from its config; an image without a label file is background,
+    a malformed file skips its image with the line in the manifest; 'masks' gives one segment
+    per YOLO instance."""
+    from conftest import photo
+    from reme.build import build_gt_reference
+    from reme.encoders.classical import ClassicalEncoder
+    from test_build_resume import HashText
+
+    imgs, root = tmp_path / "images", tmp_path / "labels"
+    imgs.mkdir()
+    root.mkdir()
+    rgb = photo("chelsea")[:64, :80]
+    for name in ("boxed.png", "nolabel.png", "broken.png"):
+        Image.fromarray(rgb).save(imgs / name)
+    (root / "boxed.txt").write_text("0 0.5 0.5 1.0 1.0\n1 0.25 0.25 0.5 0.5\n")
+    (root / "broken.txt").write_text("0 0.5 0.5 1.0 1.0\n0 0.5 0.5\n")
+    vis = ClassicalEncoder(image_size=48)
+    ref = build_gt_reference(imgs, YoloLabels(root, NAMES), vis, HashText(), background_label="background",
+                             workers=2, shard_size=1, progress=False)
+    assert [s["image"] for s in ref.manifest["skipped_images"]] == ["broken.png"]
+    assert "broken.txt, line 2: " in ref.manifest["skipped_images"][0]["reason"]
+    by_image = {}
+    for seg, lab in zip(ref.pair_segment, ref.pair_label):
+        by_image.setdefault(ref.segment_image[seg], set()).add(ref.labels[lab])
+    assert by_image["nolabel.png"] == {"background"}
+    assert by_image["boxed.png"] <= {"cat", "dog"} and "cat" in by_image["boxed.png"]
+    masks = build_gt_reference(imgs, YoloLabels(root, NAMES), vis, HashText(), segments="masks",
+                               images=["boxed.png"], progress=False)
+    assert sorted(masks.labels[j] for j in masks.pair_label) == ["cat", "dog"]
+    assert sorted(masks.segment_area.tolist()) == [32 * 40, 64 * 80]
