@@ -1,8 +1,9 @@
 """Ground-truth annotations for GT-mode reference sets (the paper's Fig. 1b "GT reference").
 
-Two sources: COCO instance JSON (polygons and RLE) and folders of index-PNG masks with a
-class-name file (VOC, CamVid, COCO-Object masks). Both give, per image, an (H, W) int32 GT
-label map with -1 for unlabelled / ignored pixels, plus the label names.
+Three sources: COCO instance JSON (polygons and RLE), folders of index-PNG masks with a
+class-name file (VOC, CamVid, COCO-Object masks), and folders of YOLO label files (polygons of
+YOLO-seg, or boxes) with a class-name file. Each gives, per image, an (H, W) int32 GT label map
+with -1 for unlabelled / ignored pixels, plus the label names.
 """
 
 from __future__ import annotations
@@ -200,13 +201,166 @@ class MaskFolder:
         return m
 
 
+#: YOLO coordinates are normalised to [0, 1]; values this far outside are taken as an error
+#: (pixel coordinates, a wrong format), values closer are clipped to the image.
+YOLO_COORD_TOLERANCE = 0.01
+
+
+def read_yolo_labels(path: str | Path, num_classes: int) -> list[tuple[int, str, np.ndarray]]:
+    """Parse one YOLO label file: one instance per line.
+
+    Lines are ``cls cx cy w h`` (exactly 5 numbers: a box, Ultralytics' detection format) or
+    ``cls x1 y1 x2 y2 ... xn yn`` (n >= 3 polygon vertices, Ultralytics' YOLO-seg format).
+    Coordinates are normalised by the image width (x) and height (y). Blank lines are skipped.
+
+    Args:
+        path: the ``.txt`` file.
+        num_classes: number of class names; ``cls`` must be an integer in [0, num_classes).
+
+    Returns:
+        One ``(cls, kind, coords)`` per instance in file order: ``kind`` is ``"box"`` with
+        ``coords`` float64 (4,) = (cx, cy, w, h), or ``"polygon"`` with ``coords`` float64 (n, 2)
+        = (x, y) vertices; all normalised.
+
+    Raises:
+        ValueError: a malformed line (not numbers, a non-integer or out-of-range class, an even
+            number of values or fewer than 3 vertices, non-finite or non-normalised coordinates,
+            a negative box size); the message names the file and the 1-based line number.
+    """
+    out = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        where = f"{path}, line {n}"
+        try:
+            vals = np.array([float(x) for x in parts], np.float64)
+        except ValueError:
+            raise ValueError(f"{where}: not a YOLO label line (numbers expected): {line.strip()[:80]!r}") from None
+        c = vals[0]
+        if not (np.isfinite(c) and c == int(c) and 0 <= c < num_classes):
+            raise ValueError(f"{where}: class {parts[0]!r} is not an integer in [0, {num_classes}) "
+                             f"({num_classes} class names given)")
+        xy = vals[1:]
+        if len(xy) == 4:
+            kind = "box"
+        elif len(xy) >= 6 and len(xy) % 2 == 0:
+            kind = "polygon"
+        else:
+            raise ValueError(f"{where}: {len(parts)} values; expected 'cls cx cy w h' (5) or "
+                             "'cls x1 y1 ... xn yn' with n >= 3 vertices (an odd count >= 7)")
+        tol = YOLO_COORD_TOLERANCE
+        if not np.isfinite(xy).all() or (xy < -tol).any() or (xy > 1 + tol).any():
+            raise ValueError(f"{where}: coordinates must be finite and normalised to [0, 1] "
+                             f"(found {xy.min():g} .. {xy.max():g})")
+        if kind == "box" and (xy[2] < 0 or xy[3] < 0):
+            raise ValueError(f"{where}: negative box width or height")
+        out.append((int(c), kind, xy if kind == "box" else xy.reshape(-1, 2)))
+    return out
+
+
+def rasterise_yolo_instance(kind: str, coords: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool mask of one YOLO instance (see :func:`read_yolo_labels`) at the image size.
+
+    Pixel (r, c) covers [c, c+1) x [r, r+1) in image coordinates (x = coordinate * W) and is
+    inside when its centre is: polygons through :func:`skimage.draw.polygon` (the rasteriser of
+    :class:`CocoInstances`), boxes as filled rectangles. The pixel count then follows the
+    polygon's area (shoelace formula) up to edge pixels, with no outline added.
+    """
+    H, W = shape
+    mask = np.zeros((H, W), bool)
+    if kind == "box":
+        cx, cy, w, h = coords
+        x0, x1 = np.ceil(np.array([cx - w / 2, cx + w / 2]) * W - 0.5).clip(0, W).astype(int)
+        y0, y1 = np.ceil(np.array([cy - h / 2, cy + h / 2]) * H - 0.5).clip(0, H).astype(int)
+        mask[y0:y1, x0:x1] = True
+    else:
+        rr, cc = draw_polygon(coords[:, 1] * H - 0.5, coords[:, 0] * W - 0.5, shape=(H, W))
+        mask[rr, cc] = True
+    return mask
+
+
+class YoloLabels:
+    """YOLO label files beside images: ``<label_root>/<same relative path>.txt`` per image.
+
+    Lines are YOLO-seg polygons (``cls x1 y1 ... xn yn``) or YOLO boxes (``cls cx cy w h``),
+    normalised to [0, 1], with ``cls`` the 0-based line of the class-name file
+    (:func:`read_yolo_labels`). Box lines are **weak labels**: every pixel of the box, object
+    or not, gets the box's class. In GT mode a proposal keeps a label only when it covers at
+    least ``min_purity`` of it; the group-median filter of METHOD.md step 7, which is meant
+    for such noise, is not run on GT-mode builds.
+
+    An image without a label file has no annotated pixels (all -1; with
+    ``build_gt_reference(background_label=...)`` they become that label, as unannotated pixels
+    of the other sources). Label files without an image are ignored.
+
+    Args:
+        label_root: folder of ``.txt`` files mirroring the image folder (same stems).
+        label_names: one name per class index (``classes.txt`` lines).
+
+    Raises:
+        FileNotFoundError: ``label_root`` is not a folder.
+        ValueError: no ``.txt`` file under ``label_root`` (probably the wrong folder), or no
+            label names.
+    """
+
+    def __init__(self, label_root: str | Path, label_names: list[str]):
+        self.label_root = Path(label_root)
+        if not self.label_root.is_dir():
+            raise FileNotFoundError(f"YOLO label folder not found: {self.label_root}")
+        if next(self.label_root.rglob("*.txt"), None) is None:
+            raise ValueError(f"no YOLO label files (*.txt) under {self.label_root}")
+        self.label_names = list(label_names)
+        if not self.label_names:
+            raise ValueError("YOLO labels need at least one class name")
+
+    def config(self) -> dict[str, Any]:
+        """Plain-dict recipe for :func:`annotations_from_config` (worker processes, Ray)."""
+        return {"kind": "yolo", "label_root": str(self.label_root.resolve()), "label_names": list(self.label_names)}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Identifies the annotations of a build (the label files themselves are not hashed)."""
+        return self.config()
+
+    def label_path(self, key: str) -> Path:
+        return self.label_root / PurePosixPath(key).with_suffix(".txt")
+
+    def instance_masks(self, key: str, shape: tuple[int, int]) -> list[tuple[np.ndarray, int, bool]]:
+        """(mask (H, W) bool, label index, iscrowd=False) per line of the image's label file, in
+        file order; [] when the image has no label file.
+
+        Raises:
+            ValueError: a malformed line (:func:`read_yolo_labels`).
+        """
+        path = self.label_path(key)
+        if not path.is_file():
+            logger.debug("no YOLO label file for %s (%s): no annotated pixels", key, path)
+            return []
+        return [(rasterise_yolo_instance(kind, xy, shape), c, False)
+                for c, kind, xy in read_yolo_labels(path, len(self.label_names))]
+
+    def label_map(self, key: str, shape: tuple[int, int]) -> np.ndarray:
+        """(H, W) int32 GT map: class index, -1 unlabelled. Instances are painted largest
+        first so small objects stay on top (as :meth:`CocoInstances.label_map`).
+
+        Raises:
+            ValueError: a malformed line of the label file, named with its line number (a build
+                skips that image and records the reason in ``manifest["skipped_images"]``).
+        """
+        lab = np.full(shape, -1, np.int32)
+        for mask, li, _ in sorted(self.instance_masks(key, shape), key=lambda x: -int(x[0].sum())):
+            lab[mask] = li
+        return lab
+
+
 def read_class_names(path: str | Path) -> list[str]:
     """One class name per non-empty line."""
     return [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
 
 
 def annotations_from_config(config: dict[str, Any]):
-    """Rebuild annotations from :meth:`CocoInstances.config` / :meth:`MaskFolder.config`.
+    """Rebuild annotations from :meth:`CocoInstances.config` / :meth:`MaskFolder.config` /
+    :meth:`YoloLabels.config`.
 
     Raises:
         ValueError: unknown ``kind``.
@@ -216,4 +370,6 @@ def annotations_from_config(config: dict[str, Any]):
         return CocoInstances(config["path"])
     if kind == "masks":
         return MaskFolder(config["mask_root"], config["label_names"], config.get("ignore_index", 255))
-    raise ValueError(f"unknown annotations kind {kind!r}; expected 'coco' or 'masks'")
+    if kind == "yolo":
+        return YoloLabels(config["label_root"], config["label_names"])
+    raise ValueError(f"unknown annotations kind {kind!r}; expected 'coco', 'masks' or 'yolo'")

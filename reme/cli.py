@@ -35,6 +35,8 @@ def build_reference_cmd(
     out: Path = typer.Option(..., "--out", help="Output reference folder."),
     annotations: Optional[Path] = typer.Option(None, help="GT mode: COCO instances JSON."),
     masks: Optional[Path] = typer.Option(None, help="GT mode: folder of index-PNG masks (same stems as images)."),
+    yolo_labels: Optional[Path] = typer.Option(None, help="GT mode: folder of YOLO label files (same stems as images; "
+                                               "polygons or boxes, class k = line k of --classes-file)."),
     classes_file: Optional[Path] = typer.Option(None, help="GT mode with --masks: class names, one per line."),
     gt_segments: str = typer.Option("proposals", help="GT mode: 'proposals' (--proposals, majority label) or 'masks'."),
     background_label: Optional[str] = typer.Option(None, help="GT mode: label for unannotated pixels."),
@@ -88,6 +90,10 @@ def build_reference_cmd(
         _fail(f"{out} exists; pass --overwrite to replace it")
     if annotations and masks:
         _fail("give either --annotations or --masks, not both")
+    if yolo_labels and (annotations or masks):
+        _fail("give only one of --annotations, --masks and --yolo-labels")
+    if yolo_labels and not classes_file:
+        _fail("--yolo-labels needs --classes-file")
     run_opts = dict(out=out, overwrite=overwrite, embedding_dtype=embedding_dtype, workers=workers,
                     batch_size=batch_size, shard_size=shard_size, engine=engine, ray_address=ray_address,
                     work_dir=work_dir, resume=resume, keep_work_dir=keep_work_dir or None,
@@ -96,13 +102,18 @@ def build_reference_cmd(
         fz = FelzenszwalbParams.preset(felzenszwalb)
         step1 = dict(proposals=proposals, n_clusters=n_clusters,
                      sam_options={"points_per_side": sam_points_per_side} if proposals.startswith("sam") else None)
-        gt_mode = bool(annotations or masks)
+        gt_mode = bool(annotations or masks or yolo_labels)
         vis = resolve_encoder(f"gfa:{visual_encoder}+{gfa_with}@{gfa_omega}" if gfa_with else visual_encoder,
                               device=device)
         if gt_mode:
             if masks and not classes_file:
                 _fail("--masks needs --classes-file")
-            ann = CocoInstances(annotations) if annotations else MaskFolder(masks, read_class_names(classes_file))
+            if yolo_labels:
+                from reme.annotations import YoloLabels
+
+                ann = YoloLabels(yolo_labels, read_class_names(classes_file))
+            else:
+                ann = CocoInstances(annotations) if annotations else MaskFolder(masks, read_class_names(classes_file))
             txt = resolve_encoder(text_encoder or "minilm", device=device)
             ref = build_gt_reference(images, ann, vis, txt, segments=gt_segments, felzenszwalb=fz, **step1,
                                      background_label=background_label, exclude_labels=exclude_label,
