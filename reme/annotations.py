@@ -99,12 +99,12 @@ class CocoInstances:
         return sorted(self.images)
 
     def config(self) -> dict[str, Any]:
-        """Plain-dict recipe that :func:`annotations_from_config` turns back into this object
+        """Plain-dict recipe that `annotations_from_config` turns back into this object
         (used by worker processes and Ray actors)."""
         return {"kind": "coco", "path": str(self.path)}
 
     def fingerprint(self) -> dict[str, Any]:
-        """:meth:`config` plus the file's sha256: identifies the annotations of a build."""
+        """`config` plus the file's sha256: identifies the annotations of a build."""
         h = hashlib.sha256()
         with open(self.path, "rb") as fh:
             while chunk := fh.read(1 << 20):
@@ -177,7 +177,7 @@ class MaskFolder:
         self.ignore_index = ignore_index
 
     def config(self) -> dict[str, Any]:
-        """Plain-dict recipe for :func:`annotations_from_config` (worker processes, Ray)."""
+        """Plain-dict recipe for `annotations_from_config` (worker processes, Ray)."""
         return {"kind": "masks", "mask_root": str(self.mask_root.resolve()), "label_names": list(self.label_names),
                 "ignore_index": int(self.ignore_index)}
 
@@ -206,7 +206,7 @@ def read_class_names(path: str | Path) -> list[str]:
 
 
 def annotations_from_config(config: dict[str, Any]):
-    """Rebuild annotations from :meth:`CocoInstances.config` / :meth:`MaskFolder.config`.
+    """Rebuild annotations from `CocoInstances.config` / `MaskFolder.config`.
 
     Raises:
         ValueError: unknown ``kind``.

@@ -122,7 +122,8 @@ def serve(references: Mapping[str, str | Path], *, host: str = "127.0.0.1", port
         image_roots: folders with the reference sets' source photos (evidence thumbnails).
         device: torch device (None: CUDA if available).
         preload: load the default reference set before listening, so the first request is quick.
-        segmenter_kwargs: extra :class:`reme.segmenter.Segmenter` arguments (``top_k``, ...).
+        segmenter_kwargs: extra [`reme.segmenter.Segmenter`][reme.segmenter.Segmenter] arguments
+            (``top_k``, ...).
 
     Raises:
         ImportError: the ``demo`` extra is not installed.

@@ -1,5 +1,5 @@
 """The demo's work, independent of the web framework: segment a photo, keep the result, answer
-"why did this segment get its label?" with retrieval evidence (:mod:`reme.evidence`)."""
+"why did this segment get its label?" with retrieval evidence ([`reme.evidence`][reme.evidence])."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def read_upload(data: bytes) -> np.ndarray:
     """Decode uploaded image bytes to (H, W, 3) uint8 RGB.
 
     Raises:
-        ValueError: empty, undecodable, or larger than :data:`reme.io.MAX_PIXELS`.
+        ValueError: empty, undecodable, or larger than `reme.io.MAX_PIXELS`.
     """
     if not data:
         raise ValueError("the uploaded file is empty")
@@ -111,7 +111,7 @@ class DemoBackend:
         references: display name -> reference folder; the first is the default.
         image_roots: extra folders with reference source photos (evidence thumbnails).
         device: torch device for the segmenters (None: CUDA if available).
-        segmenter_kwargs: passed to every :class:`reme.segmenter.Segmenter`.
+        segmenter_kwargs: passed to every [`reme.segmenter.Segmenter`][reme.segmenter.Segmenter].
 
     Raises:
         ValueError: no reference set given.
@@ -159,7 +159,7 @@ class DemoBackend:
             return self._segmenters[name]
 
     def segment(self, image: np.ndarray, classes: str, reference: str | None = None) -> dict[str, Any]:
-        """Segment ``image`` into ``classes`` and keep the result for :meth:`evidence`.
+        """Segment ``image`` into ``classes`` and keep the result for `evidence`.
 
         Returns:
             JSON-ready dict: ``result_id``, ``width``, ``height``, ``overlay`` (PNG data URL),
@@ -262,5 +262,5 @@ class DemoBackend:
 
     @staticmethod
     def sample(name: str) -> np.ndarray:
-        """A bundled photo (:data:`reme.io.SAMPLE_PHOTOS`); raises ImageReadError if unknown."""
+        """A bundled photo (`reme.io.SAMPLE_PHOTOS`); raises ImageReadError if unknown."""
         return sample_image(name)

@@ -57,7 +57,7 @@ class DINOv2Encoder(VisualEncoder):
         std: tuple[float, float, float] = _hub.IMAGENET_STD,
         interpolation: str = "bicubic",
     ) -> None:
-        """Wrap a loaded DINOv2 model (use :func:`load_dinov2` to load one).
+        """Wrap a loaded DINOv2 model (use `load_dinov2` to load one).
 
         Args:
             model: a ``transformers`` DINOv2 model whose config has ``patch_size`` and
@@ -96,7 +96,7 @@ class DINOv2Encoder(VisualEncoder):
         return next(self.model.parameters()).dtype
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        """Feature grid (h, w) that :meth:`dense_features` gives for an H x W image."""
+        """Feature grid (h, w) that `dense_features` gives for an H x W image."""
         return _hub.patch_grid(height, width, self.image_size, self.patch_size)
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
@@ -159,7 +159,7 @@ def load_dinov2(
         mean, std: normalisation (default ImageNet).
 
     Returns:
-        A :class:`DINOv2Encoder`; ``.spec`` is ``"dinov2:<hub id>"`` or ``"dinov2:<abs folder>"``.
+        A `DINOv2Encoder`; ``.spec`` is ``"dinov2:<hub id>"`` or ``"dinov2:<abs folder>"``.
 
     Raises:
         reme.errors.MissingWeightsError: the folder does not exist or has no ``config.json``;
