@@ -330,6 +330,9 @@ def demo_cmd(
                                         "the default; default: the embedded one)."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (127.0.0.1: this machine only)."),
     port: int = typer.Option(7860, help="TCP port."),
+    allowed_host: List[str] = typer.Option([], metavar="NAME", help="Host name the page may be opened "
+                                           "under (repeatable; default: the names of --host, e.g. "
+                                           "127.0.0.1 and localhost). Other Host headers get 400."),
     image_root: List[Path] = typer.Option([], help="Folder of the reference sets' source photos (repeatable)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: CUDA if available)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=_QUIET_HELP),
@@ -355,7 +358,8 @@ def demo_cmd(
 
         require_demo_extra()
         typer.echo(f"reme demo: loading the reference set, then serving http://{host}:{port}/ (Ctrl+C stops it)")
-        serve(refs, host=host, port=port, image_roots=image_root, device=device)
+        serve(refs, host=host, port=port, image_roots=image_root, device=device,
+              allowed_hosts=allowed_host or None)
     except ImportError as exc:
         _fail(str(exc))
     except (ReferenceSetError, MissingWeightsError, FileNotFoundError) as exc:

@@ -13,12 +13,12 @@ from reme.demo.backend import DemoBackend
 __all__ = ["DemoBackend", "create_app", "serve"]
 
 
-def create_app(backend: DemoBackend):
+def create_app(backend: DemoBackend, **kwargs):
     """The FastAPI app of a [`DemoBackend`][reme.demo.backend.DemoBackend] (see
     [`reme.demo.app.create_app`][reme.demo.app.create_app])."""
     from reme.demo.app import create_app as _create
 
-    return _create(backend)
+    return _create(backend, **kwargs)
 
 
 def serve(references, **kwargs) -> None:
