@@ -52,6 +52,8 @@ def test_help_reads_right_at_80_columns(command):
     assert "…" not in text                                    # option names are never cut
     assert not re.search(r"<(list\[|bool|str|int|float|path|Path)", text), text  # metavars, not Python types
     assert "--no-no-" not in text
+    if not command:
+        assert "..." not in text.split("Commands:")[1]          # each command's summary is whole
     if command:
         # every option has a description (the help column is not empty)
         assert re.search(r"-q, --quiet\s+\S", text) or "--quiet" not in text
