@@ -46,7 +46,7 @@ def _fail(msg: str) -> None:
     raise typer.Exit(code=2)
 
 
-@app.command("build-reference", short_help='Build a reference set from photos (METHOD.md Part 1).')
+@app.command("build-reference", short_help="Build a reference set from photos (METHOD.md Part 1).")
 def build_reference_cmd(
     images: Path = typer.Option(..., "--images", help="Folder of photos (searched recursively)."),
     out: Path = typer.Option(..., "--out", help="Output reference folder."),
@@ -139,7 +139,7 @@ def build_reference_cmd(
     typer.echo(json.dumps({"reference": str(out), **ref.manifest["counts"]}))
 
 
-@app.command("segment", short_help='Segment images into the given classes.')
+@app.command("segment", short_help="Segment images into the given classes.")
 def segment_cmd(
     images: List[str] = typer.Argument(..., help="Image files, or skimage:NAME for a bundled photo (astronaut, coffee, chelsea, rocket, motorcycle)."),
     classes: Optional[str] = typer.Option(None, help="Comma-separated class names; ';' joins synonyms."),
@@ -292,7 +292,7 @@ def _write_explanation(img, res, reference, ref_path: str, out: Path, stem: str,
     save_contact_sheet(sheet, out / f"{stem}_contact_sheet.png")
 
 
-@app.command("inspect", short_help='Write an HTML report on a reference set.')
+@app.command("inspect", short_help="Write an HTML report on a reference set.")
 def inspect_cmd(
     reference: Optional[Path] = typer.Argument(None, help="Reference folder (default: the embedded one)."),
     out: Path = typer.Option(Path("reme_inspect"), help="Report folder (replaced if it holds an earlier report)."),
@@ -387,7 +387,7 @@ def _segmenter_kw(top_k, segment_logit_scale, label_logit_scale, **options) -> d
     return kw
 
 
-@app.command("eval", short_help='Evaluate on a benchmark: mIoU, per-class IoU.')
+@app.command("eval", short_help="Evaluate on a benchmark: mIoU, per-class IoU.")
 def eval_cmd(
     dataset: str = typer.Option(..., "--dataset", help=f"Benchmark: {_EVAL_DATASETS}."),
     root: Optional[Path] = typer.Option(None, help="Dataset root (folder trees: docs/evaluation.md)."),
@@ -452,7 +452,7 @@ def eval_cmd(
     typer.echo(text)
 
 
-@app.command("ablate", short_help='Evaluate reference-set variants, one table.')
+@app.command("ablate", short_help="Evaluate reference-set variants, one table.")
 def ablate_cmd(
     kind: str = typer.Option("noisy-gt", help="noisy-gt (GT reference with corrupted labels) or caption."),
     dataset: str = typer.Option(..., "--dataset", help=f"Evaluation data: {_EVAL_DATASETS}."),
