@@ -100,12 +100,12 @@ class CocoInstances:
         return sorted(self.images)
 
     def config(self) -> dict[str, Any]:
-        """Plain-dict recipe that :func:`annotations_from_config` turns back into this object
+        """Plain-dict recipe that `annotations_from_config` turns back into this object
         (used by worker processes and Ray actors)."""
         return {"kind": "coco", "path": str(self.path)}
 
     def fingerprint(self) -> dict[str, Any]:
-        """:meth:`config` plus the file's sha256: identifies the annotations of a build."""
+        """`config` plus the file's sha256: identifies the annotations of a build."""
         h = hashlib.sha256()
         with open(self.path, "rb") as fh:
             while chunk := fh.read(1 << 20):
@@ -178,7 +178,7 @@ class MaskFolder:
         self.ignore_index = ignore_index
 
     def config(self) -> dict[str, Any]:
-        """Plain-dict recipe for :func:`annotations_from_config` (worker processes, Ray)."""
+        """Plain-dict recipe for `annotations_from_config` (worker processes, Ray)."""
         return {"kind": "masks", "mask_root": str(self.mask_root.resolve()), "label_names": list(self.label_names),
                 "ignore_index": int(self.ignore_index)}
 
@@ -260,11 +260,11 @@ def read_yolo_labels(path: str | Path, num_classes: int) -> list[tuple[int, str,
 
 
 def rasterise_yolo_instance(kind: str, coords: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """(H, W) bool mask of one YOLO instance (see :func:`read_yolo_labels`) at the image size.
+    """(H, W) bool mask of one YOLO instance (see `read_yolo_labels`) at the image size.
 
     Pixel (r, c) covers [c, c+1) x [r, r+1) in image coordinates (x = coordinate * W) and is
-    inside when its centre is: polygons through :func:`skimage.draw.polygon` (the rasteriser of
-    :class:`CocoInstances`), boxes as filled rectangles. The pixel count then follows the
+    inside when its centre is: polygons through `skimage.draw.polygon` (the rasteriser of
+    `CocoInstances`), boxes as filled rectangles. The pixel count then follows the
     polygon's area (shoelace formula) up to edge pixels, with no outline added.
     """
     H, W = shape
@@ -285,7 +285,7 @@ class YoloLabels:
 
     Lines are YOLO-seg polygons (``cls x1 y1 ... xn yn``) or YOLO boxes (``cls cx cy w h``),
     normalised to [0, 1], with ``cls`` the 0-based line of the class-name file
-    (:func:`read_yolo_labels`). Box lines are **weak labels**: every pixel of the box, object
+    (`read_yolo_labels`). Box lines are **weak labels**: every pixel of the box, object
     or not, gets the box's class. In GT mode a proposal keeps a label only when it covers at
     least ``min_purity`` of it; the group-median filter of METHOD.md step 7, which is meant
     for such noise, is not run on GT-mode builds.
@@ -315,7 +315,7 @@ class YoloLabels:
             raise ValueError("YOLO labels need at least one class name")
 
     def config(self) -> dict[str, Any]:
-        """Plain-dict recipe for :func:`annotations_from_config` (worker processes, Ray)."""
+        """Plain-dict recipe for `annotations_from_config` (worker processes, Ray)."""
         return {"kind": "yolo", "label_root": str(self.label_root.resolve()), "label_names": list(self.label_names)}
 
     def fingerprint(self) -> dict[str, Any]:
@@ -330,7 +330,7 @@ class YoloLabels:
         file order; [] when the image has no label file.
 
         Raises:
-            ValueError: a malformed line (:func:`read_yolo_labels`).
+            ValueError: a malformed line (`read_yolo_labels`).
         """
         path = self.label_path(key)
         if not path.is_file():
@@ -341,7 +341,7 @@ class YoloLabels:
 
     def label_map(self, key: str, shape: tuple[int, int]) -> np.ndarray:
         """(H, W) int32 GT map: class index, -1 unlabelled. Instances are painted largest
-        first so small objects stay on top (as :meth:`CocoInstances.label_map`).
+        first so small objects stay on top (as `CocoInstances.label_map`).
 
         Raises:
             ValueError: a malformed line of the label file, named with its line number (a build
@@ -359,8 +359,7 @@ def read_class_names(path: str | Path) -> list[str]:
 
 
 def annotations_from_config(config: dict[str, Any]):
-    """Rebuild annotations from :meth:`CocoInstances.config` / :meth:`MaskFolder.config` /
-    :meth:`YoloLabels.config`.
+    """Rebuild annotations from `CocoInstances.config` / `MaskFolder.config` / `YoloLabels.config`.
 
     Raises:
         ValueError: unknown ``kind``.

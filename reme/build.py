@@ -2,20 +2,20 @@
 
 Two modes:
 
-* **caption mode** (:func:`build_caption_reference`, the paper's method): Felzenszwalb
-  segments, captions, spaCy noun phrases, CLIP pairing, group-median filter, ambiguous-label
-  knee filter, synonym enrichment (steps 1-10).
-* **GT mode** (:func:`build_gt_reference`, the paper's Fig. 1b "GT reference"): segments and
-  labels from ground-truth annotations instead of captions and pairing.
+* **caption mode** ([`build_caption_reference`][reme.build.build_caption_reference], the paper's
+  method): Felzenszwalb segments, captions, spaCy noun phrases, CLIP pairing, group-median filter,
+  ambiguous-label knee filter, synonym enrichment (steps 1-10).
+* **GT mode** ([`build_gt_reference`][reme.build.build_gt_reference], the paper's Fig. 1b "GT
+  reference"): segments and labels from ground-truth annotations instead of captions and pairing.
 
 A build runs in two phases (docs/building.md):
 
-1. **Per-image stages** (:mod:`reme.shard_stages`) over shards of ``shard_size`` images, each
-   written atomically as Parquet to a work folder (:mod:`reme.shards`). A re-run with the
+1. **Per-image stages** (`reme.shard_stages`) over shards of ``shard_size`` images, each
+   written atomically as Parquet to a work folder (`reme.shards`). A re-run with the
    same arguments skips finished shards, so a killed build (``kill -9``, full disk) resumes
    where it stopped. Shards run in this process, in ``workers`` processes
-   (:mod:`reme.engines.local`) or on a Ray cluster (:mod:`reme.engines.ray`).
-2. **Global stages** (:mod:`reme.global_stages`) read the shards with bounded memory: group
+   (`reme.engines.local`) or on a Ray cluster (`reme.engines.ray`).
+2. **Global stages** (`reme.global_stages`) read the shards with bounded memory: group
    filter per root group, knee filter, synonyms, assembly of {S_ref, O_ref, L_ref}.
 
 The Parquet files of the result are byte-identical whatever the worker count or engine and
@@ -79,8 +79,9 @@ class CaptionBuildParams:
         relabel: relabel pairs dropped by step 7 instead of dropping them (the paper's stated
             limitation): the segment takes the root of the nearest kept group centre in visual
             space when the cosine is at least ``relabel_min_similarity``
-            (:func:`reme.filtering.relabel_dropped`; in builds :func:`reme.global_stages.streaming_relabel`,
-            within the same memory budget as the group filter); off by default.
+            ([`reme.filtering.relabel_dropped`][reme.filtering.relabel_dropped]; in builds
+            `reme.global_stages.streaming_relabel`, within the same memory budget as the group
+            filter); off by default.
         relabel_min_similarity: threshold of ``relabel`` (our default 0.5).
     """
 
@@ -124,7 +125,7 @@ class BuildOptions:
         ray_address: Ray cluster address for the Ray engine (None: running or local Ray).
         ray_gpus_per_worker: GPUs per Ray actor (default 1 on CUDA, else 0).
         start_method: local worker start method, "fork" or "spawn" (default: fork on CPU).
-        max_image_pixels: per-image size limit (:data:`reme.shard_stages.MAX_BUILD_PIXELS`).
+        max_image_pixels: per-image size limit (`reme.shard_stages.MAX_BUILD_PIXELS`).
         memory_budget_mb: embeddings held at once by the group filter, in MiB.
         progress: progress bars.
     """
@@ -322,7 +323,7 @@ def build_gt_reference(image_root: str | Path, annotations, visual_encoder, text
 
     Args:
         image_root: folder of the photos; keys are paths relative to it.
-        annotations: :class:`reme.annotations.CocoInstances` or :class:`reme.annotations.MaskFolder`.
+        annotations: `reme.annotations.CocoInstances` or `reme.annotations.MaskFolder`.
         visual_encoder: VisualEncoder for S_ref; text_encoder: TextEncoder for L_ref.
         segments: ``"proposals"`` (default, our choice): class-agnostic proposals (``proposals``),
             each labelled with the GT label covering at least ``min_purity`` of it -- the same
@@ -330,8 +331,9 @@ def build_gt_reference(image_root: str | Path, annotations, visual_encoder, text
             COCO instance, or a class region of an index mask).
         felzenszwalb: Felzenszwalb settings, recorded in the manifest.
         proposals, n_clusters, sam_options: step 1 method (``"felzenszwalb"``, ``"cluster"``,
-            ``"sam[:MODEL]"``) and its settings (:class:`reme.proposals.ProposalGenerator`),
-            recorded in the manifest; the ``Segmenter`` uses the same method by default.
+            ``"sam[:MODEL]"``) and its settings
+            ([`reme.proposals.ProposalGenerator`][reme.proposals.ProposalGenerator]), recorded in
+            the manifest; the ``Segmenter`` uses the same method by default.
         min_purity: minimum fraction of a proposal covered by its majority GT label.
         background_label: name given to unannotated pixels (None: such segments are dropped).
         exclude_labels: label names to leave out (e.g. "background" of a mask folder).
@@ -339,12 +341,13 @@ def build_gt_reference(image_root: str | Path, annotations, visual_encoder, text
         images: image keys to use (default: every annotated image present on disk); keys that
             are absolute or contain ``..`` raise ValueError.
         progress: show progress bars.
-        **options: how the build runs, see :class:`BuildOptions` (``out``, ``work_dir``,
+        **options: how the build runs, see `BuildOptions` (``out``, ``work_dir``,
             ``resume``, ``workers``, ``batch_size``, ``shard_size``, ``engine``, ...).
 
     Returns:
-        The :class:`ReferenceSet` (saved to ``out`` when given). ``manifest["counts"]`` holds
-        the counts, ``manifest["skipped_images"]`` the images skipped and why.
+        The [`ReferenceSet`][reme.reference.ReferenceSet] (saved to ``out`` when given).
+        ``manifest["counts"]`` holds the counts, ``manifest["skipped_images"]`` the images skipped
+        and why.
 
     Raises:
         FileExistsError: ``out`` exists and ``overwrite`` is False.
@@ -397,28 +400,32 @@ def build_caption_reference(image_root: str | Path, captioner, pairing_model, vi
 
     Args:
         image_root: folder of unlabeled photos; keys are paths relative to it.
-        captioner: a :class:`reme.encoders.Captioner` (LLaVA-1.5, BLIP, or a caption file).
-        pairing_model: a :class:`reme.encoders.CLIPModel` for step 4 (image-text aligned).
+        captioner: a `reme.encoders.Captioner` (LLaVA-1.5, BLIP, or a caption file).
+        pairing_model: a `reme.encoders.CLIPModel` for step 4 (image-text aligned).
         visual_encoder: VisualEncoder for S_ref and the group filter (DINOv2 in the paper).
         text_encoder: TextEncoder for L_ref and root-noun synonyms.
-        params: filter / enrichment hyper-parameters (:class:`CaptionBuildParams`); they act
-            in the global stages only, so changing them reuses the shards of a kept work folder.
+        params: filter / enrichment hyper-parameters
+            ([`CaptionBuildParams`][reme.build.CaptionBuildParams]); they act in the global stages
+            only, so changing them reuses the shards of a kept work folder.
         felzenszwalb: Felzenszwalb settings (step 1).
         proposals, n_clusters, sam_options: step 1 method and settings, as in
-            :func:`build_gt_reference` (SAM: METHOD.md step 1's option, 32 x 32 point grid).
+            [`build_gt_reference`][reme.build.build_gt_reference] (SAM: METHOD.md step 1's option,
+            32 x 32 point grid).
         templates: prompt templates (step 5).
-        nlp: a spaCy pipeline (default :func:`reme.nounphrases.load_spacy`).
+        nlp: a spaCy pipeline (default
+            [`reme.nounphrases.load_spacy`][reme.nounphrases.load_spacy]).
         images: image keys (default: every image under ``image_root``); keys that are
             absolute or contain ``..`` raise ValueError.
         progress: show progress bars.
-        **options: how the build runs, see :class:`BuildOptions`.
+        **options: how the build runs, see `BuildOptions`.
 
     Returns:
-        The :class:`ReferenceSet` (saved to ``out`` when given); ``manifest["counts"]`` holds
-        the counts after each stage.
+        The [`ReferenceSet`][reme.reference.ReferenceSet] (saved to ``out`` when given);
+        ``manifest["counts"]`` holds the counts after each stage.
 
     Raises:
-        FileExistsError, ValueError, reme.shards.ShardWriteError: as :func:`build_gt_reference`.
+        FileExistsError, ValueError, reme.shards.ShardWriteError: as
+            [`build_gt_reference`][reme.build.build_gt_reference].
     """
     opts = _options(options, progress)
     image_root = Path(image_root)

@@ -6,6 +6,7 @@ Thin wrappers over the Python API; flags mirror the keyword names.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import sys
@@ -14,14 +15,30 @@ from typing import List, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Training-free open-vocabulary semantic segmentation by retrieval (ReME).")
 logger = logging.getLogger("reme")
 
 
-def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+_QUIET_HELP = "Warnings and errors only: no progress bars."
+_VERBOSE_HELP = "Also print INFO logs and the model-loading progress bars."
+
+
+def _setup_logging(quiet: bool, verbose: bool = False) -> None:
+    """Log warnings (and show reme's progress bars) by default; ``-v`` adds INFO logs and the
+    Hugging Face "Loading weights" bars, ``-q`` drops the progress bars."""
+    logging.basicConfig(level=logging.INFO if verbose and not quiet else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if verbose and not quiet:
+        return
+    # transformers reads this switch when imported; huggingface_hub.utils alone is light.
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+    except ImportError:
+        return
+    disable_progress_bars()
+    if "transformers.utils.logging" in sys.modules:
+        sys.modules["transformers.utils.logging"].disable_progress_bar()
 
 
 def _fail(msg: str) -> None:
@@ -29,7 +46,7 @@ def _fail(msg: str) -> None:
     raise typer.Exit(code=2)
 
 
-@app.command("build-reference")
+@app.command("build-reference", short_help="Build a reference set from photos (METHOD.md Part 1).")
 def build_reference_cmd(
     images: Path = typer.Option(..., "--images", help="Folder of photos (searched recursively)."),
     out: Path = typer.Option(..., "--out", help="Output reference folder."),
@@ -76,10 +93,11 @@ def build_reference_cmd(
     resume: bool = typer.Option(True, help="Reuse finished shards of an interrupted run with the same settings."),
     keep_work_dir: bool = typer.Option(False, help="Keep the shards after a successful build."),
     max_image_pixels: int = typer.Option(4096 * 4096, help="Larger images are downscaled (caption) or skipped (GT); 0 = no limit."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings only, no progress bars."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=_QUIET_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=_VERBOSE_HELP),
 ):
     """Build a reference set {S_ref, O_ref, L_ref} from photos (METHOD.md Part 1)."""
-    _setup_logging(quiet)
+    _setup_logging(quiet, verbose)
     from reme.annotations import CocoInstances, MaskFolder, read_class_names
     from reme.build import CaptionBuildParams, build_caption_reference, build_gt_reference
     from reme.encoders import resolve_encoder
@@ -132,7 +150,7 @@ def build_reference_cmd(
     typer.echo(json.dumps({"reference": str(out), **ref.manifest["counts"]}))
 
 
-@app.command("segment")
+@app.command("segment", short_help="Segment images into the given classes.")
 def segment_cmd(
     images: List[str] = typer.Argument(..., help="Image files, or skimage:NAME for a bundled photo (astronaut, coffee, chelsea, rocket, motorcycle)."),
     classes: Optional[str] = typer.Option(None, help="Comma-separated class names; ';' joins synonyms."),
@@ -159,10 +177,11 @@ def segment_cmd(
     explain_segments: int = typer.Option(8, help="With --explain: largest test segments on the contact sheet."),
     image_root: List[Path] = typer.Option([], help="With --explain: folder of the reference set's source photos "
                                           "(repeatable; default: the manifest's image root)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=_QUIET_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=_VERBOSE_HELP),
 ):
     """Segment images: writes <stem>_labels.png, <stem>_overlay.png and <stem>_scores.json."""
-    _setup_logging(quiet)
+    _setup_logging(quiet, verbose)
 
     from reme import segmenter as sm
     from reme.annotations import read_class_names
@@ -222,7 +241,7 @@ def segment_cmd(
         raise typer.Exit(code=1)
 
 
-@app.command("info")
+@app.command("info", short_help="Print a reference set's manifest.")
 def info_cmd(reference: Optional[Path] = typer.Argument(None, help="Reference folder (default: the embedded one)."),
              full: bool = typer.Option(False, help="Print the whole manifest as JSON.")):
     """Print a reference set's manifest: encoders, counts, parameters."""
@@ -284,18 +303,19 @@ def _write_explanation(img, res, reference, ref_path: str, out: Path, stem: str,
     save_contact_sheet(sheet, out / f"{stem}_contact_sheet.png")
 
 
-@app.command("inspect")
+@app.command("inspect", short_help="Write an HTML report on a reference set.")
 def inspect_cmd(
     reference: Optional[Path] = typer.Argument(None, help="Reference folder (default: the embedded one)."),
     out: Path = typer.Option(Path("reme_inspect"), help="Report folder (replaced if it holds an earlier report)."),
     image_root: List[Path] = typer.Option([], help="Folder of the source photos (repeatable; default: the manifest's)."),
     max_groups: int = typer.Option(24, help="Largest root-noun groups that get a thumbnail sheet."),
     thumbs: int = typer.Option(8, help="Thumbnails per row in a group sheet."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=_QUIET_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=_VERBOSE_HELP),
 ):
     """Write a report on a reference set: counts per stage, group sizes with the knee, synonym pairs,
     kept and dropped segments per group (OUT/index.html)."""
-    _setup_logging(quiet)
+    _setup_logging(quiet, verbose)
     from reme.defaults import default_reference_path
     from reme.errors import ReferenceSetError
     from reme.inspect_report import inspect_reference
@@ -315,19 +335,23 @@ def inspect_cmd(
                + ("" if summary["images_readable"] else " (source photos not readable: placeholder thumbnails)"))
 
 
-@app.command("demo")
+@app.command("demo", short_help='Start the demo web page (pip install "reme[demo]").')
 def demo_cmd(
-    reference: List[str] = typer.Option([], help="Reference set as PATH or NAME=PATH (repeatable; the first is "
+    reference: List[str] = typer.Option([], metavar="[NAME=]DIR", help="Reference set as PATH or NAME=PATH (repeatable; the first is "
                                         "the default; default: the embedded one)."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (127.0.0.1: this machine only)."),
     port: int = typer.Option(7860, help="TCP port."),
+    allowed_host: List[str] = typer.Option([], metavar="NAME", help="Host name the page may be opened "
+                                           "under (repeatable; default: the names of --host, e.g. "
+                                           "127.0.0.1 and localhost). Other Host headers get 400."),
     image_root: List[Path] = typer.Option([], help="Folder of the reference sets' source photos (repeatable)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: CUDA if available)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=_QUIET_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=_VERBOSE_HELP),
 ):
     """Start the demo page: upload a photo, type classes, click a segment to see its evidence
     (needs: pip install "reme[demo]")."""
-    _setup_logging(quiet)
+    _setup_logging(quiet, verbose)
     from reme.defaults import default_reference_path
     from reme.errors import MissingWeightsError, ReferenceSetError
 
@@ -345,7 +369,8 @@ def demo_cmd(
 
         require_demo_extra()
         typer.echo(f"reme demo: loading the reference set, then serving http://{host}:{port}/ (Ctrl+C stops it)")
-        serve(refs, host=host, port=port, image_roots=image_root, device=device)
+        serve(refs, host=host, port=port, image_roots=image_root, device=device,
+              allowed_hosts=allowed_host or None)
     except ImportError as exc:
         _fail(str(exc))
     except (ReferenceSetError, MissingWeightsError, FileNotFoundError) as exc:
@@ -373,7 +398,7 @@ def _segmenter_kw(top_k, segment_logit_scale, label_logit_scale, **options) -> d
     return kw
 
 
-@app.command("eval")
+@app.command("eval", short_help="Evaluate on a benchmark: mIoU, per-class IoU.")
 def eval_cmd(
     dataset: str = typer.Option(..., "--dataset", help=f"Benchmark: {_EVAL_DATASETS}."),
     root: Optional[Path] = typer.Option(None, help="Dataset root (folder trees: docs/evaluation.md)."),
@@ -396,7 +421,7 @@ def eval_cmd(
     background_mode: Optional[str] = typer.Option(None, help="threshold (default), class or class+threshold."),
     bg_threshold: Optional[float] = typer.Option(None, help="Background confidence threshold (default 0.9)."),
     others_threshold: Optional[float] = typer.Option(None, help="Answer 'others' below this confidence."),
-    no_synonyms: bool = typer.Option(False, help="Query display names only (no synonym max)."),
+    no_synonyms: bool = typer.Option(False, "--no-synonyms", help="Query display names only (no synonym max)."),
     vis: int = typer.Option(4, help="Side-by-side PNGs for the first N images."),
     distractors: Optional[str] = typer.Option(None, help="Also run the distractor sweep, e.g. 0,10,50,150,500."),
     overlap: bool = typer.Option(False, help="Also report the vocabulary overlap with the reference labels."),
@@ -411,10 +436,11 @@ def eval_cmd(
     n_clusters: Optional[int] = typer.Option(None, help="k of --proposals cluster."),
     smooth_omega: Optional[float] = typer.Option(None, help="GFA smoothing of P_seg over adjacent segments, in [0, 1)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: CUDA if available)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=_QUIET_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=_VERBOSE_HELP),
 ):
     """Evaluate a reference set on a benchmark: mIoU, per-class IoU, pixel/mean accuracy."""
-    _setup_logging(quiet)
+    _setup_logging(quiet, verbose)
     from reme.defaults import default_reference_path
     from reme.errors import MissingWeightsError, ReferenceSetError
     from reme.eval.commands import run_eval
@@ -437,7 +463,7 @@ def eval_cmd(
     typer.echo(text)
 
 
-@app.command("ablate")
+@app.command("ablate", short_help="Evaluate reference-set variants, one table.")
 def ablate_cmd(
     kind: str = typer.Option("noisy-gt", help="noisy-gt (GT reference with corrupted labels) or caption."),
     dataset: str = typer.Option(..., "--dataset", help=f"Evaluation data: {_EVAL_DATASETS}."),
@@ -460,10 +486,11 @@ def ablate_cmd(
     photo_limit: Optional[int] = typer.Option(None, help="caption: use the first N photos."),
     out: Optional[Path] = typer.Option(None, help="Output folder: ablation.json, ablation.md."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: CUDA if available)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=_QUIET_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=_VERBOSE_HELP),
 ):
     """Build reference-set variants with stages switched off/on, evaluate each, print one table."""
-    _setup_logging(quiet)
+    _setup_logging(quiet, verbose)
     from reme.errors import MissingWeightsError, ReferenceSetError
     from reme.eval.commands import run_ablate
 
@@ -477,6 +504,44 @@ def ablate_cmd(
     except (MissingWeightsError, ReferenceSetError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(text)
+
+
+# Help shows a metavar per value type (TEXT, INTEGER, FLOAT, PATH / DIR / FILE) instead of the
+# Python type typer would print (<list[Path]>, <str>).
+_PATH_METAVARS = {"images": "DIR", "out": "DIR", "reference": "DIR", "masks": "DIR", "image_root": "DIR",
+                  "work_dir": "DIR", "root": "DIR", "photos": "DIR", "annotations": "FILE", "classes_file": "FILE",
+                  "captions": "FILE"}
+_TYPE_METAVARS = {str: "TEXT", int: "INTEGER", float: "FLOAT"}
+
+
+def _set_metavars(typer_app: typer.Typer) -> None:
+    import typing
+
+    for command in typer_app.registered_commands:
+        hints = typing.get_type_hints(command.callback)
+        for name, param in inspect.signature(command.callback).parameters.items():
+            info = param.default
+            if not isinstance(info, (typer.models.OptionInfo, typer.models.ArgumentInfo)) or info.metavar:
+                continue
+            hint = hints[name]
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            base = args[0] if typing.get_origin(hint) in (typing.Union, list) and args else hint
+            if base is Path:
+                info.metavar = _PATH_METAVARS.get(name, "PATH")
+            elif base in _TYPE_METAVARS:
+                info.metavar = _TYPE_METAVARS[base]
+            if isinstance(info, typer.models.ArgumentInfo) and info.metavar:
+                info.metavar = name.upper()
+
+
+def _argument_type(self, ctx):
+    """Arguments with a metavar show just it in help (typer would add ``<list[str]>``)."""
+    return None if self.metavar else _typer_argument_type(self, ctx)
+
+
+_typer_argument_type = typer.core.TyperArgument.display_type_rich
+typer.core.TyperArgument.display_type_rich = _argument_type
+_set_metavars(app)
 
 
 def main() -> None:

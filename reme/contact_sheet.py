@@ -2,7 +2,8 @@
 
 One row per test segment: the segment's crop from the test image (outside pixels dimmed, outline
 in yellow) with its predicted class, then the crops of the reference segments behind its A1 row
-(:mod:`reme.evidence`), each captioned with its labels, cosine similarity and eq. 1 weight.
+([`reme.evidence`][reme.evidence]), each captioned with its labels, cosine similarity and eq. 1
+weight.
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ def contact_sheet(image: np.ndarray, segment_ids: np.ndarray, evidence: Retrieva
     Args:
         image: (H, W, 3) uint8 test image.
         segment_ids: (H, W) int proposal id of each pixel (rows of ``evidence``).
-        evidence: :func:`reme.evidence.retrieval_evidence` of this image's S_test.
-        reference: the :class:`reme.reference.ReferenceSet` (labels and provenance).
+        evidence: [`reme.evidence.retrieval_evidence`][reme.evidence.retrieval_evidence] of this
+            image's S_test.
+        reference: the [`reme.reference.ReferenceSet`][reme.reference.ReferenceSet] (labels and
+            provenance).
         segments: test segment ids to show (default: the ``max_segments`` largest).
         images: where to read reference source images (default: the manifest's image roots);
             an unreadable image gives a placeholder tile.

@@ -2,9 +2,10 @@
 
 A reference set stores, per segment, the source-image key relative to the build's image root
 (``segment_image``) and an XYWH box (``segment_bbox``); it stores no pixels. To show a
-reference segment, :class:`ReferenceImages` finds the source file under one of the image
-roots and :func:`crop_thumbnail` cuts the box out. When no root is readable (a reference
-set used on another machine), callers draw :func:`placeholder_thumbnail` instead.
+reference segment, [`ReferenceImages`][reme.crops.ReferenceImages] finds the source file under one
+of the image roots and [`crop_thumbnail`][reme.crops.crop_thumbnail] cuts the box out. When no root
+is readable (a reference set used on another machine), callers draw
+[`placeholder_thumbnail`][reme.crops.placeholder_thumbnail] instead.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def image_roots_from_manifest(manifest: dict[str, Any]) -> list[Path]:
     Reads ``image_root`` (a folder written by ``reme build-reference``), the ``image_root``
     of each entry of ``parts`` (concatenated sets), and the form
     ``"shared/data: a/b + c/d"`` that ``scripts/build_default_reference.py`` writes, whose
-    folders are taken relative to :func:`reme.defaults.shared_data_dir`. Only existing
+    folders are taken relative to `reme.defaults.shared_data_dir`. Only existing
     folders are returned.
     """
     from reme.defaults import shared_data_dir

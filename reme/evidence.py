@@ -9,8 +9,8 @@ so the label scores of segment i are a weighted vote of its nearest reference se
 module recomputes that vote with a plain exact top-k search over S_ref and returns, per test
 segment, the ``top`` nearest reference segments: their ids (rows of S_ref), cosine similarity,
 softmax weight in eq. 1 and labels, with the provenance the reference set stores (source image,
-box, stage). It deliberately does not call :mod:`reme.retrieval`, so it is an independent check
-of what the retrieval computed.
+box, stage). It deliberately does not call [`reme.retrieval`][reme.retrieval], so it is an
+independent check of what the retrieval computed.
 """
 
 from __future__ import annotations
@@ -72,8 +72,9 @@ class RetrievalEvidence:
         """JSON-ready evidence, one dict per test segment.
 
         Args:
-            reference: the :class:`reme.reference.ReferenceSet`, to add each neighbour's
-                provenance (``image``, ``bbox`` XYWH, ``source`` stage); None leaves it out.
+            reference: the [`reme.reference.ReferenceSet`][reme.reference.ReferenceSet], to add each
+                neighbour's provenance (``image``, ``bbox`` XYWH, ``source`` stage); None leaves it
+                out.
             segments: test segment ids to include (default all).
 
         Returns:
@@ -116,16 +117,18 @@ def retrieval_evidence(S_test, reference, *, top: int | None = None, top_k: int 
 
     Args:
         S_test: (k, d1) float array or tensor, L2-normalised test segment embeddings.
-        reference: a :class:`reme.reference.ReferenceSet` (uses S_ref, O_ref pairs, labels).
+        reference: a [`reme.reference.ReferenceSet`][reme.reference.ReferenceSet] (uses S_ref, O_ref
+            pairs, labels).
         top: neighbours reported per test segment (default ``top_k``, else
-            :data:`DEFAULT_EVIDENCE_TOP`).
+            `DEFAULT_EVIDENCE_TOP`).
         top_k: the segmenter's eq. 1 softmax support (None = all m, the paper form); sets the
             softmax denominator of ``weight``.
         logit_scale: tau1 of eq. 1.
         chunk_size: S_ref rows per block (memory ~ k * chunk_size floats).
 
     Returns:
-        :class:`RetrievalEvidence` with t = min(top, m) columns (padded to ``top``).
+        [`RetrievalEvidence`][reme.evidence.RetrievalEvidence] with t = min(top, m) columns (padded
+        to ``top``).
 
     Raises:
         ValueError: ``top`` or ``top_k`` < 1, or S_test and S_ref dimensions differ.

@@ -97,7 +97,8 @@ def ambiguous_roots(group_sizes: dict[str, int], *, min_groups: int = 10) -> lis
     """Roots of abnormally large groups, removed as ambiguous (METHOD.md step 8).
 
     Group sizes are sorted in descending order and every root before the knee of that curve
-    (:func:`knee_index`) is returned, e.g. "background", "scene", "image", "atmosphere".
+    ([`knee_index`][reme.filtering.knee_index]) is returned, e.g. "background", "scene", "image",
+    "atmosphere".
 
     Args:
         group_sizes: root -> number of segments carrying it.

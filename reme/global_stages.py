@@ -13,9 +13,9 @@ assembly reads only the kept segments. Peak memory is therefore about the final 
 every image. A single root group larger than the budget is read as one pass (its median needs
 all its members).
 
-The results equal :func:`reme.filtering.group_median_filter` and the in-memory build on the
-same pairs: groups, medians, scores and drop decisions are computed per group in the same
-order with the same arithmetic.
+The results equal [`reme.filtering.group_median_filter`][reme.filtering.group_median_filter] and the
+in-memory build on the same pairs: groups, medians, scores and drop decisions are computed per group
+in the same order with the same arithmetic.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class ShardReader:
     Global ids number the segments of shard 0, then shard 1, ... in file order.
 
     Args:
-        store: the :class:`reme.shards.ShardStore`.
+        store: the `reme.shards.ShardStore`.
         n_shards: number of shards.
         dim: visual embedding size d.
     """
@@ -74,7 +74,7 @@ class ShardReader:
         return pa.concat_tables(parts).combine_chunks()
 
     def pair_scores(self) -> np.ndarray:
-        """(p,) float32 CLIP pairing score of every pair, in :meth:`pairs` order (NaN if absent)."""
+        """(p,) float32 CLIP pairing score of every pair, in `pairs` order (NaN if absent)."""
         parts = []
         for i in range(self.n_shards):
             t = self.store.read_table(i, "pairs", ["score"])
@@ -165,7 +165,8 @@ def streaming_group_filter(reader: ShardReader, pair_segment: np.ndarray, root_i
         pair_segment: (p,) int64 global segment id of each pair.
         root_ids: (p,) int root-group index of each pair, in [0, n_roots).
         n_roots: number of groups.
-        drop_rate, adaptive, max_drop_rate: as :func:`reme.filtering.group_median_filter`.
+        drop_rate, adaptive, max_drop_rate: as
+            [`reme.filtering.group_median_filter`][reme.filtering.group_median_filter].
         budget_rows: member rows (embeddings) read per pass.
         progress: show a progress bar over groups.
 
@@ -247,8 +248,9 @@ def assemble(reader: ShardReader, pair_segment: np.ndarray, labels: pa.Array, ro
 def streaming_relabel(reader: ShardReader, pair_segment: np.ndarray, root_ids: np.ndarray, keep: np.ndarray, *,
                       min_similarity: float = 0.5, budget_rows: int = 1_000_000,
                       progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Relabel instead of drop (:func:`reme.filtering.relabel_dropped`) reading embeddings from
-    shards in passes of at most ``budget_rows`` rows, so memory stays bounded.
+    """Relabel instead of drop ([`reme.filtering.relabel_dropped`][reme.filtering.relabel_dropped])
+    reading embeddings from shards in passes of at most ``budget_rows`` rows, so memory stays
+    bounded.
 
     Pass 1 forms each kept group's centre (element-wise median of its kept members, as in step
     7); pass 2 scores the dropped pairs against all centres, ``budget_rows`` pairs at a time.
@@ -300,17 +302,17 @@ def caption_global_stages(reader: ShardReader, params, text_encoder, templates: 
 
     Args:
         reader: shard access.
-        params: :class:`reme.build.CaptionBuildParams`.
+        params: [`reme.build.CaptionBuildParams`][reme.build.CaptionBuildParams].
         text_encoder: TextEncoder for root synonyms and L_ref.
         templates: step 5 templates.
         budget_rows: embeddings read per group-filter pass (S_ref is memory-mapped at
             ``memmap_path`` when larger than that).
         progress: progress bars.
-        memmap_path: see :func:`assemble`.
+        memmap_path: see `assemble`.
 
     Returns:
-        (the :class:`ReferenceSet`, without manifest yet; counts and manifest entries; the
-        ``dropped`` table).
+        (the [`ReferenceSet`][reme.reference.ReferenceSet], without manifest yet; counts and
+        manifest entries; the ``dropped`` table).
     """
     pairs = reader.pairs()
     ps = pairs.column("segment").to_numpy().astype(np.int64)

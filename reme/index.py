@@ -1,11 +1,11 @@
 """FAISS index over S_ref (METHOD.md step 10) for top-k retrieval.
 
-The index only proposes candidate neighbours; :func:`reme.retrieval.rescore` recomputes their
-inner products exactly from S_ref, so a compressed index changes which candidates are found,
-never their weights.
+The index only proposes candidate neighbours; [`reme.retrieval.rescore`][reme.retrieval.rescore]
+recomputes their inner products exactly from S_ref, so a compressed index changes which candidates
+are found, never their weights.
 
-Index type by reference-set size m (:func:`choose_index_kind`; docs/performance.md has the
-measurements behind the thresholds):
+Index type by reference-set size m ([`choose_index_kind`][reme.index.choose_index_kind];
+docs/performance.md has the measurements behind the thresholds):
 
 ==============  ======================  =====================================================
 m               kind                    FAISS factory string
@@ -16,14 +16,15 @@ m               kind                    FAISS factory string
 ==============  ======================  =====================================================
 
 ``"ivf_flat"`` (``IVF{nlist},Flat``, 4 bytes per dimension) is available too. IVF indexes are
-trained on a random sample of S_ref (:data:`IVF_TRAIN_PER_LIST` rows per list) and the rows are
+trained on a random sample of S_ref (`IVF_TRAIN_PER_LIST` rows per list) and the rows are
 added in float32 blocks, so building never holds a float32 copy of S_ref.
 
 Every dense product (k-means, assigning rows to lists, choosing the lists a query probes, and
 the whole search of a flat index) runs as a torch GEMM; FAISS only stores and scans the
 inverted lists. Measured on the 2-core test machine, the BLAS bundled with the faiss-cpu wheel
 took 5-9 s for a 256 x 100k x 1024 flat search that torch does in 1.2 s
-(docs/performance.md). :func:`search` takes care of this; ``index.search`` works too, slower.
+(docs/performance.md). [`search`][reme.index.search] takes care of this; ``index.search`` works too,
+slower.
 """
 
 from __future__ import annotations
@@ -106,8 +107,8 @@ def build_index(S_ref, kind: str = "auto", *, nlist: int | None = None, nprobe: 
 
     Args:
         S_ref: (m, d) float16/float32 array or memory map, L2-normalised rows.
-        kind: one of :data:`INDEX_KINDS`, or "auto" (:func:`choose_index_kind`).
-        nlist: inverted lists of an IVF index (default :func:`default_nlist`).
+        kind: one of `INDEX_KINDS`, or "auto" ([`choose_index_kind`][reme.index.choose_index_kind]).
+        nlist: inverted lists of an IVF index (default [`default_nlist`][reme.index.default_nlist]).
         nprobe: lists searched per query (stored in the index).
         train_size: k-means training rows (default ``IVF_TRAIN_PER_LIST * nlist``, at most m).
         niter: k-means iterations.
@@ -242,8 +243,8 @@ def search(index, queries, k: int, *, nprobe: int | None = None) -> tuple[np.nda
 
     Returns:
         ``(D, I)``: (q, k) float32 inner products (approximate for IVF-SQ8/PQ; re-score them
-        with :func:`reme.retrieval.rescore`) and (q, k) int64 ids, -1 where fewer than k
-        reference rows were found (faiss convention).
+        with [`reme.retrieval.rescore`][reme.retrieval.rescore]) and (q, k) int64 ids, -1 where
+        fewer than k reference rows were found (faiss convention).
     """
     if int(k) < 1:
         raise ValueError(f"k must be >= 1, got {k}")

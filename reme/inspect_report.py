@@ -251,7 +251,7 @@ def inspect_reference(reference, out: str | Path, *, image_roots: Sequence[str |
     """Write the inspection report of a reference set (module docstring).
 
     Args:
-        reference: a :class:`reme.reference.ReferenceSet`.
+        reference: a [`reme.reference.ReferenceSet`][reme.reference.ReferenceSet].
         out: report folder; replaced if it holds an earlier report, refused if it holds
             anything else.
         image_roots: extra folders holding the source photos (searched before the manifest's).

@@ -24,7 +24,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 #: Images with more pixels than this are refused (decompression-bomb guard), 100 MP. The
 #: check reads only the file header, so a refused image is never decoded. It replaces
 #: Pillow's own guard (``Image.MAX_IMAGE_PIXELS``: a warning above 89 MP, an error above
-#: 179 MP), which is switched off while the header is read so that :func:`read_image` can
+#: 179 MP), which is switched off while the header is read so that `read_image` can
 #: decode a larger JPEG at reduced size, never allocating its full size.
 MAX_PIXELS = 100_000_000
 
@@ -55,7 +55,7 @@ def load_image(source, *, max_pixels: int | None = None) -> np.ndarray:
         source: a path, ``"skimage:NAME"`` (a photo bundled with scikit-image, e.g.
             ``skimage:astronaut``), a PIL image, or an (H, W, 3) / (H, W) uint8 array.
         max_pixels: for paths, downscale images with more pixels than this (see
-            :func:`read_image`); None keeps the full resolution.
+            `read_image`); None keeps the full resolution.
 
     Returns:
         (H, W, 3) uint8 RGB array (EXIF orientation applied; grey, palette, alpha, CMYK and
@@ -63,7 +63,7 @@ def load_image(source, *, max_pixels: int | None = None) -> np.ndarray:
 
     Raises:
         ImageReadError: missing, empty, truncated or undecodable file, an image over
-            :data:`MAX_PIXELS` (that cannot be decoded at reduced size), or an array of the
+            `MAX_PIXELS` (that cannot be decoded at reduced size), or an array of the
             wrong shape or dtype.
     """
     if isinstance(source, np.ndarray):
@@ -84,7 +84,7 @@ def load_image(source, *, max_pixels: int | None = None) -> np.ndarray:
 
 @contextlib.contextmanager
 def _pillow_bomb_guard_off() -> Iterator[None]:
-    """Let ``Image.open`` read the header of a huge file; :func:`read_image` applies its own
+    """Let ``Image.open`` read the header of a huge file; `read_image` applies its own
     limits before anything is decoded."""
     with _BOMB_LOCK:
         old = Image.MAX_IMAGE_PIXELS
@@ -103,7 +103,7 @@ def read_image(path: str | Path, *, max_pixels: int | None = None) -> tuple[np.n
     Memory is bounded by the output size, not the file's: the pixel count is checked from the
     header before decoding; a JPEG over the limit is decoded at 1/2, 1/4 or 1/8 scale by
     libjpeg (``Image.draft``), so a 20000 x 20000 photo never allocates its 1.2 GB full size;
-    other formats are decoded at full size only up to :data:`MAX_PIXELS` and then resized.
+    other formats are decoded at full size only up to `MAX_PIXELS` and then resized.
 
     Args:
         path: image file.
@@ -112,11 +112,11 @@ def read_image(path: str | Path, *, max_pixels: int | None = None) -> tuple[np.n
 
     Returns:
         ``(image, (H0, W0))``: (H, W, 3) uint8 RGB (EXIF orientation applied, modes converted
-        as :func:`to_rgb_array`) and the original oriented size in pixels.
+        as `to_rgb_array`) and the original oriented size in pixels.
 
     Raises:
         ImageReadError: missing, empty, truncated or undecodable file; more than
-            :data:`MAX_PIXELS` pixels and not a JPEG that can be reduced under it; a file
+            `MAX_PIXELS` pixels and not a JPEG that can be reduced under it; a file
             whose size is 0 x 0.
         ValueError: ``max_pixels`` < 1.
     """
@@ -178,7 +178,7 @@ def sample_image(name: str) -> np.ndarray:
     """A colour photo bundled with scikit-image: (H, W, 3) uint8.
 
     Raises:
-        ImageReadError: unknown name (the message lists :data:`SAMPLE_PHOTOS`).
+        ImageReadError: unknown name (the message lists `SAMPLE_PHOTOS`).
     """
     import skimage.data
 

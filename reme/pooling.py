@@ -88,7 +88,8 @@ def embed_proposals(encoder, features: torch.Tensor, proposals, image: np.ndarra
     Args:
         encoder: the visual encoder that produced ``features``.
         features: (h, w, d') its dense features of ``image``.
-        proposals: :class:`reme.proposals.Proposals` (a partition, or overlapping masks).
+        proposals: [`reme.proposals.Proposals`][reme.proposals.Proposals] (a partition, or
+            overlapping masks).
         image: the (H, W, 3) uint8 image (needed by ``cls:`` encoders).
 
     Returns:

@@ -3,8 +3,9 @@
 Felzenszwalb graph segmentation (``skimage.segmentation.felzenszwalb``) partitions the image;
 a partition is stored as one (H, W) int32 *segment-id map* (ids 0..k-1), which is both the
 compact form of the k boolean masks M_k and what eq. 3 gathers from. SAM masks overlap and are
-kept as (k, H, W) bool masks (:class:`Proposals`). :class:`ProposalGenerator` picks the method
-by name for the build and for inference alike.
+kept as (k, H, W) bool masks ([`Proposals`][reme.proposals.Proposals]).
+[`ProposalGenerator`][reme.proposals.ProposalGenerator] picks the method by name for the build and
+for inference alike.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class FelzenszwalbParams:
 
     @classmethod
     def preset(cls, name: str) -> "FelzenszwalbParams":
-        """One of :data:`FELZENSZWALB_PRESETS` (ValueError lists them when unknown)."""
+        """One of `FELZENSZWALB_PRESETS` (ValueError lists them when unknown)."""
         if name not in FELZENSZWALB_PRESETS:
             raise ValueError(f"unknown Felzenszwalb preset {name!r}; known: {sorted(FELZENSZWALB_PRESETS)}")
         return cls(*FELZENSZWALB_PRESETS[name])
@@ -125,7 +126,7 @@ class Proposals:
         return np.bincount(self.segment_ids.ravel(), minlength=self.num).astype(np.int64)
 
 
-#: Proposal methods of :class:`ProposalGenerator` ("sam:MODEL" names a SAM checkpoint).
+#: Proposal methods of `ProposalGenerator` ("sam:MODEL" names a SAM checkpoint).
 PROPOSAL_METHODS = ("felzenszwalb", "cluster", "sam")
 
 
@@ -146,14 +147,17 @@ class ProposalGenerator:
 
     Args:
         method: ``"felzenszwalb"`` (default; FreeDA settings), ``"cluster"`` (Split Matching's
-            k-means over the visual encoder's dense features, :mod:`reme.proposals_cluster`),
-            or ``"sam"`` / ``"sam:MODEL"`` (SAM automatic masks, :mod:`reme.proposals_sam`;
-            hub id or local folder, default facebook/sam-vit-huge; masks may overlap).
+            k-means over the visual encoder's dense features,
+            [`reme.proposals_cluster`][reme.proposals_cluster]), or ``"sam"`` / ``"sam:MODEL"`` (SAM
+            automatic masks, [`reme.proposals_sam`][reme.proposals_sam]; hub id or local folder,
+            default facebook/sam-vit-huge; masks may overlap).
         felzenszwalb: Felzenszwalb settings (its ``min_size`` is also the smallest cluster
             region).
         n_clusters: k of ``"cluster"`` (our default 8).
-        sam_options: keywords of :class:`reme.proposals_sam.SamProposals` (``points_per_side``
-            32, ``pred_iou_thresh`` 0.88, ``stability_score_thresh`` 0.95, ...).
+        sam_options: keywords of
+            [`reme.proposals_sam.SamProposals`][reme.proposals_sam.SamProposals]
+            (``points_per_side`` 32, ``pred_iou_thresh`` 0.88, ``stability_score_thresh`` 0.95,
+            ...).
         device: where SAM runs.
 
     Raises:
@@ -185,7 +189,7 @@ class ProposalGenerator:
             features: (h, w, d) dense features of the image; needed by ``"cluster"``.
 
         Returns:
-            :class:`Proposals`.
+            [`Proposals`][reme.proposals.Proposals].
         """
         if self.method == "felzenszwalb":
             return Proposals(felzenszwalb_segments(image, self.felzenszwalb))

@@ -7,8 +7,8 @@ classical one), each cluster split into connected regions, regions smaller than 
 pixels merged into the neighbour they share the longest border with. The result is a
 partition (segment-id map) like Felzenszwalb's, so mask pooling and eq. 3 apply unchanged.
 Region embeddings: mask average pooling (``reme.pooling``) or the CLS embedding of each region's
-masked crop (``cls:`` encoder specs, :mod:`reme.encoders.masked_crop`, the SM form; needs a
-CLIP image tower).
+masked crop (``cls:`` encoder specs, [`reme.encoders.masked_crop`][reme.encoders.masked_crop], the
+SM form; needs a CLIP image tower).
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ On-disk layout of a reference folder (format version 2)::
       pairs.parquet      O_ref as sparse pairs: segment_id, label_id (one row per 1 in O_ref)
       dropped.parquet    pairs removed while building, with the reason (provenance)
       index.faiss        FAISS inner-product index over S_ref, kind chosen by size
-                         (:func:`reme.index.choose_index_kind`: flat < 200k, IVF-SQ8 above)
+                         ([`reme.index.choose_index_kind`][reme.index.choose_index_kind]: flat <
+                         200k, IVF-SQ8 above)
 
 Format version 1 folders (S_ref as an ``embedding`` column of segments.parquet, read into
 memory) still load.
@@ -55,7 +56,7 @@ DROPPED_FILE = "dropped.parquet"
 
 
 def empty_dropped() -> dict[str, Any]:
-    """An empty ``dropped`` table (see :class:`ReferenceSet`)."""
+    """An empty ``dropped`` table (see [`ReferenceSet`][reme.reference.ReferenceSet])."""
     return {"image": [], "bbox": np.zeros((0, 4), np.int32), "label": [], "root": [], "reason": [],
             "score": np.zeros(0, np.float32)}
 
@@ -92,7 +93,7 @@ class ReferenceSet:
         segment_source: m strings, the stage that produced each kept segment
             ("caption_pairing", "gt_proposal", "gt_mask"); provenance.
         path: the folder it was loaded from (None when built in memory); where
-            :meth:`load_index` finds ``index.faiss``.
+            `load_index` finds ``index.faiss``.
         dropped: pairs removed while building, as columns ``image`` (m' str), ``bbox``
             ((m', 4) int32 XYWH), ``label``, ``root``, ``reason`` ("group_filter",
             "knee_filter") and ``score`` (float, <S_i, S_center> for the group filter, NaN
@@ -171,8 +172,9 @@ class ReferenceSet:
             path: destination folder.
             overwrite: replace an existing folder (after the new one is complete).
             embedding_dtype: "float16" (half the disk and memory) or "float32" for S_ref.
-            with_index: also write ``index.faiss`` (kind by size, :func:`reme.index.build_index`;
-                an IVF index over 1e6 x 1024 takes about a minute on 2 cores).
+            with_index: also write ``index.faiss`` (kind by size,
+                [`reme.index.build_index`][reme.index.build_index]; an IVF index over 1e6 x 1024
+                takes about a minute on 2 cores).
 
         Raises:
             FileExistsError: ``path`` exists and ``overwrite`` is False.
@@ -317,7 +319,7 @@ def _read_s_ref(path: Path, manifest: dict[str, Any], mmap: bool) -> np.ndarray:
 
 
 def load_reference(path: str | Path, *, verify: bool = True, mmap: bool = True) -> ReferenceSet:
-    """Read a reference folder written by :meth:`ReferenceSet.save`.
+    """Read a reference folder written by [`ReferenceSet.save`][reme.reference.ReferenceSet.save].
 
     Args:
         path: the folder.
@@ -327,8 +329,8 @@ def load_reference(path: str | Path, *, verify: bool = True, mmap: bool = True) 
             the pages are shared with the OS page cache, so S_ref is held once.
 
     Returns:
-        The :class:`ReferenceSet`; S_ref keeps its stored dtype (float16 or float32): a
-        read-only ``np.memmap`` (format 2, ``mmap=True``) or an in-memory array.
+        The [`ReferenceSet`][reme.reference.ReferenceSet]; S_ref keeps its stored dtype (float16 or
+        float32): a read-only ``np.memmap`` (format 2, ``mmap=True``) or an in-memory array.
 
     Raises:
         ReferenceSetError: missing or altered files (checksum), truncated or unreadable Parquet,

@@ -48,7 +48,7 @@ DEFAULT_TOP_K: int | None = 10
 
 @dataclass
 class SegmentationResult:
-    """Output of :meth:`Segmenter.predict`.
+    """Output of [`Segmenter.predict`][reme.segmenter.Segmenter.predict].
 
     Attributes:
         label_map: (H, W) int32, index into ``classes`` of each pixel.
@@ -57,8 +57,9 @@ class SegmentationResult:
         segment_probs: (k, C) float32 P_seg (rows need not sum to 1).
         class_fractions: (C,) float64 fraction of pixels assigned to each class.
         probs: (H, W, C) float32 P_test, only with ``return_probs=True`` (else None).
-        evidence: :class:`reme.evidence.RetrievalEvidence`, the nearest reference segments
-            behind each test segment's A1 row, only with ``return_evidence=True`` (else None).
+        evidence: [`reme.evidence.RetrievalEvidence`][reme.evidence.RetrievalEvidence], the nearest
+            reference segments behind each test segment's A1 row, only with ``return_evidence=True``
+            (else None).
     """
 
     label_map: np.ndarray
@@ -75,12 +76,14 @@ class Segmenter:
     """Training-free open-vocabulary segmenter (ReME inference, METHOD.md Part 2).
 
     Args:
-        reference: a reference folder path or a loaded :class:`ReferenceSet`.
+        reference: a reference folder path or a loaded
+            [`ReferenceSet`][reme.reference.ReferenceSet].
         visual_encoder: spec of the visual encoder (``reme.encoders.resolve_encoder``) or an
             encoder object; None = the one the reference set was built with (manifest). The
             encoder also embeds the segments: mask average pooling, or a GFA fusion of two
-            encoders (``gfa:`` specs, :mod:`reme.encoders.fused`), or CLS embeddings of masked
-            crops (``cls:`` specs, :mod:`reme.encoders.masked_crop`).
+            encoders (``gfa:`` specs, [`reme.encoders.fused`][reme.encoders.fused]), or CLS
+            embeddings of masked crops (``cls:`` specs,
+            [`reme.encoders.masked_crop`][reme.encoders.masked_crop]).
         text_encoder: spec or object for L_test; None = the manifest's.
         felzenszwalb: proposal settings; None = the manifest's (else FreeDA's 100/1.0/20).
         segment_logit_scale: tau1 of eq. 1's softmax (paper form: 1.0). Default 50, chosen by
@@ -96,23 +99,24 @@ class Segmenter:
         retrieval: how eq. 1 finds reference segments. "exact" (default): streamed over all of
             S_ref (the full softmax, or an exact top_k search). "topk": the reference set's
             FAISS index (``index.faiss``; built in memory when missing) proposes ``top_k``
-            neighbours (:data:`reme.retrieval.DEFAULT_TOPK_CANDIDATES` when top_k is None),
+            neighbours (`reme.retrieval.DEFAULT_TOPK_CANDIDATES` when top_k is None),
             re-scored exactly, softmax over them; approximate for IVF indexes (reference sets
             of 200k+ segments), ~30-100x faster at 1e6 segments (docs/performance.md).
         proposals: class-agnostic proposal generator for the test image
-            (:class:`reme.proposals.ProposalGenerator`): "felzenszwalb" (METHOD.md step 1),
-            "cluster" (Split Matching's k-means over the visual encoder's dense features,
-            :mod:`reme.proposals_cluster`), or "sam" / "sam:MODEL" (SAM automatic masks, 32 x 32
-            grid, :mod:`reme.proposals_sam`; hub id or local folder, default
-            facebook/sam-vit-huge). None (default) = the method the reference set was built
-            with (manifest), else "felzenszwalb". SAM's masks overlap: each is pooled on its
-            own (``reme.pooling.masks_average_pool``) and eq. 3 sums P_seg over the masks
-            covering a pixel (``reme.retrieval.pixel_class_probs_masks``); ``segment_ids`` then
-            shows the smallest mask covering each pixel.
+            ([`reme.proposals.ProposalGenerator`][reme.proposals.ProposalGenerator]): "felzenszwalb"
+            (METHOD.md step 1), "cluster" (Split Matching's k-means over the visual encoder's dense
+            features, [`reme.proposals_cluster`][reme.proposals_cluster]), or "sam" / "sam:MODEL"
+            (SAM automatic masks, 32 x 32 grid, [`reme.proposals_sam`][reme.proposals_sam]; hub id
+            or local folder, default facebook/sam-vit-huge). None (default) = the method the
+            reference set was built with (manifest), else "felzenszwalb". SAM's masks overlap: each
+            is pooled on its own (``reme.pooling.masks_average_pool``) and eq. 3 sums P_seg over the
+            masks covering a pixel (``reme.retrieval.pixel_class_probs_masks``); ``segment_ids``
+            then shows the smallest mask covering each pixel.
         n_clusters: k of the "cluster" proposals; None = the manifest's, else 8.
         smooth_omega: in [0, 1); > 0 smooths P_seg over the test image's segment adjacency
-            graph with the GFA random walk of OVSNet (:func:`reme.gfa.smooth_segment_probs`,
-            edges weighted by S_test similarity). 0 (default) = off.
+            graph with the GFA random walk of OVSNet
+            ([`reme.gfa.smooth_segment_probs`][reme.gfa.smooth_segment_probs], edges weighted by
+            S_test similarity). 0 (default) = off.
         others_threshold: when set, a segment whose normalised confidence (max of its P_seg row
             divided by the row sum, in [1/C, 1]) is below it is labelled "others", an extra
             class appended to ``classes`` (OpenBench). None (default) = off.
@@ -225,7 +229,8 @@ class Segmenter:
 
         Args:
             image: path, PIL image or (H, W, 3) uint8 RGB array.
-            classes: class list or string (:func:`reme.classes.parse_classes`).
+            classes: class list or string
+                ([`reme.classes.parse_classes`][reme.classes.parse_classes]).
             return_embeddings: append S_test, (k, d1) float32 tensor.
             return_masks: append the (k, H, W) bool proposal masks when they overlap (SAM),
                 else None.
@@ -268,7 +273,8 @@ class Segmenter:
     @property
     def index(self):
         """The FAISS index of the top-k path: the reference set's ``index.faiss``, else one
-        built in memory (:func:`reme.index.build_index`), moved to the GPU when faiss has one."""
+        built in memory ([`reme.index.build_index`][reme.index.build_index]), moved to the GPU when
+        faiss has one."""
         if self._index is None:
             from reme.index import build_index, to_gpu
 
@@ -310,12 +316,14 @@ class Segmenter:
                 synonyms within a class ("person; people").
             return_probs: also return the (H, W, C) P_test.
             return_evidence: also return, per test segment, the nearest reference segments
-                behind its A1 row (:func:`reme.evidence.retrieval_evidence`, exact search;
-                ``top_k`` of them, 10 when top_k is None). With ``retrieval="topk"`` on an
+                behind its A1 row
+                ([`reme.evidence.retrieval_evidence`][reme.evidence.retrieval_evidence], exact
+                search; ``top_k`` of them, 10 when top_k is None). With ``retrieval="topk"`` on an
                 approximate (IVF) index, the segments eq. 1 used can differ from these.
 
         Returns:
-            :class:`SegmentationResult` (label_map (H, W) int32 indexes ``classes``).
+            [`SegmentationResult`][reme.segmenter.SegmentationResult] (label_map (H, W) int32
+            indexes ``classes``).
 
         Raises:
             reme.errors.ImageReadError: unreadable image. ValueError: bad class list.

@@ -11,8 +11,8 @@ machine computes it or what ran before: images are processed in fixed batches of
 order, and torch runs on one CPU thread (matrix products on 1 and 2 threads differ in the last
 bits). This is what makes a resumed, a multi-worker and a Ray build byte-identical.
 
-:class:`ShardComputer` holds the encoders. In worker processes and Ray actors it is rebuilt
-from :meth:`ShardComputer.config`, a plain JSON-able dict (encoder specs, settings), never from
+`ShardComputer` holds the encoders. In worker processes and Ray actors it is rebuilt
+from `ShardComputer.config`, a plain JSON-able dict (encoder specs, settings), never from
 pickled objects.
 """
 
@@ -55,13 +55,14 @@ class StageSettings:
         mode: ``"gt"`` or ``"caption"``.
         felzenszwalb: Felzenszwalb settings (step 1).
         proposals: step 1 method, ``"felzenszwalb"``, ``"cluster"`` or ``"sam[:MODEL]"``
-            (:class:`reme.proposals.ProposalGenerator`); GT mode uses it with
-            ``gt_segments="proposals"``.
+            ([`reme.proposals.ProposalGenerator`][reme.proposals.ProposalGenerator]); GT mode uses
+            it with ``gt_segments="proposals"``.
         n_clusters: k of ``"cluster"`` proposals.
-        sam_options: keywords of :class:`reme.proposals_sam.SamProposals`.
+        sam_options: keywords of
+            [`reme.proposals_sam.SamProposals`][reme.proposals_sam.SamProposals].
         batch_size: images per encoder / captioner / spaCy batch inside a shard.
         max_image_pixels: larger images are downscaled (caption) or skipped (GT); None: no
-            limit below :data:`reme.io.MAX_PIXELS`.
+            limit below `reme.io.MAX_PIXELS`.
         gt_segments: GT mode, ``"proposals"`` or ``"masks"``.
         min_purity: GT mode, minimum majority-label fraction of a proposal.
         background_label: GT mode, name of unannotated pixels (None: dropped).
@@ -112,7 +113,7 @@ class StageSettings:
 
 
 # ------------------------------------------------------------------------ encoder recipes
-#: Constructor knobs that :func:`encoder_recipe` forwards to the loader when rebuilding.
+#: Constructor knobs that `encoder_recipe` forwards to the loader when rebuilding.
 _REBUILD_KNOBS = ("image_size", "stride", "prompt", "max_new_tokens")
 
 
@@ -131,7 +132,8 @@ def encoder_fingerprint(enc) -> dict[str, Any]:
 
 
 def encoder_recipe(enc) -> dict[str, Any]:
-    """Plain-dict recipe to rebuild ``enc`` with :func:`reme.encoders.resolve_encoder`."""
+    """Plain-dict recipe to rebuild ``enc`` with
+    [`reme.encoders.resolve_encoder`][reme.encoders.resolve_encoder]."""
     spec = getattr(enc, "spec", None)
     if not isinstance(spec, str):
         raise ValueError(f"{type(enc).__name__} has no spec string; worker processes and Ray actors "
@@ -142,7 +144,7 @@ def encoder_recipe(enc) -> dict[str, Any]:
 
 
 def encoder_from_recipe(recipe: dict[str, Any], device: str):
-    """Rebuild an encoder from :func:`encoder_recipe` and check that it is the same one.
+    """Rebuild an encoder from `encoder_recipe` and check that it is the same one.
 
     Raises:
         ValueError: the rebuilt encoder's fingerprint differs (settings the spec cannot carry).
@@ -251,13 +253,14 @@ class ShardComputer:
     """Computes the per-image stages of one shard.
 
     Args:
-        settings: :class:`StageSettings`.
+        settings: `StageSettings`.
         image_root: folder the image keys are relative to.
         visual_encoder: VisualEncoder for S_ref (and the group filter).
-        annotations: GT mode, :class:`reme.annotations.CocoInstances` or ``MaskFolder``.
+        annotations: GT mode, `reme.annotations.CocoInstances` or ``MaskFolder``.
         captioner: caption mode, a Captioner.
         pairing_model: caption mode, a CLIPModel (step 4).
-        nlp: caption mode, a spaCy pipeline (default :func:`reme.nounphrases.load_spacy`).
+        nlp: caption mode, a spaCy pipeline (default
+            [`reme.nounphrases.load_spacy`][reme.nounphrases.load_spacy]).
     """
 
     def __init__(self, settings: StageSettings, image_root: str | Path, visual_encoder, *, annotations=None,
@@ -306,7 +309,7 @@ class ShardComputer:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "ShardComputer":
-        """Rebuild from :meth:`config` (loads the encoders on ``cfg["device"]``)."""
+        """Rebuild from `config` (loads the encoders on ``cfg["device"]``)."""
         from reme.annotations import annotations_from_config
 
         settings = StageSettings.from_dict(cfg["settings"])

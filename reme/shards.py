@@ -120,7 +120,7 @@ class ShardStore:
     """The work folder of one build (module docstring).
 
     Args:
-        root: the work folder (created by :meth:`open`).
+        root: the work folder (created by `open`).
     """
 
     def __init__(self, root: str | Path):

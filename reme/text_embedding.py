@@ -23,7 +23,7 @@ def embed_labels(text_encoder, labels: Sequence[str], templates: Sequence[str] =
     over all templates, then L2-normalised (METHOD.md step 5).
 
     Args:
-        text_encoder: a :class:`reme.encoders.TextEncoder`.
+        text_encoder: a `reme.encoders.TextEncoder`.
         labels: n label strings.
         templates: format strings with one ``{}``; ``("{}",)`` embeds labels bare.
         batch_size: labels per encoder call.

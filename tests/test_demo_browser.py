@@ -29,7 +29,8 @@ def client():
     from reme.demo import DemoBackend, create_app
 
     backend = DemoBackend({"default": DEFAULT_REF}, device="cpu")
-    return TestClient(create_app(backend)), backend
+    # the app answers its bound host names only (TestClient would send Host: testserver)
+    return TestClient(create_app(backend), base_url="http://127.0.0.1:7860"), backend
 
 
 def test_demo_api_segment_and_evidence(client, tmp_path):

@@ -13,15 +13,16 @@ from reme.demo.backend import DemoBackend
 __all__ = ["DemoBackend", "create_app", "serve"]
 
 
-def create_app(backend: DemoBackend):
-    """The FastAPI app of a :class:`DemoBackend` (see :func:`reme.demo.app.create_app`)."""
+def create_app(backend: DemoBackend, **kwargs):
+    """The FastAPI app of a [`DemoBackend`][reme.demo.backend.DemoBackend] (see
+    [`reme.demo.app.create_app`][reme.demo.app.create_app])."""
     from reme.demo.app import create_app as _create
 
-    return _create(backend)
+    return _create(backend, **kwargs)
 
 
 def serve(references, **kwargs) -> None:
-    """Run the demo server (see :func:`reme.demo.app.serve`)."""
+    """Run the demo server (see [`reme.demo.app.serve`][reme.demo.app.serve])."""
     from reme.demo.app import serve as _serve
 
     _serve(references, **kwargs)

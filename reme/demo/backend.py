@@ -1,5 +1,5 @@
 """The demo's work, independent of the web framework: segment a photo, keep the result, answer
-"why did this segment get its label?" with retrieval evidence (:mod:`reme.evidence`)."""
+"why did this segment get its label?" with retrieval evidence ([`reme.evidence`][reme.evidence])."""
 
 from __future__ import annotations
 
@@ -28,6 +28,20 @@ logger = logging.getLogger(__name__)
 MAX_SIDE = 800
 #: Results kept for evidence look-ups (LRU).
 MAX_RESULTS = 16
+#: Largest upload accepted, in bytes (checked before anything is decoded).
+MAX_UPLOAD_BYTES = 32 * 1024 * 1024
+#: Uploads decoded at the same time; the others wait their turn (bounds decode memory: a JPEG is
+#: decoded at a reduced scale near ``MAX_SIDE``, other formats at full size, at most
+#: ``MAX_PIXELS`` each).
+DECODE_SLOTS = 2
+#: Classes per request, and class names counting synonyms (a 5000-class request held the
+#: segmentation lock for 37 s; 50 classes take about as long as the segmentation itself).
+MAX_CLASSES = 50
+MAX_CLASS_TERMS = 200
+#: Characters in the class field.
+MAX_CLASS_CHARS = 4000
+#: Seconds a request waits for its turn at the segmenter before it is refused as busy.
+QUEUE_TIMEOUT_S = 60.0
 DEFAULT_CLASSES = "person, sky, building, tree, road, car, cat, dog"
 
 
@@ -58,22 +72,87 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def read_upload(data: bytes) -> np.ndarray:
-    """Decode uploaded image bytes to (H, W, 3) uint8 RGB.
+class BusyError(RuntimeError):
+    """The segmenter stayed busy for `QUEUE_TIMEOUT_S`; the request should be retried later."""
+
+
+_decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
+
+
+def read_upload(data: bytes, max_side: int = MAX_SIDE) -> np.ndarray:
+    """Decode uploaded image bytes to (H, W, 3) uint8 RGB at the demo's working size.
+
+    The header is read first (size and pixel-count checks, nothing decoded); the pixels are then
+    decoded while holding one of `DECODE_SLOTS` slots, JPEGs at the smallest DCT scale that
+    keeps the longest side at least ``max_side`` (``PIL.Image.draft``), and the result is
+    reduced to ``max_side`` (see `downscale`) before the slot is released.
+
+    Args:
+        data: the uploaded file's bytes.
+        max_side: longest side of the returned image, in pixels.
+
+    Returns:
+        (H, W, 3) uint8 RGB, EXIF orientation applied, longest side at most ``max_side``.
 
     Raises:
-        ValueError: empty, undecodable, or larger than :data:`reme.io.MAX_PIXELS`.
+        ValueError: empty, larger than `MAX_UPLOAD_BYTES`, not an image, damaged, or more
+            pixels than `reme.io.MAX_PIXELS` (100 million); the message is plain text.
     """
     if not data:
         raise ValueError("the uploaded file is empty")
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise ValueError(f"the upload is {len(data) / 2**20:.0f} MiB; the demo takes files up to "
+                         f"{MAX_UPLOAD_BYTES // 2**20} MiB")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > MAX_PIXELS:
-                raise ValueError(f"{img.width}x{img.height} exceeds {MAX_PIXELS} pixels; downscale it first")
-            img.load()
-            return to_rgb_array(img)
-    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"cannot decode the uploaded file as an image ({exc})") from exc
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"the image has more than {MAX_PIXELS} pixels; downscale it first") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ValueError("cannot decode the uploaded file as an image: not a format Pillow reads "
+                         "(JPEG, PNG, WebP, TIFF, BMP, GIF, ...)") from exc
+    with img:
+        if img.width * img.height > MAX_PIXELS:
+            raise ValueError(f"the image is {img.width}x{img.height} = {img.width * img.height} pixels, over "
+                             f"the limit of {MAX_PIXELS}; downscale it first")
+        with _decode_slots:
+            try:
+                if img.format == "JPEG" and max(img.size) > max_side:
+                    s = max_side / max(img.size)
+                    img.draft("RGB", (max(1, int(img.width * s)), max(1, int(img.height * s))))
+                img.load()
+                arr = to_rgb_array(img)
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+                raise ValueError("cannot decode the uploaded file as an image: the data is truncated "
+                                 f"or damaged ({type(exc).__name__})") from exc
+            return downscale(arr, max_side)
+
+
+def check_classes(classes: str) -> tuple[list[str], list[list[str]]]:
+    """Parse a class field of the demo form and apply its limits.
+
+    Returns:
+        ``(names, synonyms)`` as [`reme.classes.parse_classes`][reme.classes.parse_classes].
+
+    Raises:
+        ValueError: empty, malformed (see `parse_classes`), longer than `MAX_CLASS_CHARS`
+            characters, more than `MAX_CLASSES` classes or `MAX_CLASS_TERMS` names with synonyms.
+    """
+    from reme.classes import parse_classes
+
+    if not classes or not classes.strip():
+        raise ValueError("type at least one class name, e.g. 'cat, dog, sofa'")
+    if len(classes) > MAX_CLASS_CHARS:
+        raise ValueError(f"the class list has {len(classes)} characters; the demo takes up to {MAX_CLASS_CHARS}")
+    n = sum(1 for item in classes.split(",") if item.strip())  # before parsing: the message stays short
+    if n > MAX_CLASSES:
+        raise ValueError(f"{n} classes; the demo takes up to {MAX_CLASSES} per request")
+    names, synonyms = parse_classes(classes)
+    if len(names) > MAX_CLASSES:
+        raise ValueError(f"{len(names)} classes; the demo takes up to {MAX_CLASSES} per request")
+    terms = sum(len(s) for s in synonyms)
+    if terms > MAX_CLASS_TERMS:
+        raise ValueError(f"{terms} class names with synonyms; the demo takes up to {MAX_CLASS_TERMS} per request")
+    return names, synonyms
 
 
 def downscale(image: np.ndarray, max_side: int = MAX_SIDE) -> np.ndarray:
@@ -111,7 +190,7 @@ class DemoBackend:
         references: display name -> reference folder; the first is the default.
         image_roots: extra folders with reference source photos (evidence thumbnails).
         device: torch device for the segmenters (None: CUDA if available).
-        segmenter_kwargs: passed to every :class:`reme.segmenter.Segmenter`.
+        segmenter_kwargs: passed to every [`reme.segmenter.Segmenter`][reme.segmenter.Segmenter].
 
     Raises:
         ValueError: no reference set given.
@@ -137,7 +216,8 @@ class DemoBackend:
     def config(self) -> dict[str, Any]:
         """What the page needs to draw its form."""
         return {"references": list(self.references), "default_reference": self.default_reference,
-                "samples": list(SAMPLE_PHOTOS), "default_classes": DEFAULT_CLASSES, "max_side": MAX_SIDE}
+                "samples": list(SAMPLE_PHOTOS), "default_classes": DEFAULT_CLASSES, "max_side": MAX_SIDE,
+                "max_classes": MAX_CLASSES, "max_upload_bytes": MAX_UPLOAD_BYTES}
 
     def segmenter(self, name: str):
         """The (cached) Segmenter of reference ``name``.
@@ -147,19 +227,21 @@ class DemoBackend:
         """
         if name not in self.references:
             raise KeyError(f"unknown reference set {name!r}; choose from {', '.join(self.references)}")
+        if name in self._segmenters:  # loaded: no need to wait for a running prediction
+            return self._segmenters[name]
         with self._lock:
             if name not in self._segmenters:
                 from reme.segmenter import Segmenter
 
                 t0 = time.time()
                 seg = Segmenter(self.references[name], device=self.device, **self.segmenter_kwargs)
-                self._segmenters[name] = seg
                 self._images[name] = ReferenceImages.for_reference(seg.reference, self.image_roots)
+                self._segmenters[name] = seg
                 logger.info("loaded reference %s from %s in %.1f s", name, self.references[name], time.time() - t0)
             return self._segmenters[name]
 
     def segment(self, image: np.ndarray, classes: str, reference: str | None = None) -> dict[str, Any]:
-        """Segment ``image`` into ``classes`` and keep the result for :meth:`evidence`.
+        """Segment ``image`` into ``classes`` and keep the result for `evidence`.
 
         Returns:
             JSON-ready dict: ``result_id``, ``width``, ``height``, ``overlay`` (PNG data URL),
@@ -167,19 +249,26 @@ class DemoBackend:
             ``num_segments``, ``seconds``, ``reference``, ``resized`` (bool).
 
         Raises:
-            KeyError: unknown reference. ValueError: bad class list.
+            KeyError: unknown reference. ValueError: bad class list or over the limits of
+            `check_classes`. BusyError: waited `QUEUE_TIMEOUT_S` for the segmenter.
         """
+        check_classes(classes)
         name = reference or self.default_reference
         seg = self.segmenter(name)
         small = downscale(image)
         t0 = time.time()
         rid = uuid.uuid4().hex[:12]
-        with self._lock:  # one prediction at a time: the CPU is the bottleneck anyway
+        # one prediction at a time (the CPU is the bottleneck anyway), each waiting a bounded time
+        if not self._lock.acquire(timeout=QUEUE_TIMEOUT_S):
+            raise BusyError(f"the demo is busy with other requests (waited {QUEUE_TIMEOUT_S:.0f} s); try again")
+        try:
             res = seg.predict(small, classes, return_evidence=True)
             self._results[rid] = _Result(small, res.segment_ids, res.label_map, res.segment_probs, res.classes,
                                          res.evidence, name, classes)
             while len(self._results) > MAX_RESULTS:
                 self._results.popitem(last=False)
+        finally:
+            self._lock.release()
         secs = time.time() - t0
         colors = class_colors(len(res.classes))
         pixels = np.bincount(res.label_map.ravel(), minlength=len(res.classes))
@@ -262,5 +351,5 @@ class DemoBackend:
 
     @staticmethod
     def sample(name: str) -> np.ndarray:
-        """A bundled photo (:data:`reme.io.SAMPLE_PHOTOS`); raises ImageReadError if unknown."""
+        """A bundled photo (`reme.io.SAMPLE_PHOTOS`); raises ImageReadError if unknown."""
         return sample_image(name)

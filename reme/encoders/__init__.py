@@ -1,4 +1,5 @@
-"""Frozen encoders and captioners behind one resolver (:func:`resolve_encoder`)."""
+"""Frozen encoders and captioners behind one resolver
+([`resolve_encoder`][reme.encoders.factory.resolve_encoder])."""
 
 from reme.encoders.base import Captioner, CLIPModel, TextEncoder, VisualEncoder
 from reme.encoders.factory import (

@@ -1,13 +1,13 @@
 """Shared helpers of the weight loaders: finding weights, failing fast, image preprocessing.
 
-Every loader of :mod:`reme.encoders` (``clip``, ``dinov2``, ``captioners``) resolves its
+Every loader of `reme.encoders` (``clip``, ``dinov2``, ``captioners``) resolves its
 weights through this module with one rule (the open_clip / dinov2 hub pattern in STYLE.md):
 
 1. a local path that exists is used as is;
 2. otherwise weights already in the local cache (``cache_dir``, i.e. ``$REME_CACHE_DIR``, else
    the libraries' default caches) are used without any network call;
 3. otherwise, if ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` is set or a 3-second TCP probe of
-   the download host fails, a :class:`reme.errors.MissingWeightsError` names the model, the
+   the download host fails, a `reme.errors.MissingWeightsError` names the model, the
    download command to run on a machine with internet access, and how to point reme at the
    copy (a local-path spec or ``REME_CACHE_DIR``);
 4. otherwise the library downloads the weights itself.
@@ -54,7 +54,7 @@ def offline_reason() -> str | None:
 
     Returns:
         ``"HF_HUB_OFFLINE is set"`` (or the variable found) when one of
-        :data:`OFFLINE_ENV_VARS` holds a true value (``1``, ``on``, ``yes``, ``true``), else None.
+        `OFFLINE_ENV_VARS` holds a true value (``1``, ``on``, ``yes``, ``true``), else None.
     """
     for var in OFFLINE_ENV_VARS:
         value = os.environ.get(var, "")
@@ -188,12 +188,12 @@ def hf_missing_message(
     spec_prefix: str | None = None,
     local_prefix: str | None = None,
 ) -> str:
-    """The :class:`MissingWeightsError` text for a Hugging Face repo.
+    """The `MissingWeightsError` text for a Hugging Face repo.
 
     Args:
         model_id: ``org/name``.
         family: spec family, e.g. ``dinov2``.
-        reason: why no download is possible (:func:`download_blocker`).
+        reason: why no download is possible (`download_blocker`).
         cache_dir: the cache folder in use (``$REME_CACHE_DIR``) or None.
         spec_prefix: prefix of the hub spec shown (default ``"<family>:"``).
         local_prefix: prefix of the local-folder spec shown (default ``"<family>:"``).
@@ -231,7 +231,7 @@ def resolve_hf_repo(
         family: the spec family (``dinov2``, ``llava``, ``blip``, ``clip``), used in messages.
         cache_dir: hub cache folder (``$REME_CACHE_DIR``) or None for the default cache.
         required: files a folder or cached snapshot must contain.
-        spec_prefix, local_prefix: spec prefixes shown in messages (:func:`hf_missing_message`).
+        spec_prefix, local_prefix: spec prefixes shown in messages (`hf_missing_message`).
 
     Returns:
         ``(source, is_local)``: an absolute folder path and True, or the hub id and False
@@ -320,7 +320,7 @@ def open_clip_hub_file(pretrained_cfg: dict[str, Any]) -> tuple[str, str] | None
 def find_open_clip_weights(pretrained_cfg: dict[str, Any], cache_dir: str | None) -> str | None:
     """Locally cached weights file of an open_clip pretrained tag (no network), or None.
 
-    Looks where :func:`open_clip.download_pretrained` would have stored it: the hub cache
+    Looks where `open_clip.download_pretrained` would have stored it: the hub cache
     (``hf_hub`` entry; the ``.safetensors`` alternative first) and, for URL-only tags, the
     open_clip URL cache (``cache_dir`` or ``~/.cache/clip``).
 
@@ -351,13 +351,13 @@ def open_clip_missing_message(
     arch: str, tag: str, pretrained_cfg: dict[str, Any], reason: str, cache_dir: str | None,
     path_arch: str | None = None,
 ) -> str:
-    """The :class:`MissingWeightsError` text for an open_clip ``arch:tag`` pair.
+    """The `MissingWeightsError` text for an open_clip ``arch:tag`` pair.
 
     Args:
         arch: open_clip architecture name, e.g. ``ViT-B-16``.
         tag: pretrained tag, e.g. ``openai``.
         pretrained_cfg: ``open_clip.get_pretrained_cfg(arch, tag)``.
-        reason: why no download is possible (:func:`download_blocker`).
+        reason: why no download is possible (`download_blocker`).
         cache_dir: the cache folder in use (``$REME_CACHE_DIR``) or None.
         path_arch: architecture name to show in the local-checkpoint spec (e.g. the
             ``-quickgelu`` variant when the tag was trained with QuickGELU).

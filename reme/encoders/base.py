@@ -6,7 +6,8 @@ A *text encoder* maps strings to L2-normalised vectors (METHOD.md step 5).
 A *captioner* maps an image to one or more captions (METHOD.md step 2).
 
 Backends live in sibling modules (``classical``, ``clip``, ``dinov2``, ``minilm``,
-``captioners``) and are created through :func:`reme.encoders.resolve_encoder`.
+``captioners``) and are created through
+[`reme.encoders.resolve_encoder`][reme.encoders.resolve_encoder].
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ class VisualEncoder(ABC):
     """Frozen image encoder producing a dense feature map.
 
     Attributes:
-        spec (str): the canonical spec string that :func:`resolve_encoder` accepts to
+        spec (str): the canonical spec string that `resolve_encoder` accepts to
             rebuild this encoder; stored in reference-set manifests.
         dim (int): dimension ``d`` of the segment embeddings, and of the dense features
             except for encoders that stack two views (``gfa:`` specs carry both encoders'
-            channels in :meth:`dense_features`).
+            channels in `dense_features`).
         device (torch.device): where the forward pass runs.
     """
 
@@ -49,19 +50,20 @@ class VisualEncoder(ABC):
         """
 
     def dense_features_batch(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        """Dense features of several images; default loops over :meth:`dense_features`."""
+        """Dense features of several images; default loops over `dense_features`."""
         return [self.dense_features(im) for im in images]
 
     def segment_embeddings(self, features: torch.Tensor, seg: np.ndarray, normalize: bool = True,
                            image: np.ndarray | None = None) -> torch.Tensor:
-        """Segment embeddings S_k from :meth:`dense_features` (METHOD.md step 6).
+        """Segment embeddings S_k from `dense_features` (METHOD.md step 6).
 
-        Default: mask average pooling (:func:`reme.pooling.mask_average_pool`). Encoders that
+        Default: mask average pooling
+            ([`reme.pooling.mask_average_pool`][reme.pooling.mask_average_pool]). Encoders that
         combine two views per segment (``reme.encoders.fused``) or embed masked crops
         (``reme.encoders.masked_crop``, which needs ``image``) override it.
 
         Args:
-            features: (h, w, d') output of :meth:`dense_features`.
+            features: (h, w, d') output of `dense_features`.
             seg: (H, W) int segment-id map, ids 0..k-1.
             normalize: L2-normalise the rows.
             image: the (H, W, 3) uint8 image the features came from (unused by pooling).
@@ -73,8 +75,8 @@ class VisualEncoder(ABC):
 
     def mask_embeddings(self, features: torch.Tensor, masks: np.ndarray, normalize: bool = True,
                         image: np.ndarray | None = None) -> torch.Tensor:
-        """Like :meth:`segment_embeddings` for (k, H, W) bool, possibly overlapping masks
-        (:func:`reme.pooling.masks_average_pool`)."""
+        """Like `segment_embeddings` for (k, H, W) bool, possibly overlapping masks
+        ([`reme.pooling.masks_average_pool`][reme.pooling.masks_average_pool])."""
         return masks_average_pool(features, masks, normalize=normalize)
 
 
@@ -82,7 +84,7 @@ class TextEncoder(ABC):
     """Frozen text encoder.
 
     Attributes:
-        spec (str): canonical spec string (see :class:`VisualEncoder`).
+        spec (str): canonical spec string (see [`VisualEncoder`][reme.encoders.base.VisualEncoder]).
         dim (int): embedding dimension.
     """
 

@@ -2,7 +2,7 @@
 
 ReME describes every reference image with a captioner and mines noun phrases from the text
 (step 3). The paper's default is LLaVA-1.5 with a fixed detailed-description prompt
-(:data:`LLAVA_PROMPT`); BLIP(-2) and human captions are weaker alternatives
+(`LLAVA_PROMPT`); BLIP(-2) and human captions are weaker alternatives
 ("LLaVA > BLIP-2 > GT captions").
 
 Specs::
@@ -117,7 +117,7 @@ class LLaVACaptioner(_HFCaptioner):
         device (torch.device): where generation runs.
         model (transformers.LlavaForConditionalGeneration): the model, eval mode.
         processor (transformers.LlavaProcessor): image processor + tokenizer.
-        prompt (str): the instruction (default :data:`LLAVA_PROMPT`).
+        prompt (str): the instruction (default `LLAVA_PROMPT`).
         text (str): the full model input text (chat template applied).
         max_new_tokens (int): generation budget.
         dim: None (no embeddings).
@@ -133,7 +133,7 @@ class LLaVACaptioner(_HFCaptioner):
         prompt: str = LLAVA_PROMPT,
         max_new_tokens: int = LLAVA_MAX_NEW_TOKENS,
     ) -> None:
-        """Wrap a loaded LLaVA model and processor (use :func:`load_llava`).
+        """Wrap a loaded LLaVA model and processor (use `load_llava`).
 
         Args:
             model: ``LlavaForConditionalGeneration``.
@@ -200,7 +200,7 @@ class BLIPCaptioner(_HFCaptioner):
         prompt: str | None = None,
         max_new_tokens: int = BLIP_MAX_NEW_TOKENS,
     ) -> None:
-        """Wrap a loaded BLIP model and processor (use :func:`load_blip`).
+        """Wrap a loaded BLIP model and processor (use `load_blip`).
 
         Args:
             model: ``BlipForConditionalGeneration``.
@@ -255,12 +255,12 @@ def load_llava(
             holding model and processor.
         device: torch device; weights are read on the CPU, then moved.
         cache_dir: hub cache (``$REME_CACHE_DIR``); None uses the default cache.
-        prompt: instruction (default the paper's, :data:`LLAVA_PROMPT`).
+        prompt: instruction (default the paper's, `LLAVA_PROMPT`).
         max_new_tokens: greedy decoding budget (default 256).
         dtype: weights dtype; None means float16 on CUDA, float32 on CPU.
 
     Returns:
-        A :class:`LLaVACaptioner`.
+        A `LLaVACaptioner`.
 
     Raises:
         reme.errors.MissingWeightsError: folder missing, or hub id not cached while offline /
@@ -313,10 +313,10 @@ def load_blip(
         dtype: weights dtype; None means float16 on CUDA, float32 on CPU.
 
     Returns:
-        A :class:`BLIPCaptioner`.
+        A `BLIPCaptioner`.
 
     Raises:
-        reme.errors.MissingWeightsError: as :func:`load_llava`.
+        reme.errors.MissingWeightsError: as `load_llava`.
         ValueError: the config is not a BLIP model.
     """
     transformers = _import_transformers()
@@ -524,7 +524,7 @@ def load_caption_file(
     device: str | torch.device = "cpu",
     cache_dir: str | None = None,
 ) -> CaptionFileCaptioner:
-    """Captions from a JSON-lines file (``captions:`` specs); see :class:`CaptionFileCaptioner`.
+    """Captions from a JSON-lines file (``captions:`` specs); see `CaptionFileCaptioner`.
 
     Args:
         target: path of the ``.jsonl`` file.

@@ -122,7 +122,7 @@ class ClassicalEncoder(VisualEncoder):
 
 def load_classical(target: str = "", *, device: torch.device, cache_dir: str | None = None, **kwargs) -> ClassicalEncoder:
     """Loader for ``classical`` and ``classical:size=S,stride=T`` (short side S px, T px cells;
-    defaults 320 and 8); further kwargs go to :class:`ClassicalEncoder`.
+    defaults 320 and 8); further kwargs go to `ClassicalEncoder`.
 
     Raises:
         ValueError: an unknown or non-integer option in the target.

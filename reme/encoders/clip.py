@@ -10,7 +10,7 @@ its value path: ``out_proj(v(ln_1(x)))``, then ``ln_post`` and ``proj``. By defa
 and MLP of that block are dropped (v-path output only; ClearCLIP, ECCV 2024, shows this is the
 cleaner variant); ``maskclip_residual=True`` keeps them as MaskCLIP's original code does.
 
-Specs (see :mod:`reme.encoders.factory`)::
+Specs (see `reme.encoders.factory`)::
 
     clip:ViT-B-16:openai              open_clip architecture + pretrained tag
     clip:ViT-B-16:/path/to/ckpt.pt    architecture + local checkpoint (.pt/.bin/.pth/.safetensors)
@@ -80,7 +80,7 @@ class OpenCLIPEncoder(CLIPModel):
         text_batch_size: int = 256,
         image_batch_size: int = 32,
     ) -> None:
-        """Wrap an already loaded open_clip model (use :func:`load_clip` to load one).
+        """Wrap an already loaded open_clip model (use `load_clip` to load one).
 
         Args:
             model: an open_clip ``CLIP`` / ``CustomTextCLIP`` with a ``VisionTransformer`` tower;
@@ -94,8 +94,8 @@ class OpenCLIPEncoder(CLIPModel):
             maskclip_residual: False (default, chosen by us after ClearCLIP): the last block's
                 output is its attention value path only. True: MaskCLIP's original code, value
                 path + residual + MLP.
-            text_batch_size: strings per forward pass in :meth:`encode`.
-            image_batch_size: images per forward pass in :meth:`encode_image_global`.
+            text_batch_size: strings per forward pass in `encode`.
+            image_batch_size: images per forward pass in `encode_image_global`.
 
         Raises:
             ValueError: the vision tower is not an open_clip ``VisionTransformer`` (ResNet and
@@ -151,7 +151,7 @@ class OpenCLIPEncoder(CLIPModel):
 
     # ---------------------------------------------------------------- preprocessing
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """Image -> normalised pixel tensor for :meth:`dense_features`.
+        """Image -> normalised pixel tensor for `dense_features`.
 
         Args:
             image: (H, W, 3) uint8 RGB.
@@ -173,7 +173,7 @@ class OpenCLIPEncoder(CLIPModel):
         )
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        """Feature grid (h, w) that :meth:`dense_features` gives for an H x W image."""
+        """Feature grid (h, w) that `dense_features` gives for an H x W image."""
         return _hub.patch_grid(height, width, self.image_size, self.patch_size)
 
     def _pos_embed(self, gh: int, gw: int) -> torch.Tensor:
@@ -224,7 +224,7 @@ class OpenCLIPEncoder(CLIPModel):
         """MaskCLIP forward of the vision tower.
 
         Args:
-            pixels: (B, 3, h * ph, w * pw) from :meth:`preprocess`.
+            pixels: (B, 3, h * ph, w * pw) from `preprocess`.
 
         Returns:
             (B, 1 + h * w, dim) tokens in the joint space (CLS first, then patches row-major);
@@ -429,7 +429,7 @@ def load_clip(
     text_batch_size: int = 256,
     image_batch_size: int = 32,
 ) -> OpenCLIPEncoder:
-    """Load an open_clip ViT as a :class:`OpenCLIPEncoder` (``clip:`` specs).
+    """Load an open_clip ViT as a `OpenCLIPEncoder` (``clip:`` specs).
 
     Args:
         target: the spec without ``clip:``: ``"ViT-B-16:openai"`` (architecture + tag),
@@ -440,7 +440,7 @@ def load_clip(
         image_size: short side for dense features (default: the model's native size, 224 for
             ViT-B/16).
         precision: open_clip precision string (``"fp32"``, ``"fp16"``, ``"bf16"``, ...).
-        maskclip_residual: see :class:`OpenCLIPEncoder`.
+        maskclip_residual: see `OpenCLIPEncoder`.
         text_batch_size, image_batch_size: forward-pass batch sizes.
 
     Returns:

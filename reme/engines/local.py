@@ -5,7 +5,7 @@ Felzenszwalb, spaCy ``nlp.pipe``) and the batched encoder/captioner forwards, an
 shard files itself; only shard indices, image keys and small marker dicts cross process
 boundaries. Workers start with ``fork`` on CPU (they inherit the loaded encoders, nothing is
 rebuilt) and with ``spawn`` when an encoder lives on a GPU (CUDA cannot be forked): spawned
-workers rebuild the encoders from :meth:`reme.shard_stages.ShardComputer.config`.
+workers rebuild the encoders from `reme.shard_stages.ShardComputer.config`.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def run_local(store: ShardStore, tasks: Sequence[tuple[int, list[str]]], compute
         tasks: shards still to do.
         computer: the per-image stages (used directly, or inherited / rebuilt by workers).
         workers: 1 runs in this process; more starts a process pool of that size.
-        start_method: ``"fork"`` or ``"spawn"`` (default :func:`default_start_method`).
+        start_method: ``"fork"`` or ``"spawn"`` (default `default_start_method`).
         device: the encoders' device (chooses the default start method).
         on_done: called with each finished shard's marker dict, in completion order.
 

@@ -1,11 +1,11 @@
 """Ray engine: the per-image stages as a Ray Data pipeline, for clusters.
 
 Pipeline: ``from_items`` (one row per pending shard: index + image keys as JSON) ->
-``map_batches`` with a pool of actors (:class:`ShardActor`; each loads the encoders once,
+``map_batches`` with a pool of actors (`ShardActor`; each loads the encoders once,
 with ``num_gpus`` per actor on GPU clusters) that read the images and compute the shard ->
 the driver streams the results (``iter_batches``) and writes the shard files. The global stages
-then run on the driver (:mod:`reme.global_stages`). Actors compute exactly what the local
-engine computes (:meth:`reme.shard_stages.ShardComputer.compute_encoded`), so the output is
+then run on the driver (`reme.global_stages`). Actors compute exactly what the local
+engine computes (`reme.shard_stages.ShardComputer.compute_encoded`), so the output is
 byte-identical.
 
 Nothing is pickled by reme: actors get a JSON string (encoder specs, settings, paths) and
@@ -73,7 +73,7 @@ def run_ray(store: ShardStore, tasks: Sequence[tuple[int, list[str]]], config: d
     Args:
         store: the work folder (on the driver).
         tasks: [(shard index, image keys), ...] still to do.
-        config: :meth:`reme.shard_stages.ShardComputer.config` (plain JSON-able dict).
+        config: `reme.shard_stages.ShardComputer.config` (plain JSON-able dict).
         workers: size of the actor pool.
         address: Ray cluster address (``"auto"``, ``"ray://head:10001"``); None connects to
             an already initialised Ray or starts a local one (stopped again at the end).

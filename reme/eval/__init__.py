@@ -1,14 +1,14 @@
 """Evaluation of reme the way the field measures training-free OVS (``reme eval``).
 
-* :mod:`reme.eval.datasets`: readers for the ten benchmarks of METHOD.md in their usual
+* `reme.eval.datasets`: readers for the ten benchmarks of METHOD.md in their usual
   on-disk layouts and a generic images + masks + ``classes.txt`` reader.
-* :mod:`reme.eval.protocol`: short-side resize, whole-image or sliding-window inference,
+* `reme.eval.protocol`: short-side resize, whole-image or sliding-window inference,
   background threshold, synonym max, "others" threshold.
-* :mod:`reme.eval.runner`: :func:`evaluate` (streamed confusion matrix -> mIoU, per-class IoU,
+* `reme.eval.runner`: `evaluate` (streamed confusion matrix -> mIoU, per-class IoU,
   pixel accuracy, mean accuracy; JSON, Markdown, confusion-matrix PNG, side-by-side PNGs).
-* :mod:`reme.eval.openbench`: vocabulary overlap, distractor sweep, "others" analysis
+* `reme.eval.openbench`: vocabulary overlap, distractor sweep, "others" analysis
   (OVSNet / OpenBench lessons in METHOD.md).
-* :mod:`reme.eval.ablation`: reference-set variants with build stages switched on/off.
+* `reme.eval.ablation`: reference-set variants with build stages switched on/off.
 
 Example::
 
@@ -33,7 +33,7 @@ def open_dataset(name: str, root: str | Path | None = None, *, split: str | None
                  classes_file: str | Path | None = None, ignore_index: int | None = None,
                  reduce_zero_label: bool | None = None, background: str | None = None,
                  limit: int | None = None, stride: int = 1, offset: int = 0) -> SegDataset:
-    """A benchmark (``name`` in :data:`BENCHMARKS`) or ``"generic"`` dataset.
+    """A benchmark (``name`` in `BENCHMARKS`) or ``"generic"`` dataset.
 
     Args:
         name: benchmark key or ``"generic"``.

@@ -2,17 +2,18 @@
 
 Two runners, each giving one table:
 
-* :func:`ablate_caption`: builds caption-mode reference sets from the same photos and
-  captions with stages switched off/on (:data:`CAPTION_VARIANTS`: no filtering, fixed
+* `ablate_caption`: builds caption-mode reference sets from the same photos and
+  captions with stages switched off/on (`CAPTION_VARIANTS`: no filtering, fixed
   delta, adaptive delta, knee filter, synonym enrichment) and evaluates each on the same
   data. Dense features of the photos are computed once and reused by every variant.
-* :func:`ablate_noisy_gt`: a controlled, offline-meaningful version. Start from a GT-mode
+* `ablate_noisy_gt`: a controlled, offline-meaningful version. Start from a GT-mode
   reference (one correct label per segment), replace the labels of a known fraction of pairs
   by a different label drawn uniformly at random, then apply the same stage functions
-  (:func:`reme.filtering.group_median_filter`, :func:`reme.filtering.ambiguous_roots`,
-  :func:`reme.synonyms.synonym_pairs`) with the label as root noun. Besides mIoU it reports
-  the label precision of the kept pairs and the share of correct pairs kept, which measure
-  the filter directly.
+  ([`reme.filtering.group_median_filter`][reme.filtering.group_median_filter],
+  [`reme.filtering.ambiguous_roots`][reme.filtering.ambiguous_roots],
+  [`reme.synonyms.synonym_pairs`][reme.synonyms.synonym_pairs]) with the label as root noun. Besides
+  mIoU it reports the label precision of the kept pairs and the share of correct pairs kept, which
+  measure the filter directly.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from reme.synonyms import synonym_pairs
 
 logger = logging.getLogger(__name__)
 
-#: Caption-mode variants: name -> :class:`reme.build.CaptionBuildParams` fields.
+#: Caption-mode variants: name -> `reme.build.CaptionBuildParams` fields.
 CAPTION_VARIANTS: dict[str, dict] = {
     "no filtering, no synonyms": dict(group_filter=False, knee_filter=False, k_sim=0),
     "fixed delta 30%": dict(group_filter=True, adaptive_filter=False, drop_rate=0.30, knee_filter=False, k_sim=0),
@@ -50,7 +51,7 @@ CAPTION_VARIANTS: dict[str, dict] = {
     "fixed delta 30% + relabel": dict(group_filter=True, drop_rate=0.30, relabel=True, knee_filter=False, k_sim=0),
 }
 
-#: Stage switches of the noisy-GT ablation: name -> keyword arguments of :func:`apply_stages`.
+#: Stage switches of the noisy-GT ablation: name -> keyword arguments of `apply_stages`.
 NOISY_GT_VARIANTS: dict[str, dict] = {
     "no filtering": dict(group_filter=False),
     "fixed delta 30%": dict(group_filter=True, drop_rate=0.30),
@@ -130,7 +131,8 @@ def apply_stages(ref: ReferenceSet, pair_label: np.ndarray | None = None, *, gro
         group_filter, drop_rate, adaptive, max_drop_rate: step 7 (``group_median_filter``).
         knee_filter, knee_min_groups: step 8 (``ambiguous_roots``).
         relabel, relabel_min_similarity: give pairs dropped by step 7 the label of the nearest
-            kept group centre instead (:func:`reme.filtering.relabel_dropped`).
+            kept group centre instead
+            ([`reme.filtering.relabel_dropped`][reme.filtering.relabel_dropped]).
         k_sim: step 9: the k_sim most similar label pairs (L_ref cosine) become synonyms and
             each kept pair also gets its label's synonyms; 0 = off.
 
@@ -208,7 +210,7 @@ def ablate_noisy_gt(ref: ReferenceSet, dataset: SegDataset, protocol: Protocol |
         protocol: evaluation protocol (default: the dataset's).
         noise: fraction of pairs whose label is replaced.
         seed: corruption seed.
-        variants: name -> :func:`apply_stages` keywords (default :data:`NOISY_GT_VARIANTS`).
+        variants: name -> `apply_stages` keywords (default `NOISY_GT_VARIANTS`).
         include_clean: also evaluate the uncorrupted reference.
         segmenter_kwargs: ``top_k``, logit scales, ... for every Segmenter.
         out_dir: writes ``ablation.json`` and ``ablation.md``.
@@ -271,8 +273,8 @@ def ablate_caption(image_root: str | Path, captioner, pairing_model, visual_enco
             (``reme.encoders.resolve_encoder``); captions e.g. ``captions:/path/file.jsonl``.
         dataset: evaluation data.
         protocol: evaluation protocol (default: the dataset's).
-        variants: name -> :class:`reme.build.CaptionBuildParams` fields
-            (default :data:`CAPTION_VARIANTS`).
+        variants: name -> [`reme.build.CaptionBuildParams`][reme.build.CaptionBuildParams] fields
+            (default `CAPTION_VARIANTS`).
         felzenszwalb: proposal settings of the build (default FreeDA's).
         images: image keys under ``image_root`` (default: all).
         segmenter_kwargs: retrieval settings for every Segmenter.

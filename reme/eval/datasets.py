@@ -1,13 +1,13 @@
 """Readers for the benchmarks of METHOD.md in their usual on-disk layouts, plus a generic
 images + index-mask reader.
 
-Every reader yields :class:`Sample` records (image path, mask path) and decodes masks to one
+Every reader yields `Sample` records (image path, mask path) and decodes masks to one
 internal convention: an (H, W) int64 map with class indices 0..C-1 (line order of the
 benchmark's class file) and **-1 for ignored pixels**, whatever the file's own encoding
 (255 or 65535 ignore, mmseg's ``reduce_zero_label``, Cityscapes labelIds). The expected
-folder trees are in ``docs/evaluation.md``; :data:`BENCHMARKS` holds the same facts as data.
+folder trees are in ``docs/evaluation.md``; `BENCHMARKS` holds the same facts as data.
 
-A benchmark may have several accepted layouts (:class:`Layout`); the first whose image and
+A benchmark may have several accepted layouts (`Layout`); the first whose image and
 mask folders exist under ``root`` is used, so the official tree and a flat
 ``images/`` + ``masks/`` tree (as in ``../shared/data``) both work with ``--dataset NAME``.
 """
@@ -74,8 +74,9 @@ class BenchmarkSpec:
         ignore_index: mask value of ignored pixels in the files.
         background_index: class index of the benchmark's background class, or None.
         short_side: short side the image is resized to (protocol of the field).
-        felzenszwalb: proposal preset of :class:`reme.proposals.FelzenszwalbParams`
-            recommended for the dataset's style (METHOD.md step 1).
+        felzenszwalb: proposal preset of
+            [`reme.proposals.FelzenszwalbParams`][reme.proposals.FelzenszwalbParams] recommended for
+            the dataset's style (METHOD.md step 1).
     """
 
     name: str
@@ -147,7 +148,7 @@ class Sample:
 
 @dataclass
 class SegDataset:
-    """A labelled segmentation dataset ready for :func:`reme.eval.evaluate`.
+    """A labelled segmentation dataset ready for `reme.eval.evaluate`.
 
     Attributes:
         name: benchmark name or ``"generic"``.
@@ -157,7 +158,7 @@ class SegDataset:
         reduce_zero_label: file value 0 is ignored and k becomes k-1 (mmseg).
         background_index: class id of the background class, or None.
         label_lut: optional (V,) int64 raw-value -> class-id table (-1 = ignore).
-        spec: the :class:`BenchmarkSpec` when the dataset is a known benchmark.
+        spec: the `BenchmarkSpec` when the dataset is a known benchmark.
         root: dataset root (informational).
     """
 
@@ -339,7 +340,7 @@ def _layout_dirs(root: Path, layout: Layout, split: str) -> tuple[Path, Path]:
 def load_benchmark(name: str, root: str | Path | None = None, *, split: str | None = None,
                    images: str | Path | None = None, masks: str | Path | None = None,
                    classes_file: str | Path | None = None) -> SegDataset:
-    """A benchmark of :data:`BENCHMARKS` read from disk.
+    """A benchmark of `BENCHMARKS` read from disk.
 
     Args:
         name: benchmark key (``voc21``, ``voc20``, ``pc60``, ``pc59``, ``pc459``,
@@ -418,7 +419,7 @@ def load_generic(images: str | Path, masks: str | Path, classes_file: str | Path
     Args:
         images: image folder (searched recursively).
         masks: mask folder mirroring it (``<stem>.png``, else ``<stem>.tif``).
-        classes_file: class names, synonyms separated by commas (:mod:`reme.eval.names`).
+        classes_file: class names, synonyms separated by commas (`reme.eval.names`).
         ignore_index: mask value of ignored pixels (default 255).
         reduce_zero_label: ignore value 0 and shift the others down by one.
         background: display name of a background class to treat as such (threshold

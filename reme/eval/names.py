@@ -61,7 +61,7 @@ def parse_class_lines(lines: Sequence[str]) -> list[list[str]]:
 
 
 def read_class_file(path: str | Path) -> list[list[str]]:
-    """Read a class-name file (module docstring format); see :func:`parse_class_lines`.
+    """Read a class-name file (module docstring format); see `parse_class_lines`.
 
     Raises:
         FileNotFoundError: no such file. ValueError: malformed content.
@@ -98,6 +98,7 @@ def display_names(classes: Sequence[Sequence[str]]) -> list[str]:
 
 
 def class_queries(classes: Sequence[Sequence[str]], synonyms: bool = True) -> list[str]:
-    """Class strings for :meth:`reme.Segmenter.segment_probs`: synonyms joined by ``;``
-    (merged by max at inference); ``synonyms=False`` keeps the display names only."""
+    """Class strings for [`reme.Segmenter.segment_probs`][reme.segmenter.Segmenter.segment_probs]:
+    synonyms joined by ``;`` (merged by max at inference); ``synonyms=False`` keeps the display
+    names only."""
     return ["; ".join(c) if synonyms else c[0] for c in classes]

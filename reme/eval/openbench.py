@@ -1,13 +1,13 @@
 """OpenBench-style robustness analyses (OVSNet, arXiv 2506.16058; METHOD.md "Related systems").
 
-* :func:`vocabulary_overlap`: how well a reference set's label vocabulary covers a
+* `vocabulary_overlap`: how well a reference set's label vocabulary covers a
   benchmark's classes: mean over classes of the max cosine similarity between the class and
   the reference labels, in the reference's own text space (OpenBench reports VOC 0.97,
   PC-59 0.95, ADE-847 0.79, OpenBench 0.61 for its training vocabulary).
-* :func:`distractor_sweep`: mIoU over the benchmark's classes when N irrelevant class names
+* `distractor_sweep`: mIoU over the benchmark's classes when N irrelevant class names
   are added to the query list (0, 10, 50, 150, 500); a pixel won by a distractor counts as a
   miss of its ground-truth class.
-* :func:`others_analysis`: open-world check of the "others" answer: some GT classes are
+* `others_analysis`: open-world check of the "others" answer: some GT classes are
   held out of the query list and their pixels must be answered "others" (confidence below a
   threshold); scored as one extra class.
 """
@@ -77,7 +77,8 @@ def vocabulary_overlap(model, classes: Sequence[Sequence[str]], *, device=None) 
     the score is the mean over classes.
 
     Args:
-        model: :class:`reme.Segmenter` or reference path (its text encoder and L_ref are used).
+        model: [`reme.Segmenter`][reme.Segmenter] or reference path (its text encoder and L_ref are
+            used).
         classes: C synonym lists.
 
     Returns:
@@ -160,7 +161,7 @@ def distractor_sweep(model, dataset: SegDataset, counts: Sequence[int] = DEFAULT
     """mIoU and pixel accuracy against the number of distractor classes.
 
     Every image is segmented once per count with the dataset's classes followed by the first
-    N names of :func:`distractor_pool` (dense features are computed once per image). Counts
+    N names of `distractor_pool` (dense features are computed once per image). Counts
     larger than the pool are capped (reported as ``num_distractors``); ``pool_head`` lists the
     first 20 names.
 
@@ -169,7 +170,7 @@ def distractor_sweep(model, dataset: SegDataset, counts: Sequence[int] = DEFAULT
         dataset: the data.
         counts: distractor counts.
         protocol: protocol (default: the dataset's).
-        pool: distractor names (default: :func:`distractor_pool` with ``seed``).
+        pool: distractor names (default: `distractor_pool` with ``seed``).
         out_dir: writes ``distractors.json``, ``distractors.md``, ``distractors.png``.
 
     Returns:

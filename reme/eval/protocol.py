@@ -27,7 +27,7 @@ Per image:
    proposal, so the two differ only on proposal borders) and scored against the GT,
    skipping ignored pixels.
 
-Defaults per benchmark: :func:`benchmark_protocol` and the table in ``docs/evaluation.md``;
+Defaults per benchmark: `benchmark_protocol` and the table in ``docs/evaluation.md``;
 how ``mode`` and ``bg_threshold`` were chosen is in ``docs/results.md``.
 """
 
@@ -104,12 +104,12 @@ class Protocol:
 
 
 def benchmark_protocol(spec=None, **overrides) -> Protocol:
-    """Default protocol of a benchmark (a :class:`reme.eval.datasets.BenchmarkSpec`, its
+    """Default protocol of a benchmark (a `reme.eval.datasets.BenchmarkSpec`, its
     name, or None for a generic dataset), with keyword overrides.
 
     Benchmarks: short side 336, 448 for ADE-150/847 and PC-459, 560 for Cityscapes (the
     field's settings); whole-image inference; background by threshold
-    (:data:`DEFAULT_BG_THRESHOLD`) where the benchmark has a background class. Generic
+    (`DEFAULT_BG_THRESHOLD`) where the benchmark has a background class. Generic
     datasets: native resolution (our choice: a GT reference is built at the photos' own
     scale, and on CamVid val, 20 images, the CamVid train GT reference with the classical
     encoder gave 40.33 mIoU at native size against 36.45 at short side 336, docs/results.md).
@@ -183,18 +183,18 @@ def predict_image(segmenter, image: np.ndarray, queries: Sequence[str], protocol
     """Label and confidence maps of one image at the protocol's inference size.
 
     Args:
-        segmenter: a :class:`reme.Segmenter` (uses ``segment_probs``).
+        segmenter: a [`reme.Segmenter`][reme.Segmenter] (uses ``segment_probs``).
         image: (H, W, 3) uint8 RGB.
         queries: Q class strings (``;``-joined synonyms).
         protocol: resize / whole-or-slide settings.
 
     Returns:
         ``(label, conf)``: (h, w) int32 query index and (h, w) float32 confidence
-        ``max_c P_hat`` in [1/Q, 1], where (h, w) = :func:`resized_shape`.
+        ``max_c P_hat`` in [1/Q, 1], where (h, w) = `resized_shape`.
 
     Columns a segmenter appends beyond the Q queries (``Segmenter(others_threshold=...)`` adds
     an "others" column) are dropped: the evaluation applies its own
-    :attr:`Protocol.others_threshold` to the same normalised confidence.
+    `Protocol.others_threshold` to the same normalised confidence.
     """
     h, w = resized_shape(image.shape[0], image.shape[1], protocol.short_side, protocol.max_long_side)
     img = resize_image(image, (h, w))
@@ -272,7 +272,7 @@ def make_plan(classes: Sequence[Sequence[str]], background_index: int | None, pr
             pixel won by one of them is "unmatched".
 
     Returns:
-        :class:`QueryPlan`.
+        `QueryPlan`.
     """
     from reme.eval.names import class_queries
 

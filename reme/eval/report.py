@@ -59,7 +59,7 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str], headers: Sequen
 
 
 def result_markdown(res: dict) -> str:
-    """Markdown report of one evaluation result dict (:meth:`EvalResult.to_dict`)."""
+    """Markdown report of one evaluation result dict (`EvalResult.to_dict`)."""
     p = res["protocol"]
     ref = res.get("reference", {})
     head = [
@@ -204,6 +204,6 @@ def side_by_side(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, names: Seq
 
 
 def save_side_by_side(image, gt, pred, names, path: str | Path, title: str = "") -> None:
-    """:func:`side_by_side` written as a PNG, atomically."""
+    """`side_by_side` written as a PNG, atomically."""
     with atomic_path(path, ".png") as tmp:
         side_by_side(image, gt, pred, names, title).save(tmp, format="PNG")

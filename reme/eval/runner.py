@@ -1,5 +1,5 @@
-"""``evaluate``: a reference set (through :class:`reme.Segmenter`) on a labelled dataset under
-the benchmark protocol, with a streamed confusion matrix and the report files."""
+"""``evaluate``: a reference set (through [`reme.Segmenter`][reme.Segmenter]) on a labelled dataset
+under the benchmark protocol, with a streamed confusion matrix and the report files."""
 
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ logger = logging.getLogger(__name__)
 
 
 def as_segmenter(model, device=None, **kwargs):
-    """A :class:`reme.Segmenter` from a Segmenter (or any object with its ``segment_probs``
-    method, returned as is), a loaded :class:`reme.ReferenceSet` or a reference folder path;
-    ``kwargs`` go to the constructor."""
+    """A [`reme.Segmenter`][reme.Segmenter] from a Segmenter (or any object with its
+    ``segment_probs`` method, returned as is), a loaded [`reme.ReferenceSet`][reme.ReferenceSet] or
+    a reference folder path; ``kwargs`` go to the constructor."""
     from reme.segmenter import Segmenter
 
     if isinstance(model, Segmenter) or hasattr(model, "segment_probs"):
@@ -106,10 +106,10 @@ class EvalResult:
         dataset: dataset name; classes: C display names.
         confusion: (P, P) int64 streamed confusion matrix (P = C, or C + 1 with an
             "others"/distractor answer column).
-        scores: :func:`reme.metrics.scores_from_confusion` over the C classes.
+        scores: `reme.metrics.scores_from_confusion` over the C classes.
         num_images: images scored; skipped: ``{"key", "reason"}`` of the others.
         seconds: wall time of the loop.
-        protocol: the :class:`Protocol` used; reference: :func:`reference_info`.
+        protocol: the `Protocol` used; reference: `reference_info`.
         background_class: name of the class set by the threshold, or None.
         extra: free-form additions (e.g. the dataset layout).
     """
@@ -174,9 +174,9 @@ def evaluate(model, dataset: SegDataset, protocol: Protocol | None = None, *, ou
     """mIoU, per-class IoU, pixel and mean accuracy of a reference set on a dataset.
 
     Args:
-        model: :class:`reme.Segmenter`, a loaded ReferenceSet or a reference folder path.
-        dataset: a :class:`SegDataset` (``reme.eval.open_dataset``).
-        protocol: the :class:`Protocol`; default :func:`default_protocol` of the dataset.
+        model: [`reme.Segmenter`][reme.Segmenter], a loaded ReferenceSet or a reference folder path.
+        dataset: a `SegDataset` (``reme.eval.open_dataset``).
+        protocol: the `Protocol`; default `default_protocol` of the dataset.
         out_dir: when given, writes ``results.json``, ``results.md``, ``confusion.png`` and
             ``vis/<n>_<key>.png`` (image | ground truth | prediction) for the first
             ``num_vis`` images.
@@ -188,7 +188,7 @@ def evaluate(model, dataset: SegDataset, protocol: Protocol | None = None, *, ou
             Segmenter (default: ``model`` itself when it is a path).
 
     Returns:
-        :class:`EvalResult`.
+        `EvalResult`.
     """
     seg = as_segmenter(model, device=device, **(segmenter_kwargs or {}))
     protocol = protocol or default_protocol(dataset)
@@ -238,7 +238,7 @@ def sweep_thresholds(model, dataset: SegDataset, thresholds: Sequence[float], pr
     """Scores for several background (or "others") thresholds from one inference pass.
 
     Args:
-        model: Segmenter or reference (see :func:`evaluate`).
+        model: Segmenter or reference (see `evaluate`).
         dataset: the data (needs a background class for ``kind="background"``).
         thresholds: confidence thresholds in [0, 1].
         protocol: base protocol (its own threshold is ignored; background mode ``"class"``
