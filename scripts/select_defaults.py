@@ -113,10 +113,12 @@ def main() -> None:
             for li, layer in enumerate(args.layers):
                 S_ref = torch.cat([e[0][e[4]][:, li] for e in ref])
                 L_ref = torch.as_tensor(np.concatenate([e[3][e[4]] for e in ref]))
+                kmax = min(max(args.topk), len(S_ref))
+                nearest = [torch.topk(e[0][:, li] @ S_ref.T, kmax, dim=1) for e in sel]  # sorted
                 for tau, k in itertools.product(args.scales, args.topk):
                     meter = ConfusionMeter(C)
-                    for emb, seg, gt, _, _ in sel:
-                        sims, ids = torch.topk(emb[:, li] @ S_ref.T, min(k, len(S_ref)), dim=1)
+                    for (emb, seg, gt, _, _), (all_sims, all_ids) in zip(sel, nearest):
+                        sims, ids = all_sims[:, :k], all_ids[:, :k]
                         w = torch.softmax(tau * sims, dim=1)
                         P = torch.zeros(len(emb), C).scatter_add_(1, L_ref[ids], w)
                         meter.update(gt, P.argmax(1).numpy()[seg])
