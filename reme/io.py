@@ -35,7 +35,8 @@ _RESIZABLE_MODES = ("L", "RGB", "RGBA", "LA", "CMYK", "I", "F", "RGBX")
 
 def to_rgb_array(img: Image.Image) -> np.ndarray:
     """PIL image of any mode (L, LA, P, RGBA, CMYK, I;16, F) -> (H, W, 3) uint8 RGB, EXIF-rotated."""
-    img = ImageOps.exif_transpose(img)
+    if _exif_orientation(img) not in (1, 0):  # exif_transpose copies even when there is nothing to do
+        img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         hi = arr.max() if arr.size else 1.0
@@ -45,7 +46,7 @@ def to_rgb_array(img: Image.Image) -> np.ndarray:
         img = img.convert("RGBA")
         bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(bg, img)
-    return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
+    return np.ascontiguousarray(np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8))
 
 
 def load_image(source, *, max_pixels: int | None = None) -> np.ndarray:

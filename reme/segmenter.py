@@ -67,12 +67,13 @@ class SegmentationResult:
             (``"floor; ground"`` gives ``"floor"``; :func:`reme.classes.parse_classes`), plus
             ``"others"`` when ``others_threshold`` is set. Order as given.
         segment_ids: (H, W) int32 proposal id of each pixel (0..k-1).
-        segment_probs: (k, C) float32 P_seg = A1 A2 (eqs. 1-2), each value in [0, 1]. A row
-            does not sum to 1: eq. 2's softmax runs over the class strings *with* their
-            synonyms, which are then merged per class by max, and a reference segment paired
-            with several labels adds each; rows typically sum to 0.75-1.0. Compare values
-            within a row (argmax), or normalise rows (:func:`reme.retrieval.normalise_rows`)
-            for a distribution.
+        segment_probs: (k, C) float32 P_seg = A1 A2 (eqs. 1-2), values >= 0. Not a
+            distribution: a row does not sum to 1. Eq. 2's softmax runs over every synonym
+            string, and merging the synonyms of a class by max drops the others' share (rows
+            of 0.75-1.0 are typical with the embedded reference, whose segments carry one
+            label each); a reference segment paired with several labels votes once per label
+            (rows can then exceed 1). Compare values within a row (argmax), or normalise rows
+            (:func:`reme.retrieval.normalise_rows`) for a distribution.
         class_fractions: (C,) float64 fraction of pixels assigned to each class.
         probs: (H, W, C) float32 P_test (eq. 3: the P_seg row of each pixel's segment, same
             row sums as ``segment_probs``), only with ``return_probs=True`` (else None).

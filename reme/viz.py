@@ -77,9 +77,6 @@ def overlay(image: np.ndarray, label_map: np.ndarray, classes: Sequence[str], al
         A PIL RGB image of width W + legend width, height max(H, legend height).
     """
     colors = class_colors(len(classes))
-    # uint8 images blended by Pillow: no float copy of a large photo
-    blend = Image.blend(Image.fromarray(np.ascontiguousarray(image, np.uint8)), Image.fromarray(colors[label_map]),
-                        float(alpha))
     if fractions is not None:
         present = [i for i in range(len(classes)) if fractions[i] > 0]
     else:
@@ -90,8 +87,11 @@ def overlay(image: np.ndarray, label_map: np.ndarray, classes: Sequence[str], al
     width = max([int(font.getlength(t)) for t in texts] + [40]) + row_h + 3 * pad
     H, W = label_map.shape
     canvas = Image.new("RGB", (W + width, max(H, pad + row_h * len(present) + pad)), (255, 255, 255))
-    canvas.paste(blend, (0, 0))
-    del blend
+    step = max(1, (1 << 22) // max(W, 1))  # blended in strips of ~4 MP: memory is the canvas, not H x W floats
+    for r in range(0, H, step):
+        strip = (image[r:r + step].astype(np.float32) * (1 - alpha)
+                 + colors[label_map[r:r + step]].astype(np.float32) * alpha).astype(np.uint8)
+        canvas.paste(Image.fromarray(strip), (0, r))
     draw = ImageDraw.Draw(canvas)
     for r, (i, t) in enumerate(zip(present, texts)):
         y = pad + r * row_h

@@ -263,6 +263,6 @@ def test_result_names_and_row_sums_as_documented(segmenter):
     res = segmenter.predict(photo("coffee")[::2, ::2], "floor; ground, cup; mug, table", return_probs=True)
     assert res.classes == ["floor", "cup", "table"]                     # first synonym of each class
     rows = res.segment_probs.sum(1)
-    assert rows.max() <= 1.0 + 1e-4 and rows.min() > 0                  # not a distribution: <= 1
+    assert rows.max() <= 1.0 + 1e-4 and rows.min() > 0                  # one label per reference segment
     doc = type(res).__doc__
     assert "first synonym" in doc and "does not sum to 1" in doc
