@@ -158,10 +158,10 @@ def segment_cmd(
 
     from reme import segmenter as sm
     from reme.annotations import read_class_names
+    from reme.classes import parse_classes
     from reme.defaults import default_reference_path
     from reme.errors import ImageReadError, MissingWeightsError, ReferenceSetError
     from reme.io import atomic_path, load_image
-    from reme.classes import parse_classes
     from reme.viz import MAX_LABEL_PNG_CLASSES, overlay, save_label_png
 
     if (classes is None) == (classes_file is None):

@@ -110,7 +110,9 @@ def load_image_bounded(source, *, max_pixels: int | None = None) -> tuple[np.nda
 
     A file or PIL image over ``max_pixels`` is decoded at reduced size (JPEG DCT scaling,
     :func:`read_image`) and resized, never held at full size; an array or bundled photo is
-    resized (bilinear). ``(H0, W0)`` is the full (EXIF-oriented) input size.
+    resized (bilinear). ``(H0, W0)`` is the full (EXIF-oriented) input size. A lazily opened
+    PIL JPEG over ``max_pixels`` is decoded through ``Image.draft``, which changes that image
+    object's size and mode in place (Pillow's only way to decode a JPEG at reduced size).
 
     Args:
         source: as :func:`load_image`.

@@ -108,6 +108,18 @@ def test_predict_works_at_bounded_size_and_returns_input_size(segmenter):
     assert full.extras["working_size"] == (512, 512)                # under the cap: unchanged
 
 
+def test_working_size_keeps_exif_orientation(tmp_path, segmenter):
+    img = Image.fromarray(photo("chelsea"))                            # 300 x 451
+    exif = img.getexif()
+    exif[0x0112] = 6                                                    # shown rotated 90 degrees
+    img.save(tmp_path / "r.jpg", exif=exif)
+    small = Segmenter(segmenter.reference, device="cpu", max_working_pixels=120 * 80)
+    res = small.predict(tmp_path / "r.jpg", "cat, wall")
+    assert res.label_map.shape == (451, 300)
+    h, w = res.extras["working_size"]
+    assert h > w and h * w <= 120 * 80
+
+
 def test_upsample_nearest_matches_pil():
     a = np.random.default_rng(0).integers(0, 50, (7, 11)).astype(np.int32)
     up = upsample_nearest(a, (30, 23))
