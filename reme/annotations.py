@@ -67,13 +67,15 @@ class CocoInstances:
         path: the JSON file.
 
     Raises:
-        ValueError: a file name escapes the image root, or the JSON lacks images/categories.
+        ValueError: the file is not valid UTF-8 JSON, a file name escapes the image root, or
+            the JSON lacks images/categories; the message names the file.
+        FileNotFoundError: no such file.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path).resolve()
-        data = json.loads(Path(path).read_text())
-        if "images" not in data or "categories" not in data:
+        data = read_json_file(path)
+        if not isinstance(data, dict) or "images" not in data or "categories" not in data:
             raise ValueError(f"{path}: not a COCO instances file (needs 'images' and 'categories')")
         self.categories = {c["id"]: c["name"] for c in data["categories"]}
         self.images = {}
@@ -353,9 +355,44 @@ class YoloLabels:
         return lab
 
 
+def _read_text(path: str | Path, what: str) -> str:
+    """UTF-8 text of ``path``; ValueError naming the file when it is binary or not UTF-8."""
+    data = Path(path).read_bytes()
+    if b"\x00" in data:
+        raise ValueError(f"{path}: not a text file (it holds NUL bytes); expected {what}")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}); expected {what}") from None
+
+
+def read_json_file(path: str | Path) -> Any:
+    """Parse a JSON file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: binary, not UTF-8, or not valid JSON; the message names the file, line and
+            column.
+    """
+    text = _read_text(path, "a JSON file")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+
+
 def read_class_names(path: str | Path) -> list[str]:
-    """One class name per non-empty line."""
-    return [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    """One class name per non-empty line (UTF-8 text).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is binary or not UTF-8, or holds no class name; the message names
+            the file.
+    """
+    names = [ln.strip() for ln in _read_text(path, "class names, one per line").splitlines() if ln.strip()]
+    if not names:
+        raise ValueError(f"{path}: the class list is empty; give one class name per line")
+    return names
 
 
 def annotations_from_config(config: dict[str, Any]):

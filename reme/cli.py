@@ -106,6 +106,7 @@ def build_reference_cmd(
 
     if out.exists() and not overwrite:
         _fail(f"{out} exists; pass --overwrite to replace it")
+    _check_out_path(out, folder_itself=False)
     if annotations and masks:
         _fail("give either --annotations or --masks, not both")
     if yolo_labels and (annotations or masks):
@@ -177,6 +178,8 @@ def segment_cmd(
     explain_segments: int = typer.Option(8, help="With --explain: largest test segments on the contact sheet."),
     image_root: List[Path] = typer.Option([], help="With --explain: folder of the reference set's source photos "
                                           "(repeatable; default: the manifest's image root)."),
+    max_working_pixels: int = typer.Option(2048 * 1024, help="Segment larger photos at this many pixels and bring "
+                                           "the labels back to full size (bounds memory); 0 = full resolution."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=_QUIET_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=_VERBOSE_HELP),
 ):
@@ -185,15 +188,35 @@ def segment_cmd(
 
     from reme import segmenter as sm
     from reme.annotations import read_class_names
+    from reme.classes import parse_classes
     from reme.defaults import default_reference_path
     from reme.errors import ImageReadError, MissingWeightsError, ReferenceSetError
     from reme.io import atomic_path, load_image
-    from reme.viz import overlay, save_label_png
+    from reme.viz import MAX_LABEL_PNG_CLASSES, overlay, save_label_png
 
-    if bool(classes) == bool(classes_file):
+    if (classes is None) == (classes_file is None):
         _fail("give exactly one of --classes or --classes-file")
+    for flag, value in (("--segment-logit-scale", segment_logit_scale), ("--label-logit-scale", label_logit_scale)):
+        if value is not None:
+            try:
+                sm.check_logit_scale(value, flag)
+            except ValueError as exc:
+                _fail(str(exc))
+    if max_working_pixels < 0:
+        _fail(f"--max-working-pixels must be >= 0 (0 = full resolution), got {max_working_pixels}")
     try:
-        class_list = classes if classes else read_class_names(classes_file)
+        class_list = classes if classes is not None else read_class_names(classes_file)
+        try:
+            n_classes = len(parse_classes(class_list)[0]) + (others_threshold is not None)
+        except ValueError as exc:
+            raise ValueError(f"--classes: {exc}" if classes is not None else f"{classes_file}: {exc}") from None
+        if n_classes > MAX_LABEL_PNG_CLASSES:
+            raise ValueError(f"{n_classes} classes; a label PNG holds at most {MAX_LABEL_PNG_CLASSES}")
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    _check_out_path(out, folder_itself=True)
+    stems = _unique_stems(images)
+    try:
         ref = reference or default_reference_path()
         kw = dict(segment_logit_scale=1.0, label_logit_scale=1.0, top_k=None) if paper_form else {}
         if segment_logit_scale is not None:
@@ -204,27 +227,26 @@ def segment_cmd(
             kw["top_k"] = top_k or None
         seg = sm.Segmenter(ref, device=device, allow_encoder_mismatch=allow_encoder_mismatch, retrieval=retrieval,
                            proposals=proposals, n_clusters=n_clusters, smooth_omega=smooth_omega,
-                           others_threshold=others_threshold, **kw)
+                           others_threshold=others_threshold, max_working_pixels=max_working_pixels or None, **kw)
     except (MissingWeightsError, ReferenceSetError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    out.mkdir(parents=True, exist_ok=True)
     failed = 0
-    for path in images:
+    for path, stem in zip(images, stems):
         try:
-            img = load_image(path)
-            res = seg.predict(img, class_list, return_evidence=explain)
+            res = seg.predict(path, class_list, return_evidence=explain)  # read at the working size
+            img = load_image(path)                                        # full size, for the overlay
         except ImageReadError as exc:
             typer.secho(f"skipping {path}: {exc}", fg="yellow", err=True)
             failed += 1
             continue
         except ValueError as exc:
             _fail(str(exc))
-        stem = Path(path.split(":", 1)[1] if path.startswith("skimage:") else path).stem
-        save_label_png(res.label_map, out / f"{stem}_labels.png")
+        save_label_png(res.label_map, out / f"{stem}_labels.png", n_classes=len(res.classes))
         with atomic_path(out / f"{stem}_overlay.png", ".png") as tmp:
             overlay(img, res.label_map, res.classes, fractions=res.class_fractions).save(tmp, format="PNG")
         scores = {
             "image": path, "height": int(img.shape[0]), "width": int(img.shape[1]),
+            "working_size": list(res.extras["working_size"]),
             "classes": res.classes,
             "pixel_fraction": {c: round(float(f), 6) for c, f in zip(res.classes, res.class_fractions)},
             "max_segment_score": {c: round(float(s), 6) for c, s in zip(res.classes, res.segment_probs.max(0))},
@@ -236,7 +258,8 @@ def segment_cmd(
         if explain:
             _write_explanation(img, res, seg.reference, str(ref), out, stem, path, explain_segments, image_root)
         top = sorted(zip(res.classes, res.class_fractions), key=lambda x: -x[1])[:5]
-        typer.echo(f"{path}: " + ", ".join(f"{c} {100 * f:.1f}%" for c, f in top if f > 0))
+        typer.echo(f"{path}: " + ", ".join(f"{c} {100 * f:.1f}%" for c, f in top if f > 0)
+                   + ("" if stem == _image_stem(path) else f" (written as {stem}_*)"))
     if failed == len(images):
         raise typer.Exit(code=1)
 
@@ -542,6 +565,56 @@ def _argument_type(self, ctx):
 _typer_argument_type = typer.core.TyperArgument.display_type_rich
 typer.core.TyperArgument.display_type_rich = _argument_type
 _set_metavars(app)
+
+
+def _image_stem(path: str) -> str:
+    """Output name stem of an image argument (``skimage:NAME`` -> NAME)."""
+    return Path(path.split(":", 1)[1] if path.startswith("skimage:") else path).stem
+
+
+def _unique_stems(images: List[str]) -> List[str]:
+    """One output stem per image argument; images that share a stem (``a/real.jpg``,
+    ``b/real.jpg``) get ``real``, ``real-2``, ... in argument order, each said on stderr."""
+    taken = {_image_stem(p) for p in images}
+    seen: dict = {}
+    out = []
+    for path in images:
+        stem = _image_stem(path)
+        if stem in seen:
+            n = 2
+            while f"{stem}-{n}" in taken:
+                n += 1
+            new = f"{stem}-{n}"
+            taken.add(new)
+            typer.secho(f"note: {path} has the same name as {seen[stem]}; its outputs are written as {new}_*",
+                        fg="yellow", err=True)
+            out.append(new)
+        else:
+            seen[stem] = path
+            out.append(stem)
+    return out
+
+
+def _check_out_path(out: Path, *, folder_itself: bool) -> None:
+    """Fail (exit 2, one line naming the path and the cause) before any compute when ``out``
+    cannot be written: an existing file, an unwritable folder, a parent that cannot be made.
+
+    ``folder_itself``: create ``out`` and probe it (segment); else probe its parent, since the
+    folder is written under a temporary name there (build-reference)."""
+    import os
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out}: exists and is not a folder")
+    target = out if folder_itself else out.parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".reme-write-test.", dir=target)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        where = exc.filename if exc.filename and ".reme-write-test." not in str(exc.filename) else target
+        _fail(f"--out {out}: cannot write {where} ({exc.strerror or type(exc).__name__})")
 
 
 def main() -> None:

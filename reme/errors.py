@@ -21,3 +21,8 @@ class ImageReadError(ValueError):
 
 class ReferenceSetError(ValueError):
     """A reference set on disk is incomplete, corrupt, or does not match the encoders in use."""
+
+
+class ImageTypeError(ImageReadError, TypeError):
+    """The image argument is of a kind reme does not read (bytes, None, a list, a tensor);
+    the message lists the accepted inputs. Also a ``TypeError``."""

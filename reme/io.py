@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from reme.errors import ImageReadError
+from reme.errors import ImageReadError, ImageTypeError
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ _RESIZABLE_MODES = ("L", "RGB", "RGBA", "LA", "CMYK", "I", "F", "RGBX")
 
 def to_rgb_array(img: Image.Image) -> np.ndarray:
     """PIL image of any mode (L, LA, P, RGBA, CMYK, I;16, F) -> (H, W, 3) uint8 RGB, EXIF-rotated."""
-    img = ImageOps.exif_transpose(img)
+    if _exif_orientation(img) not in (1, 0):  # exif_transpose copies even when there is nothing to do
+        img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         hi = arr.max() if arr.size else 1.0
@@ -45,7 +46,7 @@ def to_rgb_array(img: Image.Image) -> np.ndarray:
         img = img.convert("RGBA")
         bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(bg, img)
-    return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
+    return np.ascontiguousarray(np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8))
 
 
 def load_image(source, *, max_pixels: int | None = None) -> np.ndarray:
@@ -54,32 +55,88 @@ def load_image(source, *, max_pixels: int | None = None) -> np.ndarray:
     Args:
         source: a path, ``"skimage:NAME"`` (a photo bundled with scikit-image, e.g.
             ``skimage:astronaut``), a PIL image, or an (H, W, 3) / (H, W) uint8 array.
-        max_pixels: for paths, downscale images with more pixels than this (see
-            `read_image`); None keeps the full resolution.
+        max_pixels: for paths and PIL images, downscale images with more pixels than this
+            (see `read_image`); None keeps the full resolution.
 
     Returns:
         (H, W, 3) uint8 RGB array (EXIF orientation applied; grey, palette, alpha, CMYK and
         16-bit images converted; alpha composited on white).
 
     Raises:
-        ImageReadError: missing, empty, truncated or undecodable file, an image over
-            `MAX_PIXELS` (that cannot be decoded at reduced size), or an array of the
-            wrong shape or dtype.
+        ImageReadError: missing, empty, truncated or undecodable file, an image (file or PIL
+            image) over `MAX_PIXELS` that cannot be decoded at reduced size, or an array
+            of the wrong shape or dtype (the message gives the shape and dtype received).
+        ImageTypeError: ``source`` is none of the accepted kinds (bytes, None, a list, a
+            torch tensor, ...); the message lists the accepted inputs.
+    """
+    return load_image_bounded(source, max_pixels=max_pixels)[0]
+
+
+#: What `load_image` accepts, for error messages.
+ACCEPTED_IMAGE_INPUTS = ("a file path (str or pathlib.Path), 'skimage:NAME', a PIL.Image.Image, "
+                         "or an (H, W, 3) / (H, W) uint8 numpy array")
+
+
+def _check_array(arr: np.ndarray) -> np.ndarray:
+    """(H, W) or (H, W, 3|4) uint8 -> (H, W, 3) uint8; the error reports the shape as given."""
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        raise ImageReadError(f"expected an (H, W, 3) or (H, W) uint8 array, got shape {arr.shape} dtype {arr.dtype}")
+    if min(arr.shape[:2]) < 1:
+        raise ImageReadError(f"empty image array of shape {arr.shape}")
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(arr[:, :, :3])
+
+
+def working_size(h: int, w: int, max_pixels: int | None) -> tuple[int, int]:
+    """(h', w') of an h x w image scaled (aspect ratio kept) to at most ``max_pixels``
+    pixels; (h, w) itself when it fits or ``max_pixels`` is None."""
+    if max_pixels is None or h * w <= max_pixels:
+        return h, w
+    s = (max_pixels / (h * w)) ** 0.5
+    return max(1, int(h * s)), max(1, int(w * s))
+
+
+def resize_rgb(img: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 -> (h, w, 3) uint8, bilinear with Pillow's antialiasing reduction."""
+    if img.shape[:2] == tuple(size_hw):
+        return img
+    out = Image.fromarray(img).resize((size_hw[1], size_hw[0]), Image.BILINEAR, reducing_gap=2.0)
+    return np.ascontiguousarray(np.asarray(out, dtype=np.uint8))
+
+
+def load_image_bounded(source, *, max_pixels: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """`load_image` at a bounded size: ``(image, (H0, W0))``.
+
+    A file or PIL image over ``max_pixels`` is decoded at reduced size (JPEG DCT scaling,
+    `read_image`) and resized, never held at full size; an array or bundled photo is
+    resized (bilinear). ``(H0, W0)`` is the full (EXIF-oriented) input size. A lazily opened
+    PIL JPEG over ``max_pixels`` is decoded through ``Image.draft``, which changes that image
+    object's size and mode in place (Pillow's only way to decode a JPEG at reduced size).
+
+    Args:
+        source: as `load_image`.
+        max_pixels: largest output size in pixels; None keeps the full resolution.
+
+    Returns:
+        ``(image, (H0, W0))``: (h, w, 3) uint8 RGB with h * w <= max_pixels, and the input size.
+
+    Raises:
+        ImageReadError, ImageTypeError: as `load_image`.
     """
     if isinstance(source, np.ndarray):
-        arr = source
-        if arr.ndim == 2:
-            arr = np.repeat(arr[:, :, None], 3, axis=2)
-        if arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.dtype != np.uint8:
-            raise ImageReadError(f"expected an (H, W, 3) uint8 array, got shape {arr.shape} dtype {arr.dtype}")
-        if min(arr.shape[:2]) < 1:
-            raise ImageReadError(f"empty image array of shape {arr.shape}")
-        return np.ascontiguousarray(arr[:, :, :3])
-    if isinstance(source, Image.Image):
-        return to_rgb_array(source)
-    if isinstance(source, str) and source.startswith(SAMPLE_PREFIX):
-        return sample_image(source[len(SAMPLE_PREFIX):])
-    return read_image(source, max_pixels=max_pixels)[0]
+        arr = _check_array(source)
+    elif isinstance(source, Image.Image):
+        return _decode_bounded(source, max_pixels, "PIL image")
+    elif isinstance(source, str) and source.startswith(SAMPLE_PREFIX):
+        arr = sample_image(source[len(SAMPLE_PREFIX):])
+    elif isinstance(source, (str, os.PathLike)):
+        return read_image(source, max_pixels=max_pixels)
+    else:
+        raise ImageTypeError(f"cannot read an image from {type(source).__module__}.{type(source).__qualname__}; "
+                             f"give {ACCEPTED_IMAGE_INPUTS}")
+    H0, W0 = arr.shape[:2]
+    return resize_rgb(arr, working_size(H0, W0, max_pixels)), (H0, W0)
 
 
 @contextlib.contextmanager
@@ -131,34 +188,49 @@ def read_image(path: str | Path, *, max_pixels: int | None = None) -> tuple[np.n
         with _pillow_bomb_guard_off():
             img = Image.open(path)
         with img:
-            W0, H0 = img.size
-            if W0 < 1 or H0 < 1:
-                raise ImageReadError(f"{path}: image of size {W0}x{H0} has no pixels")
-            oriented = (W0, H0) if _exif_orientation(img) not in (5, 6, 7, 8) else (H0, W0)
-            n = W0 * H0
-            if max_pixels is not None and n > max_pixels and img.format == "JPEG":
-                s = (max_pixels / n) ** 0.5
-                img.draft("RGB", (max(1, int(W0 * s)), max(1, int(H0 * s))))  # libjpeg DCT scaling
-            if img.size[0] * img.size[1] > MAX_PIXELS:
-                raise ImageReadError(
-                    f"{path}: {W0}x{H0} exceeds {MAX_PIXELS} pixels; downscale it first"
-                    + ("" if img.format == "JPEG" else " (only JPEGs are decoded at reduced size)")
-                )
-            img.load()
-            w, h = img.size
-            if max_pixels is not None and w * h > max_pixels:
-                s = (max_pixels / (w * h)) ** 0.5
-                size = (max(1, int(w * s)), max(1, int(h * s)))
-                logger.debug("downscaling %s from %dx%d to %dx%d", path, w, h, *size)
-                if img.mode not in _RESIZABLE_MODES:
-                    img = Image.fromarray(to_rgb_array(img))  # 16-bit, palette, 1-bit: convert first
-                # resized before EXIF rotation (scaling commutes with it; ``info`` keeps the tag)
-                img = img.resize(size, Image.BILINEAR, reducing_gap=2.0)
-            out = to_rgb_array(img)
+            return _decode_bounded(img, max_pixels, str(path))
     except ImageReadError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageReadError(f"cannot decode image {path}: {exc}") from exc
+
+
+def _decode_bounded(img: Image.Image, max_pixels: int | None, where: str) -> tuple[np.ndarray, tuple[int, int]]:
+    """Body of `read_image` for an opened (possibly not yet decoded) PIL image.
+
+    The pixel count is checked from the header (``img.size``) before anything that could
+    decode the image: Pillow's ``getexif()`` on a PNG loads the whole image, so the EXIF
+    orientation is read only after the `MAX_PIXELS` check.
+    """
+    try:
+        W0, H0 = img.size
+        if W0 < 1 or H0 < 1:
+            raise ImageReadError(f"{where}: image of size {W0}x{H0} has no pixels")
+        n = W0 * H0
+        if max_pixels is not None and n > max_pixels and img.format == "JPEG":
+            s = (max_pixels / n) ** 0.5
+            img.draft("RGB", (max(1, int(W0 * s)), max(1, int(H0 * s))))  # libjpeg DCT scaling
+        if img.size[0] * img.size[1] > MAX_PIXELS:
+            raise ImageReadError(
+                f"{where}: {W0}x{H0} exceeds {MAX_PIXELS} pixels; downscale it first"
+                + ("" if img.format == "JPEG" else " (only JPEGs are decoded at reduced size)")
+            )
+        oriented = (W0, H0) if _exif_orientation(img) not in (5, 6, 7, 8) else (H0, W0)  # after the size check
+        img.load()
+        w, h = img.size
+        if max_pixels is not None and w * h > max_pixels:
+            s = (max_pixels / (w * h)) ** 0.5
+            size = (max(1, int(w * s)), max(1, int(h * s)))
+            logger.debug("downscaling %s from %dx%d to %dx%d", where, w, h, *size)
+            if img.mode not in _RESIZABLE_MODES:
+                img = Image.fromarray(to_rgb_array(img))  # 16-bit, palette, 1-bit: convert first
+            # resized before EXIF rotation (scaling commutes with it; ``info`` keeps the tag)
+            img = img.resize(size, Image.BILINEAR, reducing_gap=2.0)
+        out = to_rgb_array(img)
+    except ImageReadError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(f"cannot decode image {where}: {exc}") from exc
     return out, (oriented[1], oriented[0])
 
 

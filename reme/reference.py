@@ -149,14 +149,35 @@ class ReferenceSet:
             if not ok:
                 raise ReferenceSetError(f"invalid reference set: {msg}")
 
-    def load_index(self):
+    def load_index(self, *, verify: bool = True):
         """The FAISS index saved with this set (``index.faiss``), or None when there is none
-        (built in memory, or saved with ``with_index=False``)."""
+        (built in memory, or saved with ``with_index=False``).
+
+        Args:
+            verify: check the file's sha256 against the manifest's ``files`` entry first
+                (as `load_reference` does for the other files).
+
+        Raises:
+            ReferenceSetError: the file does not match its sha256, or FAISS cannot read it
+                (truncated or corrupt); the message names the file and the fix.
+        """
         if self.path is None or not (Path(self.path) / INDEX_FILE).is_file():
             return None
         from reme.index import read_index
 
-        return read_index(Path(self.path) / INDEX_FILE)
+        f = Path(self.path) / INDEX_FILE
+        sha = (self.manifest.get("files") or {}).get(INDEX_FILE)
+        if verify and sha and _sha256(f) != sha:
+            raise ReferenceSetError(
+                f"{f} does not match the sha256 in {Path(self.path) / 'manifest.json'} (file changed or truncated); "
+                "rebuild the reference set, restore the file, or delete it (an index is then built in memory)"
+            )
+        try:
+            return read_index(f)
+        except RuntimeError as exc:  # faiss reports a bad file as RuntimeError
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ReferenceSetError(f"cannot read {f}: {first}; the file is truncated or corrupt, rebuild the "
+                                    "reference set or delete the file (an index is then built in memory)") from exc
 
     def O_ref_dense(self) -> np.ndarray:
         """(m, n) float32 binary O_ref (for small sets and tests)."""
@@ -185,7 +206,8 @@ class ReferenceSet:
         if embedding_dtype not in ("float16", "float32"):
             raise ValueError(f"embedding_dtype must be float16 or float32, got {embedding_dtype!r}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        remove_stale_temp_dirs(path)
+        tmp = Path(tempfile.mkdtemp(prefix=temp_dir_prefix(path), suffix=".tmp", dir=path.parent))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the final folder gets the usual mode
@@ -270,12 +292,113 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         manifest = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ReferenceSetError(f"{mpath} is not valid JSON ({exc}); rebuild the reference set") from exc
+    if not isinstance(manifest, dict):
+        raise ReferenceSetError(f"{mpath}: expected a JSON object, got {type(manifest).__name__}; rebuild the reference set")
     if manifest.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise ReferenceSetError(
             f"{mpath}: format_version {manifest.get('format_version')!r}, this reme reads "
             f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}; rebuild it with this version (reme build-reference)"
         )
+    validate_manifest(manifest, mpath)
     return manifest
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_str_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _is_str_dict(v) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())
+
+
+#: Manifest keys whose type `validate_manifest` checks: key -> (check, what it must be).
+#: A missing key is left to the reader that needs it (old manifests lack some).
+MANIFEST_SCHEMA = {
+    "num_segments": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "num_labels": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "num_pairs": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "visual_dim": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "text_dim": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "files": (_is_str_dict, "an object mapping file names to sha256 strings"),
+    "encoders": (lambda v: isinstance(v, dict) and all(isinstance(x, str) or x is None for x in v.values()),
+                 "an object mapping 'visual' / 'text' to encoder specs"),
+    "templates": (_is_str_list, "a list of strings"),
+    "embedding_dtype": (lambda v: v in ("float16", "float32"), "'float16' or 'float32'"),
+    "s_ref_file": (lambda v: isinstance(v, str) and bool(v) and "/" not in v and "\\" not in v,
+                   "a file name inside the folder"),
+    "felzenszwalb": (lambda v: v is None or (isinstance(v, dict) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in v.values())), "an object of numbers"),
+    "proposals": (lambda v: v is None or isinstance(v, dict), "an object"),
+    "index": (lambda v: v is None or isinstance(v, dict), "an object"),
+    "counts": (lambda v: isinstance(v, dict), "an object"),
+}
+
+
+def validate_manifest(manifest: dict[str, Any], where: str | Path = "manifest.json") -> None:
+    """Check the types of the manifest's fields (`MANIFEST_SCHEMA`).
+
+    Raises:
+        ReferenceSetError: naming the first field of the wrong type, what it holds and what it
+            must be.
+    """
+    for key, (ok, want) in MANIFEST_SCHEMA.items():
+        if key in manifest and not ok(manifest[key]):
+            shown = json.dumps(manifest[key])
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise ReferenceSetError(f"{where}: field {key!r} is {shown}, must be {want}; "
+                                    "the manifest is damaged, rebuild the reference set")
+
+
+def temp_dir_prefix(final: Path) -> str:
+    """Name prefix of the temporary folder `ReferenceSet.save` writes ``final`` under
+    (``.NAME.pPID-``; the process id lets a later run tell a dead writer's folder)."""
+    return f".{final.name}.p{os.getpid()}-"
+
+
+def remove_stale_temp_dirs(final: str | Path) -> list[Path]:
+    """Remove temporary folders left beside ``final`` by an interrupted save (``kill -9``).
+
+    A folder ``.NAME.pPID-XXXX.tmp`` whose process is no longer running, and one of the older
+    form without the process id (``.NAME.XXXX.tmp``), is removed; a live writer's is kept.
+
+    Returns:
+        The folders removed.
+    """
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    removed = []
+    for d in final.parent.glob(f".{glob_escape(final.name)}.*.tmp"):
+        if not d.is_dir() or d.is_symlink():
+            continue
+        rest = d.name[len(final.name) + 2:]
+        pid = rest[1:].split("-", 1)[0] if rest.startswith("p") else ""
+        if pid.isdigit() and (int(pid) == os.getpid() or _pid_alive(int(pid))):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        logger.info("removed %s, left by an interrupted save", d)
+        removed.append(d)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _read_embedding(table: pa.Table, fname: str, dim: int) -> np.ndarray:

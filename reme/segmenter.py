@@ -14,7 +14,7 @@ import torch
 from reme.classes import parse_classes
 from reme.encoders import resolve_device, resolve_encoder
 from reme.errors import ReferenceSetError
-from reme.io import load_image
+from reme.io import load_image, load_image_bounded
 from reme.pooling import embed_proposals
 from reme.proposals import FelzenszwalbParams, ProposalGenerator
 from reme.reference import ReferenceSet, load_reference
@@ -44,22 +44,42 @@ logger = logging.getLogger(__name__)
 DEFAULT_SEGMENT_LOGIT_SCALE = 50.0
 DEFAULT_LABEL_LOGIT_SCALE = 50.0
 DEFAULT_TOP_K: int | None = 10
+#: Working resolution of `Segmenter.predict`: larger inputs are segmented (proposals,
+#: encoder, pooling) at this many pixels (aspect ratio kept, bilinear; a JPEG is decoded at
+#: reduced size) and the label map is brought back to the input size (nearest; ``probs``
+#: bilinear). 2 MP: a 2048 x 1024 Cityscapes frame and every benchmark image fit unchanged.
+#: Peak memory is then flat in the input size past it (docs/performance.md, "Large photos").
+DEFAULT_MAX_WORKING_PIXELS = 2048 * 1024
 
 
 @dataclass
 class SegmentationResult:
     """Output of [`Segmenter.predict`][reme.segmenter.Segmenter.predict].
 
+    (H, W) is the input image's size. An input over the Segmenter's ``max_working_pixels`` is
+    segmented at a smaller working size (``extras["working_size"]``); the maps are then
+    brought back to (H, W): nearest for ``label_map`` and ``segment_ids``, bilinear for
+    ``probs``.
+
     Attributes:
         label_map: (H, W) int32, index into ``classes`` of each pixel.
-        classes: the C class display names, in the order given.
+        classes: the C class *display names*: the first synonym of each class as given
+            (``"floor; ground"`` gives ``"floor"``; `reme.classes.parse_classes`), plus
+            ``"others"`` when ``others_threshold`` is set. Order as given.
         segment_ids: (H, W) int32 proposal id of each pixel (0..k-1).
-        segment_probs: (k, C) float32 P_seg (rows need not sum to 1).
+        segment_probs: (k, C) float32 P_seg = A1 A2 (eqs. 1-2), values >= 0. Not a
+            distribution: a row does not sum to 1. Eq. 2's softmax runs over every synonym
+            string, and merging the synonyms of a class by max drops the others' share (rows
+            of 0.75-1.0 are typical with the embedded reference, whose segments carry one
+            label each); a reference segment paired with several labels votes once per label
+            (rows can then exceed 1). Compare values within a row (argmax), or normalise rows
+            (`reme.retrieval.normalise_rows`) for a distribution.
         class_fractions: (C,) float64 fraction of pixels assigned to each class.
-        probs: (H, W, C) float32 P_test, only with ``return_probs=True`` (else None).
-        evidence: [`reme.evidence.RetrievalEvidence`][reme.evidence.RetrievalEvidence], the nearest
-            reference segments behind each test segment's A1 row, only with ``return_evidence=True``
-            (else None).
+        probs: (H, W, C) float32 P_test (eq. 3: the P_seg row of each pixel's segment, same
+            row sums as ``segment_probs``), only with ``return_probs=True`` (else None).
+        extras: ``working_size`` (h, w), the size the image was segmented at.
+        evidence: `reme.evidence.RetrievalEvidence`, the nearest reference segments
+            behind each test segment's A1 row, only with ``return_evidence=True`` (else None).
     """
 
     label_map: np.ndarray
@@ -120,9 +140,15 @@ class Segmenter:
         others_threshold: when set, a segment whose normalised confidence (max of its P_seg row
             divided by the row sum, in [1/C, 1]) is below it is labelled "others", an extra
             class appended to ``classes`` (OpenBench). None (default) = off.
+        max_working_pixels: `predict` segments larger images at this many pixels
+            (aspect ratio kept) and brings the maps back to the input size, so memory and
+            time stop growing with the input past it. Default
+            `DEFAULT_MAX_WORKING_PIXELS` (2 MP); None = always the full resolution.
 
     Raises:
         ReferenceSetError: the encoders do not match the reference set.
+        ValueError: a logit scale that is not a finite number > 0, top_k < 1, an unknown
+            retrieval, smooth_omega outside [0, 1), max_working_pixels < 1.
     """
 
     def __init__(self, reference: str | Path | ReferenceSet, *, visual_encoder=None, text_encoder=None,
@@ -133,7 +159,8 @@ class Segmenter:
                  allow_encoder_mismatch: bool = False, device: str | torch.device | None = None,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, retrieval: str = "exact",
                  proposals: str | None = None, n_clusters: int | None = None, smooth_omega: float = 0.0,
-                 others_threshold: float | None = None):
+                 others_threshold: float | None = None,
+                 max_working_pixels: int | None = DEFAULT_MAX_WORKING_PIXELS):
         self.device = resolve_device(device)
         self.reference = reference if isinstance(reference, ReferenceSet) else load_reference(reference)
         man = self.reference.manifest
@@ -152,8 +179,11 @@ class Segmenter:
             )
         fz = man.get("felzenszwalb")
         self.felzenszwalb = felzenszwalb or (FelzenszwalbParams(**fz) if fz else FelzenszwalbParams())
-        self.segment_logit_scale = float(segment_logit_scale)
-        self.label_logit_scale = float(label_logit_scale)
+        self.segment_logit_scale = check_logit_scale(segment_logit_scale, "segment_logit_scale")
+        self.label_logit_scale = check_logit_scale(label_logit_scale, "label_logit_scale")
+        if max_working_pixels is not None and int(max_working_pixels) < 1:
+            raise ValueError(f"max_working_pixels must be >= 1 or None, got {max_working_pixels}")
+        self.max_working_pixels = None if max_working_pixels is None else int(max_working_pixels)
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
         self.top_k = top_k
@@ -310,10 +340,17 @@ class Segmenter:
                 return_evidence: bool = False) -> SegmentationResult:
         """Segment one image into the given classes.
 
+        An image over ``max_working_pixels`` is read at that working size (a file or lazily
+        opened PIL JPEG is decoded at reduced size, never at full size), segmented there, and
+        the maps are brought back to the input size (nearest for labels, bilinear for probs).
+
         Args:
-            image: path, PIL image or (H, W, 3) uint8 RGB array.
+            image: a file path, ``"skimage:NAME"``, a PIL image, or an (H, W, 3) / (H, W)
+                uint8 RGB array (`reme.io.load_image`).
             classes: class names, a list or a comma-separated string; ``;`` separates
-                synonyms within a class ("person; people").
+                synonyms within a class ("person; people"). The result names each class by
+                its first synonym (``"floor; ground"`` -> ``"floor"``); the scores of the
+                synonyms are merged by max.
             return_probs: also return the (H, W, C) P_test.
             return_evidence: also return, per test segment, the nearest reference segments
                 behind its A1 row
@@ -326,9 +363,14 @@ class Segmenter:
             indexes ``classes``).
 
         Raises:
-            reme.errors.ImageReadError: unreadable image. ValueError: bad class list.
+            reme.errors.ImageReadError: unreadable image, an array of the wrong shape or dtype,
+                or an image over `reme.io.MAX_PIXELS` (also for a PIL image).
+            reme.errors.ImageTypeError: ``image`` is none of the accepted kinds (bytes, None, a
+                list, a tensor); a TypeError and an ImageReadError.
+            ValueError: bad class list.
         """
-        seg, P, names, S_test, masks = self.segment_probs(image, classes, return_embeddings=True,
+        img, full_hw = load_image_bounded(image, max_pixels=self.max_working_pixels)
+        seg, P, names, S_test, masks = self.segment_probs(img, classes, return_embeddings=True,
                                                           return_masks=True)
         evidence = None
         if return_evidence:
@@ -339,15 +381,60 @@ class Segmenter:
             evidence = retrieval_evidence(S_test, self.reference, top=self.top_k or DEFAULT_EVIDENCE_TOP,
                                           top_k=support, logit_scale=self.segment_logit_scale,
                                           chunk_size=self.chunk_size)
+        working_hw = tuple(int(x) for x in seg.shape)
         if masks is None:
             seg_label = P.argmax(dim=1).cpu().numpy().astype(np.int32)
+            probs = upsample_probs(pixel_class_probs(P, seg), full_hw) if return_probs else None
+            seg = upsample_nearest(seg, full_hw)
             label_map = seg_label[seg]                                                # eq. 3 argmax
-            probs = pixel_class_probs(P, seg).cpu().numpy() if return_probs else None
         else:                                                                         # eq. 3, overlapping masks
             P_test = pixel_class_probs_masks(P.clamp_min(0), masks)
-            label_map = P_test.argmax(dim=2).cpu().numpy().astype(np.int32)
-            probs = P_test.cpu().numpy() if return_probs else None
-        frac = np.bincount(label_map.ravel(), minlength=len(names)) / label_map.size
+            label_map = upsample_nearest(P_test.argmax(dim=2).cpu().numpy().astype(np.int32), full_hw)
+            seg = upsample_nearest(seg, full_hw)
+            probs = upsample_probs(P_test, full_hw) if return_probs else None
+            del P_test
         return SegmentationResult(label_map=label_map, classes=names, segment_ids=seg,
                                   segment_probs=P.cpu().numpy().astype(np.float32),
-                                  class_fractions=frac, probs=probs, evidence=evidence)
+                                  class_fractions=label_fractions(label_map, len(names)), probs=probs,
+                                  extras={"working_size": working_hw}, evidence=evidence)
+
+
+def check_logit_scale(value, name: str) -> float:
+    """``value`` as a float, or ValueError unless it is a finite number > 0 (tau of eqs. 1-2)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}") from None
+    if not np.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return v
+
+
+def upsample_nearest(a: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """(h, w) map -> (H, W) by nearest neighbour (pixel centres: source row
+    ``floor((i + 0.5) h / H)``); ``a`` itself when the size already matches. Allocates only the
+    output (broadcast fancy indexing)."""
+    (h, w), (H, W) = a.shape[:2], size_hw
+    if (h, w) == (H, W):
+        return a
+    rows = np.minimum(((np.arange(H) + 0.5) * (h / H)).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(W) + 0.5) * (w / W)).astype(np.int64), w - 1)
+    return a[rows[:, None], cols[None, :]]
+
+
+def upsample_probs(p: torch.Tensor, size_hw: tuple[int, int]) -> np.ndarray:
+    """(h, w, C) tensor -> (H, W, C) float32 array, bilinear (``align_corners=False``)."""
+    if tuple(p.shape[:2]) == tuple(size_hw):
+        return p.float().cpu().numpy()
+    x = p.float().permute(2, 0, 1)[None]
+    x = torch.nn.functional.interpolate(x, size=tuple(size_hw), mode="bilinear", align_corners=False)
+    return x[0].permute(1, 2, 0).contiguous().cpu().numpy()
+
+
+def label_fractions(label_map: np.ndarray, n: int, rows: int = 1024) -> np.ndarray:
+    """(n,) float64 fraction of the pixels of an (H, W) int label map with each value 0..n-1;
+    counted ``rows`` rows at a time (no int64 copy of a large map)."""
+    counts = np.zeros(n, np.int64)
+    for r in range(0, label_map.shape[0], rows):
+        counts += np.bincount(label_map[r:r + rows].ravel(), minlength=n)[:n]
+    return counts / max(label_map.size, 1)

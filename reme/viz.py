@@ -31,13 +31,33 @@ def class_colors(n: int) -> np.ndarray:
     return palette(n + 1)[1:]
 
 
-def save_label_png(label_map: np.ndarray, path: str | Path) -> None:
-    """Write an (H, W) label map (values < 256) as a palette PNG whose pixel values are the
-    class indices; ``np.array(Image.open(path))`` gives the map back. Written atomically."""
-    if label_map.max(initial=0) > 255 or label_map.min(initial=0) < 0:
-        raise ValueError("palette PNG holds label values 0..255 only")
-    img = Image.fromarray(label_map.astype(np.uint8), mode="P")
-    img.putpalette(np.concatenate([class_colors(255), np.zeros((1, 3), np.uint8)]).ravel().tolist())
+#: Most classes a label PNG can hold: 8-bit palette PNG up to 256, 16-bit grey PNG above.
+MAX_LABEL_PNG_CLASSES = 65536
+
+
+def save_label_png(label_map: np.ndarray, path: str | Path, n_classes: int | None = None) -> None:
+    """Write an (H, W) label map as a PNG whose pixel values are the class indices;
+    ``np.array(Image.open(path))`` gives the map back. Written atomically.
+
+    Up to 256 classes (``n_classes``, else the largest value + 1): an 8-bit palette PNG
+    coloured like `overlay`. More: a 16-bit greyscale PNG (uint16 values; no colours),
+    so one run writes the same format for every image.
+
+    Raises:
+        ValueError: a value < 0, or >= ``n_classes``, or more than
+            `MAX_LABEL_PNG_CLASSES` classes.
+    """
+    lo, hi = int(label_map.min(initial=0)), int(label_map.max(initial=0))
+    n = hi + 1 if n_classes is None else int(n_classes)
+    if lo < 0 or hi >= max(n, 1):
+        raise ValueError(f"label values {lo}..{hi} do not fit {n} classes")
+    if n > MAX_LABEL_PNG_CLASSES:
+        raise ValueError(f"a label PNG holds at most {MAX_LABEL_PNG_CLASSES} classes, got {n}")
+    if n <= 256:
+        img = Image.fromarray(label_map.astype(np.uint8), mode="P")
+        img.putpalette(np.concatenate([class_colors(255), np.zeros((1, 3), np.uint8)]).ravel().tolist())
+    else:
+        img = Image.fromarray(label_map.astype(np.uint16))  # mode I;16: 16-bit grey PNG
     with atomic_path(path, ".png") as tmp:
         img.save(tmp, format="PNG")
 
@@ -57,15 +77,21 @@ def overlay(image: np.ndarray, label_map: np.ndarray, classes: Sequence[str], al
         A PIL RGB image of width W + legend width, height max(H, legend height).
     """
     colors = class_colors(len(classes))
-    blend = (image.astype(np.float32) * (1 - alpha) + colors[label_map].astype(np.float32) * alpha).astype(np.uint8)
-    present = [i for i in range(len(classes)) if (label_map == i).any()]
+    if fractions is not None:
+        present = [i for i in range(len(classes)) if fractions[i] > 0]
+    else:
+        present = np.flatnonzero(np.bincount(label_map.ravel(), minlength=len(classes))).tolist()
     font = ImageFont.load_default()
     row_h, pad = 18, 6
     texts = [f"{classes[i]}" + (f"  {100 * fractions[i]:.1f}%" if fractions is not None else "") for i in present]
     width = max([int(font.getlength(t)) for t in texts] + [40]) + row_h + 3 * pad
     H, W = label_map.shape
     canvas = Image.new("RGB", (W + width, max(H, pad + row_h * len(present) + pad)), (255, 255, 255))
-    canvas.paste(Image.fromarray(blend), (0, 0))
+    step = max(1, (1 << 22) // max(W, 1))  # blended in strips of ~4 MP: memory is the canvas, not H x W floats
+    for r in range(0, H, step):
+        strip = (image[r:r + step].astype(np.float32) * (1 - alpha)
+                 + colors[label_map[r:r + step]].astype(np.float32) * alpha).astype(np.uint8)
+        canvas.paste(Image.fromarray(strip), (0, r))
     draw = ImageDraw.Draw(canvas)
     for r, (i, t) in enumerate(zip(present, texts)):
         y = pad + r * row_h
