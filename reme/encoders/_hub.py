@@ -128,6 +128,38 @@ def looks_like_path(target: str) -> bool:
     return t.lower().endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz"))
 
 
+def split_spec_options(target: str, keys: Sequence[str], *, minimum: int = 0,
+                       family: str = "encoder") -> tuple[str, dict[str, int]]:
+    """Split ``"TARGET,key=INT,..."`` into the target and its integer options.
+
+    Only trailing ``key=value`` pieces whose key is in ``keys`` are options, so a folder path
+    containing commas stays whole.
+
+    Returns:
+        ``(target, {key: int})``; the target may be empty.
+
+    Raises:
+        ValueError: an option value is not an integer >= ``minimum`` (the message names
+            ``family`` and the piece).
+    """
+    target = (target or "").strip()
+    options: dict[str, int] = {}
+    while "," in target or ("=" in target and target.partition("=")[0].strip() in keys):
+        head, _, tail = target.rpartition(",")
+        key, eq, value = tail.strip().partition("=")
+        if not eq or key.strip() not in keys:
+            break
+        try:
+            options[key.strip()] = int(value)
+        except ValueError:
+            raise ValueError(f"{family} option {tail.strip()!r} needs an integer value") from None
+        if options[key.strip()] < minimum:
+            raise ValueError(f"{family} option {tail.strip()!r} must be >= {minimum}"
+                             + (" (positive)" if minimum == 1 else ""))
+        target = head.strip()
+    return target, options
+
+
 def suggested_local_dir(model_id: str, cache_dir: str | None = None) -> str:
     """Where the messages suggest downloading ``model_id`` to (under ``cache_dir`` if set)."""
     base = Path(cache_dir).expanduser() if cache_dir else Path("~/models")

