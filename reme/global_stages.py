@@ -29,7 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from reme.filtering import ambiguous_roots, clip_score_filter, group_median_filter
+from reme.filtering import (KNEE_MAX_RANK, KNEE_MAX_REMOVED_SHARE, KNEE_MIN_RATIO, clip_score_filter,
+                            group_median_filter, knee_cut)
 from reme.nounphrases import NounPhrase, substitute_root
 from reme.reference import ReferenceSet
 from reme.shards import ShardStore
@@ -356,7 +357,12 @@ def caption_global_stages(reader: ShardReader, params, text_encoder, templates: 
         sizes = np.bincount(uniq // max(reader.num_segments, 1), minlength=len(root_names))
         group_sizes = {root_names[r]: int(sizes[r]) for r in np.flatnonzero(sizes)}
         info["knee_group_sizes"] = group_sizes                                           # for reme inspect
-        removed = ambiguous_roots(group_sizes, min_groups=params.knee_min_groups)
+        cut = knee_cut(group_sizes, min_groups=params.knee_min_groups,
+                       min_ratio=getattr(params, "knee_min_ratio", KNEE_MIN_RATIO),
+                       max_rank=getattr(params, "knee_max_rank", KNEE_MAX_RANK),
+                       max_removed_share=getattr(params, "knee_max_removed_share", KNEE_MAX_REMOVED_SHARE))
+        info["knee_filter"] = {k: v for k, v in cut.items() if k != "removed"}               # knee + cap
+        removed = cut["removed"]
         removed_set = set(removed)
         removed_ids = [i for i, r in enumerate(root_names.tolist()) if r in removed_set]
         knee = keep & np.isin(root_ids, np.asarray(removed_ids, np.int64))

@@ -57,8 +57,9 @@ def test_group_filter_drops_planted_outliers():
 def test_knee_filter_removes_oversized_background_group():
     sizes = {"background": 900, "scene": 700, "image": 650}
     sizes.update({f"thing{i}": 60 - i for i in range(30)})
-    removed = ambiguous_roots(sizes)
+    removed = ambiguous_roots(sizes, max_removed_share=1.0)       # they hold 62 % of the pairs
     assert set(removed) == {"background", "scene", "image"}
+    assert ambiguous_roots(sizes) == ["background", "scene"]      # default cap: at most 50 %
     assert ambiguous_roots({"a": 100, "b": 1}) == []  # too few groups to find a knee
     assert knee_index(np.array([5, 5, 5, 5])) == 0
 
