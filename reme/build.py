@@ -78,6 +78,8 @@ class CaptionBuildParams:
             :func:`reme.filtering.knee_cut`). The knee and the cap are recorded in the
             manifest under ``knee_filter``.
         k_sim: number of synonym pairs of step 9 (30); 0 disables enrichment.
+        synonym_skip_head_pairs: step 9 leaves out pairs where one root is the head of the
+            other ("dog" / "hot dog"; :func:`reme.synonyms.synonym_pairs`, our choice).
         keep_compounds: compound modifiers stay in the root noun (our choice, step 3).
         filter_method: step 7 criterion: "median" (the paper's group-median filter, default),
             "clip_global" / "clip_group" (the baselines the paper compares against: drop the
@@ -101,6 +103,7 @@ class CaptionBuildParams:
     knee_max_rank: int = KNEE_MAX_RANK
     knee_max_removed_share: float = KNEE_MAX_REMOVED_SHARE
     k_sim: int = 30
+    synonym_skip_head_pairs: bool = True
     keep_compounds: bool = True
     filter_method: str = "median"
     relabel: bool = False

@@ -389,7 +389,8 @@ def caption_global_stages(reader: ShardReader, params, text_encoder, templates: 
     extra_root: list[str] = []
     if params.k_sim > 0 and len(kept_seg):                                               # step 9
         distinct = sorted(set(pc.unique(kept_root).to_pylist()))
-        syn = synonym_pairs(distinct, embed_labels(text_encoder, distinct, templates), params.k_sim)
+        syn = synonym_pairs(distinct, embed_labels(text_encoder, distinct, templates), params.k_sim,
+                            skip_head_pairs=getattr(params, "synonym_skip_head_pairs", True))
         partners: dict[str, list[str]] = {}
         for a, b, _ in syn:
             partners.setdefault(a, []).append(b)
