@@ -14,6 +14,74 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 
+def group_slices(keys) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Group equal keys once: ``np.unique(return_inverse=True)`` + a stable argsort, O(p log p)
+    instead of one pass over all pairs per group.
+
+    Args:
+        keys: (p,) array-like of group keys (root strings or integer ids).
+
+    Returns:
+        ``(group_of, order, bounds)``: (p,) int64 group index of each pair (groups numbered
+        in sorted key order), (p,) int64 pair indices sorted by group (pair order kept inside
+        a group), and (G + 1,) int64 offsets: group r's pairs are ``order[bounds[r]:bounds[r + 1]]``.
+    """
+    keys = np.asarray(keys)
+    if keys.dtype == object:
+        keys = keys.astype(str) if len(keys) else np.zeros(0, str)
+    _, group_of = np.unique(keys, return_inverse=True)
+    group_of = group_of.ravel().astype(np.int64)
+    order = np.argsort(group_of, kind="stable")
+    n = int(group_of.max()) + 1 if len(group_of) else 0
+    bounds = np.searchsorted(group_of[order], np.arange(n + 1)).astype(np.int64)
+    return group_of, order, bounds
+
+
+def group_drop_rates(inconsistency: np.ndarray, *, drop_rate: float = 0.30, adaptive: bool = False,
+                     max_drop_rate: float = 0.50) -> np.ndarray:
+    """Drop rate of each group (METHOD.md step 7): ``drop_rate`` (delta_filter) for all, or,
+    ``adaptive``, ``max_drop_rate * w / max_g w_g`` with w the group's inconsistency
+    mean_i(1 - <S_i, S_center>) (the most inconsistent group drops ``max_drop_rate``, a perfectly
+    consistent one nothing; range [0, 50 %] in the paper, the scaling is our choice).
+
+    Args:
+        inconsistency: (G,) float w of each group (only used when ``adaptive``).
+
+    Returns:
+        (G,) float64 rates in [0, 1).
+
+    Raises:
+        ValueError: a rate outside [0, 1).
+    """
+    if not 0.0 <= drop_rate < 1.0 or not 0.0 <= max_drop_rate < 1.0:
+        raise ValueError(f"drop rates must lie in [0, 1), got {drop_rate}, {max_drop_rate}")
+    w = np.asarray(inconsistency, np.float64)
+    if not adaptive:
+        return np.full(len(w), drop_rate)
+    w_max = float(w.max()) if len(w) else 0.0
+    return max_drop_rate * w / w_max if w_max > 0 else np.zeros(len(w))
+
+
+def drop_lowest(scores: np.ndarray, order: np.ndarray, bounds: np.ndarray, rates: np.ndarray) -> np.ndarray:
+    """Keep-mask that drops, in each group, the ``floor(rate * size)`` lowest-scored pairs (ties:
+    the earlier pair goes first), the drop rule of step 7 and its CLIP-score baselines.
+
+    Args:
+        scores: (p,) pair scores. order, bounds: from :func:`group_slices`.
+        rates: (G,) drop rate of each group.
+
+    Returns:
+        (p,) bool, True for pairs kept.
+    """
+    keep = np.ones(len(scores), bool)
+    sizes = np.diff(bounds)
+    n_drop = np.floor(np.asarray(rates, np.float64) * sizes + 1e-9).astype(np.int64)
+    for r in np.flatnonzero(n_drop):
+        idx = order[bounds[r]:bounds[r + 1]]
+        keep[idx[np.argsort(scores[idx], kind="stable")[:n_drop[r]]]] = False
+    return keep
+
+
 def group_median_filter(S: np.ndarray, pair_segment: np.ndarray, pair_root: Sequence[str], *,
                         drop_rate: float = 0.30, adaptive: bool = False,
                         max_drop_rate: float = 0.50, return_scores: bool = False):
@@ -24,53 +92,50 @@ def group_median_filter(S: np.ndarray, pair_segment: np.ndarray, pair_root: Sequ
     ``drop_rate`` fraction of each group is dropped (delta_filter = 30 % in the paper;
     ``floor(drop_rate * size)`` members, so groups of 1-3 lose nothing at 30 %).
 
-    Adaptive variant (``adaptive=True``, better in the paper): the group's drop rate is
-    ``max_drop_rate * w / max_g w_g`` with inconsistency w = mean_i(1 - <S_i, S_center>), so
-    the most inconsistent group drops ``max_drop_rate`` and a perfectly consistent one nothing
-    (range [0, 50 %]; the scaling is our choice, the notes give only the range and w).
+    Adaptive variant (``adaptive=True``, better in the paper): per-group rates from
+    :func:`group_drop_rates`.
+
+    Grouping is done once (:func:`group_slices`), so the cost is O(p log p + p d), not one
+    scan of all pairs per group.
 
     Args:
         S: (m, d) float32 visual segment embeddings, L2-normalised.
         pair_segment: (p,) int row of S for each pair.
-        pair_root: p root nouns.
+        pair_root: p root nouns (or integer root ids).
         drop_rate: fixed fraction in [0, 1) dropped per group.
         adaptive: use the adaptive per-group rate.
         max_drop_rate: upper end of the adaptive range.
-
         return_scores: also return each pair's score <S_i, S_center>.
 
     Returns:
         (p,) bool, True for pairs kept; with ``return_scores``, also (p,) float32 scores.
+
+    Raises:
+        ValueError: a rate outside [0, 1), or ``pair_root`` and ``pair_segment`` lengths differ.
     """
-    if not 0.0 <= drop_rate < 1.0 or not 0.0 <= max_drop_rate < 1.0:
-        raise ValueError(f"drop rates must lie in [0, 1), got {drop_rate}, {max_drop_rate}")
+    group_drop_rates(np.zeros(0), drop_rate=drop_rate, max_drop_rate=max_drop_rate)      # validates the rates
     pair_segment = np.asarray(pair_segment, np.int64)
-    roots = np.asarray(pair_root, dtype=object)
-    if len(roots) != len(pair_segment):
-        raise ValueError(f"{len(pair_segment)} pair segments but {len(roots)} roots")
-    keep = np.ones(len(roots), bool)
-    pair_score = np.zeros(len(roots), np.float32)
-    groups: dict[str, np.ndarray] = {}
-    for r in dict.fromkeys(roots.tolist()):
-        groups[r] = np.flatnonzero(roots == r)
-    scores: dict[str, np.ndarray] = {}
-    incons: dict[str, float] = {}
-    for r, idx in groups.items():
-        emb = S[pair_segment[idx]]
-        center = np.median(emb, axis=0)
-        norm = np.linalg.norm(center)
-        center = center / norm if norm > 0 else center
-        scores[r] = emb @ center
-        pair_score[idx] = scores[r]
-        incons[r] = float(np.mean(1.0 - scores[r]))
-    w_max = max(incons.values(), default=0.0)
-    for r, idx in groups.items():
-        rate = max_drop_rate * incons[r] / w_max if adaptive and w_max > 0 else (0.0 if adaptive else drop_rate)
-        n_drop = int(np.floor(rate * len(idx) + 1e-9))
-        if n_drop:
-            order = np.argsort(scores[r], kind="stable")
-            keep[idx[order[:n_drop]]] = False
+    if len(pair_root) != len(pair_segment):
+        raise ValueError(f"{len(pair_segment)} pair segments but {len(pair_root)} roots")
+    _, order, bounds = group_slices(pair_root)
+    pair_score = np.zeros(len(pair_segment), np.float32)
+    incons = np.zeros(len(bounds) - 1, np.float64)
+    for r in range(len(bounds) - 1):
+        idx = order[bounds[r]:bounds[r + 1]]
+        pair_score[idx], incons[r] = median_scores(S[pair_segment[idx]])
+    rates = group_drop_rates(incons, drop_rate=drop_rate, adaptive=adaptive, max_drop_rate=max_drop_rate)
+    keep = drop_lowest(pair_score, order, bounds, rates)
     return (keep, pair_score) if return_scores else keep
+
+
+def median_scores(emb: np.ndarray) -> tuple[np.ndarray, float]:
+    """Scores <S_i, S_center> of one group's (n, d) embeddings against their element-wise median
+    (L2-normalised), and the group's inconsistency mean_i(1 - score) (METHOD.md step 7)."""
+    center = np.median(emb, axis=0)
+    norm = np.linalg.norm(center)
+    center = center / norm if norm > 0 else center
+    sc = (emb @ center).astype(np.float32)
+    return sc, float(np.mean(1.0 - sc))
 
 
 #: Defaults of the ambiguous-label knee filter (METHOD.md step 8); our choices, the notes give
@@ -185,11 +250,13 @@ def clip_score_filter(clip_scores: np.ndarray, pair_root: Sequence[str] | None =
     """Baseline filters the paper compares against (METHOD.md step 7, "compared and worse").
 
     Drops the pairs with the lowest CLIP pairing score, either globally (``pair_root=None``)
-    or within each root-noun group (``floor(drop_rate * size)`` per group).
+    or within each root-noun group (``floor(drop_rate * size)`` per group, grouped once with
+    :func:`group_slices`).
 
     Args:
         clip_scores: (p,) float CLIP similarity of each pair (``pair_labels_to_segments``).
-        pair_root: p root nouns for the per-group variant; None for the global one.
+        pair_root: p root nouns (or integer root ids) for the per-group variant; None for the
+            global one.
         drop_rate: fraction dropped, in [0, 1).
 
     Returns:
@@ -198,14 +265,11 @@ def clip_score_filter(clip_scores: np.ndarray, pair_root: Sequence[str] | None =
     if not 0.0 <= drop_rate < 1.0:
         raise ValueError(f"drop_rate must lie in [0, 1), got {drop_rate}")
     s = np.asarray(clip_scores, np.float64)
-    keep = np.ones(len(s), bool)
-    groups = [np.arange(len(s))] if pair_root is None else \
-        [np.flatnonzero(np.asarray(pair_root, object) == r) for r in dict.fromkeys(pair_root)]
-    for idx in groups:
-        n_drop = int(np.floor(drop_rate * len(idx) + 1e-9))
-        if n_drop:
-            keep[idx[np.argsort(s[idx], kind="stable")[:n_drop]]] = False
-    return keep
+    if pair_root is None:
+        order, bounds = np.arange(len(s)), np.array([0, len(s)], np.int64)
+    else:
+        _, order, bounds = group_slices(pair_root)
+    return drop_lowest(s, order, bounds, np.full(len(bounds) - 1, drop_rate))
 
 
 def relabel_dropped(S: np.ndarray, pair_segment: np.ndarray, pair_root: Sequence[str], keep: np.ndarray, *,
@@ -230,15 +294,17 @@ def relabel_dropped(S: np.ndarray, pair_segment: np.ndarray, pair_root: Sequence
     """
     roots = np.asarray(pair_root, object)
     pair_segment = np.asarray(pair_segment, np.int64)
-    kept_roots = sorted(set(roots[keep].tolist()))
+    keep = np.asarray(keep, bool)
     new = np.full(len(roots), -1, np.int64)
     sim_out = np.full(len(roots), np.nan, np.float32)
     gone = np.flatnonzero(~keep)
-    if not kept_roots or len(gone) == 0:
+    kept = np.flatnonzero(keep)
+    if len(kept) == 0 or len(gone) == 0:
         return new, sim_out
+    _, order, bounds = group_slices(roots[kept])                 # groups in sorted root order
     centers = []
-    for r in kept_roots:
-        c = np.median(S[pair_segment[keep & (roots == r)]], axis=0)
+    for r in range(len(bounds) - 1):
+        c = np.median(S[pair_segment[kept[order[bounds[r]:bounds[r + 1]]]]], axis=0)
         centers.append(c / max(np.linalg.norm(c), 1e-12))
     sims = S[pair_segment[gone]] @ np.stack(centers).T
     best = sims.argmax(1)

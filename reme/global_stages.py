@@ -29,8 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from reme.filtering import (KNEE_MAX_RANK, KNEE_MAX_REMOVED_SHARE, KNEE_MIN_RATIO, clip_score_filter,
-                            group_median_filter, knee_cut)
+from reme.filtering import (KNEE_MAX_RANK, KNEE_MAX_REMOVED_SHARE, KNEE_MIN_RATIO, clip_score_filter, drop_lowest,
+                            group_drop_rates, knee_cut, median_scores)
 from reme.nounphrases import NounPhrase, substitute_root
 from reme.reference import ReferenceSet
 from reme.shards import ShardStore
@@ -173,29 +173,23 @@ def streaming_group_filter(reader: ShardReader, pair_segment: np.ndarray, root_i
     Returns:
         (p,) bool keep-mask and (p,) float32 scores <S_i, S_center>.
     """
-    if not 0.0 <= drop_rate < 1.0 or not 0.0 <= max_drop_rate < 1.0:
-        raise ValueError(f"drop rates must lie in [0, 1), got {drop_rate}, {max_drop_rate}")
+    group_drop_rates(np.zeros(0), drop_rate=drop_rate, max_drop_rate=max_drop_rate)      # validates the rates
     if budget_rows < 1:
         raise ValueError(f"budget_rows must be >= 1, got {budget_rows}")
     pair_segment = np.asarray(pair_segment, np.int64)
     root_ids = np.asarray(root_ids, np.int64)
-    p = len(pair_segment)
-    scores = np.zeros(p, np.float32)
+    scores = np.zeros(len(pair_segment), np.float32)
     incons = np.zeros(n_roots, np.float64)
-    members: dict[int, np.ndarray] = {}
     for r, idx, emb in _group_embeddings(reader, pair_segment, root_ids, n_roots, budget_rows,
                                          desc="group filter", progress=progress):
-        _, sc = group_median_filter(emb, np.arange(len(idx)), [0] * len(idx), drop_rate=0.0, return_scores=True)
-        scores[idx] = sc
-        incons[r] = float(np.mean(1.0 - sc))
-        members[r] = idx
-    keep = np.ones(p, bool)
-    w_max = max((incons[r] for r in members), default=0.0)
-    for r, idx in members.items():
-        rate = max_drop_rate * incons[r] / w_max if adaptive and w_max > 0 else (0.0 if adaptive else drop_rate)
-        n_drop = int(np.floor(rate * len(idx) + 1e-9))
-        if n_drop:
-            keep[idx[np.argsort(scores[idx], kind="stable")[:n_drop]]] = False
+        scores[idx], incons[r] = median_scores(emb)
+    order = np.argsort(root_ids, kind="stable")
+    bounds = np.searchsorted(root_ids[order], np.arange(n_roots + 1))
+    present = np.diff(bounds) > 0
+    rates = np.zeros(n_roots)
+    rates[present] = group_drop_rates(incons[present], drop_rate=drop_rate, adaptive=adaptive,
+                                      max_drop_rate=max_drop_rate)
+    keep = drop_lowest(scores, order, bounds, rates)
     return keep, scores
 
 
@@ -329,7 +323,7 @@ def caption_global_stages(reader: ShardReader, params, text_encoder, templates: 
                                              budget_rows=budget_rows, progress=progress)
     elif params.group_filter and p:                                                      # step 7 baselines
         clip = reader.pair_scores()
-        keep = clip_score_filter(clip, root_ids.tolist() if method == "clip_group" else None,
+        keep = clip_score_filter(clip, root_ids if method == "clip_group" else None,
                                  drop_rate=params.drop_rate)
         score = clip.astype(np.float32)
     reason = np.where(keep, "", "group_filter").astype(object)
