@@ -131,7 +131,7 @@ def group_median_filter(S: np.ndarray, pair_segment: np.ndarray, pair_root: Sequ
 def median_scores(emb: np.ndarray) -> tuple[np.ndarray, float]:
     """Scores <S_i, S_center> of one group's (n, d) embeddings against their element-wise median
     (L2-normalised), and the group's inconsistency mean_i(1 - score) (METHOD.md step 7)."""
-    center = np.median(emb, axis=0)
+    center = emb[0] if len(emb) == 1 else np.median(emb, axis=0)         # a one-row median is the row
     norm = np.linalg.norm(center)
     center = center / norm if norm > 0 else center
     sc = (emb @ center).astype(np.float32)

@@ -120,6 +120,59 @@ class ShardReader:
         return {"image": image, "bbox": bbox, "area": area, "source": source}
 
 
+class ArrayReader:
+    """The :class:`ShardReader` interface over in-memory arrays, so that code holding all
+    embeddings (the ablation runner, benchmarks, tests) runs the build's own global stages.
+
+    Args:
+        S: (m, d) float visual segment embeddings, L2-normalised (e.g. a reference's S_ref).
+        pair_segment: (p,) int64 segment row of each pair.
+        labels, roots: p label strings and their root nouns.
+        heads: p head surface texts (default: the roots).
+        scores: (p,) CLIP pairing scores (default NaN).
+        image, bbox, area, source: per-segment metadata (defaults: empty / zeros / "array").
+    """
+
+    def __init__(self, S: np.ndarray, pair_segment: np.ndarray, labels: Sequence[str], roots: Sequence[str], *,
+                 heads: Sequence[str] | None = None, scores: np.ndarray | None = None,
+                 image: Sequence[str] | None = None, bbox: np.ndarray | None = None, area: np.ndarray | None = None,
+                 source: Sequence[str] | None = None):
+        self.S = S
+        self.dim = int(S.shape[1])
+        m = int(S.shape[0])
+        self._pairs = pa.table({"segment": pa.array(np.asarray(pair_segment, np.int64)),
+                                "label": pa.array(list(labels), pa.string()),
+                                "root": pa.array(list(roots), pa.string()),
+                                "head": pa.array(list(roots if heads is None else heads), pa.string())})
+        p = self._pairs.num_rows
+        self._scores = np.full(p, np.nan, np.float32) if scores is None else np.asarray(scores, np.float32)
+        self._image = list(image) if image is not None else [""] * m
+        self._bbox = np.zeros((m, 4), np.int32) if bbox is None else np.asarray(bbox, np.int32)
+        self._area = np.zeros(m, np.int64) if area is None else np.asarray(area, np.int64)
+        self._source = list(source) if source is not None else ["array"] * m
+
+    @property
+    def num_segments(self) -> int:
+        return int(self.S.shape[0])
+
+    def pairs(self) -> pa.Table:
+        return self._pairs
+
+    def pair_scores(self) -> np.ndarray:
+        return self._scores
+
+    def embeddings(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows), self.dim), np.float32) if out is None else out
+        out[:] = self.S[rows]
+        return out
+
+    def metadata(self, rows: np.ndarray) -> dict[str, Any]:
+        rows = np.asarray(rows, np.int64)
+        return {"image": [self._image[i] for i in rows.tolist()], "bbox": self._bbox[rows],
+                "area": self._area[rows], "source": [self._source[i] for i in rows.tolist()]}
+
+
 def _passes(sizes: np.ndarray, budget_rows: int) -> list[tuple[int, int]]:
     """Consecutive root ranges [a, b) whose total size is <= budget (a lone group may exceed it)."""
     out, a, acc = [], 0, 0

@@ -62,22 +62,29 @@ def synonym_pairs(roots: Sequence[str], root_embeddings: np.ndarray, k_sim: int 
     has_head = np.flatnonzero(head_idx != np.arange(g))
     block = max(1, _BLOCK_VALUES // g)
     cand_v, cand_i, cand_j = [], [], []
+    thr = -np.inf                                      # k-th best value so far: a block needs more to count
     for a in range(0, g - 1, block):
         b = min(a + block, g - 1)
-        sim = E[a:b] @ E.T                                                   # (b - a, g)
-        sim[np.arange(g)[None, :] <= np.arange(a, b)[:, None]] = -np.inf     # keep j > i
+        sim = E[a:b] @ E[a:].T                                               # (b - a, g - a): columns j >= a
+        sim[np.arange(g - a)[None, :] <= np.arange(b - a)[:, None]] = -np.inf             # keep j > i
         if skip_head_pairs and len(has_head):
             rows = np.arange(a, b)
-            sim[rows - a, head_idx[a:b]] = -np.inf                           # i's head is j
-            sel = has_head[(head_idx[has_head] >= a) & (head_idx[has_head] < b)]
-            sim[head_idx[sel] - a, sel] = -np.inf                            # j's head is i
+            h = head_idx[a:b]
+            ok = h >= a
+            sim[rows[ok] - a, h[ok] - a] = -np.inf                          # i's head is j
+            sel = has_head[(head_idx[has_head] >= a) & (head_idx[has_head] < b) & (has_head >= a)]
+            sim[head_idx[sel] - a, sel - a] = -np.inf                        # j's head is i
         flat = sim.ravel()
-        kk = min(k, flat.size)
-        top = np.argpartition(-flat, kk - 1)[:kk]
+        top = np.flatnonzero(flat >= thr) if np.isfinite(thr) else np.arange(flat.size)
+        if len(top) > k:
+            top = top[np.argpartition(-flat[top], k - 1)[:k]]
         top = top[np.isfinite(flat[top])]
         cand_v.append(flat[top])
-        cand_i.append(top // g + a)
-        cand_j.append(top % g)
+        cand_i.append(top // (g - a) + a)
+        cand_j.append(top % (g - a) + a)
+        allv = np.concatenate(cand_v)
+        if len(allv) >= k:
+            thr = float(np.partition(allv, len(allv) - k)[len(allv) - k])
     v, i, j = (np.concatenate(x) for x in (cand_v, cand_i, cand_j))
     order = np.lexsort((j, i, -v))[:k]
     return [(roots[i[t]], roots[j[t]], float(v[t])) for t in order]
