@@ -119,13 +119,38 @@ def group_median_filter(S: np.ndarray, pair_segment: np.ndarray, pair_root: Sequ
         raise ValueError(f"{len(pair_segment)} pair segments but {len(pair_root)} roots")
     _, order, bounds = group_slices(pair_root)
     pair_score = np.zeros(len(pair_segment), np.float32)
-    incons = np.zeros(len(bounds) - 1, np.float64)
-    for r in range(len(bounds) - 1):
-        idx = order[bounds[r]:bounds[r + 1]]
-        pair_score[idx], incons[r] = median_scores(S[pair_segment[idx]])
+    pair_score[order], incons = grouped_median_scores(np.asarray(S)[pair_segment[order]], bounds)
     rates = group_drop_rates(incons, drop_rate=drop_rate, adaptive=adaptive, max_drop_rate=max_drop_rate)
     keep = drop_lowest(pair_score, order, bounds, rates)
     return (keep, pair_score) if return_scores else keep
+
+
+def grouped_median_scores(emb: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`median_scores` of consecutive groups: rows ``bounds[r]:bounds[r + 1]`` of ``emb``
+    form group r. One-member groups (most root groups of a Zipf vocabulary) are scored in one
+    vectorised step (their centre is the row itself, the score its norm).
+
+    Args:
+        emb: (p, d) float32 embeddings, grouped. bounds: (G + 1,) int offsets.
+
+    Returns:
+        (p,) float32 scores and (G,) float64 inconsistencies.
+    """
+    emb = np.asarray(emb, np.float32)
+    sizes = np.diff(bounds)
+    sc = np.zeros(len(emb), np.float32)
+    incons = np.zeros(len(sizes), np.float64)
+    one = np.flatnonzero(sizes == 1)
+    if len(one):
+        e = emb[bounds[one]]
+        n = np.linalg.norm(e, axis=1)
+        s1 = np.einsum("ij,ij->i", e, e / np.where(n > 0, n, 1.0)[:, None]).astype(np.float32)
+        sc[bounds[one]] = s1
+        incons[one] = 1.0 - s1.astype(np.float64)
+    for r in np.flatnonzero(sizes > 1):
+        a, b = bounds[r], bounds[r + 1]
+        sc[a:b], incons[r] = median_scores(emb[a:b])
+    return sc, incons
 
 
 def median_scores(emb: np.ndarray) -> tuple[np.ndarray, float]:

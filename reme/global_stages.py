@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from reme.filtering import (KNEE_MAX_RANK, KNEE_MAX_REMOVED_SHARE, KNEE_MIN_RATIO, clip_score_filter, drop_lowest,
-                            group_drop_rates, knee_cut, median_scores)
+                            group_drop_rates, grouped_median_scores, knee_cut)
 from reme.nounphrases import NounPhrase, substitute_root
 from reme.reference import ReferenceSet
 from reme.shards import ShardStore
@@ -186,24 +186,33 @@ def _passes(sizes: np.ndarray, budget_rows: int) -> list[tuple[int, int]]:
     return out
 
 
-def _group_embeddings(reader: ShardReader, pair_segment: np.ndarray, group_ids: np.ndarray, n_groups: int,
-                      budget_rows: int, *, desc: str, progress: bool = False):
-    """Yield ``(group, pair indices, (len, d) embeddings of those pairs' segments)`` for every
-    non-empty group, reading at most ``budget_rows`` member rows per pass (a lone larger group
-    is read whole). Members are in pair order."""
+def _pass_embeddings(reader, pair_segment: np.ndarray, group_ids: np.ndarray, n_groups: int, budget_rows: int, *,
+                     desc: str, progress: bool = False):
+    """Yield ``(a, b, pair indices of groups a..b-1 sorted by group, their (len, d) embeddings,
+    (b - a + 1,) local group offsets)`` per pass of at most ``budget_rows`` member rows (a lone
+    larger group is read whole). Members keep pair order inside a group."""
     order = np.argsort(group_ids, kind="stable")
     bounds = np.searchsorted(group_ids[order], np.arange(n_groups + 1))
     bar = tqdm(total=n_groups, desc=desc, unit="group", disable=not progress)
     for a, b in _passes(np.diff(bounds), budget_rows):
-        segs = np.unique(pair_segment[order[bounds[a]:bounds[b]]])
+        idx = order[bounds[a]:bounds[b]]
+        segs = np.unique(pair_segment[idx])
         E = reader.embeddings(segs)
-        for r in range(a, b):
-            idx = order[bounds[r]:bounds[r + 1]]
-            if len(idx):
-                yield r, idx, E[np.searchsorted(segs, pair_segment[idx])]
+        yield a, b, idx, E[np.searchsorted(segs, pair_segment[idx])], bounds[a:b + 1] - bounds[a]
         bar.update(b - a)
         del E
     bar.close()
+
+
+def _group_embeddings(reader, pair_segment: np.ndarray, group_ids: np.ndarray, n_groups: int,
+                      budget_rows: int, *, desc: str, progress: bool = False):
+    """Yield ``(group, pair indices, (len, d) embeddings of those pairs' segments)`` for every
+    non-empty group (see :func:`_pass_embeddings`). Members are in pair order."""
+    for a, b, idx, emb, lb in _pass_embeddings(reader, pair_segment, group_ids, n_groups, budget_rows,
+                                               desc=desc, progress=progress):
+        for r in range(a, b):
+            if lb[r - a + 1] > lb[r - a]:
+                yield r, idx[lb[r - a]:lb[r - a + 1]], emb[lb[r - a]:lb[r - a + 1]]
 
 
 def streaming_group_filter(reader: ShardReader, pair_segment: np.ndarray, root_ids: np.ndarray, n_roots: int, *,
@@ -233,9 +242,9 @@ def streaming_group_filter(reader: ShardReader, pair_segment: np.ndarray, root_i
     root_ids = np.asarray(root_ids, np.int64)
     scores = np.zeros(len(pair_segment), np.float32)
     incons = np.zeros(n_roots, np.float64)
-    for r, idx, emb in _group_embeddings(reader, pair_segment, root_ids, n_roots, budget_rows,
-                                         desc="group filter", progress=progress):
-        scores[idx], incons[r] = median_scores(emb)
+    for a, b, idx, emb, lb in _pass_embeddings(reader, pair_segment, root_ids, n_roots, budget_rows,
+                                               desc="group filter", progress=progress):
+        scores[idx], incons[a:b] = grouped_median_scores(emb, lb)
     order = np.argsort(root_ids, kind="stable")
     bounds = np.searchsorted(root_ids[order], np.arange(n_roots + 1))
     present = np.diff(bounds) > 0
