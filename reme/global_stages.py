@@ -350,6 +350,50 @@ def streaming_relabel(reader: ShardReader, pair_segment: np.ndarray, root_ids: n
     return new, sim_out
 
 
+def knee_stage(root_ids: np.ndarray, pair_segment: np.ndarray, keep: np.ndarray, root_names: Sequence[str], *,
+               min_groups: int = 10, min_ratio: float = KNEE_MIN_RATIO, max_rank: int = KNEE_MAX_RANK,
+               max_removed_share: float = KNEE_MAX_REMOVED_SHARE) -> tuple[np.ndarray, list[str], dict[str, Any]]:
+    """Step 8 on pair arrays: group sizes = distinct segments per root among the kept pairs,
+    the knee cut of :func:`reme.filtering.knee_cut`, and the kept pairs of the removed roots.
+
+    Args:
+        root_ids: (p,) int root index of each pair into ``root_names``.
+        pair_segment: (p,) int64 segment id of each pair.
+        keep: (p,) bool pairs still kept after step 7.
+        root_names: the root of each index.
+        min_groups, min_ratio, max_rank, max_removed_share: see :func:`reme.filtering.knee_cut`.
+
+    Returns:
+        ``(removed_pairs, removed_roots, info)``: (p,) bool kept pairs whose root is removed,
+        the removed roots (largest first), and the manifest entries ``knee_group_sizes``
+        (root -> size) and ``knee_filter`` (knee rank, cap, removed share, parameters).
+    """
+    root_ids = np.asarray(root_ids, np.int64)
+    pair_segment = np.asarray(pair_segment, np.int64)
+    n = len(root_names)
+    segs = np.unique(pair_segment[keep]) if keep.any() else np.zeros(0, np.int64)
+    uniq = np.unique(root_ids[keep] * max(len(segs), 1) + np.searchsorted(segs, pair_segment[keep]))
+    sizes = np.bincount(uniq // max(len(segs), 1), minlength=n)
+    group_sizes = {str(root_names[r]): int(sizes[r]) for r in np.flatnonzero(sizes)}
+    cut = knee_cut(group_sizes, min_groups=min_groups, min_ratio=min_ratio, max_rank=max_rank,
+                   max_removed_share=max_removed_share)
+    removed = cut["removed"]
+    removed_set = set(removed)
+    removed_ids = np.array([i for i, r in enumerate(root_names) if str(r) in removed_set], np.int64)
+    knee = keep & np.isin(root_ids, removed_ids)
+    return knee, removed, {"knee_group_sizes": group_sizes,
+                           "knee_filter": {k: v for k, v in cut.items() if k != "removed"}}
+
+
+def synonym_partners(syn: Sequence[tuple[str, str, float]]) -> dict[str, list[str]]:
+    """root -> its synonyms (both directions) from :func:`reme.synonyms.synonym_pairs` (step 9)."""
+    partners: dict[str, list[str]] = {}
+    for a, b, _ in syn:
+        partners.setdefault(a, []).append(b)
+        partners.setdefault(b, []).append(a)
+    return partners
+
+
 def caption_global_stages(reader: ShardReader, params, text_encoder, templates: Sequence[str], *,
                           budget_rows: int = 1_000_000, progress: bool = False,
                           memmap_path: Path | None = None) -> tuple[ReferenceSet, dict[str, Any], dict[str, Any]]:
@@ -409,19 +453,12 @@ def caption_global_stages(reader: ShardReader, params, text_encoder, templates: 
     info["pairs_relabelled"] = relabelled
     removed: list[str] = []
     if params.knee_filter and p:                                                         # step 8
-        uniq = np.unique(root_ids[keep] * max(reader.num_segments, 1) + ps[keep])
-        sizes = np.bincount(uniq // max(reader.num_segments, 1), minlength=len(root_names))
-        group_sizes = {root_names[r]: int(sizes[r]) for r in np.flatnonzero(sizes)}
-        info["knee_group_sizes"] = group_sizes                                           # for reme inspect
-        cut = knee_cut(group_sizes, min_groups=params.knee_min_groups,
-                       min_ratio=getattr(params, "knee_min_ratio", KNEE_MIN_RATIO),
-                       max_rank=getattr(params, "knee_max_rank", KNEE_MAX_RANK),
-                       max_removed_share=getattr(params, "knee_max_removed_share", KNEE_MAX_REMOVED_SHARE))
-        info["knee_filter"] = {k: v for k, v in cut.items() if k != "removed"}               # knee + cap
-        removed = cut["removed"]
-        removed_set = set(removed)
-        removed_ids = [i for i, r in enumerate(root_names.tolist()) if r in removed_set]
-        knee = keep & np.isin(root_ids, np.asarray(removed_ids, np.int64))
+        knee, removed, kinfo = knee_stage(root_ids, ps, keep, root_names, min_groups=params.knee_min_groups,
+                                          min_ratio=getattr(params, "knee_min_ratio", KNEE_MIN_RATIO),
+                                          max_rank=getattr(params, "knee_max_rank", KNEE_MAX_RANK),
+                                          max_removed_share=getattr(params, "knee_max_removed_share",
+                                                                    KNEE_MAX_REMOVED_SHARE))
+        info.update(kinfo)
         reason[knee] = "knee_filter"
         keep &= ~knee
     info["pairs_after_knee_filter"] = int(keep.sum())
@@ -447,10 +484,7 @@ def caption_global_stages(reader: ShardReader, params, text_encoder, templates: 
         distinct = sorted(set(pc.unique(kept_root).to_pylist()))
         syn = synonym_pairs(distinct, embed_labels(text_encoder, distinct, templates), params.k_sim,
                             skip_head_pairs=getattr(params, "synonym_skip_head_pairs", True))
-        partners: dict[str, list[str]] = {}
-        for a, b, _ in syn:
-            partners.setdefault(a, []).append(b)
-            partners.setdefault(b, []).append(a)
+        partners = synonym_partners(syn)
         hit = np.flatnonzero(pc.is_in(kept_root, value_set=pa.array(sorted(partners), pa.string()))
                              .to_numpy(zero_copy_only=False))
         if len(hit):
