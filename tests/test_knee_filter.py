@@ -61,3 +61,37 @@ def test_knee_parameters_and_cap():
     assert cut["removed"] == ["r0"] and cut["capped"] and abs(cut["removed_share"] - 500 / 1007) < 1e-9
     assert knee_cut(sizes, max_removed_share=0.0)["removed"] == []
     assert knee_cut(dict(list(sizes.items())[:5]))["removed"] == []          # fewer than min_groups
+
+
+class _HashText:
+    spec, dim = "hash-text", 8
+
+    def encode(self, texts):
+        import zlib
+
+        out = np.stack([np.random.default_rng(zlib.crc32(t.encode())).standard_normal(self.dim) for t in texts])
+        return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_build_stages_record_the_knee_and_cap():
+    """caption_global_stages (the build's steps 7-10) on Zipf-sized root groups with a planted
+    "image" root: the knee, the cap and the removed share are returned for the manifest."""
+    from reme.build import CaptionBuildParams
+    from reme.global_stages import ArrayReader, caption_global_stages
+
+    rng = np.random.default_rng(0)
+    sizes = {f"root{r}": max(1, int(200 * r ** -1.1)) for r in range(1, 200)} | {"image": 650}
+    roots = [r for r, n in sizes.items() for _ in range(n)]
+    S = rng.normal(size=(len(roots), 8)).astype(np.float32)
+    S /= np.linalg.norm(S, axis=1, keepdims=True)
+    reader = ArrayReader(S, np.arange(len(roots)), [f"a {r}" for r in roots], roots)
+    params = CaptionBuildParams(group_filter=False, k_sim=0)
+    _, info, dropped = caption_global_stages(reader, params, _HashText(), ("{}",))
+    kf = info["knee_filter"]
+    assert info["ambiguous_roots_removed"] == ["image"] and kf["knee_rank"] == 1 and not kf["capped"]
+    assert kf["removed_share"] == pytest.approx(650 / len(roots))
+    assert (kf["min_ratio"], kf["max_rank"], kf["max_removed_share"]) == (3.0, 20, 0.5)
+    assert info["pairs_after_knee_filter"] == len(roots) - 650 and set(dropped["reason"]) == {"knee_filter"}
+    capped = caption_global_stages(reader, CaptionBuildParams(group_filter=False, k_sim=0,
+                                                              knee_max_removed_share=0.3), _HashText(), ("{}",))[1]
+    assert capped["knee_filter"]["capped"] and capped["ambiguous_roots_removed"] == []
