@@ -100,7 +100,8 @@ class Segmenter:
         retrieval: how eq. 1 finds reference segments. "exact" (default): streamed over all of
             S_ref (the full softmax, or an exact top_k search). "topk": the reference set's
             FAISS index (``index.faiss``; built in memory when missing) proposes ``top_k``
-            neighbours (:data:`reme.retrieval.DEFAULT_TOPK_CANDIDATES` when top_k is None),
+            neighbours (:data:`reme.retrieval.DEFAULT_TOPK_CANDIDATES` when top_k is None, with a
+            UserWarning: the paper form's full softmax is not reachable on this path),
             re-scored exactly, softmax over them; approximate for IVF indexes (reference sets
             of 200k+ segments), ~30-100x faster at 1e6 segments (docs/performance.md).
         proposals: class-agnostic proposal generator for the test image
