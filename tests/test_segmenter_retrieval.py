@@ -26,7 +26,8 @@ def _softmax(x):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def test_a2_is_computed_once_per_class_list(image, monkeypatch):
+def test_a2_is_computed_once_per_class_list(monkeypatch):
+    image = photo("coffee")[::8, ::8].copy()
     calls = []
     real = segmenter_mod.label_affinity
     monkeypatch.setattr(segmenter_mod, "label_affinity", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -37,17 +38,25 @@ def test_a2_is_computed_once_per_class_list(image, monkeypatch):
     assert len(calls) == 1                                        # the second image reuses A2
     np.testing.assert_array_equal(first.label_map, second.label_map)
     np.testing.assert_array_equal(first.segment_probs, second.segment_probs)
-    fresh = Segmenter(REF, device="cpu").predict(image, classes)   # same numbers as without a cache
-    np.testing.assert_array_equal(fresh.segment_probs, second.segment_probs)
-    calls.pop()
-    seg.predict(image, ["cup", "table"])
+    syn = [[c] for c in classes]
+    L_test, _ = seg._class_embeddings(syn)
+    assert torch.equal(seg._class_affinity(syn)[0], real(seg._L_ref, L_test, seg.label_logit_scale))  # same A2
+    assert len(calls) == 1
+    seg._class_affinity([["cup"], ["table"]])
     assert len(calls) == 2                                        # another list: a new A2
     seg.label_logit_scale = 10.0
-    seg.predict(image, classes)
+    seg._class_affinity(syn)
     assert len(calls) == 3                                        # tau2 is part of the key
-    for i in range(A2_CACHE_SIZE + 2):
-        seg.predict(image, [f"thing {i}", "cup"])
-    assert len(seg._a2_cache) == A2_CACHE_SIZE                    # bounded
+    assert A2_CACHE_SIZE >= 2
+    monkeypatch.setattr(segmenter_mod, "A2_CACHE_SIZE", 2)
+    seg._class_affinity([["cup"], ["table"]])                     # new at tau2 = 10: 4 calls, 2 entries kept
+    seg._class_affinity(syn)                                      # a hit, now the most recent
+    seg._class_affinity([["cup"], ["sky"]])                        # new: evicts the least recent (cup, table)
+    assert len(seg._a2_cache) == 2 and len(calls) == 5
+    seg._class_affinity(syn)
+    assert len(calls) == 5                                        # LRU kept the recently used list
+    seg._class_affinity([["cup"], ["table"]])
+    assert len(calls) == 6                                        # the evicted one is computed again
 
 
 @pytest.mark.parametrize("classes,branch", [(["cup"], "B"), ([f"c{i}" for i in range(40)], "A1")])
