@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from reme._version import __version__
 from reme.annotations import _safe_relpath
+from reme.filtering import KNEE_MAX_RANK, KNEE_MAX_REMOVED_SHARE, KNEE_MIN_RATIO
 from reme.global_stages import ShardReader, caption_global_stages, gt_global_stages
 from reme.io import list_images
 from reme.nounphrases import load_spacy
@@ -70,7 +71,15 @@ class CaptionBuildParams:
         group_filter: run step 7 at all.
         knee_filter: run step 8.
         knee_min_groups: below this many root groups step 8 removes nothing (our choice).
+        knee_min_ratio, knee_max_rank: the knee of step 8 is the steepest drop of the log group
+            sizes among the first ``knee_max_rank`` groups, when it is at least a factor
+            ``knee_min_ratio`` (`reme.filtering.knee_index`; ours: 3.0, 20).
+        knee_max_removed_share: cap on the share of pairs step 8 may remove (ours: 0.5;
+            `reme.filtering.knee_cut`). The knee and the cap are recorded in the
+            manifest under ``knee_filter``.
         k_sim: number of synonym pairs of step 9 (30); 0 disables enrichment.
+        synonym_skip_head_pairs: step 9 leaves out pairs where one root is the head of the
+            other ("dog" / "hot dog"; `reme.synonyms.synonym_pairs`, our choice).
         keep_compounds: compound modifiers stay in the root noun (our choice, step 3).
         filter_method: step 7 criterion: "median" (the paper's group-median filter, default),
             "clip_global" / "clip_group" (the baselines the paper compares against: drop the
@@ -91,7 +100,11 @@ class CaptionBuildParams:
     group_filter: bool = True
     knee_filter: bool = True
     knee_min_groups: int = 10
+    knee_min_ratio: float = KNEE_MIN_RATIO
+    knee_max_rank: int = KNEE_MAX_RANK
+    knee_max_removed_share: float = KNEE_MAX_REMOVED_SHARE
     k_sim: int = 30
+    synonym_skip_head_pairs: bool = True
     keep_compounds: bool = True
     filter_method: str = "median"
     relabel: bool = False

@@ -15,6 +15,12 @@ from typing import List, Optional
 
 import typer
 
+from reme.classes import CLASS_LIST_GRAMMAR
+
+#: Help of every --classes / --classes-file option: the one class-list grammar (reme.classes).
+_CLASSES_HELP = f"Class list: {CLASS_LIST_GRAMMAR}. Example: 'person; people, car, dog'."
+_CLASSES_FILE_HELP = f"Class file, line k = mask value k. Class list: {CLASS_LIST_GRAMMAR}."
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Training-free open-vocabulary semantic segmentation by retrieval (ReME).")
 logger = logging.getLogger("reme")
@@ -54,7 +60,8 @@ def build_reference_cmd(
     masks: Optional[Path] = typer.Option(None, help="GT mode: folder of index-PNG masks (same stems as images)."),
     yolo_labels: Optional[Path] = typer.Option(None, help="GT mode: folder of YOLO label files (same stems as images; "
                                                "polygons or boxes, class k = line k of --classes-file)."),
-    classes_file: Optional[Path] = typer.Option(None, help="GT mode with --masks: class names, one per line."),
+    classes_file: Optional[Path] = typer.Option(None, help="GT mode with --masks or --yolo-labels: " + _CLASSES_FILE_HELP
+                                                + " The first name is the label."),
     gt_segments: str = typer.Option("proposals", help="GT mode: 'proposals' (--proposals, majority label) or 'masks'."),
     background_label: Optional[str] = typer.Option(None, help="GT mode: label for unannotated pixels."),
     exclude_label: List[str] = typer.Option([], help="GT mode: label names to leave out (repeatable)."),
@@ -98,7 +105,8 @@ def build_reference_cmd(
 ):
     """Build a reference set {S_ref, O_ref, L_ref} from photos (METHOD.md Part 1)."""
     _setup_logging(quiet, verbose)
-    from reme.annotations import CocoInstances, MaskFolder, read_class_names
+    from reme.annotations import CocoInstances, MaskFolder
+    from reme.classes import read_class_file
     from reme.build import CaptionBuildParams, build_caption_reference, build_gt_reference
     from reme.encoders import resolve_encoder
     from reme.errors import MissingWeightsError
@@ -130,9 +138,9 @@ def build_reference_cmd(
             if yolo_labels:
                 from reme.annotations import YoloLabels
 
-                ann = YoloLabels(yolo_labels, read_class_names(classes_file))
+                ann = YoloLabels(yolo_labels, [c[0] for c in read_class_file(classes_file)])
             else:
-                ann = CocoInstances(annotations) if annotations else MaskFolder(masks, read_class_names(classes_file))
+                ann = CocoInstances(annotations) if annotations else MaskFolder(masks, [c[0] for c in read_class_file(classes_file)])
             txt = resolve_encoder(text_encoder or "minilm", device=device)
             ref = build_gt_reference(images, ann, vis, txt, segments=gt_segments, felzenszwalb=fz, **step1,
                                      background_label=background_label, exclude_labels=exclude_label,
@@ -154,8 +162,8 @@ def build_reference_cmd(
 @app.command("segment", short_help="Segment images into the given classes.")
 def segment_cmd(
     images: List[str] = typer.Argument(..., help="Image files, or skimage:NAME for a bundled photo (astronaut, coffee, chelsea, rocket, motorcycle)."),
-    classes: Optional[str] = typer.Option(None, help="Comma-separated class names; ';' joins synonyms."),
-    classes_file: Optional[Path] = typer.Option(None, help="Class names, one per line."),
+    classes: Optional[str] = typer.Option(None, help=_CLASSES_HELP),
+    classes_file: Optional[Path] = typer.Option(None, help=f"Class file. Class list: {CLASS_LIST_GRAMMAR}."),
     reference: Optional[Path] = typer.Option(None, help="Reference folder (default: the embedded one)."),
     out: Path = typer.Option(Path("reme_out"), help="Output folder."),
     segment_logit_scale: Optional[float] = typer.Option(None, help="tau1 of eq. 1 (default 50)."),
@@ -187,8 +195,7 @@ def segment_cmd(
     _setup_logging(quiet, verbose)
 
     from reme import segmenter as sm
-    from reme.annotations import read_class_names
-    from reme.classes import parse_classes
+    from reme.classes import parse_classes, read_class_file
     from reme.defaults import default_reference_path
     from reme.errors import ImageReadError, MissingWeightsError, ReferenceSetError
     from reme.io import atomic_path, load_image
@@ -205,7 +212,7 @@ def segment_cmd(
     if max_working_pixels < 0:
         _fail(f"--max-working-pixels must be >= 0 (0 = full resolution), got {max_working_pixels}")
     try:
-        class_list = classes if classes is not None else read_class_names(classes_file)
+        class_list = classes if classes is not None else read_class_file(classes_file)
         try:
             n_classes = len(parse_classes(class_list)[0]) + (others_threshold is not None)
         except ValueError as exc:
@@ -430,7 +437,7 @@ def eval_cmd(
     split: Optional[str] = typer.Option(None, help="Benchmark split (default val / validation)."),
     images: Optional[Path] = typer.Option(None, help="Image folder (generic; overrides a benchmark's layout)."),
     masks: Optional[Path] = typer.Option(None, help="Index-mask folder, same stems (generic; overrides the layout)."),
-    classes_file: Optional[Path] = typer.Option(None, help="Class names, one per line, synonyms after commas."),
+    classes_file: Optional[Path] = typer.Option(None, help="Generic datasets: " + _CLASSES_FILE_HELP),
     ignore_index: Optional[int] = typer.Option(None, help="Mask value to ignore (generic default 255)."),
     reduce_zero_label: bool = typer.Option(False, help="Generic: ignore mask value 0 and shift the others down."),
     background: Optional[str] = typer.Option(None, help="Generic: name of the background class (set by threshold)."),
@@ -493,7 +500,7 @@ def ablate_cmd(
     root: Optional[Path] = typer.Option(None, help="Dataset root."),
     images: Optional[Path] = typer.Option(None, help="Evaluation image folder (generic)."),
     masks: Optional[Path] = typer.Option(None, help="Evaluation mask folder (generic)."),
-    classes_file: Optional[Path] = typer.Option(None, help="Evaluation class names (generic)."),
+    classes_file: Optional[Path] = typer.Option(None, help="Generic evaluation data: " + _CLASSES_FILE_HELP),
     limit: Optional[int] = typer.Option(None, help="Evaluate the first N images (after --stride)."),
     stride: int = typer.Option(1, help="Use every N-th evaluation image."),
     short_side: Optional[int] = typer.Option(None, help="Short side (default: the benchmark's; 0 = native)."),

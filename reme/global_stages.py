@@ -29,7 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from reme.filtering import ambiguous_roots, clip_score_filter, group_median_filter
+from reme.filtering import (KNEE_MAX_RANK, KNEE_MAX_REMOVED_SHARE, KNEE_MIN_RATIO, clip_score_filter, drop_lowest,
+                            group_drop_rates, grouped_median_scores, knee_cut)
 from reme.nounphrases import NounPhrase, substitute_root
 from reme.reference import ReferenceSet
 from reme.shards import ShardStore
@@ -119,6 +120,59 @@ class ShardReader:
         return {"image": image, "bbox": bbox, "area": area, "source": source}
 
 
+class ArrayReader:
+    """The `ShardReader` interface over in-memory arrays, so that code holding all
+    embeddings (the ablation runner, benchmarks, tests) runs the build's own global stages.
+
+    Args:
+        S: (m, d) float visual segment embeddings, L2-normalised (e.g. a reference's S_ref).
+        pair_segment: (p,) int64 segment row of each pair.
+        labels, roots: p label strings and their root nouns.
+        heads: p head surface texts (default: the roots).
+        scores: (p,) CLIP pairing scores (default NaN).
+        image, bbox, area, source: per-segment metadata (defaults: empty / zeros / "array").
+    """
+
+    def __init__(self, S: np.ndarray, pair_segment: np.ndarray, labels: Sequence[str], roots: Sequence[str], *,
+                 heads: Sequence[str] | None = None, scores: np.ndarray | None = None,
+                 image: Sequence[str] | None = None, bbox: np.ndarray | None = None, area: np.ndarray | None = None,
+                 source: Sequence[str] | None = None):
+        self.S = S
+        self.dim = int(S.shape[1])
+        m = int(S.shape[0])
+        self._pairs = pa.table({"segment": pa.array(np.asarray(pair_segment, np.int64)),
+                                "label": pa.array(list(labels), pa.string()),
+                                "root": pa.array(list(roots), pa.string()),
+                                "head": pa.array(list(roots if heads is None else heads), pa.string())})
+        p = self._pairs.num_rows
+        self._scores = np.full(p, np.nan, np.float32) if scores is None else np.asarray(scores, np.float32)
+        self._image = list(image) if image is not None else [""] * m
+        self._bbox = np.zeros((m, 4), np.int32) if bbox is None else np.asarray(bbox, np.int32)
+        self._area = np.zeros(m, np.int64) if area is None else np.asarray(area, np.int64)
+        self._source = list(source) if source is not None else ["array"] * m
+
+    @property
+    def num_segments(self) -> int:
+        return int(self.S.shape[0])
+
+    def pairs(self) -> pa.Table:
+        return self._pairs
+
+    def pair_scores(self) -> np.ndarray:
+        return self._scores
+
+    def embeddings(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows), self.dim), np.float32) if out is None else out
+        out[:] = self.S[rows]
+        return out
+
+    def metadata(self, rows: np.ndarray) -> dict[str, Any]:
+        rows = np.asarray(rows, np.int64)
+        return {"image": [self._image[i] for i in rows.tolist()], "bbox": self._bbox[rows],
+                "area": self._area[rows], "source": [self._source[i] for i in rows.tolist()]}
+
+
 def _passes(sizes: np.ndarray, budget_rows: int) -> list[tuple[int, int]]:
     """Consecutive root ranges [a, b) whose total size is <= budget (a lone group may exceed it)."""
     out, a, acc = [], 0, 0
@@ -132,24 +186,33 @@ def _passes(sizes: np.ndarray, budget_rows: int) -> list[tuple[int, int]]:
     return out
 
 
-def _group_embeddings(reader: ShardReader, pair_segment: np.ndarray, group_ids: np.ndarray, n_groups: int,
-                      budget_rows: int, *, desc: str, progress: bool = False):
-    """Yield ``(group, pair indices, (len, d) embeddings of those pairs' segments)`` for every
-    non-empty group, reading at most ``budget_rows`` member rows per pass (a lone larger group
-    is read whole). Members are in pair order."""
+def _pass_embeddings(reader, pair_segment: np.ndarray, group_ids: np.ndarray, n_groups: int, budget_rows: int, *,
+                     desc: str, progress: bool = False):
+    """Yield ``(a, b, pair indices of groups a..b-1 sorted by group, their (len, d) embeddings,
+    (b - a + 1,) local group offsets)`` per pass of at most ``budget_rows`` member rows (a lone
+    larger group is read whole). Members keep pair order inside a group."""
     order = np.argsort(group_ids, kind="stable")
     bounds = np.searchsorted(group_ids[order], np.arange(n_groups + 1))
     bar = tqdm(total=n_groups, desc=desc, unit="group", disable=not progress)
     for a, b in _passes(np.diff(bounds), budget_rows):
-        segs = np.unique(pair_segment[order[bounds[a]:bounds[b]]])
+        idx = order[bounds[a]:bounds[b]]
+        segs = np.unique(pair_segment[idx])
         E = reader.embeddings(segs)
-        for r in range(a, b):
-            idx = order[bounds[r]:bounds[r + 1]]
-            if len(idx):
-                yield r, idx, E[np.searchsorted(segs, pair_segment[idx])]
+        yield a, b, idx, E[np.searchsorted(segs, pair_segment[idx])], bounds[a:b + 1] - bounds[a]
         bar.update(b - a)
         del E
     bar.close()
+
+
+def _group_embeddings(reader, pair_segment: np.ndarray, group_ids: np.ndarray, n_groups: int,
+                      budget_rows: int, *, desc: str, progress: bool = False):
+    """Yield ``(group, pair indices, (len, d) embeddings of those pairs' segments)`` for every
+    non-empty group (see `_pass_embeddings`). Members are in pair order."""
+    for a, b, idx, emb, lb in _pass_embeddings(reader, pair_segment, group_ids, n_groups, budget_rows,
+                                               desc=desc, progress=progress):
+        for r in range(a, b):
+            if lb[r - a + 1] > lb[r - a]:
+                yield r, idx[lb[r - a]:lb[r - a + 1]], emb[lb[r - a]:lb[r - a + 1]]
 
 
 def streaming_group_filter(reader: ShardReader, pair_segment: np.ndarray, root_ids: np.ndarray, n_roots: int, *,
@@ -173,29 +236,23 @@ def streaming_group_filter(reader: ShardReader, pair_segment: np.ndarray, root_i
     Returns:
         (p,) bool keep-mask and (p,) float32 scores <S_i, S_center>.
     """
-    if not 0.0 <= drop_rate < 1.0 or not 0.0 <= max_drop_rate < 1.0:
-        raise ValueError(f"drop rates must lie in [0, 1), got {drop_rate}, {max_drop_rate}")
+    group_drop_rates(np.zeros(0), drop_rate=drop_rate, max_drop_rate=max_drop_rate)      # validates the rates
     if budget_rows < 1:
         raise ValueError(f"budget_rows must be >= 1, got {budget_rows}")
     pair_segment = np.asarray(pair_segment, np.int64)
     root_ids = np.asarray(root_ids, np.int64)
-    p = len(pair_segment)
-    scores = np.zeros(p, np.float32)
+    scores = np.zeros(len(pair_segment), np.float32)
     incons = np.zeros(n_roots, np.float64)
-    members: dict[int, np.ndarray] = {}
-    for r, idx, emb in _group_embeddings(reader, pair_segment, root_ids, n_roots, budget_rows,
-                                         desc="group filter", progress=progress):
-        _, sc = group_median_filter(emb, np.arange(len(idx)), [0] * len(idx), drop_rate=0.0, return_scores=True)
-        scores[idx] = sc
-        incons[r] = float(np.mean(1.0 - sc))
-        members[r] = idx
-    keep = np.ones(p, bool)
-    w_max = max((incons[r] for r in members), default=0.0)
-    for r, idx in members.items():
-        rate = max_drop_rate * incons[r] / w_max if adaptive and w_max > 0 else (0.0 if adaptive else drop_rate)
-        n_drop = int(np.floor(rate * len(idx) + 1e-9))
-        if n_drop:
-            keep[idx[np.argsort(scores[idx], kind="stable")[:n_drop]]] = False
+    for a, b, idx, emb, lb in _pass_embeddings(reader, pair_segment, root_ids, n_roots, budget_rows,
+                                               desc="group filter", progress=progress):
+        scores[idx], incons[a:b] = grouped_median_scores(emb, lb)
+    order = np.argsort(root_ids, kind="stable")
+    bounds = np.searchsorted(root_ids[order], np.arange(n_roots + 1))
+    present = np.diff(bounds) > 0
+    rates = np.zeros(n_roots)
+    rates[present] = group_drop_rates(incons[present], drop_rate=drop_rate, adaptive=adaptive,
+                                      max_drop_rate=max_drop_rate)
+    keep = drop_lowest(scores, order, bounds, rates)
     return keep, scores
 
 
@@ -295,6 +352,50 @@ def streaming_relabel(reader: ShardReader, pair_segment: np.ndarray, root_ids: n
     return new, sim_out
 
 
+def knee_stage(root_ids: np.ndarray, pair_segment: np.ndarray, keep: np.ndarray, root_names: Sequence[str], *,
+               min_groups: int = 10, min_ratio: float = KNEE_MIN_RATIO, max_rank: int = KNEE_MAX_RANK,
+               max_removed_share: float = KNEE_MAX_REMOVED_SHARE) -> tuple[np.ndarray, list[str], dict[str, Any]]:
+    """Step 8 on pair arrays: group sizes = distinct segments per root among the kept pairs,
+    the knee cut of `reme.filtering.knee_cut`, and the kept pairs of the removed roots.
+
+    Args:
+        root_ids: (p,) int root index of each pair into ``root_names``.
+        pair_segment: (p,) int64 segment id of each pair.
+        keep: (p,) bool pairs still kept after step 7.
+        root_names: the root of each index.
+        min_groups, min_ratio, max_rank, max_removed_share: see `reme.filtering.knee_cut`.
+
+    Returns:
+        ``(removed_pairs, removed_roots, info)``: (p,) bool kept pairs whose root is removed,
+        the removed roots (largest first), and the manifest entries ``knee_group_sizes``
+        (root -> size) and ``knee_filter`` (knee rank, cap, removed share, parameters).
+    """
+    root_ids = np.asarray(root_ids, np.int64)
+    pair_segment = np.asarray(pair_segment, np.int64)
+    n = len(root_names)
+    segs = np.unique(pair_segment[keep]) if keep.any() else np.zeros(0, np.int64)
+    uniq = np.unique(root_ids[keep] * max(len(segs), 1) + np.searchsorted(segs, pair_segment[keep]))
+    sizes = np.bincount(uniq // max(len(segs), 1), minlength=n)
+    group_sizes = {str(root_names[r]): int(sizes[r]) for r in np.flatnonzero(sizes)}
+    cut = knee_cut(group_sizes, min_groups=min_groups, min_ratio=min_ratio, max_rank=max_rank,
+                   max_removed_share=max_removed_share)
+    removed = cut["removed"]
+    removed_set = set(removed)
+    removed_ids = np.array([i for i, r in enumerate(root_names) if str(r) in removed_set], np.int64)
+    knee = keep & np.isin(root_ids, removed_ids)
+    return knee, removed, {"knee_group_sizes": group_sizes,
+                           "knee_filter": {k: v for k, v in cut.items() if k != "removed"}}
+
+
+def synonym_partners(syn: Sequence[tuple[str, str, float]]) -> dict[str, list[str]]:
+    """root -> its synonyms (both directions) from `reme.synonyms.synonym_pairs` (step 9)."""
+    partners: dict[str, list[str]] = {}
+    for a, b, _ in syn:
+        partners.setdefault(a, []).append(b)
+        partners.setdefault(b, []).append(a)
+    return partners
+
+
 def caption_global_stages(reader: ShardReader, params, text_encoder, templates: Sequence[str], *,
                           budget_rows: int = 1_000_000, progress: bool = False,
                           memmap_path: Path | None = None) -> tuple[ReferenceSet, dict[str, Any], dict[str, Any]]:
@@ -330,7 +431,7 @@ def caption_global_stages(reader: ShardReader, params, text_encoder, templates: 
                                              budget_rows=budget_rows, progress=progress)
     elif params.group_filter and p:                                                      # step 7 baselines
         clip = reader.pair_scores()
-        keep = clip_score_filter(clip, root_ids.tolist() if method == "clip_group" else None,
+        keep = clip_score_filter(clip, root_ids if method == "clip_group" else None,
                                  drop_rate=params.drop_rate)
         score = clip.astype(np.float32)
     reason = np.where(keep, "", "group_filter").astype(object)
@@ -354,14 +455,12 @@ def caption_global_stages(reader: ShardReader, params, text_encoder, templates: 
     info["pairs_relabelled"] = relabelled
     removed: list[str] = []
     if params.knee_filter and p:                                                         # step 8
-        uniq = np.unique(root_ids[keep] * max(reader.num_segments, 1) + ps[keep])
-        sizes = np.bincount(uniq // max(reader.num_segments, 1), minlength=len(root_names))
-        group_sizes = {root_names[r]: int(sizes[r]) for r in np.flatnonzero(sizes)}
-        info["knee_group_sizes"] = group_sizes                                           # for reme inspect
-        removed = ambiguous_roots(group_sizes, min_groups=params.knee_min_groups)
-        removed_set = set(removed)
-        removed_ids = [i for i, r in enumerate(root_names.tolist()) if r in removed_set]
-        knee = keep & np.isin(root_ids, np.asarray(removed_ids, np.int64))
+        knee, removed, kinfo = knee_stage(root_ids, ps, keep, root_names, min_groups=params.knee_min_groups,
+                                          min_ratio=getattr(params, "knee_min_ratio", KNEE_MIN_RATIO),
+                                          max_rank=getattr(params, "knee_max_rank", KNEE_MAX_RANK),
+                                          max_removed_share=getattr(params, "knee_max_removed_share",
+                                                                    KNEE_MAX_REMOVED_SHARE))
+        info.update(kinfo)
         reason[knee] = "knee_filter"
         keep &= ~knee
     info["pairs_after_knee_filter"] = int(keep.sum())
@@ -385,11 +484,9 @@ def caption_global_stages(reader: ShardReader, params, text_encoder, templates: 
     extra_root: list[str] = []
     if params.k_sim > 0 and len(kept_seg):                                               # step 9
         distinct = sorted(set(pc.unique(kept_root).to_pylist()))
-        syn = synonym_pairs(distinct, embed_labels(text_encoder, distinct, templates), params.k_sim)
-        partners: dict[str, list[str]] = {}
-        for a, b, _ in syn:
-            partners.setdefault(a, []).append(b)
-            partners.setdefault(b, []).append(a)
+        syn = synonym_pairs(distinct, embed_labels(text_encoder, distinct, templates), params.k_sim,
+                            skip_head_pairs=getattr(params, "synonym_skip_head_pairs", True))
+        partners = synonym_partners(syn)
         hit = np.flatnonzero(pc.is_in(kept_root, value_set=pa.array(sorted(partners), pa.string()))
                              .to_numpy(zero_copy_only=False))
         if len(hit):

@@ -82,18 +82,62 @@ def _float32_blocks(S_ref, block: int):
         yield np.ascontiguousarray(S_ref[start:start + block], dtype=np.float32)
 
 
-def _kmeans_ip(X: torch.Tensor, nlist: int, niter: int, seed: int) -> torch.Tensor:
-    """Spherical k-means (inner product) of (n, d) float32 rows: (nlist, d) unit centroids."""
-    g = torch.Generator().manual_seed(seed)
-    C = X[torch.randperm(X.shape[0], generator=g)[:nlist]].clone()
-    for _ in range(niter):
-        assign = _assign(X, C)
-        S = torch.zeros_like(C).index_add_(0, assign, X)
+def spherical_kmeans(X: torch.Tensor, k: int, *, iters: int = 20, seed: int = 0, init: str = "random",
+                     block: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spherical (cosine / inner-product) k-means, the one implementation used by the IVF index
+    (`build_index`) and the clustering proposals (`reme.proposals_cluster.kmeans`).
+
+    Rows are L2-normalised; each iteration assigns every row to the centroid of largest inner
+    product (in blocks of ``block`` rows), and sets each centroid to the normalised sum of its
+    rows. An empty cluster is re-seeded with a random row. Stops after ``iters`` iterations or
+    when no centroid moves by more than 1e-6.
+
+    Args:
+        X: (n, d) float rows (any device).
+        k: clusters, clipped to [1, n].
+        iters: at most this many Lloyd iterations.
+        seed: seed of the initialisation and re-seeding (deterministic output).
+        init: "random" (k distinct random rows; cheap for thousands of lists) or "k-means++"
+            (D^2 seeding on the cosine distance, Arthur & Vassilvitskii 2007; for small k).
+        block: rows per assignment GEMM (memory ``block x k``).
+
+    Returns:
+        ``(C, assign)``: (k, d) float32 unit centroids and (n,) int64 cluster of each row.
+
+    Raises:
+        ValueError: unknown ``init`` or an empty X.
+    """
+    if init not in ("random", "k-means++"):
+        raise ValueError(f"init must be 'random' or 'k-means++', got {init!r}")
+    n = X.shape[0]
+    if n == 0:
+        raise ValueError("k-means needs at least one row")
+    k = max(1, min(int(k), n))
+    Xn = torch.nn.functional.normalize(X.float(), dim=1)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    if init == "random":
+        C = Xn[torch.randperm(n, generator=g)[:k].to(Xn.device)].clone()
+    else:
+        idx = [int(torch.randint(n, (1,), generator=g).item())]
+        dmin = (1 - Xn[idx[0]] @ Xn.T).clamp_min(0).cpu()                     # cosine distance to the nearest centre
+        for _ in range(1, k):
+            p = dmin ** 2
+            p = p / p.sum() if p.sum() > 0 else torch.full((n,), 1.0 / n)
+            idx.append(int(torch.multinomial(p, 1, generator=g).item()))
+            dmin = torch.minimum(dmin, (1 - Xn[idx[-1]] @ Xn.T).clamp_min(0).cpu())
+        C = Xn[idx].clone()
+    for _ in range(iters):
+        assign = _assign(Xn, C, block)
+        S = torch.zeros_like(C).index_add_(0, assign, Xn)
         empty = S.norm(dim=1) == 0
-        if bool(empty.any()):                                                  # re-seed empty lists
-            S[empty] = X[torch.randint(0, X.shape[0], (int(empty.sum()),), generator=g)]
-        C = torch.nn.functional.normalize(S, dim=1)
-    return C
+        if bool(empty.any()):                                                  # re-seed empty clusters
+            S[empty] = Xn[torch.randint(0, n, (int(empty.sum()),), generator=g).to(Xn.device)]
+        newC = torch.nn.functional.normalize(S, dim=1)
+        done = torch.allclose(newC, C, atol=1e-6)
+        C = newC
+        if done:
+            break
+    return C, _assign(Xn, C, block)
 
 
 def _assign(X: torch.Tensor, C: torch.Tensor, block: int = 65536) -> torch.Tensor:
@@ -139,7 +183,7 @@ def build_index(S_ref, kind: str = "auto", *, nlist: int | None = None, nprobe: 
     rows = np.sort(np.random.default_rng(seed).choice(m, n_train, replace=False)) if n_train < m else np.arange(m)
     sample = np.ascontiguousarray(S_ref[rows], dtype=np.float32)
     logger.info("k-means of %d lists on %d of %d rows", nlist, n_train, m)
-    C = _kmeans_ip(torch.from_numpy(sample), nlist, niter, seed)
+    C, _ = spherical_kmeans(torch.from_numpy(sample), nlist, iters=niter, seed=seed, block=block)
     quantizer = faiss.IndexFlatIP(d)
     quantizer.add(np.ascontiguousarray(C.numpy()))
     if kind == "ivf_flat":

@@ -157,8 +157,8 @@ def _plot_group_sizes(sizes: dict[str, int], knee: int, removed: Sequence[str], 
     ax.bar(x, vals, color=colors, width=1.0 if len(vals) > 60 else 0.8)
     if len(vals) >= 3:
         ax.axvline(knee - 0.5, color="#F58518", ls="--", lw=1.5,
-                   label=(f"knee (Kneedle) recomputed on these sizes: rank {knee}" if ran else
-                          f"knee (Kneedle) at rank {knee}: roots left of it would be removed"))
+                   label=(f"knee (log sizes) recomputed on these sizes: rank {knee}" if ran else
+                          f"knee (log sizes) at rank {knee}: roots left of it would be removed"))
     if len(vals) <= 40:  # few bars: name them
         for i in range(min(label_top, len(vals))):
             ax.text(i, vals[i], " " + roots[i], rotation=90, va="bottom", ha="center", fontsize=7)
@@ -303,7 +303,8 @@ def _write_report(ref, out: Path, image_roots, max_groups, thumbs, thumb_size, r
     images = ReferenceImages.for_reference(ref, image_roots)
     sizes = group_sizes(ref)
     vals = np.array(list(sizes.values()))
-    knee = knee_index(vals) if len(vals) else 0
+    recorded_knee = man.get("knee_filter", {}).get("knee_rank") if isinstance(man.get("knee_filter"), dict) else None
+    knee = int(recorded_knee) if recorded_knee is not None else (knee_index(vals) if len(vals) else 0)
     ran = "ambiguous_roots_removed" in man
     removed = list(man.get("ambiguous_roots_removed", [])) if ran else ambiguous_roots(sizes)
     recorded = bool(man.get("knee_group_sizes"))
@@ -385,7 +386,7 @@ def _html(s: dict, syn, has_syn: bool) -> str:
         _table(sorted(s["dropped_by_reason"].items()) or [("(none)", 0)], ["reason", "pairs"]),
         "<h2 id='groups'>Group sizes and the knee (step 8)</h2><img src='group_sizes.png' alt='group sizes'>",
         f"<p>{e(knee_txt)}{e(', '.join(s['ambiguous_roots']) or '(none)')}. Knee rank {s['knee_rank']} "
-        "(Kneedle on the descending sizes, <code>reme.filtering.knee_index</code>).</p>",
+        "(steepest drop of the log sizes, <code>reme.filtering.knee_index</code>).</p>",
         "<h2 id='synonyms'>Synonym pairs (step 9)</h2>",
         ("<img src='synonyms.png' alt='synonym pairs'>" + _table(syn, ["root a", "root b", "cosine"]))
         if has_syn else "<p>No synonym pairs in this build (GT mode, or k_sim = 0).</p>",

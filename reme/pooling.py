@@ -58,8 +58,29 @@ def mask_average_pool(features: torch.Tensor, seg: np.ndarray, normalize: bool =
     return out
 
 
+def masks_cell_coverage(masks: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
+    """Pixel counts of each (possibly overlapping) mask in each feature-grid cell, from the
+    masks' nonzeros only (no dense float k x H x W copy).
+
+    Args:
+        masks: (k, H, W) bool masks M_k.
+        grid_hw: (h, w) of the feature grid.
+
+    Returns:
+        (k, h*w) float32 counts; row i sums to the area of mask i in pixels.
+    """
+    k, H, W = masks.shape
+    n = grid_hw[0] * grid_hw[1]
+    cells = _pixel_cells((H, W), grid_hw).ravel()
+    mi, pix = np.nonzero(np.asarray(masks, bool).reshape(k, H * W))
+    return np.bincount(mi * n + cells[pix], minlength=k * n).reshape(k, n).astype(np.float32)
+
+
 def masks_average_pool(features: torch.Tensor, masks: np.ndarray, normalize: bool = True) -> torch.Tensor:
-    """Mask average pooling for possibly overlapping masks.
+    """Mask average pooling for possibly overlapping masks (SAM proposals).
+
+    Coverage is counted from the masks' nonzeros (`masks_cell_coverage`), so memory is
+    O(mask pixels + k h w), not a dense float32 k x H x W matrix.
 
     Args:
         features: (h, w, d) float tensor.
@@ -67,13 +88,10 @@ def masks_average_pool(features: torch.Tensor, masks: np.ndarray, normalize: boo
         normalize: L2-normalise rows.
 
     Returns:
-        (k, d) float32 tensor.
+        (k, d) float32 tensor on ``features.device``.
     """
-    k, H, W = masks.shape
     h, w, d = features.shape
-    cells = torch.from_numpy(_pixel_cells((H, W), (h, w)).ravel()).to(features.device)
-    m = torch.from_numpy(masks.reshape(k, H * W)).to(features.device).float()
-    cov = torch.zeros(k, h * w, device=features.device).index_add_(1, cells, m)
+    cov = torch.from_numpy(masks_cell_coverage(masks, (h, w))).to(features.device)
     out = (cov / cov.sum(1, keepdim=True).clamp_min(1.0)) @ features.reshape(h * w, d).float()
     return torch.nn.functional.normalize(out, dim=1) if normalize else out
 

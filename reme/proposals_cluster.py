@@ -17,32 +17,14 @@ import numpy as np
 import torch
 from skimage.measure import label as connected_components
 
+from reme.index import spherical_kmeans
 from reme.proposals import relabel_sequential
 
 
 def kmeans(X: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> torch.Tensor:
-    """Cosine k-means (k-means++ seeding) of (n, d) rows; returns (n,) int64 cluster ids."""
-    n = X.shape[0]
-    k = max(1, min(k, n))
-    Xn = torch.nn.functional.normalize(X.float(), dim=1)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    centers = [Xn[torch.randint(n, (1,), generator=g).item()]]
-    for _ in range(1, k):
-        d = 1 - torch.stack(centers) @ Xn.T                     # (c, n) cosine distances
-        p = d.min(0).values.clamp_min(0).cpu() ** 2
-        p = p / p.sum() if p.sum() > 0 else torch.full((n,), 1.0 / n)
-        centers.append(Xn[torch.multinomial(p, 1, generator=g).item()])
-    C = torch.stack(centers)
-    for _ in range(iters):
-        assign = (Xn @ C.T).argmax(1)
-        newC = torch.zeros_like(C).index_add_(0, assign, Xn)
-        empty = torch.bincount(assign, minlength=k) == 0
-        newC[empty] = C[empty]
-        newC = torch.nn.functional.normalize(newC, dim=1)
-        if torch.allclose(newC, C, atol=1e-6):
-            break
-        C = newC
-    return (Xn @ C.T).argmax(1)
+    """Cosine k-means (k-means++ seeding) of (n, d) rows; returns (n,) int64 cluster ids
+    (`reme.index.spherical_kmeans`, shared with the IVF index)."""
+    return spherical_kmeans(X, k, iters=iters, seed=seed, init="k-means++")[1]
 
 
 def _merge_small(seg: np.ndarray, min_size: int) -> np.ndarray:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import logging
+import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -50,6 +52,9 @@ DEFAULT_TOP_K: int | None = 10
 #: bilinear). 2 MP: a 2048 x 1024 Cityscapes frame and every benchmark image fit unchanged.
 #: Peak memory is then flat in the input size past it (docs/performance.md, "Large photos").
 DEFAULT_MAX_WORKING_PIXELS = 2048 * 1024
+
+#: Class lists whose A2 (eq. 2) a Segmenter keeps (`Segmenter._class_affinity`); our choice.
+A2_CACHE_SIZE = 4
 
 
 @dataclass
@@ -119,7 +124,8 @@ class Segmenter:
         retrieval: how eq. 1 finds reference segments. "exact" (default): streamed over all of
             S_ref (the full softmax, or an exact top_k search). "topk": the reference set's
             FAISS index (``index.faiss``; built in memory when missing) proposes ``top_k``
-            neighbours (`reme.retrieval.DEFAULT_TOPK_CANDIDATES` when top_k is None),
+            neighbours (`reme.retrieval.DEFAULT_TOPK_CANDIDATES` when top_k is None, with a
+            UserWarning: the paper form's full softmax is not reachable on this path),
             re-scored exactly, softmax over them; approximate for IVF indexes (reference sets
             of 200k+ segments), ~30-100x faster at 1e6 segments (docs/performance.md).
         proposals: class-agnostic proposal generator for the test image
@@ -192,6 +198,11 @@ class Segmenter:
         if retrieval not in ("exact", "topk"):
             raise ValueError(f"retrieval must be 'exact' or 'topk', got {retrieval!r}")
         self.retrieval = retrieval
+        if retrieval == "topk" and top_k is None:
+            msg = (f"top_k=None asks for the paper's full softmax over all reference segments, but retrieval='topk' "
+                   f"restricts eq. 1's softmax to the {DEFAULT_TOPK_CANDIDATES} FAISS candidates; use "
+                   f"retrieval='exact' for the literal paper form")
+            warnings.warn(msg, UserWarning, stacklevel=2)
         if not 0.0 <= smooth_omega < 1.0:
             raise ValueError(f"smooth_omega must lie in [0, 1), got {smooth_omega}")
         built = man.get("proposals") or {}
@@ -211,6 +222,7 @@ class Segmenter:
         self._index = None
         self._L_ref = torch.as_tensor(self.reference.L_ref, dtype=torch.float32, device=self.device)
         self._class_cache: dict[tuple, tuple[torch.Tensor, list[int]]] = {}
+        self._a2_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
     def _encoder(self, given, manifest_spec, kind, allow_mismatch):
         if given is None:
@@ -236,6 +248,22 @@ class Segmenter:
             self._class_cache[key] = (torch.as_tensor(L, device=self.device),
                                       torch.as_tensor(owner, dtype=torch.int64, device=self.device))
         return self._class_cache[key]
+
+    def _class_affinity(self, synonyms: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A2 (n, c') float32 = softmax(tau2 L_ref L_test^T) of a class list (eq. 2) and the owner
+        class of each of its c' names. A2 depends only on the class list and tau2, not on the
+        image, so it is computed once per class list and kept for the last
+        `A2_CACHE_SIZE` lists (least recently used out; n x c' x 4 bytes each)."""
+        L_test, owner = self._class_embeddings(synonyms)
+        key = (tuple(tuple(s) for s in synonyms), self.label_logit_scale)
+        A2 = self._a2_cache.get(key)
+        if A2 is None:
+            A2 = label_affinity(self._L_ref, L_test, self.label_logit_scale)
+            self._a2_cache[key] = A2
+            while len(self._a2_cache) > A2_CACHE_SIZE:
+                self._a2_cache.popitem(last=False)
+        self._a2_cache.move_to_end(key)
+        return A2, owner
 
     @property
     def proposals(self) -> str:
@@ -276,8 +304,7 @@ class Segmenter:
         props = self.proposer(img, feats)
         seg, masks = props.segment_ids, props.masks
         S_test = embed_proposals(self.visual_encoder, feats, props, img)
-        L_test, owner = self._class_embeddings(synonyms)
-        A2 = label_affinity(self._L_ref, L_test, self.label_logit_scale)              # (n, c') eq. 2
+        A2, owner = self._class_affinity(synonyms)                                     # (n, c') eq. 2, cached
         P = self._segment_class_probs(S_test, A2)                                    # (k, c') eqs. 1-2
         if len(owner) != len(names):  # synonyms of one class merged by max
             merged = torch.full((P.shape[0], len(names)), -float("inf"), device=P.device)

@@ -57,8 +57,9 @@ def test_group_filter_drops_planted_outliers():
 def test_knee_filter_removes_oversized_background_group():
     sizes = {"background": 900, "scene": 700, "image": 650}
     sizes.update({f"thing{i}": 60 - i for i in range(30)})
-    removed = ambiguous_roots(sizes)
+    removed = ambiguous_roots(sizes, max_removed_share=1.0)       # they hold 62 % of the pairs
     assert set(removed) == {"background", "scene", "image"}
+    assert ambiguous_roots(sizes) == ["background", "scene"]      # default cap: at most 50 %
     assert ambiguous_roots({"a": 100, "b": 1}) == []  # too few groups to find a knee
     assert knee_index(np.array([5, 5, 5, 5])) == 0
 
@@ -127,3 +128,19 @@ def test_relabel_moves_mislabelled_segment_to_the_right_group():
     assert new[4] == 1 and sim[4] > 0.8                 # relabelled to "dog" (sorted kept roots: cat, dog)
     assert new[10] == -1 and sim[10] < 0.6              # random segment stays dropped
     assert (new[keep] == -1).all() and np.isnan(sim[keep]).all()
+
+
+def test_head_stop_list_is_matched_on_the_root_used(nlp):
+    """ "tank top" is a garment, "the top" is a position: the stop-list sees the root with its
+    compounds (issue 13), and is a parameter."""
+    from reme.nounphrases import NON_OBJECT_ROOTS
+
+    cap = ["A woman in a black tank top holds a cup on the top of a table."]
+    (ps,) = extract_noun_phrases(cap, nlp)
+    assert {p.root for p in ps} == {"woman", "tank top", "cup", "table"} and "top" in NON_OBJECT_ROOTS
+    (bare,) = extract_noun_phrases(cap, nlp, keep_compounds=False)          # root "top": stopped
+    assert "top" not in {p.root for p in bare} and "tank" not in {p.root for p in bare}
+    (every,) = extract_noun_phrases(cap, nlp, stop_roots=())
+    assert {"top", "tank top"} <= {p.root for p in every}
+    (custom,) = extract_noun_phrases(cap, nlp, stop_roots={"cup"})
+    assert {p.root for p in custom} == {"woman", "tank top", "top", "table"}

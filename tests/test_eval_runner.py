@@ -205,6 +205,11 @@ def test_noisy_gt_ablation(synth_reference):
     before = 1 - corrupted.mean()
     after = (~corrupted[keep]).mean()
     assert after > before                                           # the group filter removes mostly noisy pairs
+    assert after - before > 0.15 and (~keep & corrupted).sum() >= 0.7 * corrupted.sum()   # size of the effect
+    from reme.filtering import group_median_filter
+
+    np.testing.assert_array_equal(keep, group_median_filter(np.asarray(ref.S_ref, np.float32), ref.pair_segment,
+                                                            labels, drop_rate=0.3))   # the build's stage, same result
     assert info["pairs_out"] == keep.sum() == len(new.pair_segment)
     syn, keep2, info2 = apply_stages(ref, labels, k_sim=1)
     assert keep2.all() and info2["pairs_out"] == 2 * p and len(info2["synonym_pairs"]) == 1
@@ -216,6 +221,7 @@ def test_noisy_gt_ablation(synth_reference):
     assert [r["variant"] for r in rows] == ["clean reference (no noise)", "noise 25%: none", "noise 25%: fixed"]
     assert rows[0]["label_precision"] == 100.0 and rows[1]["label_precision"] == pytest.approx(100 * before)
     assert rows[2]["label_precision"] == pytest.approx(100 * after)
+    assert rows[0]["miou"] - rows[1]["miou"] > 1.0                 # 25 % label noise costs mIoU (measured: 2.1)
     assert "| noise 25%: fixed |" in (root / "abl/ablation.md").read_text()
 
 
@@ -242,6 +248,10 @@ def test_caption_ablation_with_tiny_clip(tmp_path, tiny_clip, classical, minilm)
     assert out[0]["pairs_after_synonyms"] == out[0]["pairs"] > 0
     assert out[1]["pairs_after_synonyms"] >= out[1]["pairs_after_knee_filter"]
     assert all(0 <= r["miou"] <= 100 for r in out)
+    # 2 photos x 3 phrases (car, grass, sky): groups of 2 lose floor(0.3 * 2) = 0, 3 groups are below the
+    # knee's min_groups, and with k_sim >= 3 every root gets the other two as synonyms: 3x the pairs
+    assert out[1]["pairs_after_knee_filter"] == out[1]["pairs"] == 6
+    assert out[1]["pairs_after_synonyms"] == 3 * out[1]["pairs_after_knee_filter"]
 
 
 def _reme(*args, check=True):
@@ -274,7 +284,9 @@ def test_cli_eval_and_ablate(synth_reference, tmp_path):
                 "--n-clusters", "3", "--smooth-omega", "0.3", "--retrieval", "topk", "--vis", "0", "--device", "cpu", "-q")
     d2 = json.loads((tmp_path / "o2/results.json").read_text())
     assert (d2["reference"]["proposals"], d2["reference"]["smooth_omega"], d2["reference"]["retrieval"]) == ("cluster", 0.3, "topk")
-    assert d2["miou"] != d["miou"]                                       # other proposals, other scores
+    # Felzenszwalb partitions the synthetic scene exactly (100); 3 k-means clusters + smoothing + FAISS
+    # lose a little at region borders (measured 97.9), never much
+    assert d["miou"] - 5 < d2["miou"] < d["miou"]
     bad = _reme("eval", "--dataset", "voc21", "--root", tmp_path / "missing", "--reference", path, check=False)
     assert bad.exit_code == 2 and "not found" in bad.output
     res = _reme("ablate", "--kind", "noisy-gt", "--reference", path, *generic, "--limit", "1", "--noise", "0.2",

@@ -45,13 +45,31 @@ def test_others_threshold(image):
         Segmenter(REF, device="cpu", others_threshold=0.5).predict(image, ["others", "cup"])
 
 
+def _isolated(res) -> int:
+    """Segments whose label (argmax of their P_seg row) differs from that of every adjacent segment."""
+    ids, lab = res.segment_ids, res.segment_probs.argmax(1)
+    pairs = np.concatenate([np.stack([ids[:, :-1].ravel(), ids[:, 1:].ravel()], 1),
+                            np.stack([ids[:-1].ravel(), ids[1:].ravel()], 1)])
+    pairs = np.unique(pairs[pairs[:, 0] != pairs[:, 1]], axis=0)
+    same = np.zeros(len(lab), bool)
+    hit = lab[pairs[:, 0]] == lab[pairs[:, 1]]
+    same[pairs[hit, 0]] = same[pairs[hit, 1]] = True
+    has_neighbour = np.zeros(len(lab), bool)
+    has_neighbour[pairs.ravel()] = True
+    return int((has_neighbour & ~same).sum())
+
+
 def test_gfa_smoothing_changes_scores_but_keeps_shapes(image):
     plain = Segmenter(REF, device="cpu").predict(image, ["cup", "table", "sky"])
     smooth = Segmenter(REF, device="cpu", smooth_omega=0.5).predict(image, ["cup", "table", "sky"])
     assert smooth.segment_probs.shape == plain.segment_probs.shape
     assert not np.allclose(smooth.segment_probs, plain.segment_probs)
-    # a walk mixes neighbours, so fewer isolated single-segment labels remain
+    # a walk mixes neighbours, so fewer isolated labels remain: segments whose label no adjacent
+    # segment shares
     assert (smooth.label_map != plain.label_map).mean() < 0.5
+    assert np.array_equal(smooth.segment_ids, plain.segment_ids)
+    n_plain, n_smooth = _isolated(plain), _isolated(smooth)
+    assert n_smooth < n_plain and n_plain > 0, (n_plain, n_smooth)
     with pytest.raises(ValueError):
         Segmenter(REF, device="cpu", smooth_omega=1.0)
 

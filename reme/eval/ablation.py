@@ -8,12 +8,11 @@ Two runners, each giving one table:
   data. Dense features of the photos are computed once and reused by every variant.
 * `ablate_noisy_gt`: a controlled, offline-meaningful version. Start from a GT-mode
   reference (one correct label per segment), replace the labels of a known fraction of pairs
-  by a different label drawn uniformly at random, then apply the same stage functions
-  ([`reme.filtering.group_median_filter`][reme.filtering.group_median_filter],
-  [`reme.filtering.ambiguous_roots`][reme.filtering.ambiguous_roots],
-  [`reme.synonyms.synonym_pairs`][reme.synonyms.synonym_pairs]) with the label as root noun. Besides
-  mIoU it reports the label precision of the kept pairs and the share of correct pairs kept, which
-  measure the filter directly.
+  by a different label drawn uniformly at random, then apply the build's own stage functions
+  (`reme.global_stages`: group filter, relabel, knee filter; `reme.synonyms.synonym_pairs`)
+  with the label as root noun. Besides mIoU it reports
+  the label precision of the kept pairs and the share of correct pairs kept, which measure
+  the filter directly.
 """
 
 from __future__ import annotations
@@ -30,7 +29,8 @@ from reme.eval.datasets import SegDataset
 from reme.eval.protocol import Protocol, _MemoVisualEncoder
 from reme.eval.report import markdown_table, write_json, write_text
 from reme.eval.runner import evaluate
-from reme.filtering import ambiguous_roots, group_median_filter
+from reme.filtering import KNEE_MAX_RANK, KNEE_MAX_REMOVED_SHARE, KNEE_MIN_RATIO
+from reme.global_stages import ArrayReader, knee_stage, streaming_group_filter, streaming_relabel, synonym_partners
 from reme.reference import ReferenceSet
 from reme.synonyms import synonym_pairs
 
@@ -121,18 +121,24 @@ def corrupt_labels(ref: ReferenceSet, fraction: float, seed: int = 0) -> tuple[n
 
 def apply_stages(ref: ReferenceSet, pair_label: np.ndarray | None = None, *, group_filter: bool = False,
                  drop_rate: float = 0.30, adaptive: bool = False, max_drop_rate: float = 0.50,
-                 knee_filter: bool = False, knee_min_groups: int = 10, k_sim: int = 0,
-                 relabel: bool = False, relabel_min_similarity: float = 0.5) -> tuple[ReferenceSet, np.ndarray, dict]:
-    """Steps 7-9 of METHOD.md applied to a reference set's pairs, the label text as root noun.
+                 knee_filter: bool = False, knee_min_groups: int = 10, knee_min_ratio: float = KNEE_MIN_RATIO,
+                 knee_max_rank: int = KNEE_MAX_RANK, knee_max_removed_share: float = KNEE_MAX_REMOVED_SHARE,
+                 k_sim: int = 0, relabel: bool = False,
+                 relabel_min_similarity: float = 0.5) -> tuple[ReferenceSet, np.ndarray, dict]:
+    """Steps 7-9 of METHOD.md applied to a reference set's pairs, the label text as root noun,
+    with the build's own stage functions (`reme.global_stages` over an
+    `reme.global_stages.ArrayReader` of S_ref): the group filter
+    (``streaming_group_filter``), relabel (``streaming_relabel``), the knee filter
+    (``knee_stage``) and the synonym pairs (`reme.synonyms.synonym_pairs`, on L_ref rows).
 
     Args:
         ref: source set (its S_ref is the visual embedding of step 7).
         pair_label: (p,) labels to use instead of ``ref.pair_label`` (e.g. corrupted ones).
-        group_filter, drop_rate, adaptive, max_drop_rate: step 7 (``group_median_filter``).
-        knee_filter, knee_min_groups: step 8 (``ambiguous_roots``).
+        group_filter, drop_rate, adaptive, max_drop_rate: step 7.
+        knee_filter, knee_min_groups, knee_min_ratio, knee_max_rank, knee_max_removed_share: step 8
+            (`reme.filtering.knee_cut`).
         relabel, relabel_min_similarity: give pairs dropped by step 7 the label of the nearest
-            kept group centre instead
-            ([`reme.filtering.relabel_dropped`][reme.filtering.relabel_dropped]).
+            kept group centre instead (`reme.global_stages.streaming_relabel`).
         k_sim: step 9: the k_sim most similar label pairs (L_ref cosine) become synonyms and
             each kept pair also gets its label's synonyms; 0 = off.
 
@@ -141,45 +147,42 @@ def apply_stages(ref: ReferenceSet, pair_label: np.ndarray | None = None, *, gro
         and counts / removed roots / synonym pairs.
     """
     labels = ref.pair_label if pair_label is None else np.asarray(pair_label, np.int64)
-    ps = ref.pair_segment
-    roots = [ref.labels[i] for i in labels]
+    ps = np.asarray(ref.pair_segment, np.int64)
+    names = list(ref.labels)
+    n = len(names)
     S = np.asarray(ref.S_ref, np.float32)
+    reader = ArrayReader(S, ps, [names[i] for i in labels], [names[i] for i in labels])
+    budget = max(len(ps), 1)
     keep = np.ones(len(ps), bool)
     if group_filter and len(ps):
-        keep = group_median_filter(S, ps, roots, drop_rate=drop_rate, adaptive=adaptive, max_drop_rate=max_drop_rate)
+        keep, _ = streaming_group_filter(reader, ps, labels, n, drop_rate=drop_rate, adaptive=adaptive,
+                                         max_drop_rate=max_drop_rate, budget_rows=budget)
     info: dict = {"pairs_in": int(len(ps)), "pairs_after_group_filter": int(keep.sum())}
     if relabel and group_filter and (~keep).any():
-        from reme.filtering import relabel_dropped
-
-        new, _ = relabel_dropped(S, ps, roots, keep, min_similarity=relabel_min_similarity)
-        kept_roots = sorted(set(np.asarray(roots, object)[keep].tolist()))
-        by_name = {t: i for i, t in enumerate(ref.labels)}
+        new, _ = streaming_relabel(reader, ps, labels, keep, min_similarity=relabel_min_similarity,
+                                   budget_rows=budget)
         labels = labels.copy()
         hit = np.flatnonzero(new >= 0)
-        labels[hit] = [by_name[kept_roots[j]] for j in new[hit]]
-        roots = [ref.labels[i] for i in labels]
+        labels[hit] = new[hit]
         keep[hit] = True
         info["pairs_relabelled"] = int(len(hit))
         info["pair_labels"] = labels  # final label per source pair (popped by ablate_noisy_gt)
     removed: list[str] = []
-    if knee_filter:
-        sizes: dict[str, set] = {}
-        for s, r in zip(ps[keep].tolist(), np.asarray(roots, object)[keep].tolist()):
-            sizes.setdefault(r, set()).add(s)
-        removed = ambiguous_roots({r: len(v) for r, v in sizes.items()}, min_groups=knee_min_groups)
-        keep &= ~np.isin(np.asarray(roots, object), removed)
+    if knee_filter and len(ps):
+        knee, removed, kinfo = knee_stage(labels, ps, keep, names, min_groups=knee_min_groups,
+                                          min_ratio=knee_min_ratio, max_rank=knee_max_rank,
+                                          max_removed_share=knee_max_removed_share)
+        keep &= ~knee
+        info["knee_filter"] = kinfo["knee_filter"]
     info["ambiguous_roots_removed"] = removed
     info["pairs_after_knee_filter"] = int(keep.sum())
     new_ps, new_pl = ps[keep], labels[keep]
     syn: list = []
     if k_sim > 0 and keep.any():
         distinct = sorted(set(new_pl.tolist()))
-        syn = synonym_pairs([ref.labels[i] for i in distinct], np.asarray(ref.L_ref)[distinct], k_sim)
-        index = {ref.labels[i]: i for i in distinct}
-        partners: dict[int, list[int]] = {}
-        for a, b, _ in syn:
-            partners.setdefault(index[a], []).append(index[b])
-            partners.setdefault(index[b], []).append(index[a])
+        syn = synonym_pairs([names[i] for i in distinct], np.asarray(ref.L_ref)[distinct], k_sim)
+        index = {names[i]: i for i in distinct}
+        partners = {index[a]: [index[b] for b in bs] for a, bs in synonym_partners(syn).items()}
         extra = [(s, o) for s, lab in zip(new_ps.tolist(), new_pl.tolist()) for o in partners.get(lab, ())]
         if extra:
             new_ps = np.concatenate([new_ps, np.array([e[0] for e in extra], np.int64)])

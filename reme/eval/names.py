@@ -1,12 +1,14 @@
-"""Class-name files: one class per line, synonyms separated by commas.
+"""Benchmark class-name files: one class per line, in reme's one class-list grammar
+(`reme.classes`: synonyms after ``;`` or, in a file, ``,``; parsed by
+`reme.classes.read_class_file`, re-exported here).
 
 The benchmark files shipped in ``reme/eval/classnames/`` follow the convention of the
 training-free OVS code of this field (SCLIP, ProxyCLIP ``cls_*.txt``): line ``k`` is label
 ``k`` of the masks (after the dataset's own label shift), its first name is the display name
 (the benchmark's official class name) and the others are synonyms whose scores are merged by
 max at inference ("person, people, man, woman"). Lines starting with ``#`` and empty lines are
-skipped. ``;`` is accepted as a synonym separator too, so a ``reme segment`` class string
-("person; people") pasted into a file means the same.
+skipped. ``;`` separates synonyms too, so one class of a ``reme segment --classes`` string
+("person; people") pasted as a line of a file means the same.
 
 Sources of the lists: the official class names of each benchmark (VOC, PASCAL-Context 59/60
 and 459, COCO-Object / COCO-Stuff-171 as in mmseg, Cityscapes trainIds, ADE20K-150 from
@@ -22,57 +24,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from reme.classes import parse_class_lines, read_class_file  # noqa: F401  (the one parser, re-exported)
+
 #: Folder of the shipped class-name files (package data).
 CLASSNAMES_DIR = Path(__file__).resolve().parent / "classnames"
-
-
-def parse_class_lines(lines: Sequence[str]) -> list[list[str]]:
-    """Synonym lists from class-file lines.
-
-    Args:
-        lines: text lines; ``#`` comments and blank lines are skipped.
-
-    Returns:
-        One list per class, its names stripped of surrounding and repeated whitespace;
-        the first is the display name.
-
-    Raises:
-        ValueError: a line holds no name, or two classes share a display name
-            (case-insensitive); the message names the lines.
-    """
-    out: list[list[str]] = []
-    seen: dict[str, int] = {}
-    for num, raw in enumerate(lines, 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        names = [" ".join(n.split()) for n in line.replace(";", ",").split(",")]
-        names = [n for n in names if n]
-        if not names:
-            raise ValueError(f"line {num} holds no class name: {raw!r}")
-        key = names[0].lower()
-        if key in seen:
-            raise ValueError(f"class {names[0]!r} appears twice (lines {seen[key]} and {num})")
-        seen[key] = num
-        out.append(list(dict.fromkeys(names)))
-    if not out:
-        raise ValueError("the class list is empty")
-    return out
-
-
-def read_class_file(path: str | Path) -> list[list[str]]:
-    """Read a class-name file (module docstring format); see `parse_class_lines`.
-
-    Raises:
-        FileNotFoundError: no such file. ValueError: malformed content.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"class-name file not found: {path}")
-    try:
-        return parse_class_lines(path.read_text(encoding="utf-8").splitlines())
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from exc
 
 
 def shipped_class_files() -> dict[str, Path]:
