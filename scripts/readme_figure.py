@@ -31,10 +31,12 @@ def main() -> None:
         res = seg.predict(img, CLASSES)
         tile = overlay(img, res.label_map, res.classes, fractions=res.class_fractions)
         tiles.append(tile.resize((args.width, round(tile.height * args.width / tile.width)), Image.LANCZOS))
-    h = max(t.height for t in tiles)
-    sheet = Image.new("RGB", (args.width * 2, h * 2), "white")
-    for i, t in enumerate(tiles):
-        sheet.paste(t, ((i % 2) * args.width, (i // 2) * h))
+    rows = [tiles[:2], tiles[2:]]
+    heights = [max(t.height for t in row) for row in rows]
+    sheet = Image.new("RGB", (args.width * 2, sum(heights)), "white")
+    for r, row in enumerate(rows):
+        for c, t in enumerate(row):
+            sheet.paste(t, (c * args.width, sum(heights[:r])))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(args.out, optimize=True)
     print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KiB)")
