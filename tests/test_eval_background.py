@@ -6,15 +6,8 @@ import pytest
 
 from reme.eval.datasets import BENCHMARKS
 from reme.eval.names import CLASSNAMES_DIR, parse_class_lines
-from reme.eval.protocol import (
-    BENCHMARK_BACKGROUND_MODE,
-    DEFAULT_BG_THRESHOLD,
-    THRESHOLD_MODE_BG_THRESHOLD,
-    Protocol,
-    benchmark_protocol,
-    finalize_labels,
-    make_plan,
-)
+from reme.eval import protocol as P
+from reme.eval.protocol import Protocol, benchmark_protocol, finalize_labels, make_plan
 
 BG_BENCHMARKS = ("voc21", "pc60", "coco_object")
 #: SCLIP / ProxyCLIP ``cls_voc21.txt`` background line (wangf3014/SCLIP, mc-lan/ProxyCLIP).
@@ -53,8 +46,8 @@ def test_pc60_background_is_the_single_word_as_in_the_field():
 @pytest.mark.parametrize("name", BG_BENCHMARKS)
 def test_background_benchmarks_default_to_class_plus_threshold(name):
     p = benchmark_protocol(name)
-    assert p.background == BENCHMARK_BACKGROUND_MODE == "class+threshold"
-    assert p.bg_threshold == DEFAULT_BG_THRESHOLD
+    assert p.background == P.BENCHMARK_BACKGROUND_MODE == "class+threshold"
+    assert p.bg_threshold == P.DEFAULT_BG_THRESHOLD
     plan = make_plan(_classes(name), BENCHMARKS[name].background_index, p)
     assert plan.queries[0].startswith("background") and plan.background_index == 0
     if name != "pc60":
@@ -63,7 +56,7 @@ def test_background_benchmarks_default_to_class_plus_threshold(name):
 
 def test_old_mode_stays_an_option_with_its_own_threshold():
     p = benchmark_protocol("voc21", background="threshold")
-    assert p.bg_threshold == THRESHOLD_MODE_BG_THRESHOLD
+    assert p.bg_threshold == P.THRESHOLD_MODE_BG_THRESHOLD
     plan = make_plan(_classes("voc21"), 0, p)
     assert not any(q.startswith("background") for q in plan.queries) and len(plan.queries) == 20
     assert benchmark_protocol("voc21", background="threshold", bg_threshold=0.3).bg_threshold == 0.3
@@ -82,6 +75,14 @@ def test_class_plus_threshold_mechanics_on_a_constructed_case():
     assert pred.tolist() == [[0, 0], [2, 1]]                        # 0.49 < 0.5 -> background; 0.5 stays
     assert finalize_labels(label_q, conf, plan, bg_threshold=0.0).tolist() == [[0, 1], [2, 1]]
     assert (finalize_labels(label_q, conf, plan, bg_threshold=1.0) == 0).all()
+    # each mode's default threshold: a confidence between the two defaults keeps its class with
+    # the queried background and becomes background without it
+    mid = np.float32((P.DEFAULT_BG_THRESHOLD + P.THRESHOLD_MODE_BG_THRESHOLD) / 2)
+    assert P.DEFAULT_BG_THRESHOLD < mid < P.THRESHOLD_MODE_BG_THRESHOLD
+    one = np.array([[1]]), np.array([[mid]])
+    assert finalize_labels(*one, make_plan(classes, 0, Protocol(background="class+threshold"))).item() == 1
+    thr = make_plan(classes, 0, Protocol(background="threshold"))
+    assert thr.queries == ["cat", "dog"] and finalize_labels(np.array([[0]]), one[1], thr).item() == 0
     # pure class mode: the queried background wins only by argmax
     cls = make_plan(classes, 0, Protocol(background="class"))
     assert cls.background_index is None and finalize_labels(label_q, conf, cls).tolist() == [[0, 1], [2, 1]]
