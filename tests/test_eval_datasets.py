@@ -185,7 +185,7 @@ def test_shipped_class_files():
             "coco_stuff171": 171, "cityscapes": 19, "ade150": 150, "ade847": 847}
     assert {k: len(benchmark_classes(k)) for k in files} == want
     assert all(BENCHMARKS[b].classes in files for b in BENCHMARKS)
-    assert benchmark_classes("voc21")[0] == ["background"]
+    assert benchmark_classes("voc21")[0][0] == "background"
     assert benchmark_classes("voc21")[1:] == benchmark_classes("voc20")
     assert benchmark_classes("pc60")[1:] == benchmark_classes("pc59")
     assert benchmark_classes("coco_stuff171")[:80] == benchmark_classes("coco_object")[1:]

