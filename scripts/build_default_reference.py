@@ -59,8 +59,8 @@ def main() -> None:
                                  vis, txt, felzenszwalb=PROPOSALS, images=frames)
     manifest = dict(ref_coco.manifest)
     parts = {"coco": ref_coco, "coco128": ref_c128, "camvid": ref_cam}
-    manifest["image_root"] = ("shared/data: coco_tiny/images/train2017 + coco128/images + "
-                              f"camvid/images/train (every {args.camvid_step}th frame)")
+    manifest["image_root"] = "shared/data: coco_tiny/images/train2017 + coco128/images + camvid/images/train"
+    manifest["camvid_step"] = args.camvid_step
     manifest["counts"] = {f"{name}_{k}": v for name, r in parts.items() for k, v in r.manifest["counts"].items()}
     manifest["skipped_images"] = [s for r in parts.values() for s in r.manifest["skipped_images"]]
     manifest["built_by"] = "scripts/build_default_reference.py"

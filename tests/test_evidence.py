@@ -162,7 +162,7 @@ def test_contact_sheet_crops_and_placeholders(segmenter):
 @needs_shared
 def test_contact_sheet_shows_reference_photos(segmenter):
     roots = image_roots_from_manifest(segmenter.reference.manifest)
-    assert len(roots) == 2 and all(r.is_dir() for r in roots)              # "shared/data: a + b" form
+    assert len(roots) == 3 and all(r.is_dir() for r in roots)              # "shared/data: a + b + c" form
     images = ReferenceImages(roots)
     ref = segmenter.reference
     for i in (0, ref.num_segments - 1):                                    # one COCO, one CamVid segment
