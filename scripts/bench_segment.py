@@ -24,6 +24,12 @@ ADE20K's 150 classes (``shared/data/ade_samples``); photos are ADE/VOC/COCO samp
 ``--size`` x ``--size``. The last line printed is one JSON object.
 
     python scripts/bench_segment.py [--encoder dinov2-vitl14-random] [--ref-size 100000] [--retrieval exact]
+
+``--reference REF`` times a real reference set instead (its encoders, proposals and settings,
+e.g. the embedded default on 640 x 480 photos with README's classes):
+
+    python scripts/bench_segment.py --reference reference_sets/default --size 640x480 \
+        --classes "person,cat,cup,table,sky,building,road,tree"
 """
 
 from __future__ import annotations
@@ -65,7 +71,8 @@ def random_dinov2_vitl14(device: str = "cpu"):
     return DINOv2Encoder(Dinov2Model(cfg), spec="dinov2:random-vitl14", device=device)
 
 
-def photos(size: int, limit: int) -> list[np.ndarray]:
+def photos(size: tuple[int, int], limit: int) -> list[np.ndarray]:
+    """Up to ``limit`` shared sample photos resized to ``size`` = (width, height)."""
     root = shared_data_dir()
     paths = []
     if root is not None:
@@ -74,10 +81,10 @@ def photos(size: int, limit: int) -> list[np.ndarray]:
     if not paths:
         from skimage import data
 
-        return [np.asarray(Image.fromarray(data.astronaut()).resize((size, size)))]
+        return [np.asarray(Image.fromarray(data.astronaut()).resize(size))]
     out = []
     for p in paths[:limit]:
-        out.append(np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR)))
+        out.append(np.asarray(Image.open(p).convert("RGB").resize(size, Image.BILINEAR)))
     return out
 
 
@@ -95,28 +102,37 @@ def main() -> None:
     ap.add_argument("--ref-size", type=int, default=100_000)
     ap.add_argument("--retrieval", default="exact", choices=["exact", "topk"])
     ap.add_argument("--top-k", type=int, default=10, help="Segmenter top_k (0 = full softmax)")
-    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--size", default="512", help="photo size: S (S x S) or WxH")
+    ap.add_argument("--reference", default=None, help="time this reference set (its encoders) instead of a synthetic one")
+    ap.add_argument("--classes", default=None, help="comma-separated class list (default: ADE20K's 150)")
     ap.add_argument("--images", type=int, default=4)
     args = ap.parse_args()
     from reme.encoders import resolve_encoder
 
-    vis = random_dinov2_vitl14() if args.encoder != "classical" else resolve_encoder("classical", device="cpu")
-    txt = resolve_encoder("minilm", device="cpu")
-    work = Path(tempfile.mkdtemp(prefix="reme-bench-seg-"))
-    n_labels = 10_000
-    _, ps, pl = make_reference(work / "S_ref.npy", args.ref_size, vis.dim, n_labels, seed=0)
-    S_ref = np.load(work / "S_ref.npy", mmap_mode="r")
-    rng = np.random.default_rng(0)
-    L = rng.standard_normal((n_labels, txt.dim), dtype=np.float32)
-    m = args.ref_size
-    ref = ReferenceSet(S_ref=S_ref, L_ref=L / np.linalg.norm(L, axis=1, keepdims=True), pair_segment=ps, pair_label=pl,
-                       labels=[f"label {j}" for j in range(n_labels)], roots=[f"root {j}" for j in range(n_labels)],
-                       segment_image=[""] * m, segment_bbox=np.zeros((m, 4), np.int32), segment_area=np.ones(m, np.int64),
-                       manifest={"encoders": {"visual": vis.spec, "text": txt.spec}})
-    seg = Segmenter(ref, visual_encoder=vis, text_encoder=txt, device="cpu", top_k=args.top_k or None,
-                    retrieval=args.retrieval)
-    classes = class_names()
-    imgs = photos(args.size, args.images + 1)
+    work = None
+    if args.reference:
+        seg = Segmenter(args.reference, device="cpu", top_k=args.top_k or None, retrieval=args.retrieval)
+        vis, n_labels = seg.visual_encoder, seg.reference.num_labels
+        args.ref_size = seg.reference.num_segments
+    else:
+        vis = random_dinov2_vitl14() if args.encoder != "classical" else resolve_encoder("classical", device="cpu")
+        txt = resolve_encoder("minilm", device="cpu")
+        work = Path(tempfile.mkdtemp(prefix="reme-bench-seg-"))
+        n_labels = 10_000
+        _, ps, pl = make_reference(work / "S_ref.npy", args.ref_size, vis.dim, n_labels, seed=0)
+        S_ref = np.load(work / "S_ref.npy", mmap_mode="r")
+        rng = np.random.default_rng(0)
+        L = rng.standard_normal((n_labels, txt.dim), dtype=np.float32)
+        m = args.ref_size
+        ref = ReferenceSet(S_ref=S_ref, L_ref=L / np.linalg.norm(L, axis=1, keepdims=True), pair_segment=ps, pair_label=pl,
+                           labels=[f"label {j}" for j in range(n_labels)], roots=[f"root {j}" for j in range(n_labels)],
+                           segment_image=[""] * m, segment_bbox=np.zeros((m, 4), np.int32), segment_area=np.ones(m, np.int64),
+                           manifest={"encoders": {"visual": vis.spec, "text": txt.spec}})
+        seg = Segmenter(ref, visual_encoder=vis, text_encoder=txt, device="cpu", top_k=args.top_k or None,
+                        retrieval=args.retrieval)
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else class_names()
+    w, _, h = args.size.partition("x")
+    imgs = photos((int(w), int(h or w)), args.images + 1)
     rows = []
     with torch.inference_mode():
         for i, img in enumerate(imgs):
@@ -152,9 +168,10 @@ def main() -> None:
     t0 = time.perf_counter()
     seg.predict(imgs[-1], classes)
     e2e = time.perf_counter() - t0
-    for f in work.iterdir():
-        f.unlink()
-    work.rmdir()
+    if work is not None:
+        for f in work.iterdir():
+            f.unlink()
+        work.rmdir()
     a2 = {f"a2_{x}_ms": round(1e3 * float(np.median([r[f"a2_{x}"] for r in rows])), 2) for x in ("uncached", "cached")}
     print(json.dumps({**{f"{s}_ms": round(1e3 * med[s], 1) for s in STAGES}, **a2, "labels": n_labels,
                       "overhead_over_encoder": round(overhead, 3), "predict_ms": round(1e3 * e2e, 1),
