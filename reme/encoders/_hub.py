@@ -494,3 +494,25 @@ def to_model_input(
     m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     return ((x - m) / s).to(dtype)
+
+
+class PatchGridInput:
+    """``preprocess`` and ``grid_size`` of ViT encoders whose input is the image with its short
+    side resized to ``image_size`` and each side rounded to a multiple of ``patch_size``.
+
+    The class using it provides ``image_size``, ``patch_size``, ``mean``, ``std``, ``device``,
+    ``dtype`` and ``interpolation`` (`reme.encoders.clip.CLIPEncoder`,
+    `reme.encoders.dinov2.DINOv2Encoder`).
+    """
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Feature grid (h, w) that ``dense_features`` gives for an H x W image."""
+        return patch_grid(height, width, self.image_size, self.patch_size)
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB -> (1, 3, h * ph, w * pw) tensor on ``self.device`` in the model's
+        dtype: short side resized to ``image_size`` (``interpolation``), sides rounded to
+        multiples of the patch size, normalised with ``mean`` / ``std``."""
+        return to_model_input(image, image_size=self.image_size, patch=self.patch_size, mean=self.mean,
+                              std=self.std, device=self.device, dtype=self.dtype,
+                              interpolation=self.interpolation)

@@ -52,7 +52,7 @@ def _import_open_clip():
     return open_clip
 
 
-class OpenCLIPEncoder(CLIPModel):
+class OpenCLIPEncoder(_hub.PatchGridInput, CLIPModel):
     """A frozen open_clip ViT model as text encoder and dense visual encoder.
 
     Attributes:
@@ -150,31 +150,7 @@ class OpenCLIPEncoder(CLIPModel):
         return self.model.visual.conv1.weight.dtype
 
     # ---------------------------------------------------------------- preprocessing
-    def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """Image -> normalised pixel tensor for `dense_features`.
 
-        Args:
-            image: (H, W, 3) uint8 RGB.
-
-        Returns:
-            (1, 3, h * ph, w * pw) tensor on ``self.device`` in the model's dtype: the short
-            side resized to ``image_size``, each side rounded to a multiple of the patch size,
-            normalised with the tag's mean/std.
-        """
-        return _hub.to_model_input(
-            image,
-            image_size=self.image_size,
-            patch=self.patch_size,
-            mean=self.mean,
-            std=self.std,
-            device=self.device,
-            dtype=self.dtype,
-            interpolation=self.interpolation,
-        )
-
-    def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        """Feature grid (h, w) that `dense_features` gives for an H x W image."""
-        return _hub.patch_grid(height, width, self.image_size, self.patch_size)
 
     def _pos_embed(self, gh: int, gw: int) -> torch.Tensor:
         # (1 + gh*gw, width) positional embedding; patch part interpolated bicubically as in

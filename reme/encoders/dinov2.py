@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_IMAGE_SIZE: int = 448
 
 
-class DINOv2Encoder(VisualEncoder):
+class DINOv2Encoder(_hub.PatchGridInput, VisualEncoder):
     """A frozen DINOv2 backbone giving an (h, w, d) patch-feature map.
 
     Attributes:
@@ -118,22 +118,7 @@ class DINOv2Encoder(VisualEncoder):
         """Dtype of the model's weights."""
         return next(self.model.parameters()).dtype
 
-    def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        """Feature grid (h, w) that `dense_features` gives for an H x W image."""
-        return _hub.patch_grid(height, width, self.image_size, self.patch_size)
 
-    def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 -> (1, 3, h * 14, w * 14) normalised tensor on ``self.device``."""
-        return _hub.to_model_input(
-            image,
-            image_size=self.image_size,
-            patch=self.patch_size,
-            mean=self.mean,
-            std=self.std,
-            device=self.device,
-            dtype=self.dtype,
-            interpolation=self.interpolation,
-        )
 
     def dense_features(self, image: np.ndarray) -> torch.Tensor:
         """DINOv2 patch tokens of one image as a feature map.
