@@ -43,7 +43,7 @@ from reme.annotations import _safe_relpath
 from reme.filtering import KNEE_MAX_RANK, KNEE_MAX_REMOVED_SHARE, KNEE_MIN_RATIO
 from reme.global_stages import ShardReader, caption_global_stages, gt_global_stages
 from reme.io import list_images
-from reme.nounphrases import load_spacy
+from reme.nounphrases import NON_OBJECT_ROOTS, load_spacy
 from reme.proposals import FelzenszwalbParams
 from reme.reference import ReferenceSet
 from reme.shard_stages import (MAX_BUILD_PIXELS, ShardComputer, StageSettings, encoder_fingerprint,
@@ -81,6 +81,9 @@ class CaptionBuildParams:
         synonym_skip_head_pairs: step 9 leaves out pairs where one root is the head of the
             other ("dog" / "hot dog"; `reme.synonyms.synonym_pairs`, our choice).
         keep_compounds: compound modifiers stay in the root noun (our choice, step 3).
+        stop_roots: noun phrases whose root (as used for grouping, so "tank top" is not "top")
+            is in this set are not labels (step 3; default
+            `reme.nounphrases.NON_OBJECT_ROOTS`: positions, quantities, "image", ...).
         filter_method: step 7 criterion: "median" (the paper's group-median filter, default),
             "clip_global" / "clip_group" (the baselines the paper compares against: drop the
             ``drop_rate`` of pairs with the lowest CLIP pairing score, over all pairs or per
@@ -106,6 +109,7 @@ class CaptionBuildParams:
     k_sim: int = 30
     synonym_skip_head_pairs: bool = True
     keep_compounds: bool = True
+    stop_roots: tuple[str, ...] = tuple(sorted(NON_OBJECT_ROOTS))
     filter_method: str = "median"
     relabel: bool = False
     relabel_min_similarity: float = 0.5
@@ -449,7 +453,7 @@ def build_caption_reference(image_root: str | Path, captioner, pairing_model, vi
     settings = StageSettings(mode="caption", felzenszwalb=felzenszwalb, proposals=proposals, n_clusters=n_clusters,
                              sam_options=dict(sam_options or {}), batch_size=int(opts.batch_size),
                              max_image_pixels=opts.max_image_pixels, keep_compounds=params.keep_compounds,
-                             templates=tuple(templates))
+                             stop_roots=tuple(sorted(params.stop_roots)), templates=tuple(templates))
     computer = ShardComputer(settings, image_root, visual_encoder, captioner=captioner, pairing_model=pairing_model,
                              nlp=nlp)
     manifest = _base_manifest("caption", visual_encoder, text_encoder, settings, templates, image_root)

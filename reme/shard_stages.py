@@ -31,7 +31,7 @@ import torch
 
 from reme.errors import ImageReadError
 from reme.io import read_image
-from reme.nounphrases import NounPhrase, extract_noun_phrases, load_spacy
+from reme.nounphrases import NON_OBJECT_ROOTS, NounPhrase, extract_noun_phrases, load_spacy
 from reme.pairing import pair_labels_to_segments
 from reme.pooling import embed_proposals
 from reme.proposals import FelzenszwalbParams, ProposalGenerator, Proposals, check_proposal_method, masks_bboxes
@@ -68,6 +68,8 @@ class StageSettings:
         background_label: GT mode, name of unannotated pixels (None: dropped).
         exclude_labels: GT mode, label names left out.
         keep_compounds: caption mode, compound modifiers stay in the root (step 3).
+        stop_roots: caption mode, roots that are not labels (step 3,
+            `reme.nounphrases.NON_OBJECT_ROOTS` by default), matched on the root used.
         templates: caption mode, prompt templates of the pairing label embeddings (step 5).
     """
 
@@ -83,6 +85,7 @@ class StageSettings:
     background_label: str | None = None
     exclude_labels: tuple[str, ...] = ()
     keep_compounds: bool = True
+    stop_roots: tuple[str, ...] = tuple(sorted(NON_OBJECT_ROOTS))
     templates: tuple[str, ...] = field(default=TEMPLATES)
 
     def __post_init__(self) -> None:
@@ -101,6 +104,7 @@ class StageSettings:
         d["sam_options"] = dict(sorted(self.sam_options.items()))
         d["exclude_labels"] = sorted(self.exclude_labels)
         d["templates"] = list(self.templates)
+        d["stop_roots"] = sorted(self.stop_roots)
         return d
 
     @classmethod
@@ -109,6 +113,7 @@ class StageSettings:
         d["felzenszwalb"] = FelzenszwalbParams(**d["felzenszwalb"])
         d["exclude_labels"] = tuple(d.get("exclude_labels", ()))
         d["templates"] = tuple(d.get("templates", TEMPLATES))
+        d["stop_roots"] = tuple(d.get("stop_roots", sorted(NON_OBJECT_ROOTS)))
         return cls(**d)
 
 
@@ -445,7 +450,8 @@ class ShardComputer:
                 continue
             caps = self._captions([img for _, img, _ in loaded], [k for k, _, _ in loaded])  # step 2
             flat = [x for cs in caps for x in cs]
-            parsed = extract_noun_phrases(flat, self.nlp, keep_compounds=st.keep_compounds)   # step 3
+            parsed = extract_noun_phrases(flat, self.nlp, keep_compounds=st.keep_compounds,   # step 3
+                                          stop_roots=frozenset(st.stop_roots))
             work = []
             pos = 0
             for (key, img, scale), cs in zip(loaded, caps):

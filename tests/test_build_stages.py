@@ -144,3 +144,17 @@ def test_head_stop_list_is_matched_on_the_root_used(nlp):
     assert {"top", "tank top"} <= {p.root for p in every}
     (custom,) = extract_noun_phrases(cap, nlp, stop_roots={"cup"})
     assert {p.root for p in custom} == {"woman", "tank top", "top", "table"}
+
+
+def test_stop_roots_reach_the_caption_shards():
+    """CaptionBuildParams.stop_roots travels to the shard workers' StageSettings (step 3)."""
+    from reme.build import CaptionBuildParams
+    from reme.nounphrases import NON_OBJECT_ROOTS
+    from reme.shard_stages import StageSettings
+
+    assert set(CaptionBuildParams().stop_roots) == set(NON_OBJECT_ROOTS)
+    st = StageSettings(mode="caption", stop_roots=("top", "image"))
+    back = StageSettings.from_dict(st.to_dict())
+    assert back.stop_roots == ("image", "top") and back.to_dict() == st.to_dict()
+    assert StageSettings.from_dict({k: v for k, v in st.to_dict().items() if k != "stop_roots"}).stop_roots \
+        == tuple(sorted(NON_OBJECT_ROOTS))   # shard settings written before the option existed
