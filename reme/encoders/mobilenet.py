@@ -27,8 +27,8 @@ layer  channels   stride  note
 18     1280       32      the 1x1 conv that feeds ImageNet's classifier
 =====  =========  ======  =========================================
 
-The default ``layer=13`` was chosen by us on CamVid train -> val (GT reference, every 5th val
-frame; docs/building.md): it keeps a 16-pixel grid, finer than the stride-32 blocks, for mask
+The default ``layer=13`` was chosen by us on CamVid val frames (GT reference from train, every
+5th val frame; docs/building.md; not yet repeated on a train-only split): it keeps a 16-pixel grid, finer than the stride-32 blocks, for mask
 average pooling over Felzenszwalb pieces.
 
 Specs::
