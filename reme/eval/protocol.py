@@ -47,6 +47,7 @@ import torch
 from PIL import Image
 
 from reme.retrieval import normalise_rows, pixel_class_probs_masks  # P_hat = P / row sum (step 3 above)
+from reme.segmenter import upsample_nearest  # noqa: F401  (one nearest-neighbour resize; eval re-exports it)
 
 MODES = ("whole", "slide")
 BACKGROUND_MODES = ("threshold", "class", "class+threshold")
@@ -239,18 +240,6 @@ def predict_image(segmenter, image: np.ndarray, queries: Sequence[str], protocol
         count[y0:y1, x0:x1] += 1
     conf, lab = (acc / count).max(dim=2)
     return lab.numpy().astype(np.int32), conf.numpy().astype(np.float32)
-
-
-def upsample_nearest(arr: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a 2-D map to ``shape`` (pixel-centre sampling:
-    source index ``floor((i + 0.5) * in / out)``)."""
-    h, w = arr.shape[:2]
-    H, W = shape
-    if (h, w) == (H, W):
-        return arr
-    rows = np.minimum(((np.arange(H) + 0.5) * h / H).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(W) + 0.5) * w / W).astype(np.int64), w - 1)
-    return arr[rows[:, None], cols[None, :]]
 
 
 @dataclass
