@@ -299,9 +299,27 @@ def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _exchange_dirs(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system cannot (other OS, old glibc, a file system without it)."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a finished temporary folder onto ``final``, replacing an existing one only after
-    the new one is in place (the old one is renamed aside, then removed)."""
+    the new one is in place. On Linux the two are swapped in one step, so a reader always
+    finds ``final`` (old or new); elsewhere the old one is renamed aside first, leaving a
+    moment without ``final``. The old folder is then removed."""
+    if final.exists() and _exchange_dirs(tmp, final):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)

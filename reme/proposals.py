@@ -126,6 +126,43 @@ class Proposals:
         return np.bincount(self.segment_ids.ravel(), minlength=self.num).astype(np.int64)
 
 
+def proposal_label_counts(props: Proposals, label_map: np.ndarray, num_labels: int) -> np.ndarray:
+    """(k, num_labels) int64 pixel counts of each label value inside each proposal.
+
+    Args:
+        props: the k proposals of an (H, W) image.
+        label_map: (H, W) int map, values in [0, num_labels); pixels < 0 are not counted.
+        num_labels: number of label values.
+    """
+    valid = label_map >= 0
+    if props.masks is None:
+        flat = props.segment_ids[valid].astype(np.int64) * num_labels + label_map[valid]
+        return np.bincount(flat, minlength=props.num * num_labels).reshape(props.num, num_labels)
+    return np.stack([np.bincount(label_map[m & valid], minlength=num_labels) for m in props.masks]).astype(np.int64)
+
+
+def majority_pieces(props: Proposals, label_map: np.ndarray, num_labels: int,
+                    min_purity: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """The proposals a label map annotates: GT mode's segments (METHOD.md, GT mode) and the
+    pieces of an added example ([`reme.overlay`][reme.overlay]).
+
+    A proposal is kept when its majority label covers at least ``min_purity`` of its area.
+
+    Args:
+        props: the k proposals of an (H, W) image.
+        label_map: (H, W) int map, values in [0, num_labels); pixels < 0 are unlabelled.
+        num_labels: number of label values.
+        min_purity: in (0, 1].
+
+    Returns:
+        ``(keep, label)``: (k,) bool and (k,) int64 majority label of each proposal.
+    """
+    counts = proposal_label_counts(props, label_map, num_labels)
+    top = counts.max(1) if counts.size else np.zeros(props.num, np.int64)
+    keep = (top >= min_purity * props.areas()) & (top > 0)
+    return keep, (counts.argmax(1) if counts.size else np.zeros(props.num, np.int64))
+
+
 #: Proposal methods of `ProposalGenerator` ("sam:MODEL" names a SAM checkpoint).
 PROPOSAL_METHODS = ("felzenszwalb", "cluster", "sam")
 

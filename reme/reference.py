@@ -186,7 +186,7 @@ class ReferenceSet:
         return O
 
     def save(self, path: str | Path, *, overwrite: bool = False, embedding_dtype: str = "float16",
-             with_index: bool = True) -> Path:
+             with_index: bool = True, extra_tables: dict[str, pa.Table] | None = None) -> Path:
         """Write the reference folder atomically (module docstring).
 
         Args:
@@ -196,6 +196,9 @@ class ReferenceSet:
             with_index: also write ``index.faiss`` (kind by size,
                 [`reme.index.build_index`][reme.index.build_index]; an IVF index over 1e6 x 1024
                 takes about a minute on 2 cores).
+            extra_tables: more Parquet files to write into the folder (file name -> table),
+                listed with their sha256 in the manifest's ``files`` like the others (an overlay's
+                ``examples.parquet``, [`reme.overlay`][reme.overlay]).
 
         Raises:
             FileExistsError: ``path`` exists and ``overwrite`` is False.
@@ -237,6 +240,11 @@ class ReferenceSet:
                 pq.write_table(table, tmp / name, compression="zstd")
             pq.write_table(dropped_table, tmp / DROPPED_FILE, compression="zstd")
             files = list(_FILES) + [DROPPED_FILE, S_REF_FILE]
+            for name, table in (extra_tables or {}).items():
+                if name in files or name in (INDEX_FILE, "manifest.json") or "/" in name or "\\" in name:
+                    raise ValueError(f"extra table name {name!r} is taken or not a plain file name")
+                pq.write_table(table, tmp / name, compression="zstd")
+                files.append(name)
             manifest = dict(self.manifest)
             manifest.pop("index", None)
             if with_index:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections import OrderedDict
@@ -17,8 +18,10 @@ from reme.classes import parse_classes
 from reme.encoders import resolve_device, resolve_encoder
 from reme.errors import ReferenceSetError
 from reme.io import load_image, load_image_bounded
+from reme.overlay import (EXAMPLE_SOURCE, Overlay, StackedRows, check_overlay, check_overlay_path, concat_csr,
+                          load_overlay, normalise_label)
 from reme.pooling import embed_proposals
-from reme.proposals import FelzenszwalbParams, ProposalGenerator
+from reme.proposals import FelzenszwalbParams, ProposalGenerator, majority_pieces, masks_bboxes
 from reme.reference import ReferenceSet, load_reference
 from reme.retrieval import (
     DEFAULT_CHUNK_SIZE,
@@ -150,10 +153,15 @@ class Segmenter:
             (aspect ratio kept) and brings the maps back to the input size, so memory and
             time stop growing with the input past it. Default
             `DEFAULT_MAX_WORKING_PIXELS` (2 MP); None = always the full resolution.
+        overlay: segments added by example ([`reme.overlay`][reme.overlay]), searched together
+            with the reference set: an overlay folder (loaded when it exists, else created
+            there by `save_overlay`), an [`Overlay`][reme.overlay.Overlay], or None (an empty
+            in-memory overlay; `add_examples` still works). An empty overlay changes nothing.
 
     Raises:
-        ReferenceSetError: the encoders do not match the reference set.
-        ValueError: a logit scale that is not a finite number > 0, top_k < 1, an unknown
+        ReferenceSetError: the encoders do not match the reference set, or the overlay was made
+            with other encoders than the reference set.
+        ValueError: the overlay path is inside the reference folder; a logit scale that is not a finite number > 0, top_k < 1, an unknown
             retrieval, smooth_omega outside [0, 1), max_working_pixels < 1.
     """
 
@@ -166,7 +174,8 @@ class Segmenter:
                  chunk_size: int = DEFAULT_CHUNK_SIZE, retrieval: str = "exact",
                  proposals: str | None = None, n_clusters: int | None = None, smooth_omega: float = 0.0,
                  others_threshold: float | None = None,
-                 max_working_pixels: int | None = DEFAULT_MAX_WORKING_PIXELS):
+                 max_working_pixels: int | None = DEFAULT_MAX_WORKING_PIXELS,
+                 overlay: str | Path | Overlay | None = None):
         self.device = resolve_device(device)
         self.reference = reference if isinstance(reference, ReferenceSet) else load_reference(reference)
         man = self.reference.manifest
@@ -219,10 +228,209 @@ class Segmenter:
         self._S_ref = S_ref if self.device.type == "cpu" else torch.as_tensor(np.asarray(S_ref)).to(self.device)
         self._o_ref = o_ref_csr(self.reference.pair_segment, self.reference.pair_label,
                                 self.reference.num_segments, self.reference.num_labels)
-        self._index = None
+        self._shared_index: dict = {}  # the FAISS index, shared with `with_overlay` copies
         self._L_ref = torch.as_tensor(self.reference.L_ref, dtype=torch.float32, device=self.device)
         self._class_cache: dict[tuple, tuple[torch.Tensor, list[int]]] = {}
         self._a2_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._last_view = None  # (key, Proposals, S_test, feats) of the last image segmented
+        self._set_overlay(overlay)
+
+    # ------------------------------------------------------------------ overlay (reme.overlay)
+
+    def _set_overlay(self, overlay) -> None:
+        if overlay is None:
+            ov = Overlay.empty(self.reference)
+        elif isinstance(overlay, Overlay):
+            ov = overlay
+        else:
+            path = check_overlay_path(overlay, self.reference.path)
+            ov = load_overlay(path) if (path / "manifest.json").is_file() else Overlay.empty(self.reference)
+            ov.path = path
+        check_overlay(ov, self.reference)
+        self.overlay = ov
+        self._refresh_overlay()
+
+    def _refresh_overlay(self) -> None:
+        """Rebuild the merged retrieval tables after the overlay changed (cheap: the base is
+        never copied; S_ref becomes a `StackedRows` view of base + overlay rows)."""
+        ov = self.overlay
+        if ov.num_rows == 0:
+            self._merged = None
+            return
+        base = self.reference
+        new = ov.new_labels(base.labels)
+        ids = ov.label_ids(base.labels)
+        n = base.num_labels + len(new)
+        S_ov = ov.S if self.device.type == "cpu" else torch.as_tensor(ov.S).to(self.device)
+        S_all = (StackedRows([self.reference.S_ref, ov.S]) if self.device.type == "cpu"
+                 else torch.cat([self._S_ref, S_ov]))
+        L_new = (torch.as_tensor(np.stack([ov.label_embeddings[t] for t in new]), dtype=torch.float32, device=self.device)
+                 if new else None)
+        self._merged = _Merged(S_ov=S_ov, S_all=S_all, o_ref=concat_csr(self._o_ref, ids, n), row_labels=ids,
+                               new_labels=new, L_new=L_new)
+
+    def _with_new_labels(self, A2: torch.Tensor, L_test: torch.Tensor) -> torch.Tensor:
+        """A2 of the base labels (unchanged by the overlay) followed by the rows of the
+        overlay's new labels (eq. 2 is a softmax per label row, so adding rows changes no other)."""
+        if self._merged is None or self._merged.L_new is None:
+            return A2
+        return torch.cat([A2, label_affinity(self._merged.L_new, L_test, self.label_logit_scale)])
+
+    def with_overlay(self, overlay: str | Path | Overlay | None = None) -> "Segmenter":
+        """A Segmenter sharing this one's encoders, reference set and caches but searching
+        another overlay (one per demo session). None: a new empty overlay."""
+        other = copy.copy(self)
+        other._last_view = None
+        other._set_overlay(overlay)
+        return other
+
+    def examples(self) -> list[dict]:
+        """The added examples, one record each ([`Overlay.examples`][reme.overlay.Overlay.examples])."""
+        return self.overlay.examples()
+
+    def add_examples(self, image, mask_or_segment_ids, label, *, min_purity: float = 0.5,
+                     image_name: str | None = None, save: bool = False) -> str:
+        """Teach by example: add the segments of a region, with its label, to the overlay.
+
+        The region's pieces are the proposals of ``image`` (the ones `predict` makes) whose
+        majority covers at least ``min_purity`` of their area, as in GT mode
+        ([`reme.proposals.majority_pieces`][reme.proposals.majority_pieces]); each piece
+        becomes an S_ref row (mask average pooling, same encoder) with the label. A region
+        smaller than every piece is added as one segment, its own mask pooled. The next
+        `predict` uses them; nothing is trained.
+
+        Args:
+            image: as in `predict` (path, PIL, (H, W, 3) uint8 array, ``skimage:NAME``).
+            mask_or_segment_ids: an (H, W) bool mask at the image's size; or ids of segments
+                of ``predict(image).segment_ids`` (an int or a sequence of ints); or an
+                (H, W) int label map whose value i means ``label[i]`` (< 0: unlabelled).
+            label: the label (new text is embedded with the text encoder and the reference
+                set's templates; an existing label reuses its L_ref row), or, with a label
+                map, the list of names its values index.
+            min_purity: in (0, 1], GT mode's majority fraction.
+            image_name: name recorded as the rows' source image (default: the path, else
+                ``"array:"`` + a hash of the pixels).
+            save: also write the overlay to its folder (`save_overlay`).
+
+        Returns:
+            The example id (for `remove_examples`); "" when the mask selects nothing.
+
+        Raises:
+            ValueError: a mask of the wrong size, segment ids out of range, an empty label,
+                a label map value without a name.
+            reme.errors.ImageReadError: unreadable image.
+        """
+        if not 0.0 < float(min_purity) <= 1.0:
+            raise ValueError(f"min_purity must lie in (0, 1], got {min_purity}")
+        img, full_hw = load_image_bounded(image, max_pixels=self.max_working_pixels)
+        props, S_test, feats = self._view(img)
+        lm, names = self._example_label_map(mask_or_segment_ids, label, props, full_hw, img.shape[:2])
+        keep, lab = majority_pieces(props, lm, len(names), float(min_purity))
+        if keep.any():
+            rows = np.flatnonzero(keep)
+            S = S_test[torch.as_tensor(rows, device=S_test.device)].float().cpu().numpy()
+            bbox, area, labels = props.bboxes()[rows], props.areas()[rows], [names[i] for i in lab[rows]]
+        else:  # a region smaller than every piece: its own mask, pooled
+            present = [v for v in np.unique(lm) if v >= 0]
+            if not present:
+                return ""
+            masks = np.stack([lm == v for v in present])
+            S = self.visual_encoder.mask_embeddings(feats, masks, image=img).float().cpu().numpy()
+            bbox, area = masks_bboxes(masks), masks.reshape(len(masks), -1).sum(1)
+            labels = [names[v] for v in present]
+        mask_boxes = masks_bboxes(np.stack([lm == names.index(x) for x in dict.fromkeys(labels)]))
+        box_of = dict(zip(dict.fromkeys(labels), mask_boxes))
+        sy, sx = full_hw[0] / img.shape[0], full_hw[1] / img.shape[1]
+        scale = np.array([sx, sy, sx, sy])
+        to_src = lambda b: np.round(np.asarray(b, np.float64) * scale).astype(np.int32)  # noqa: E731
+        labels = [normalise_label(x) for x in labels]
+        box_of = {normalise_label(k): v for k, v in box_of.items()}
+        embeddings = self._label_rows([x for x in dict.fromkeys(labels) if x not in self.overlay.label_embeddings])
+        eid = self.overlay.add(S, labels, image=image_name or _image_name(image, img), bbox=to_src(bbox),
+                               area=np.round(np.asarray(area) * sx * sy).astype(np.int64),
+                               mask_bbox=to_src(np.stack([box_of[x] for x in labels])), label_embeddings=embeddings)
+        self._refresh_overlay()
+        if save:
+            self.save_overlay()
+        return eid
+
+    def _label_rows(self, labels: list[str]) -> dict[str, np.ndarray]:
+        """L_ref rows for ``labels``: the base's row for a label it has (reused, so A2 of that
+        label is unchanged), else the text encoder's template-ensembled embedding (METHOD step 5)."""
+        have = {t: j for j, t in enumerate(self.reference.labels)}
+        out = {t: np.asarray(self.reference.L_ref[have[t]], np.float32) for t in labels if t in have}
+        new = [t for t in labels if t not in have]
+        if new:
+            out.update(zip(new, embed_labels(self.text_encoder, new, self.templates).astype(np.float32)))
+        return out
+
+    def _example_label_map(self, region, label, props, full_hw, work_hw) -> tuple[np.ndarray, list[str]]:
+        """(h, w) int label map at the working size and the names its values index."""
+        arr = np.asarray(region) if not isinstance(region, (int, np.integer)) else np.asarray([region])
+        if arr.ndim == 2:
+            if arr.shape != tuple(full_hw) and arr.shape != tuple(work_hw):
+                raise ValueError(f"the mask is {arr.shape[1]}x{arr.shape[0]}, the image {full_hw[1]}x{full_hw[0]}")
+            if arr.dtype == bool:
+                names = [normalise_label(label)]
+                lm = arr.astype(np.int64) - 1                                  # True -> 0, False -> -1
+            elif np.issubdtype(arr.dtype, np.integer):
+                if isinstance(label, str) or not isinstance(label, Sequence):
+                    raise ValueError("an int label map needs label= the list of names its values index")
+                names = [normalise_label(x) for x in label]
+                lm = arr.astype(np.int64)
+                if lm.max(initial=-1) >= len(names):
+                    raise ValueError(f"label map value {int(lm.max())} has no name ({len(names)} names)")
+            else:
+                raise ValueError(f"a mask must be bool or int, got {arr.dtype}")
+            return upsample_nearest(lm, tuple(work_hw)), names
+        if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError("mask_or_segment_ids must be an (H, W) mask or label map, or segment ids (ints)")
+        if arr.min() < 0 or arr.max() >= props.num:
+            raise ValueError(f"segment ids must lie in [0, {props.num}) for this image, got {arr.min()}..{arr.max()}")
+        sel = np.zeros(props.num, bool)
+        sel[arr] = True
+        if props.masks is None:
+            lm = np.where(sel[props.segment_ids], 0, -1)
+        else:
+            lm = np.where(props.masks[sel].any(0), 0, -1)
+        return lm, [normalise_label(label)]
+
+    def remove_examples(self, example_id: str | None = None, *, save: bool = False) -> int:
+        """Undo: remove the segments of one example (None: the last added; "all": every one).
+
+        Returns:
+            How many segments were removed.
+
+        Raises:
+            KeyError: no example with that id.
+        """
+        n = self.overlay.clear() if example_id == "all" else self.overlay.remove(example_id)
+        self._refresh_overlay()
+        if save:
+            self.save_overlay()
+        return n
+
+    def save_overlay(self, path: str | Path | None = None) -> Path:
+        """Write the overlay to ``path`` (default: its folder) atomically
+        ([`Overlay.save`][reme.overlay.Overlay.save]).
+
+        Raises:
+            ValueError: no path, or a path inside the reference folder.
+        """
+        return self.overlay.save(path, base_path=self.reference.path)
+
+    def _view(self, img: np.ndarray):
+        """(Proposals, S_test (k, d1) tensor, dense features) of a working-size image; the last
+        image's are kept, so `add_examples` right after `predict` on it costs no encoder pass."""
+        key = _pixels_key(img)
+        last = self._last_view
+        if last is not None and last[0] == key:
+            return last[1:]
+        feats = self.visual_encoder.dense_features(img).to(self.device)
+        props = self.proposer(img, feats)
+        S_test = embed_proposals(self.visual_encoder, feats, props, img)
+        self._last_view = (key, props, S_test, feats)
+        return props, S_test, feats
 
     def _encoder(self, given, manifest_spec, kind, allow_mismatch):
         if given is None:
@@ -263,7 +471,7 @@ class Segmenter:
             while len(self._a2_cache) > A2_CACHE_SIZE:
                 self._a2_cache.popitem(last=False)
         self._a2_cache.move_to_end(key)
-        return A2, owner
+        return self._with_new_labels(A2, L_test), owner
 
     @property
     def proposals(self) -> str:
@@ -300,10 +508,8 @@ class Segmenter:
         """
         names, synonyms = parse_classes(classes)
         img = load_image(image)
-        feats = self.visual_encoder.dense_features(img).to(self.device)
-        props = self.proposer(img, feats)
+        props, S_test, _ = self._view(img)
         seg, masks = props.segment_ids, props.masks
-        S_test = embed_proposals(self.visual_encoder, feats, props, img)
         A2, owner = self._class_affinity(synonyms)                                     # (n, c') eq. 2, cached
         P = self._segment_class_probs(S_test, A2)                                    # (k, c') eqs. 1-2
         if len(owner) != len(names):  # synonyms of one class merged by max
@@ -332,36 +538,63 @@ class Segmenter:
         """The FAISS index of the top-k path: the reference set's ``index.faiss``, else one
         built in memory ([`reme.index.build_index`][reme.index.build_index]), moved to the GPU when
         faiss has one."""
-        if self._index is None:
+        if "index" not in self._shared_index:
             from reme.index import build_index, to_gpu
 
             index = self.reference.load_index()
             if index is None:
                 logger.info("no saved FAISS index; building one over %d segments", self.reference.num_segments)
                 index = build_index(self.reference.S_ref)
-            self._index = to_gpu(index)
-        return self._index
+            self._shared_index["index"] = to_gpu(index)
+        return self._shared_index["index"]
 
     def _segment_class_probs(self, S_test: torch.Tensor, A2: torch.Tensor) -> torch.Tensor:
         """P_seg (k, c') = A1 A2 by the configured retrieval (eq. 1 x eq. 2)."""
-        tau = self.segment_logit_scale
+        tau, ov = self.segment_logit_scale, self._merged
+        S_ref, o_ref = (self._S_ref, self._o_ref) if ov is None else (ov.S_all, ov.o_ref)
         if self.retrieval == "topk" or self.top_k is not None:
             K = self.top_k or DEFAULT_TOPK_CANDIDATES
             if self.retrieval == "topk":
                 from reme.index import search
 
-                _, ids = search(self.index, S_test.float().cpu().numpy(), K)
+                _, ids = search(self.index, S_test.float().cpu().numpy(), K)          # base rows only
                 sims = rescore(S_test, self._S_ref, ids)                              # exact re-scoring
+                if ov is not None:                                                    # + overlay, exact
+                    sims, ids = merge_topk(sims, torch.as_tensor(ids, device=sims.device),
+                                           *exact_topk(S_test, ov.S_ov, K, chunk_size=self.chunk_size),
+                                           offset=self.reference.num_segments, k=K)
             else:
-                sims, ids = exact_topk(S_test, self._S_ref, K, chunk_size=self.chunk_size)
-            return topk_class_probs(sims, ids, self._o_ref, A2, logit_scale=tau)     # sparse A1 (k, n) x A2
-        k, (n, c), m = S_test.shape[0], A2.shape, self.reference.num_segments
+                sims, ids = exact_topk(S_test, S_ref, K, chunk_size=self.chunk_size)
+            return topk_class_probs(sims, ids, o_ref, A2, logit_scale=tau)           # sparse A1 (k, n) x A2
+        k, (n, c), m = S_test.shape[0], A2.shape, int(S_ref.shape[0])
         if n * k <= m * c:                                                           # A1 is the smaller
-            A1 = streamed_label_affinity(S_test, self._S_ref, self._o_ref, logit_scale=tau,
-                                         chunk_size=self.chunk_size)
+            A1 = streamed_label_affinity(S_test, S_ref, o_ref, logit_scale=tau, chunk_size=self.chunk_size)
             return A1 @ A2
-        B = reference_class_scores(self.reference.pair_segment, self.reference.pair_label, A2, m)  # O_ref A2
-        return segment_class_probs(S_test, self._S_ref, B, logit_scale=tau, chunk_size=self.chunk_size)
+        ps, pl = self.reference.pair_segment, self.reference.pair_label
+        if ov is not None:
+            ps = np.concatenate([ps, self.reference.num_segments + np.arange(len(ov.row_labels))])
+            pl = np.concatenate([pl, ov.row_labels])
+        B = reference_class_scores(ps, pl, A2, m)                                    # O_ref A2
+        return segment_class_probs(S_test, S_ref, B, logit_scale=tau, chunk_size=self.chunk_size)
+
+    def merged_reference(self) -> ReferenceSet:
+        """The reference set `predict` searches: the base's rows and labels followed by the
+        overlay's (the base itself when the overlay is empty). S_ref is a `StackedRows` view,
+        not a copy; `concat_references([base, overlay.to_reference()])` holds the same rows."""
+        if self._merged is None:
+            return self.reference
+        ref, ov = self.reference, self.overlay
+        ids = self._merged.row_labels
+        L_new = np.stack([ov.label_embeddings[t] for t in self._merged.new_labels]) if self._merged.new_labels else \
+            np.zeros((0, ref.L_ref.shape[1]), np.float32)
+        return ReferenceSet(
+            S_ref=StackedRows([ref.S_ref, ov.S]), L_ref=np.concatenate([ref.L_ref, L_new]).astype(np.float32),
+            pair_segment=np.concatenate([ref.pair_segment, ref.num_segments + np.arange(ov.num_rows)]),
+            pair_label=np.concatenate([ref.pair_label, ids]), labels=list(ref.labels) + self._merged.new_labels,
+            roots=list(ref.roots) + self._merged.new_labels, segment_image=list(ref.segment_image) + ov.images,
+            segment_bbox=np.concatenate([ref.segment_bbox, ov.bbox]),
+            segment_area=np.concatenate([ref.segment_area, ov.area]), manifest=ref.manifest,
+            segment_source=list(ref.segment_source) + [EXAMPLE_SOURCE] * ov.num_rows, dropped=ref.dropped)
 
     def predict(self, image, classes, *, return_probs: bool = False,
                 return_evidence: bool = False) -> SegmentationResult:
@@ -405,7 +638,7 @@ class Segmenter:
 
             # softmax support of eq. 1 as computed above; evidence itself is always an exact search
             support = self.top_k or (DEFAULT_TOPK_CANDIDATES if self.retrieval == "topk" else None)
-            evidence = retrieval_evidence(S_test, self.reference, top=self.top_k or DEFAULT_EVIDENCE_TOP,
+            evidence = retrieval_evidence(S_test, self.merged_reference(), top=self.top_k or DEFAULT_EVIDENCE_TOP,
                                           top_k=support, logit_scale=self.segment_logit_scale,
                                           chunk_size=self.chunk_size)
         working_hw = tuple(int(x) for x in seg.shape)
@@ -424,6 +657,43 @@ class Segmenter:
                                   segment_probs=P.cpu().numpy().astype(np.float32),
                                   class_fractions=label_fractions(label_map, len(names)), probs=probs,
                                   extras={"working_size": working_hw}, evidence=evidence)
+
+
+@dataclass
+class _Merged:
+    """Retrieval tables of base + overlay (`Segmenter._refresh_overlay`)."""
+
+    S_ov: Any                 # (r, d1) overlay rows (array on CPU, tensor on an accelerator)
+    S_all: Any                # (m + r, d1) StackedRows view (CPU) or tensor
+    o_ref: Any                # (m + r) x (n + n_new) ORefCSR
+    row_labels: np.ndarray    # (r,) merged label id of each overlay row
+    new_labels: list[str]     # the overlay's labels the base lacks (ids n, n + 1, ...)
+    L_new: torch.Tensor | None  # (n_new, d2) their L_ref rows
+
+
+def merge_topk(sims_a: torch.Tensor, ids_a: torch.Tensor, sims_b: torch.Tensor, ids_b: torch.Tensor, *,
+               offset: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of two candidate lists per row: (k_q, t_a) and (k_q, t_b) similarities and row ids,
+    the second's ids shifted by ``offset`` (rows of a second table stacked after the first).
+    Returns (k_q, min(k, t_a + t_b)) similarities, descending, and int64 ids."""
+    sims = torch.cat([sims_a, sims_b.to(sims_a.device)], 1)
+    ids = torch.cat([ids_a.to(torch.int64), ids_b.to(ids_a.device, torch.int64) + offset], 1)
+    vals, order = torch.topk(sims, min(k, sims.shape[1]), dim=1)
+    return vals, torch.gather(ids, 1, order)
+
+
+def _pixels_key(img: np.ndarray) -> tuple:
+    """Identity of an image's pixels (shape + BLAKE2 of the bytes; ~2 ms per megapixel)."""
+    import hashlib
+
+    return img.shape, hashlib.blake2b(np.ascontiguousarray(img).data, digest_size=16).digest()
+
+
+def _image_name(image, img: np.ndarray) -> str:
+    """What an added example records as its source image."""
+    if isinstance(image, (str, Path)):
+        return str(image)
+    return "array:" + _pixels_key(img)[1].hex()[:12]
 
 
 def check_logit_scale(value, name: str) -> float:

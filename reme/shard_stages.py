@@ -34,7 +34,8 @@ from reme.io import read_image
 from reme.nounphrases import NON_OBJECT_ROOTS, NounPhrase, extract_noun_phrases, load_spacy
 from reme.pairing import pair_labels_to_segments
 from reme.pooling import embed_proposals
-from reme.proposals import FelzenszwalbParams, ProposalGenerator, Proposals, check_proposal_method, masks_bboxes
+from reme.proposals import (FelzenszwalbParams, ProposalGenerator, Proposals, check_proposal_method, majority_pieces,
+                            masks_bboxes)
 from reme.shards import encode_shard, pairs_table, segments_table
 from reme.text_embedding import TEMPLATES, embed_labels
 
@@ -201,16 +202,6 @@ def single_thread() -> Iterator[None]:
 def _chunks(seq: Sequence[str], n: int) -> Iterator[Sequence[str]]:
     for i in range(0, len(seq), n):
         yield seq[i:i + n]
-
-
-def _label_counts(props: Proposals, gt: np.ndarray, num_labels: int) -> np.ndarray:
-    """(k, num_labels) int64 GT pixel counts per proposal (pixels with gt < 0 not counted)."""
-    valid = gt >= 0
-    if props.masks is None:
-        seg = props.segment_ids
-        flat = seg[valid].astype(np.int64) * num_labels + gt[valid]
-        return np.bincount(flat, minlength=props.num * num_labels).reshape(props.num, num_labels)
-    return np.stack([np.bincount(gt[m & valid], minlength=num_labels) for m in props.masks]).astype(np.int64)
 
 
 class _ShardOut:
@@ -393,10 +384,8 @@ class ShardComputer:
                     if self.bg_index is not None:
                         gt = np.where(gt == -1, self.bg_index, gt)
                     props = self.proposer(img, f)                                         # step 1
-                    counts = _label_counts(props, gt, len(names))
+                    keep, lab = majority_pieces(props, gt, len(names), st.min_purity)
                     area = props.areas()
-                    lab = counts.argmax(1)
-                    keep = (counts.max(1) >= st.min_purity * area) & (counts.max(1) > 0)
                     keep &= ~np.isin(lab, self.excluded_ids)
                     if not keep.any():
                         continue
