@@ -157,6 +157,10 @@ class Segmenter:
             with the reference set: an overlay folder (loaded when it exists, else created
             there by `save_overlay`), an [`Overlay`][reme.overlay.Overlay], or None (an empty
             in-memory overlay; `add_examples` still works). An empty overlay changes nothing.
+        view_cache_size: images whose proposals, S_test and dense features are kept (least
+            recently used out), so `add_examples` right after `predict` on the same pixels, or
+            predicting the same images again after the overlay changed, costs no encoder pass.
+            Default 1; each kept 640 x 480 image takes a few MB.
 
     Raises:
         ReferenceSetError: the encoders do not match the reference set, or the overlay was made
@@ -175,7 +179,7 @@ class Segmenter:
                  proposals: str | None = None, n_clusters: int | None = None, smooth_omega: float = 0.0,
                  others_threshold: float | None = None,
                  max_working_pixels: int | None = DEFAULT_MAX_WORKING_PIXELS,
-                 overlay: str | Path | Overlay | None = None):
+                 overlay: str | Path | Overlay | None = None, view_cache_size: int = 1):
         self.device = resolve_device(device)
         self.reference = reference if isinstance(reference, ReferenceSet) else load_reference(reference)
         man = self.reference.manifest
@@ -232,7 +236,8 @@ class Segmenter:
         self._L_ref = torch.as_tensor(self.reference.L_ref, dtype=torch.float32, device=self.device)
         self._class_cache: dict[tuple, tuple[torch.Tensor, list[int]]] = {}
         self._a2_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self._last_view = None  # (key, Proposals, S_test, feats) of the last image segmented
+        self.view_cache_size = max(int(view_cache_size), 0)
+        self._views: OrderedDict[tuple, tuple] = OrderedDict()  # pixels -> (Proposals, S_test, feats)
         self._set_overlay(overlay)
 
     # ------------------------------------------------------------------ overlay (reme.overlay)
@@ -280,7 +285,7 @@ class Segmenter:
         """A Segmenter sharing this one's encoders, reference set and caches but searching
         another overlay (one per demo session). None: a new empty overlay."""
         other = copy.copy(self)
-        other._last_view = None
+        other._views = OrderedDict()
         other._set_overlay(overlay)
         return other
 
@@ -421,15 +426,20 @@ class Segmenter:
 
     def _view(self, img: np.ndarray):
         """(Proposals, S_test (k, d1) tensor, dense features) of a working-size image; the last
-        image's are kept, so `add_examples` right after `predict` on it costs no encoder pass."""
+        ``view_cache_size`` images' are kept, so `add_examples` right after `predict` on the
+        same pixels costs no encoder pass."""
         key = _pixels_key(img)
-        last = self._last_view
-        if last is not None and last[0] == key:
-            return last[1:]
+        hit = self._views.get(key)
+        if hit is not None:
+            self._views.move_to_end(key)
+            return hit
         feats = self.visual_encoder.dense_features(img).to(self.device)
         props = self.proposer(img, feats)
         S_test = embed_proposals(self.visual_encoder, feats, props, img)
-        self._last_view = (key, props, S_test, feats)
+        if self.view_cache_size:
+            self._views[key] = (props, S_test, feats)
+            while len(self._views) > self.view_cache_size:
+                self._views.popitem(last=False)
         return props, S_test, feats
 
     def _encoder(self, given, manifest_spec, kind, allow_mismatch):
