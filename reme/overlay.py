@@ -18,12 +18,14 @@ time) and ``encoder`` (visual encoder spec). It lives beside the base folder, ne
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -108,6 +110,29 @@ def concat_csr(base: ORefCSR, extra_labels: np.ndarray, num_labels: int) -> ORef
     extra = np.asarray(extra_labels, np.int64)
     ptr = np.concatenate([base.ptr, base.ptr[-1] + np.arange(1, extra.size + 1, dtype=np.int64)])
     return ORefCSR(ptr=ptr, label=np.concatenate([base.label, extra]), num_labels=int(num_labels))
+
+
+@contextlib.contextmanager
+def folder_lock(path: str | Path, *, exclusive: bool) -> Iterator[None]:
+    """Reader/writer lock of an overlay folder: ``flock`` on ``.NAME.lock`` beside it.
+
+    Writers (`Overlay.save`) hold it exclusively while the folder is swapped, readers
+    (`load_overlay`) shared while they read its files, so a reader never mixes files of two
+    saves, across threads and processes. Where ``fcntl`` is missing (Windows) it does nothing.
+    """
+    path = Path(path)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def normalise_label(label: str) -> str:
@@ -330,8 +355,9 @@ class Overlay:
             if "overlay" not in read_manifest(path):
                 raise ValueError(f"{path} is a reference set, not an overlay; refusing to replace it")
         ref = self.to_reference()
-        ref.save(path, overwrite=True, embedding_dtype=str(np.dtype(self.S.dtype)), with_index=False,
-                 extra_tables={EXAMPLES_FILE: self._examples_table()})
+        with folder_lock(path, exclusive=True):
+            ref.save(path, overwrite=True, embedding_dtype=str(np.dtype(self.S.dtype)), with_index=False,
+                     extra_tables={EXAMPLES_FILE: self._examples_table()})
         self.path = path
         return path
 
@@ -363,24 +389,10 @@ def load_overlay(path: str | Path, *, verify: bool = True) -> Overlay:
             or tables that disagree (the message names the file).
     """
     path = Path(path)
-    for attempt in range(5):  # a save may swap the folder while it is read: read again
-        before = _manifest_text(path)
-        try:
-            ov = _load_overlay(path, verify)
-        except ReferenceSetError:
-            if attempt == 4 or _manifest_text(path) == before:
-                raise
-            continue
-        if _manifest_text(path) == before:
-            return ov
-    raise ReferenceSetError(f"{path} kept changing while it was read; try again")
-
-
-def _manifest_text(path: Path) -> str | None:
-    try:
-        return (path / "manifest.json").read_text()
-    except OSError:
-        return None
+    if not path.is_dir():
+        raise ReferenceSetError(f"no overlay at {path}")
+    with folder_lock(path, exclusive=False):  # no save swaps the folder while it is read
+        return _load_overlay(path, verify)
 
 
 def _load_overlay(path: Path, verify: bool) -> Overlay:

@@ -267,8 +267,9 @@ class Segmenter:
         ids = ov.label_ids(base.labels)
         n = base.num_labels + len(new)
         S_ov = ov.S if self.device.type == "cpu" else torch.as_tensor(ov.S).to(self.device)
-        S_all = (StackedRows([self.reference.S_ref, ov.S]) if self.device.type == "cpu"
-                 else torch.cat([self._S_ref, S_ov]))
+        # the full softmax streams over base + overlay rows: a view on the CPU; on an accelerator
+        # one concatenated copy, made only when that path runs (top-k merges two searches)
+        S_all = StackedRows([self.reference.S_ref, ov.S]) if self.device.type == "cpu" else None
         L_new = (torch.as_tensor(np.stack([ov.label_embeddings[t] for t in new]), dtype=torch.float32, device=self.device)
                  if new else None)
         self._merged = _Merged(S_ov=S_ov, S_all=S_all, o_ref=concat_csr(self._o_ref, ids, n), row_labels=ids,
@@ -561,7 +562,7 @@ class Segmenter:
     def _segment_class_probs(self, S_test: torch.Tensor, A2: torch.Tensor) -> torch.Tensor:
         """P_seg (k, c') = A1 A2 by the configured retrieval (eq. 1 x eq. 2)."""
         tau, ov = self.segment_logit_scale, self._merged
-        S_ref, o_ref = (self._S_ref, self._o_ref) if ov is None else (ov.S_all, ov.o_ref)
+        o_ref = self._o_ref if ov is None else ov.o_ref
         if self.retrieval == "topk" or self.top_k is not None:
             K = self.top_k or DEFAULT_TOPK_CANDIDATES
             if self.retrieval == "topk":
@@ -569,13 +570,19 @@ class Segmenter:
 
                 _, ids = search(self.index, S_test.float().cpu().numpy(), K)          # base rows only
                 sims = rescore(S_test, self._S_ref, ids)                              # exact re-scoring
-                if ov is not None:                                                    # + overlay, exact
-                    sims, ids = merge_topk(sims, torch.as_tensor(ids, device=sims.device),
-                                           *exact_topk(S_test, ov.S_ov, K, chunk_size=self.chunk_size),
-                                           offset=self.reference.num_segments, k=K)
+                ids = torch.as_tensor(ids, device=sims.device)
             else:
-                sims, ids = exact_topk(S_test, S_ref, K, chunk_size=self.chunk_size)
+                sims, ids = exact_topk(S_test, self._S_ref, K, chunk_size=self.chunk_size)
+            if ov is not None:                                                        # + overlay rows, exact
+                sims, ids = merge_topk(sims, ids, *exact_topk(S_test, ov.S_ov, K, chunk_size=self.chunk_size),
+                                       offset=self.reference.num_segments, k=K)
             return topk_class_probs(sims, ids, o_ref, A2, logit_scale=tau)           # sparse A1 (k, n) x A2
+        if ov is None:
+            S_ref = self._S_ref
+        else:
+            if ov.S_all is None:
+                ov.S_all = torch.cat([self._S_ref, ov.S_ov])
+            S_ref = ov.S_all
         k, (n, c), m = S_test.shape[0], A2.shape, int(S_ref.shape[0])
         if n * k <= m * c:                                                           # A1 is the smaller
             A1 = streamed_label_affinity(S_test, S_ref, o_ref, logit_scale=tau, chunk_size=self.chunk_size)
@@ -674,7 +681,7 @@ class _Merged:
     """Retrieval tables of base + overlay (`Segmenter._refresh_overlay`)."""
 
     S_ov: Any                 # (r, d1) overlay rows (array on CPU, tensor on an accelerator)
-    S_all: Any                # (m + r, d1) StackedRows view (CPU) or tensor
+    S_all: Any                # (m + r, d1) StackedRows view (CPU), tensor or None (made when needed)
     o_ref: Any                # (m + r) x (n + n_new) ORefCSR
     row_labels: np.ndarray    # (r,) merged label id of each overlay row
     new_labels: list[str]     # the overlay's labels the base lacks (ids n, n + 1, ...)
