@@ -216,3 +216,21 @@ def test_rows_added_for_camvid_frames_are_gt_modes_rows(tmp_path):
                                    atol=2e-3)
         np.testing.assert_array_equal(ov.bbox[mine], ref.segment_bbox[theirs])
         assert [ov.labels[i] for i in mine] == list(seg_label[theirs])
+
+
+def test_eval_searches_the_overlay(tmp_path, base, gt):
+    root, _ = gt
+    from reme.segmenter import Segmenter
+
+    seg = Segmenter(base, device="cpu", overlay=tmp_path / "ov")
+    lm = np.array(Image.open(root / "masks" / "coffee.png")).astype(np.int64)
+    seg.add_examples(root / "images" / "coffee.png", np.where(lm == 255, -1, lm), NAMES, save=True)
+    ev = ("eval", "--dataset", "generic", "--images", root / "images", "--masks", root / "masks",
+          "--classes-file", root / "classes.txt", "--reference", base, "--vis", "0", "-q")
+
+    def miou(*extra) -> float:
+        return float(cli(*ev, *extra).stdout.split("mIoU ")[1].split()[0])
+
+    assert miou("--overlay", tmp_path / "ov") > miou() + 10        # its own GT, taught: far better
+    res = cli(*ev, "--overlay", tmp_path / "missing", code=2)
+    assert "no overlay there" in res.output
