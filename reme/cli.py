@@ -326,7 +326,7 @@ def _gt_annotations(images: Path, masks: Optional[Path], annotations: Optional[P
     return ann, keys
 
 
-def _example_label_map(ann, key: str, shape, exclude: set) -> "np.ndarray":  # noqa: F821
+def _example_label_map(ann, key: str, shape, exclude: set):
     """(H, W) int32 GT label map of one image (-1 unlabelled; excluded labels -1 too).
 
     Raises:
