@@ -1,5 +1,5 @@
-"""Command-line interface: ``reme build-reference``, ``reme segment``, ``reme info``,
-``reme inspect``, ``reme demo``, ``reme eval``, ``reme ablate``.
+"""Command-line interface: ``reme build-reference``, ``reme segment``, ``reme add-examples``,
+``reme info``, ``reme inspect``, ``reme demo``, ``reme eval``, ``reme ablate``.
 
 Thin wrappers over the Python API; flags mirror the keyword names.
 """
@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import typer
 
@@ -188,10 +188,15 @@ def segment_cmd(
                                           "(repeatable; default: the manifest's image root)."),
     max_working_pixels: int = typer.Option(2048 * 1024, help="Segment larger photos at this many pixels and bring "
                                            "the labels back to full size (bounds memory); 0 = full resolution."),
+    overlay_dir: Optional[Path] = typer.Option(None, "--overlay", help="Also search the examples of this overlay "
+                                               "folder ('reme add-examples'); it must exist."),
+    segment_ids: bool = typer.Option(False, "--segment-ids", help="Also write <stem>_segments.png: the proposal id of "
+                                     "each pixel (16-bit PNG), the SEGMENT_IDS of 'reme add-examples --from-segment'."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=_QUIET_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=_VERBOSE_HELP),
 ):
-    """Segment images: writes <stem>_labels.png, <stem>_overlay.png and <stem>_scores.json."""
+    """Segment images: writes <stem>_labels.png, <stem>_overlay.png and <stem>_scores.json
+    (and <stem>_segments.png with --segment-ids or --explain)."""
     _setup_logging(quiet, verbose)
 
     from reme import segmenter as sm
@@ -232,6 +237,8 @@ def segment_cmd(
             kw["label_logit_scale"] = label_logit_scale
         if top_k is not None:
             kw["top_k"] = top_k or None
+        if overlay_dir is not None:
+            kw["overlay"] = _existing_overlay(overlay_dir)
         seg = sm.Segmenter(ref, device=device, allow_encoder_mismatch=allow_encoder_mismatch, retrieval=retrieval,
                            proposals=proposals, n_clusters=n_clusters, smooth_omega=smooth_omega,
                            others_threshold=others_threshold, max_working_pixels=max_working_pixels or None, **kw)
@@ -260,6 +267,11 @@ def segment_cmd(
             "num_segments": int(res.segment_probs.shape[0]),
             "reference": str(ref),
         }
+        if overlay_dir is not None:
+            scores["overlay"] = {"path": str(overlay_dir), "rows": seg.overlay.num_rows,
+                                 "examples": len(seg.overlay.examples())}
+        if segment_ids and not explain:
+            _write_segment_ids(res.segment_ids, out / f"{stem}_segments.png")
         with atomic_path(out / f"{stem}_scores.json", ".json") as tmp:
             tmp.write_text(json.dumps(scores, indent=2))
         if explain:
@@ -269,6 +281,242 @@ def segment_cmd(
                    + ("" if stem == _image_stem(path) else f" (written as {stem}_*)"))
     if failed == len(images):
         raise typer.Exit(code=1)
+
+
+def _existing_overlay(overlay: Path) -> str:
+    """``--overlay`` of ``segment`` / ``eval``: it must exist (the user asked for it); an empty
+    overlay is not made up silently."""
+    if not (overlay / "manifest.json").is_file():
+        _fail(f"--overlay {overlay}: no overlay there (make one with 'reme add-examples --overlay {overlay} ...')")
+    return str(overlay)
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _gt_annotations(images: Path, masks: Optional[Path], annotations: Optional[Path], yolo_labels: Optional[Path],
+                    classes_file: Optional[Path]):
+    """``(annotations, keys)`` of GT examples, read as ``reme build-reference`` GT mode reads them;
+    keys are image paths relative to ``images`` (POSIX), sorted."""
+    from reme.annotations import CocoInstances, MaskFolder, YoloLabels
+    from reme.classes import read_class_file
+    from reme.io import list_images
+
+    given = [f for f, v in (("--masks", masks), ("--annotations", annotations), ("--yolo-labels", yolo_labels)) if v]
+    if len(given) != 1:
+        _fail("--images needs exactly one of --masks, --annotations and --yolo-labels"
+              + (f" (got {', '.join(given)})" if given else ""))
+    if (masks or yolo_labels) and not classes_file:
+        _fail(f"{given[0]} needs --classes-file")
+    if not images.is_dir():
+        _fail(f"--images {images}: not a folder")
+    try:
+        if annotations:
+            ann = CocoInstances(annotations)
+            keys = [k for k in ann.keys() if (images / k).is_file()]
+        else:
+            names = [c[0] for c in read_class_file(classes_file)]
+            ann = MaskFolder(masks, names) if masks else YoloLabels(yolo_labels, names)
+            keys = [p.relative_to(images).as_posix() for p in list_images(images)]
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    if not keys:
+        _fail(f"--images {images}: no images" + (f" named in {annotations}" if annotations else "") + " there")
+    return ann, keys
+
+
+def _example_label_map(ann, key: str, shape, exclude: set):
+    """(H, W) int32 GT label map of one image (-1 unlabelled; excluded labels -1 too).
+
+    Raises:
+        ValueError: a mask of another size, or (index masks) a value with no line in the class
+            file; FileNotFoundError: no mask for the image.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from reme.annotations import MaskFolder
+
+    lm = ann.label_map(key, shape)
+    if isinstance(ann, MaskFolder):  # MaskFolder reads unknown values as unlabelled; here they are an error
+        raw = np.array(Image.open(ann.mask_path(key)))
+        bad = np.unique(raw[(raw != ann.ignore_index) & (raw >= len(ann.label_names))])
+        if bad.size:
+            raise ValueError(f"mask {ann.mask_path(key)} has value(s) {bad.tolist()[:5]} with no line in the class file "
+                             f"({len(ann.label_names)} classes, ignore value {ann.ignore_index})")
+    for i, name in enumerate(ann.label_names):
+        if name in exclude:
+            lm[lm == i] = -1
+    return lm
+
+
+@app.command("add-examples", short_help="Teach by example: add labelled segments to an overlay.")
+def add_examples_cmd(
+    overlay: Path = typer.Option(..., "--overlay", help="Overlay folder: created when missing, added to otherwise. "
+                                 "Beside the reference folder, never inside it."),
+    reference: Optional[Path] = typer.Option(None, help="Base reference folder (default: the embedded one)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="GT examples: folder of photos (searched recursively); "
+                                          "with one of --masks, --annotations, --yolo-labels, as build-reference's GT mode."),
+    masks: Optional[Path] = typer.Option(None, help="Folder of index-PNG masks (same stems as the images)."),
+    annotations: Optional[Path] = typer.Option(None, help="COCO instances JSON."),
+    yolo_labels: Optional[Path] = typer.Option(None, help="Folder of YOLO label files (same stems as the images)."),
+    classes_file: Optional[Path] = typer.Option(None, help="With --masks or --yolo-labels: " + _CLASSES_FILE_HELP
+                                                + " The first name is the label."),
+    exclude_label: List[str] = typer.Option([], help="Label names to leave out (repeatable), e.g. void."),
+    min_purity: float = typer.Option(0.5, help="A proposal is added when its majority label covers this fraction "
+                                     "of it (GT mode's rule), in (0, 1]."),
+    save_every: int = typer.Option(10, help="With --images: also save the overlay after every N images added "
+                                   "(a re-run skips the images already in the overlay); 0 = only at the end."),
+    from_segment: Optional[Tuple[str, str, str]] = typer.Option(
+        None, "--from-segment", metavar="IMG SEGMENT_IDS LABEL",
+        help="One example: segment(s) of 'reme segment IMG --segment-ids' (the value of IMG's <stem>_segments.png "
+             "at a pixel; several ids comma-separated) labelled LABEL. Use the same --reference, --proposals, "
+             "--n-clusters and --max-working-pixels as that 'reme segment' run, so the ids are the same."),
+    undo: Optional[str] = typer.Option(None, "--undo", metavar="EXAMPLE_ID|last|all",
+                                       help="Remove one example (its id from --list), the last one, or all."),
+    list_examples: bool = typer.Option(False, "--list", help="Print the overlay's examples, one JSON object a line."),
+    proposals: Optional[str] = typer.Option(None, help="Proposals (default: the reference set's); as 'reme segment'."),
+    n_clusters: Optional[int] = typer.Option(None, help="k of --proposals cluster; as 'reme segment'."),
+    max_working_pixels: int = typer.Option(2048 * 1024, help="As 'reme segment': larger photos are segmented at this "
+                                           "many pixels; 0 = full resolution."),
+    allow_encoder_mismatch: bool = typer.Option(False, help="Accept encoders whose spec differs from the manifest."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: CUDA if available)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=_QUIET_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=_VERBOSE_HELP),
+):
+    """Teach reme by example, with no training: add labelled segments to an overlay folder that
+    'reme segment --overlay DIR' searches together with the reference set (reme.overlay).
+
+    One of: --images with GT masks / COCO / YOLO labels (the pieces GT mode would add, per
+    image; resumable), --from-segment IMG SEGMENT_IDS LABEL (one segment of 'reme segment'),
+    --undo, --list.
+    """
+    _setup_logging(quiet, verbose)
+    from reme.defaults import default_reference_path
+    from reme.errors import ImageReadError, MissingWeightsError, ReferenceSetError
+    from reme.overlay import check_overlay_path, load_overlay
+
+    modes = [f for f, v in (("--images", images), ("--from-segment", from_segment), ("--undo", undo),
+                            ("--list", list_examples)) if v]
+    if len(modes) != 1:
+        _fail("give exactly one of --images, --from-segment, --undo and --list" + (f" (got {', '.join(modes)})" if modes else ""))
+    ref = reference or default_reference_path()
+    try:
+        check_overlay_path(overlay, ref)
+    except ValueError as exc:
+        _fail(str(exc))
+    if overlay.exists() and not overlay.is_dir():
+        _fail(f"--overlay {overlay}: exists and is not a folder")
+    is_overlay = (overlay / "manifest.json").is_file()
+    if overlay.is_dir() and not is_overlay and any(overlay.iterdir()):
+        _fail(f"--overlay {overlay}: a folder that is not an overlay (no manifest.json); choose another path")
+
+    if list_examples or undo:
+        if not is_overlay:
+            _fail(f"--overlay {overlay}: no overlay there yet")
+        try:
+            ov = load_overlay(overlay)
+            if list_examples:
+                for rec in ov.examples():
+                    typer.echo(json.dumps(rec))
+                return
+            n = ov.clear() if undo == "all" else ov.remove(None if undo == "last" else undo)
+            ov.save(overlay, base_path=ref)
+        except KeyError:
+            _fail(f"--undo {undo}: no such example in {overlay} (see --list)")
+        except (ReferenceSetError, ValueError, OSError) as exc:
+            _fail(str(exc))
+        typer.echo(json.dumps({"overlay": str(overlay), "removed_rows": n, "examples": len(ov.examples()),
+                               "rows": ov.num_rows}))
+        return
+
+    if not 0.0 < min_purity <= 1.0:
+        _fail(f"--min-purity must lie in (0, 1], got {min_purity}")
+    if save_every < 0 or max_working_pixels < 0:
+        _fail("--save-every and --max-working-pixels must be >= 0")
+    if images:
+        ann, keys = _gt_annotations(images, masks, annotations, yolo_labels, classes_file)
+    else:
+        try:
+            ids = [int(s) for s in from_segment[1].split(",") if s.strip()]
+        except ValueError:
+            ids = []
+        if not ids:
+            _fail(f"--from-segment: SEGMENT_IDS must be integers, comma-separated, got {from_segment[1]!r}")
+    try:
+        from reme.segmenter import Segmenter
+
+        seg = Segmenter(ref, device=device, allow_encoder_mismatch=allow_encoder_mismatch, proposals=proposals,
+                        n_clusters=n_clusters, max_working_pixels=max_working_pixels or None, overlay=overlay)
+    except (MissingWeightsError, ReferenceSetError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    ov, base_labels = seg.overlay, seg.reference.labels
+    rows0, labels0 = ov.num_rows, set(ov.new_labels(base_labels))
+
+    def summary(**extra) -> str:
+        return json.dumps({"overlay": str(overlay), **extra, "rows_added": ov.num_rows - rows0,
+                           "new_labels": [t for t in ov.new_labels(base_labels) if t not in labels0],
+                           "rows": ov.num_rows, "examples": len(ov.examples()), "bytes": _folder_bytes(overlay)})
+
+    if from_segment:
+        img, _, label = from_segment
+        try:
+            eid = seg.add_examples(img, ids, label, min_purity=min_purity, image_name=img)
+            seg.save_overlay()
+        except (ImageReadError, ValueError, OSError) as exc:
+            _fail(str(exc))
+        typer.echo(summary(example_id=eid))
+        return
+
+    import time
+
+    from tqdm.auto import tqdm
+
+    from reme.io import read_image
+
+    done = set(ov.images)
+    todo = [k for k in keys if k not in done]
+    stats = {"images": len(keys), "images_added": 0, "images_skipped": len(keys) - len(todo),
+             "images_without_pieces": 0, "images_unreadable": 0}
+    exclude, since_save, t0 = set(exclude_label), 0, time.perf_counter()
+    try:
+        for key in tqdm(todo, desc="add examples", unit="img", disable=quiet):
+            try:
+                img, _ = read_image(images / key)
+            except ImageReadError as exc:
+                typer.secho(f"skipping {key}: {exc}", fg="yellow", err=True)
+                stats["images_unreadable"] += 1
+                continue
+            try:
+                lm = _example_label_map(ann, key, img.shape[:2], exclude)
+                eid = seg.add_examples(img, lm, ann.label_names, min_purity=min_purity, image_name=key)
+            except (FileNotFoundError, ValueError) as exc:
+                if ov.num_rows != rows0:
+                    seg.save_overlay()
+                _fail(f"{key}: {exc}" + (" (the examples added before it are saved; a re-run continues)"
+                                         if ov.num_rows != rows0 else ""))
+            if not eid:
+                stats["images_without_pieces"] += 1
+                continue
+            stats["images_added"] += 1
+            since_save += 1
+            if save_every and since_save >= save_every:
+                seg.save_overlay()
+                since_save = 0
+    except KeyboardInterrupt:
+        if ov.num_rows != rows0:
+            seg.save_overlay()
+        typer.secho(f"interrupted; {stats['images_added']} images saved to {overlay}; a re-run continues",
+                    fg="yellow", err=True)
+        raise typer.Exit(code=130)
+    seconds = time.perf_counter() - t0
+    if since_save or not (overlay / "manifest.json").is_file():
+        try:
+            seg.save_overlay()
+        except (ValueError, OSError) as exc:
+            _fail(str(exc))
+    typer.echo(summary(**stats, seconds_per_image=round(seconds / max(len(todo), 1), 3)))
 
 
 @app.command("info", short_help="Print a reference set's manifest.")
@@ -299,6 +547,19 @@ def info_cmd(reference: Optional[Path] = typer.Argument(None, help="Reference fo
     typer.echo("\n".join(lines))
 
 
+def _write_segment_ids(segment_ids, path: Path) -> None:
+    """The (H, W) proposal id of each pixel as a 16-bit PNG (ids above 65535 cannot be written)."""
+    import numpy as np
+    from PIL import Image
+
+    from reme.io import atomic_path
+
+    if segment_ids.max(initial=0) > np.iinfo(np.uint16).max:
+        _fail(f"{path}: {int(segment_ids.max()) + 1} segments do not fit a 16-bit PNG")
+    with atomic_path(path, ".png") as tmp:
+        Image.fromarray(segment_ids.astype(np.uint16)).save(tmp, format="PNG")
+
+
 def _write_explanation(img, res, reference, ref_path: str, out: Path, stem: str, path: str, n_segments: int,
                        image_root) -> None:
     """``segment --explain``: evidence JSON (every test segment) and a contact sheet PNG."""
@@ -320,10 +581,7 @@ def _write_explanation(img, res, reference, ref_path: str, out: Path, stem: str,
            "logit_scale": ev.logit_scale, "top_k": ev.support, "reference": ref_path}
     with atomic_path(out / f"{stem}_evidence.json", ".json") as tmp:  # one test segment per line
         tmp.write_text(json.dumps(doc)[:-1] + ', "segments": [\n' + ",\n".join(json.dumps(r) for r in records) + "\n]}\n")
-    from PIL import Image
-
-    with atomic_path(out / f"{stem}_segments.png", ".png") as tmp:  # test segment id of each pixel (16-bit)
-        Image.fromarray(res.segment_ids.astype(np.uint16)).save(tmp, format="PNG")
+    _write_segment_ids(res.segment_ids, out / f"{stem}_segments.png")
     images = ReferenceImages.for_reference(reference, image_root)
     if not images.readable:
         typer.secho("note: the reference set's source photos are not readable here; the contact sheet shows "
@@ -465,6 +723,8 @@ def eval_cmd(
     proposals: Optional[str] = typer.Option(None, help="felzenszwalb, cluster or sam[:MODEL] (default: the reference set's)."),
     n_clusters: Optional[int] = typer.Option(None, help="k of --proposals cluster."),
     smooth_omega: Optional[float] = typer.Option(None, help="GFA smoothing of P_seg over adjacent segments, in [0, 1)."),
+    overlay_dir: Optional[Path] = typer.Option(None, "--overlay", help="Also search the examples of this overlay "
+                                               "folder ('reme add-examples'); it must exist."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: CUDA if available)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=_QUIET_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=_VERBOSE_HELP),
@@ -485,7 +745,8 @@ def eval_cmd(
                         vis=vis, distractors=distractors, overlap=overlap, bg_sweep=bg_sweep, hold_out=hold_out,
                         others_sweep=others_sweep, segmenter_kw=_segmenter_kw(top_k, segment_logit_scale, label_logit_scale, retrieval=retrieval,
                                                    proposals=proposals, n_clusters=n_clusters,
-                                                   smooth_omega=smooth_omega),
+                                                   smooth_omega=smooth_omega,
+                                                   overlay=overlay_dir and _existing_overlay(overlay_dir)),
                         device=device,
                         progress=not quiet)
     except (MissingWeightsError, ReferenceSetError, FileNotFoundError, ValueError) as exc:
@@ -540,7 +801,7 @@ def ablate_cmd(
 # Python type typer would print (<list[Path]>, <str>).
 _PATH_METAVARS = {"images": "DIR", "out": "DIR", "reference": "DIR", "masks": "DIR", "image_root": "DIR",
                   "work_dir": "DIR", "root": "DIR", "photos": "DIR", "annotations": "FILE", "classes_file": "FILE",
-                  "captions": "FILE"}
+                  "captions": "FILE", "overlay": "DIR", "overlay_dir": "DIR", "yolo_labels": "DIR"}
 _TYPE_METAVARS = {str: "TEXT", int: "INTEGER", float: "FLOAT"}
 
 
