@@ -369,10 +369,15 @@ class DemoBackend:
             self._lock.release()
 
     def _use(self, seg) -> None:
-        """Keep the cached features (`Segmenter._view`) of the segmenter in use only: one
-        image's features in memory, whatever the number of sessions."""
+        """Keep the cached features of the last image (`Segmenter._view`) in the segmenter in
+        use only: one image's features in memory, whatever the number of sessions. They move
+        to ``seg`` when it is a copy of the same base (proposals and S_test do not depend on
+        the overlay), so a session that teaches on a photo another just segmented pays no
+        encoder pass."""
         last = self._last_used
         if last is not None and last is not seg:
+            if seg._last_view is None and last.reference is seg.reference:
+                seg._last_view = last._last_view
             last._last_view = None
         self._last_used = seg
 
@@ -393,9 +398,10 @@ class DemoBackend:
         """
         check_classes(classes)
         name = reference or self.default_reference
-        seg = self.session_segmenter(session, name)
+        self.segmenter(name)  # loads the reference set (under the lock) if needed
         small = downscale(image)
         with self._turn():
+            seg = self.session_segmenter(session, name)
             out = self._predict(seg, small, classes, name, session, image_name)
         out["resized"] = small.shape != image.shape
         return out
@@ -466,9 +472,9 @@ class DemoBackend:
             raise ValueError(f"segment id {segment_id} outside [0, {n_seg}) for this result")
         classes = with_class(r.class_spec, label)
         check_classes(classes)
-        seg = self.session_segmenter(session, r.reference)
-        state = self._session(session)
         with self._turn():
+            seg = self.session_segmenter(session, r.reference)
+            state = self._session(session)
             if len(seg.examples()) >= self._max_examples():
                 raise ValueError(f"this {'shared overlay' if self.overlay else 'session'} holds "
                                  f"{self._max_examples()} examples, the demo's limit; undo some first")
@@ -498,8 +504,9 @@ class DemoBackend:
         """
         r = self._result(result_id, session) if result_id else None
         name = r.reference if r is not None else (reference or self.default_reference)
-        seg = self.session_segmenter(session, name)
+        self.segmenter(name)
         with self._turn():
+            seg = self.session_segmenter(session, name)
             n = seg.remove_examples(example_id or None, save=self.overlay is not None and seg.overlay.path is not None)
             self._forget_images(session)
             result = self._predict(seg, r.image, r.class_spec, name, session, r.image_name) if r is not None else None
