@@ -454,9 +454,10 @@ class DemoBackend:
             "result": `segment`'s answer or None, "seconds": {"add", "segment"}}``.
 
         Raises:
-            KeyError: unknown or expired result (or one of another session). ValueError: bad
-            label, segment id or pixel outside the result, too many classes, or the session
-            holds `MAX_EXAMPLES` examples already. BusyError: as `segment`.
+            KeyError: unknown or expired result (or one of another session).
+            ValueError: bad label, segment id or pixel outside the result, too many classes,
+                or the session holds `MAX_EXAMPLES` examples already.
+            BusyError: as `segment`.
         """
         label = check_label(label)
         r = self._result(result_id, session)
@@ -551,8 +552,8 @@ class DemoBackend:
             thumbnails are placeholders).
 
         Raises:
-            KeyError: unknown or expired result, or one of another session. ValueError: (x, y)
-            outside the image.
+            KeyError: unknown or expired result, or one of another session.
+            ValueError: (x, y) outside the image.
         """
         r = self._result(result_id, session)
         h, w = r.segment_ids.shape
