@@ -369,16 +369,17 @@ class DemoBackend:
             self._lock.release()
 
     def _use(self, seg) -> None:
-        """Keep the cached features of the last image (`Segmenter._view`) in the segmenter in
-        use only: one image's features in memory, whatever the number of sessions. They move
-        to ``seg`` when it is a copy of the same base (proposals and S_test do not depend on
-        the overlay), so a session that teaches on a photo another just segmented pays no
+        """Keep the cached image features (``Segmenter._views``: proposals, S_test, dense
+        features) in the segmenter in use only, so their memory does not grow with the number
+        of sessions. They move to ``seg`` when it is a copy of the same base (they do not depend
+        on the overlay), so a session that teaches on a photo another just segmented pays no
         encoder pass."""
         last = self._last_used
         if last is not None and last is not seg:
-            if seg._last_view is None and last.reference is seg.reference:
-                seg._last_view = last._last_view
-            last._last_view = None
+            if not seg._views and last.reference is seg.reference:
+                seg._views, last._views = last._views, OrderedDict()
+            else:
+                last._views = OrderedDict()
         self._last_used = seg
 
     def segment(self, image: np.ndarray, classes: str, reference: str | None = None, *, session: str = "",
