@@ -278,6 +278,11 @@ def test_a_new_label_joins_the_class_list(taught):
     assert [x["class"] for x in d["result"]["legend"]] == ["cat", "wall", "floor", "rug", "radiator"]
     assert _class_at(c, d["result"]["result_id"]) == "radiator"
     assert c.post("/api/examples/undo", data={"example_id": "all"}).json()["examples"] == []
+    # a class typed in other case is that class, spelled as in the class field
+    d = c.post("/api/examples", data={"result_id": first["result_id"], "segment_id": 0, "label": " RUG ",
+                                      "resegment": "false"}).json()
+    assert d["classes"] == CLASSES and d["examples"][0]["label"] == "rug" and d["result"] is None
+    assert c.post("/api/examples/undo", data={}).json()["removed"] == d["examples"][0]["rows"]    # the last one
 
 
 def test_sessions_do_not_see_each_others_examples(taught):

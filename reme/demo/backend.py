@@ -22,7 +22,7 @@ import time
 import uuid
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -88,6 +88,7 @@ class _Session:
     of the photos its examples came from (thumbnails of taught rows)."""
     segmenters: dict
     images: dict
+    records: dict = field(default_factory=dict)  # reference name -> `examples` answer
 
 
 def png_data_url(img: Image.Image | np.ndarray) -> str:
@@ -205,15 +206,17 @@ def check_label(label: str) -> str:
     return text
 
 
-def with_class(class_spec: str, label: str) -> str:
-    """``class_spec`` with ``label`` appended as a new class unless a class or synonym already
-    has that name (case-insensitive)."""
+def with_class(class_spec: str, label: str) -> tuple[str, str]:
+    """``(class_spec, label)`` with ``label`` appended as a new class, unless a class or synonym
+    already has that name (case-insensitive): then the spec unchanged and the label spelled as
+    there ("Cat" -> "cat")."""
     from reme.classes import parse_classes
 
     _, synonyms = parse_classes(class_spec)
-    if label.lower() in {x.lower() for syns in synonyms for x in syns}:
-        return class_spec
-    return f"{class_spec.rstrip().rstrip(',')}, {label}"
+    for name in (x for syns in synonyms for x in syns):
+        if name.lower() == label.lower():
+            return class_spec, name
+    return f"{class_spec.rstrip().rstrip(',')}, {label}", label
 
 
 def downscale(image: np.ndarray, max_side: int = MAX_SIDE) -> np.ndarray:
@@ -351,6 +354,7 @@ class DemoBackend:
             seg = state.segmenters.get(name)
             if seg is None:
                 seg = state.segmenters[name] = base.with_overlay(self.overlay)
+                state.records[name] = self._records(seg)
             return seg
 
     @contextmanager
@@ -472,7 +476,7 @@ class DemoBackend:
             segment_id = int(r.segment_ids[y, x])
         if not 0 <= int(segment_id) < n_seg:
             raise ValueError(f"segment id {segment_id} outside [0, {n_seg}) for this result")
-        classes = with_class(r.class_spec, label)
+        classes, label = with_class(r.class_spec, label)
         check_classes(classes)
         with self._turn():
             seg = self.session_segmenter(session, r.reference)
@@ -485,12 +489,15 @@ class DemoBackend:
             image_name = f"demo:{r.image_name}#{_pixels_hash(r.image)}"
             eid = seg.add_examples(r.image, [int(segment_id)], label, image_name=image_name,
                                    save=self.overlay is not None)
+            if not eid:  # cannot happen for a segment of the result; said plainly if it does
+                raise ValueError(f"segment {segment_id} selects no pixels of the photo")
             state.images[image_name] = r.image
+            records = state.records[r.reference] = self._records(seg)
             t1 = time.time()
             result = self._predict(seg, r.image, classes, r.reference, session, r.image_name) if resegment else None
             t2 = time.time()
         logger.info("example %s (%s, segment %d) added in %.2f s", eid, label, segment_id, t1 - t0)
-        return {"example_id": eid, "examples": self._records(seg), "classes": classes, "result": result,
+        return {"example_id": eid, "examples": records, "classes": classes, "result": result,
                 "seconds": {"add": round(t1 - t0, 3), "segment": round(t2 - t1, 3) if resegment else None}}
 
     def undo_example(self, session: str, example_id: str | None = None, *, reference: str | None = None,
@@ -509,10 +516,11 @@ class DemoBackend:
         self.segmenter(name)
         with self._turn():
             seg = self.session_segmenter(session, name)
-            n = seg.remove_examples(example_id or None, save=self.overlay is not None and seg.overlay.path is not None)
+            n = seg.remove_examples(example_id or None, save=self.overlay is not None)
             self._forget_images(session)
+            records = self._session(session).records[name] = self._records(seg)
             result = self._predict(seg, r.image, r.class_spec, name, session, r.image_name) if r is not None else None
-        return {"removed": n, "examples": self._records(seg), "result": result}
+        return {"removed": n, "examples": records, "result": result}
 
     def examples(self, session: str, reference: str | None = None) -> list[dict[str, Any]]:
         """The examples the session's overlay holds for ``reference`` (default: the first), in
@@ -521,7 +529,9 @@ class DemoBackend:
         Raises:
             KeyError: unknown reference.
         """
-        return self._records(self.session_segmenter(session, reference))
+        name = reference or self.default_reference
+        self.session_segmenter(session, name)
+        return list(self._session(session).records[name])  # a snapshot, updated under the lock
 
     @staticmethod
     def _records(seg) -> list[dict[str, Any]]:
