@@ -342,6 +342,9 @@ def test_bad_teaching_requests_get_4xx(taught, monkeypatch):
 
 def test_sessions_are_lru_bounded(taught, monkeypatch):
     monkeypatch.setattr(backend_mod, "MAX_SESSIONS", 2)
+    fresh = _client(taught)
+    assert fresh.get("/api/examples").json()["examples"] == []
+    assert fresh.cookies["reme_session"] not in taught._sessions      # a page load takes no slot
     first = [taught.session_segmenter(f"session-{i:02d}-abcdefghijklmnop") for i in range(3)]
     assert len(taught._sessions) == 2 and "session-00-abcdefghijklmnop" not in taught._sessions
     assert taught.session_segmenter("session-02-abcdefghijklmnop") is first[2]

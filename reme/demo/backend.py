@@ -530,6 +530,10 @@ class DemoBackend:
             KeyError: unknown reference.
         """
         name = reference or self.default_reference
+        if name not in self.references:
+            raise KeyError(f"unknown reference set {name!r}; choose from {', '.join(self.references)}")
+        if self.overlay is None and session not in self._sessions:
+            return []  # a page load alone does not take a session slot from the others
         self.session_segmenter(session, name)
         return list(self._session(session).records[name])  # a snapshot, updated under the lock
 
