@@ -402,3 +402,15 @@ def test_shared_overlay_takes_concurrent_sessions_atomically(taught, tmp_path):
     # a restarted server reads the folder back
     again = _share_encoders(DemoBackend({"default": DEFAULT_REF}, device="cpu", overlay=path), taught)
     assert len(again.examples("")) == 11
+
+
+def test_cli_shared_overlay_needs_one_reference(tmp_path):
+    from typer.testing import CliRunner
+
+    from reme.cli import app
+
+    r = CliRunner().invoke(app, ["demo", "--reference", f"a={DEFAULT_REF}", "--reference", f"b={DEFAULT_REF}",
+                                 "--overlay", str(tmp_path / "ov"), "--port", "1"])
+    assert r.exit_code != 0 and "exactly one reference" in r.output
+    assert not (tmp_path / "ov").exists()
+    assert "--overlay" in CliRunner().invoke(app, ["demo", "--help"]).output
