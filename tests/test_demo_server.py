@@ -292,7 +292,8 @@ def test_sessions_do_not_see_each_others_examples(taught):
     set_cookie = _client(taught).get("/api/config").headers["set-cookie"]
     assert "httponly" in set_cookie.lower() and "samesite=strict" in set_cookie.lower()
     assert "set-cookie" not in a.get("/api/config").headers                # a's cookie is kept
-    d = a.post("/api/examples", data={"result_id": ra["result_id"], "x": PIXEL[0], "y": PIXEL[1], "label": "rug"}).json()
+    d = a.post("/api/examples", data={"result_id": ra["result_id"], "x": PIXEL[0], "y": PIXEL[1],
+                                      "label": "rug"}).json()
     assert len(d["examples"]) == 1
     assert b.get("/api/examples").json()["examples"] == []
     again = _segment(b)
@@ -317,7 +318,8 @@ def test_bad_teaching_requests_get_4xx(taught, monkeypatch):
              ({"label": "x" * (backend_mod.MAX_LABEL_CHARS + 1)}, 400, "characters"),
              ({"label": "rug, sofa"}, 400, "','"), ({"label": "rug", "result_id": "gone"}, 404, "expired"),
              ({"label": "rug", "segment_id": n}, 400, "outside"), ({"label": "rug", "segment_id": -1}, 400, "outside"),
-             ({"label": "rug", "x": 9999, "y": 0}, 400, "outside"), ({"label": "rug", "segment_id": "one"}, 400, "segment_id")]
+             ({"label": "rug", "x": 9999, "y": 0}, 400, "outside"),
+             ({"label": "rug", "segment_id": "one"}, 400, "segment_id")]
     for fields, code, word in cases:
         data = {"result_id": rid, "segment_id": 0, **fields}
         if "x" in fields:
