@@ -634,11 +634,15 @@ def demo_cmd(
                                            "127.0.0.1 and localhost). Other Host headers get 400."),
     image_root: List[Path] = typer.Option([], help="Folder of the reference sets' source photos (repeatable)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: CUDA if available)."),
+    overlay: Optional[Path] = typer.Option(None, metavar="DIR", help="Overlay folder every visitor's "
+                                           "'Label this as' examples go to, saved after each add/undo "
+                                           "(one --reference only; default: each browser session "
+                                           "teaches its own in-memory overlay)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=_QUIET_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=_VERBOSE_HELP),
 ):
     """Start the demo page: upload a photo, type classes, click a segment to see its evidence
-    (needs: pip install "reme[demo]")."""
+    and teach it by example (needs: pip install "reme[demo]")."""
     _setup_logging(quiet, verbose)
     from reme.defaults import default_reference_path
     from reme.errors import MissingWeightsError, ReferenceSetError
@@ -658,8 +662,8 @@ def demo_cmd(
         require_demo_extra()
         typer.echo(f"reme demo: loading the reference set, then serving http://{host}:{port}/ (Ctrl+C stops it)")
         serve(refs, host=host, port=port, image_roots=image_root, device=device,
-              allowed_hosts=allowed_host or None)
-    except ImportError as exc:
+              allowed_hosts=allowed_host or None, overlay=overlay)
+    except (ImportError, ValueError) as exc:
         _fail(str(exc))
     except (ReferenceSetError, MissingWeightsError, FileNotFoundError) as exc:
         _fail(str(exc))

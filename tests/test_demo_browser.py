@@ -90,57 +90,20 @@ def _wait_for(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
-@pytest.mark.browser
-@pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"Debian chromium not found at {CHROMIUM} (apt-get install chromium)")
-def test_demo_in_browser(tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+@pytest.fixture(scope="module")
+def demo_url(tmp_path_factory):
+    """``reme demo`` on a free port of 127.0.0.1 (the embedded reference, CPU), for this module."""
+    tmp = tmp_path_factory.mktemp("demo")
     port = _free_port()
-    log = open(tmp_path / "demo.log", "w")
+    log = open(tmp / "demo.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "reme.cli", "demo", "--port", str(port), "--device", "cpu",
                              "--reference", str(DEFAULT_REF), "-q"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     try:
         url = f"http://127.0.0.1:{port}/"
         _wait_for(url + "api/config", proc)
-        upload = tmp_path / "chelsea.jpg"
-        Image.fromarray(photo("chelsea")).save(upload, quality=92)
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                              "--disable-component-update"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url)
-            sync_api.expect(page.locator("#status")).to_contain_text("Ready", timeout=30_000)
-            assert page.locator("#reference option").all_inner_texts() == ["default"]
-            page.set_input_files("#image-file", str(upload))
-            page.fill("#classes", "cat, wall, floor, rug")
-            page.click("#run")
-            overlay = page.locator("#overlay")
-            sync_api.expect(page.locator("#result")).to_be_visible(timeout=120_000)
-            assert overlay.get_attribute("src").startswith("data:image/png")
-            legend = page.locator("#legend tbody tr").all_inner_texts()
-            assert len(legend) == 4 and any("cat" in row for row in legend)
-            nat = page.evaluate("() => [document.getElementById('overlay').naturalWidth, "
-                                "document.getElementById('overlay').naturalHeight]")
-            assert nat == [451, 300]
-            box = overlay.bounding_box()
-            overlay.click(position={"x": box["width"] * 0.5, "y": box["height"] * 0.45})
-            items = page.locator("#ev-neighbours li")
-            sync_api.expect(items).to_have_count(10, timeout=30_000)
-            labels = page.locator("#ev-neighbours .ref-labels").all_inner_texts()
-            from reme.reference import load_reference
-
-            known = set(load_reference(DEFAULT_REF, verify=False).labels)
-            assert all(lab and set(lab.split(", ")) <= known for lab in labels), labels
-            assert page.locator("#ev-title").inner_text().startswith("segment ")
-            page.wait_for_function("() => [...document.querySelectorAll('#ev-neighbours img')]"
-                                   ".every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
-            shot = tmp_path / "reme_demo.png"
-            page.screenshot(path=str(shot), full_page=True)
-            browser.close()
-        assert Image.open(shot).size[0] >= 1000
-        shutil.copy(shot, "/tmp/reme_demo_screenshot.png")
+        yield url
     finally:
         proc.terminate()
         try:
@@ -148,3 +111,112 @@ def test_demo_in_browser(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def _browser(p):
+    return p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                   "--disable-component-update"])
+
+
+needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).is_file(),
+                                    reason=f"Debian chromium not found at {CHROMIUM} (apt-get install chromium)")
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_demo_in_browser(demo_url, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    url = demo_url
+    upload = tmp_path / "chelsea.jpg"
+    Image.fromarray(photo("chelsea")).save(upload, quality=92)
+    with sync_api.sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        sync_api.expect(page.locator("#status")).to_contain_text("Ready", timeout=30_000)
+        assert page.locator("#reference option").all_inner_texts() == ["default"]
+        page.set_input_files("#image-file", str(upload))
+        page.fill("#classes", "cat, wall, floor, rug")
+        page.click("#run")
+        overlay = page.locator("#overlay")
+        sync_api.expect(page.locator("#result")).to_be_visible(timeout=120_000)
+        assert overlay.get_attribute("src").startswith("data:image/png")
+        legend = page.locator("#legend tbody tr").all_inner_texts()
+        assert len(legend) == 4 and any("cat" in row for row in legend)
+        nat = page.evaluate("() => [document.getElementById('overlay').naturalWidth, "
+                            "document.getElementById('overlay').naturalHeight]")
+        assert nat == [451, 300]
+        box = overlay.bounding_box()
+        overlay.click(position={"x": box["width"] * 0.5, "y": box["height"] * 0.45})
+        items = page.locator("#ev-neighbours li")
+        sync_api.expect(items).to_have_count(10, timeout=30_000)
+        labels = page.locator("#ev-neighbours .ref-labels").all_inner_texts()
+        from reme.reference import load_reference
+
+        known = set(load_reference(DEFAULT_REF, verify=False).labels)
+        assert all(lab and set(lab.split(", ")) <= known for lab in labels), labels
+        assert page.locator("#ev-title").inner_text().startswith("segment ")
+        page.wait_for_function("() => [...document.querySelectorAll('#ev-neighbours img')]"
+                               ".every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
+        shot = tmp_path / "reme_demo.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert Image.open(shot).size[0] >= 1000
+    shutil.copy(shot, "/tmp/reme_demo_screenshot.png")
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_teach_by_example_in_browser(demo_url, tmp_path):
+    """Segment a bundled photo, click a region, "Label this" as another class: the overlay is
+    redrawn, the clicked region now has the taught class, the examples list shows it; Undo
+    empties the list and restores the first overlay."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    expect = sync_api.expect
+    with sync_api.sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(demo_url)
+        expect(page.locator("#status")).to_contain_text("Ready", timeout=30_000)
+        page.select_option("#sample", "chelsea")
+        page.fill("#classes", "cat, wall, floor")
+        page.click("#run")
+        expect(page.locator("#result")).to_be_visible(timeout=120_000)
+        overlay = page.locator("#overlay")
+        first = overlay.get_attribute("src")
+        assert page.locator("#teach").is_hidden() and page.locator("#examples-box").is_hidden()
+        box = overlay.bounding_box()
+        spot = {"x": box["width"] * 400 / 451, "y": box["height"] * 280 / 300}   # lower right: not the cat
+        overlay.click(position=spot)
+        expect(page.locator("#teach")).to_be_visible(timeout=30_000)
+        before = page.locator("#ev-title").inner_text()
+        assert page.evaluate("() => [...document.querySelectorAll('#class-names option')].map(o => o.value)") == \
+            ["cat", "wall", "floor"]
+        page.fill("#teach-label", "radiator")
+        page.click("#teach-run")
+        expect(page.locator("#examples tbody tr")).to_have_count(1, timeout=60_000)
+        expect(page.locator("#status")).to_contain_text("Labelled as", timeout=30_000)
+        assert overlay.get_attribute("src") != first and page.locator("#teach").is_hidden()
+        assert page.input_value("#classes") == "cat, wall, floor, radiator"   # the new label became a class
+        row = page.locator("#examples tbody tr").inner_text()
+        assert "radiator" in row and "chelsea" in row
+        assert "radiator" in page.locator("#legend tbody").inner_text()
+        overlay.click(position=spot)                                            # the region now says so
+        expect(page.locator("#ev-title")).to_contain_text("radiator", timeout=30_000)
+        assert "radiator" not in before
+        expect(page.locator(".taught").first).to_be_visible()
+        page.wait_for_function("() => [...document.querySelectorAll('#ev-neighbours img')]"
+                               ".every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
+        shots = Path(os.environ.get("REME_SCREENSHOT_DIR", tmp_path))
+        shots.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(shots / "reme_demo_taught.png"), full_page=True)
+        page.locator("#examples button.undo").first.click()
+        expect(page.locator("#examples tbody tr")).to_have_count(0, timeout=60_000)
+        expect(page.locator("#examples-box")).to_be_hidden()
+        expect(page.locator("#status")).to_contain_text("segmented again", timeout=30_000)
+        page.fill("#classes", "cat, wall, floor")
+        page.click("#run")
+        expect(page.locator("#status")).to_contain_text("Done in", timeout=60_000)
+        assert overlay.get_attribute("src") == first                            # undo restored the result
+        browser.close()

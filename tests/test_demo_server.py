@@ -202,3 +202,217 @@ def test_photo_round_trip_still_segments(client):
     d = r.json()
     assert (d["width"], d["height"]) == (451, 300) and [x["class"] for x in d["legend"]] == ["cat", "wall"]
     assert np.isclose(sum(x["fraction"] for x in d["legend"]), 1.0, atol=1e-3)
+
+
+# ---------------------------------------------------------------- teach by example (issue 15)
+
+CLASSES = "cat, wall, floor, rug"
+PIXEL = (400, 280)   # lower right of chelsea: wall or floor, not the cat
+
+
+@pytest.fixture(scope="module")
+def taught():
+    """One backend on the real default reference (its encoders loaded once for the module)."""
+    backend = DemoBackend({"default": DEFAULT_REF}, device="cpu")
+    backend.segmenter("default")
+    return backend
+
+
+def _client(backend) -> TestClient:
+    return TestClient(create_app(backend), base_url=URL)
+
+
+def _share_encoders(backend: DemoBackend, loaded: DemoBackend) -> DemoBackend:
+    """``backend`` using the Segmenter ``loaded`` already loaded (saves reloading the encoders)."""
+    loaded.segmenter("default")
+    backend._segmenters["default"] = loaded._segmenters["default"]
+    backend._images["default"] = loaded._images["default"]
+    return backend
+
+
+def _segment(c: TestClient) -> dict:
+    r = c.post("/api/segment", data={"classes": CLASSES, "sample": "chelsea"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _class_at(c: TestClient, result_id: str, xy=PIXEL) -> str:
+    r = c.get("/api/evidence", params={"result_id": result_id, "x": xy[0], "y": xy[1]})
+    assert r.status_code == 200, r.text
+    return r.json()["class"]
+
+
+def test_teaching_relabels_the_clicked_segment_and_undo_restores_the_result(taught):
+    c = _client(taught)
+    first = _segment(c)
+    before = _class_at(c, first["result_id"])
+    label = "rug" if before != "rug" else "floor"
+    r = c.post("/api/examples", data={"result_id": first["result_id"], "x": PIXEL[0], "y": PIXEL[1], "label": label})
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert [e["label"] for e in d["examples"]] == [label] and d["examples"][0]["image"] == "chelsea"
+    assert d["examples"][0]["rows"] >= 1 and d["classes"] == CLASSES
+    new = d["result"]
+    assert new["result_id"] != first["result_id"] and new["examples"] == 1
+    assert _class_at(c, new["result_id"]) == label                  # the taught label, at once
+    ev = c.get("/api/evidence", params={"result_id": new["result_id"], "x": PIXEL[0], "y": PIXEL[1]}).json()
+    mine = [n for n in ev["neighbours"] if n["source"] == "example"]
+    assert mine and mine[0]["labels"] == [label] and abs(mine[0]["similarity"] - 1) < 1e-2
+    thumb = c.get("/" + mine[0]["thumb"])
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/png"
+    assert c.get("/api/examples").json()["examples"] == d["examples"]
+    u = c.post("/api/examples/undo", data={"example_id": d["example_id"], "result_id": new["result_id"]})
+    assert u.status_code == 200, u.text
+    back = u.json()
+    assert back["examples"] == [] and back["removed"] == d["examples"][0]["rows"]
+    assert back["result"]["overlay"] == first["overlay"] and back["result"]["legend"] == first["legend"]
+    assert c.get("/api/examples").json()["examples"] == []
+
+
+def test_a_new_label_joins_the_class_list(taught):
+    c = _client(taught)
+    first = _segment(c)
+    d = c.post("/api/examples", data={"result_id": first["result_id"], "x": PIXEL[0], "y": PIXEL[1],
+                                      "label": "  radiator  "}).json()
+    assert d["classes"] == CLASSES + ", radiator" and d["examples"][0]["label"] == "radiator"
+    assert [x["class"] for x in d["result"]["legend"]] == ["cat", "wall", "floor", "rug", "radiator"]
+    assert _class_at(c, d["result"]["result_id"]) == "radiator"
+    assert c.post("/api/examples/undo", data={"example_id": "all"}).json()["examples"] == []
+    # a class typed in other case is that class, spelled as in the class field
+    d = c.post("/api/examples", data={"result_id": first["result_id"], "segment_id": 0, "label": " RUG ",
+                                      "resegment": "false"}).json()
+    assert d["classes"] == CLASSES and d["examples"][0]["label"] == "rug" and d["result"] is None
+    assert c.post("/api/examples/undo", data={}).json()["removed"] == d["examples"][0]["rows"]    # the last one
+
+
+def test_sessions_do_not_see_each_others_examples(taught):
+    a, b = _client(taught), _client(taught)
+    ra, rb = _segment(a), _segment(b)
+    assert a.cookies["reme_session"] != b.cookies["reme_session"]
+    set_cookie = _client(taught).get("/api/config").headers["set-cookie"]
+    assert "httponly" in set_cookie.lower() and "samesite=strict" in set_cookie.lower()
+    assert "set-cookie" not in a.get("/api/config").headers                # a's cookie is kept
+    d = a.post("/api/examples", data={"result_id": ra["result_id"], "x": PIXEL[0], "y": PIXEL[1],
+                                      "label": "rug"}).json()
+    assert len(d["examples"]) == 1
+    assert b.get("/api/examples").json()["examples"] == []
+    again = _segment(b)
+    assert again["overlay"] == rb["overlay"] and again["examples"] == 0   # b's result is untouched
+    # a's results are not b's: no evidence, no teaching, no undo of a's example through them
+    assert b.get("/api/evidence", params={"result_id": ra["result_id"], "x": 1, "y": 1}).status_code == 404
+    r = b.post("/api/examples", data={"result_id": ra["result_id"], "segment_id": 0, "label": "rug"})
+    assert r.status_code == 404
+    assert b.post("/api/examples/undo", data={"example_id": d["example_id"]}).status_code == 404
+    assert len(a.get("/api/examples").json()["examples"]) == 1
+    a.post("/api/examples/undo", data={"example_id": "all"})
+    # one photo's cached features in memory, whatever the number of sessions
+    cached = [s for st in taught._sessions.values() for s in st.segmenters.values() if s._views]
+    assert len(cached) == 1
+
+
+def test_bad_teaching_requests_get_4xx(taught, monkeypatch):
+    c = _client(taught)
+    rid = _segment(c)["result_id"]
+    n = _segment(c)["num_segments"]
+    cases = [({"label": ""}, 400, "label"), ({"label": "   "}, 400, "label"),
+             ({"label": "x" * (backend_mod.MAX_LABEL_CHARS + 1)}, 400, "characters"),
+             ({"label": "rug, sofa"}, 400, "','"), ({"label": "rug", "result_id": "gone"}, 404, "expired"),
+             ({"label": "rug", "segment_id": n}, 400, "outside"), ({"label": "rug", "segment_id": -1}, 400, "outside"),
+             ({"label": "rug", "x": 9999, "y": 0}, 400, "outside"),
+             ({"label": "rug", "segment_id": "one"}, 400, "segment_id")]
+    for fields, code, word in cases:
+        data = {"result_id": rid, "segment_id": 0, **fields}
+        if "x" in fields:
+            del data["segment_id"]
+        r = c.post("/api/examples", data=data)
+        assert r.status_code == code and word in r.json()["error"], (fields, r.text)
+    r = c.post("/api/examples", data={"result_id": rid, "label": "rug"})
+    assert r.status_code == 400 and "segment" in r.json()["error"]
+    r = c.post("/api/examples", data={"result_id": rid, "segment_id": 0, "label": "rug"},
+               headers={"origin": "http://evil.example"})
+    assert r.status_code == 403
+    assert c.post("/api/examples/undo", data={"example_id": "nope"}).status_code == 404
+    assert c.get("/api/examples", params={"reference": "nope"}).status_code == 404
+    assert c.get("/api/examples").json()["examples"] == []                  # nothing was added
+    monkeypatch.setattr(backend_mod, "MAX_EXAMPLES", 1)
+    ok = c.post("/api/examples", data={"result_id": rid, "segment_id": 0, "label": "rug", "resegment": "false"})
+    assert ok.status_code == 200 and ok.json()["result"] is None
+    r = c.post("/api/examples", data={"result_id": rid, "segment_id": 1, "label": "rug"})
+    assert r.status_code == 400 and "limit" in r.json()["error"]
+    c.post("/api/examples/undo", data={"example_id": "all"})
+
+
+def test_sessions_are_lru_bounded(taught, monkeypatch):
+    monkeypatch.setattr(backend_mod, "MAX_SESSIONS", 2)
+    fresh = _client(taught)
+    assert fresh.get("/api/examples").json()["examples"] == []
+    assert fresh.cookies["reme_session"] not in taught._sessions      # a page load takes no slot
+    first = [taught.session_segmenter(f"session-{i:02d}-abcdefghijklmnop") for i in range(3)]
+    assert len(taught._sessions) == 2 and "session-00-abcdefghijklmnop" not in taught._sessions
+    assert taught.session_segmenter("session-02-abcdefghijklmnop") is first[2]
+    assert taught.session_segmenter("session-00-abcdefghijklmnop") is not first[0]   # forgotten: a fresh overlay
+
+
+def test_shared_overlay_takes_concurrent_sessions_atomically(taught, tmp_path):
+    from reme.overlay import load_overlay
+
+    path = tmp_path / "overlay"
+    with pytest.raises(ValueError, match="exactly one reference"):
+        DemoBackend({"a": DEFAULT_REF, "b": DEFAULT_REF}, overlay=path)
+    shared = _share_encoders(DemoBackend({"default": DEFAULT_REF}, device="cpu", overlay=path), taught)
+    clients = [_client(shared) for _ in range(4)]
+    results = [_segment(c)["result_id"] for c in clients]
+    errors, codes, seen = [], [], []
+    stop = threading.Event()
+
+    def session(i):
+        try:
+            for j in range(3):
+                r = clients[i].post("/api/examples", data={"result_id": results[i], "segment_id": 3 * i + j,
+                                                           "label": f"thing {i}", "resegment": "false"})
+                codes.append(r.status_code)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def reader():
+        while not stop.is_set():
+            if (path / "manifest.json").is_file():
+                try:
+                    seen.append(len(load_overlay(path).examples()))
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(exc)
+            time.sleep(0.01)
+
+    rt = threading.Thread(target=reader)
+    rt.start()
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    rt.join()
+    assert errors == [] and codes == [200] * 12
+    final = load_overlay(path)
+    assert len(final.examples()) == 12 and set(final.labels) == {f"thing {i}" for i in range(4)}
+    assert seen and all(1 <= n <= 12 for n in seen)
+    # every session sees the shared examples; an undo is saved too
+    assert len(clients[0].get("/api/examples").json()["examples"]) == 12
+    eid = final.examples()[0]["example_id"]
+    assert clients[1].post("/api/examples/undo", data={"example_id": eid}).status_code == 200
+    assert len(load_overlay(path).examples()) == 11 and not list(tmp_path.glob(".*.tmp"))
+    # a restarted server reads the folder back
+    again = _share_encoders(DemoBackend({"default": DEFAULT_REF}, device="cpu", overlay=path), taught)
+    assert len(again.examples("")) == 11
+
+
+def test_cli_shared_overlay_needs_one_reference(tmp_path):
+    from typer.testing import CliRunner
+
+    from reme.cli import app
+
+    r = CliRunner().invoke(app, ["demo", "--reference", f"a={DEFAULT_REF}", "--reference", f"b={DEFAULT_REF}",
+                                 "--overlay", str(tmp_path / "ov"), "--port", "1"])
+    assert r.exit_code != 0 and "exactly one reference" in r.output
+    assert not (tmp_path / "ov").exists()
+    assert "--overlay" in CliRunner().invoke(app, ["demo", "--help"]).output

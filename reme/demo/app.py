@@ -8,6 +8,11 @@ Routes::
     POST /api/segment                   form: classes, reference, and image (file) or sample
     GET  /api/evidence?result_id&x&y    evidence of the segment under pixel (x, y)
     GET  /api/refcrop/{ref}/{id}.png    thumbnail of a reference segment
+    POST /api/examples                  form: result_id, label, segment_id or x and y, resegment;
+                                        teach that segment, answer the new segmentation
+    POST /api/examples/undo             form: example_id (id, "" = last, "all"), result_id, reference
+    GET  /api/examples?reference        this session's examples
+    GET  /api/examplecrop/{result}/{id}.png  thumbnail of a taught segment
     GET  /favicon.ico                   the page icon (static/favicon.svg)
 
 Misuse guards: only requests whose ``Host`` is one of the allowed host names are answered
@@ -17,10 +22,17 @@ bound to), a POST from another site (``Sec-Fetch-Site: cross-site``, or an ``Ori
 and decoded a few at a time ([`read_upload`][reme.demo.backend.read_upload]), class lists are
 capped ([`check_classes`][reme.demo.backend.check_classes]) and a request waits a bounded time
 for the segmenter. Every error is JSON ``{"error": "<plain sentence>"}``.
+
+Sessions: every browser gets a random session id (``secrets.token_urlsafe``) in an
+``HttpOnly; SameSite=Strict`` cookie; its results and taught examples are its own
+([`DemoBackend`][reme.demo.backend.DemoBackend] keeps one overlay per session and reference set,
+unless the server shares one overlay folder). Teaching is capped: a label of at most
+60 characters without `,` or `;`, at most 200 examples per session (2000 in a shared overlay).
 """
 
 # no `from __future__ import annotations`: FastAPI reads the route annotations at run time
 import logging
+import secrets
 import socket
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -31,6 +43,8 @@ from reme.demo.backend import DemoBackend, png_bytes
 logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
+#: Name of the session cookie.
+SESSION_COOKIE = "reme_session"
 
 
 def require_demo_extra() -> None:
@@ -113,7 +127,7 @@ def create_app(backend: DemoBackend, *, allowed_hosts: Sequence[str] = LOOPBACK_
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-    from reme.demo.backend import BusyError, check_classes
+    from reme.demo.backend import SESSION_ID, BusyError, check_classes
     from reme.errors import ImageReadError
 
     hosts = [h.lower() for h in allowed_hosts]
@@ -126,6 +140,16 @@ def create_app(backend: DemoBackend, *, allowed_hosts: Sequence[str] = LOOPBACK_
             return JSONResponse({"error": "cross-site requests are refused; use the demo page itself"},
                                 status_code=403)
         return await call_next(request)
+
+    @app.middleware("http")
+    async def session_cookie(request: Request, call_next):
+        sid = request.cookies.get(SESSION_COOKIE, "")
+        new = None if SESSION_ID.fullmatch(sid) else secrets.token_urlsafe(24)
+        request.state.session = new or sid
+        response = await call_next(request)
+        if new:
+            response.set_cookie(SESSION_COOKIE, new, httponly=True, samesite="strict", path="/")
+        return response
 
     # added last, so it runs first: a wrong Host gets 400 before anything else happens
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
@@ -162,7 +186,7 @@ def create_app(backend: DemoBackend, *, allowed_hosts: Sequence[str] = LOOPBACK_
             raise HTTPException(404, str(exc)) from exc
 
     @app.post("/api/segment")
-    def segment(classes: str = Form(""), reference: str = Form(""), sample: str = Form(""),
+    def segment(request: Request, classes: str = Form(""), reference: str = Form(""), sample: str = Form(""),
                 image: UploadFile | None = File(None)):
         from reme.demo.backend import MAX_UPLOAD_BYTES, read_upload
 
@@ -175,26 +199,67 @@ def create_app(backend: DemoBackend, *, allowed_hosts: Sequence[str] = LOOPBACK_
                     return JSONResponse({"error": f"the upload is over {MAX_UPLOAD_BYTES // 2**20} MiB"},
                                         status_code=413)
                 img = read_upload(image.file.read(MAX_UPLOAD_BYTES + 1))
+                name = Path(image.filename).name[:80]
             elif sample:
-                img = backend.sample(sample)
+                img, name = backend.sample(sample), sample
             else:
                 raise ValueError("upload a photo or pick a bundled one")
-            return backend.segment(img, classes, reference or None)
+            return backend.segment(img, classes, reference or None, session=request.state.session, image_name=name)
         except (ValueError, ImageReadError) as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         except KeyError as exc:
             return JSONResponse({"error": exc.args[0]}, status_code=404)
         except BusyError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "10"})
+            return _busy(exc)
 
     @app.get("/api/evidence")
-    def evidence(result_id: str, x: int, y: int):
+    def evidence(request: Request, result_id: str, x: int, y: int):
         try:
-            return backend.evidence(result_id, x, y)
+            return backend.evidence(result_id, x, y, session=request.state.session)
         except KeyError as exc:
             return JSONResponse({"error": exc.args[0]}, status_code=404)
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.post("/api/examples")
+    def add_example(request: Request, result_id: str = Form(""), label: str = Form(""),
+                    segment_id: int | None = Form(None), x: int | None = Form(None), y: int | None = Form(None),
+                    resegment: bool = Form(True)):
+        try:
+            return backend.add_example(request.state.session, result_id, label, segment_id=segment_id, x=x, y=y,
+                                       resegment=resegment)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        except KeyError as exc:
+            return JSONResponse({"error": exc.args[0]}, status_code=404)
+        except BusyError as exc:
+            return _busy(exc)
+
+    @app.post("/api/examples/undo")
+    def undo_example(request: Request, example_id: str = Form(""), result_id: str = Form(""),
+                     reference: str = Form("")):
+        try:
+            return backend.undo_example(request.state.session, example_id or None, reference=reference or None,
+                                        result_id=result_id or None)
+        except KeyError as exc:
+            return JSONResponse({"error": exc.args[0]}, status_code=404)
+        except BusyError as exc:
+            return _busy(exc)
+
+    @app.get("/api/examples")
+    def examples(request: Request, reference: str = ""):
+        try:
+            return {"examples": backend.examples(request.state.session, reference or None)}
+        except KeyError as exc:
+            return JSONResponse({"error": exc.args[0]}, status_code=404)
+
+    @app.get("/api/examplecrop/{result_id}/{segment_id}.png")
+    def example_crop(request: Request, result_id: str, segment_id: int):
+        try:
+            tile = backend.example_crop(request.state.session, result_id, segment_id)
+        except (KeyError, IndexError) as exc:
+            raise HTTPException(404, str(exc)) from exc
+        return Response(png_bytes(tile), media_type="image/png", headers={"Cache-Control": "no-store"})
 
     @app.get("/api/refcrop/{reference}/{segment_id}.png")
     def refcrop(reference: str, segment_id: int):
@@ -207,9 +272,15 @@ def create_app(backend: DemoBackend, *, allowed_hosts: Sequence[str] = LOOPBACK_
     return app
 
 
+def _busy(exc):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "10"})
+
+
 def serve(references: Mapping[str, str | Path], *, host: str = "127.0.0.1", port: int = 7860,
           image_roots: Sequence[str | Path] = (), device: str | None = None, preload: bool = True,
-          segmenter_kwargs=None, allowed_hosts: Sequence[str] | None = None) -> None:
+          segmenter_kwargs=None, allowed_hosts: Sequence[str] | None = None, overlay: str | Path | None = None) -> None:
     """Run the demo server until interrupted.
 
     Args:
@@ -223,16 +294,22 @@ def serve(references: Mapping[str, str | Path], *, host: str = "127.0.0.1", port
             (``top_k``, ...).
         allowed_hosts: ``Host`` names answered (default: [`bound_host_names`][reme.demo.app.bound_host_names]
             of ``host``); other names get 400.
+        overlay: an overlay folder every session teaches into (one reference set only; see
+            [`DemoBackend`][reme.demo.backend.DemoBackend]); None: one in-memory overlay per session.
 
     Raises:
         ImportError: the ``demo`` extra is not installed.
+        ValueError: a shared overlay with several reference sets.
     """
     require_demo_extra()
     import uvicorn
 
-    backend = DemoBackend(references, image_roots=image_roots, device=device, segmenter_kwargs=segmenter_kwargs)
+    backend = DemoBackend(references, image_roots=image_roots, device=device, segmenter_kwargs=segmenter_kwargs,
+                          overlay=overlay)
     if preload:
         backend.segmenter(backend.default_reference)
+        if overlay is not None:  # a wrong or foreign overlay folder fails here, before listening
+            backend.session_segmenter("", backend.default_reference)
     app = create_app(backend, allowed_hosts=list(allowed_hosts or bound_host_names(host)))
     logger.info("reme demo on http://%s:%d", host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning")

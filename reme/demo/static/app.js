@@ -2,6 +2,7 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 let current = null;  // last /api/segment answer
+let picked = null;   // {x, y, segment} of the last clicked region
 
 function status(text, isError) {
   $("status").textContent = text;
@@ -28,6 +29,8 @@ async function init() {
     $("reference").value = cfg.default_reference;
     $("sample").value = cfg.samples[0] || "";
     $("classes").value = cfg.default_classes;
+    $("teach-label").maxLength = cfg.max_label_chars;
+    await loadExamples();
     status("Ready. Choose a photo and classes, then press Segment.");
   } catch (err) {
     status("Cannot reach the reme server: " + err, true);
@@ -47,7 +50,6 @@ async function runSegment(ev) {
     const resp = await fetch("api/segment", { method: "POST", body: fd });
     const data = await resp.json();
     if (!resp.ok) throw new Error(data.error || resp.statusText);
-    current = data;
     showResult(data);
     status(`Done in ${data.seconds} s: ${data.num_segments} segments. Click a region to see why it got its label.`);
   } catch (err) {
@@ -58,6 +60,9 @@ async function runSegment(ev) {
 }
 
 function showResult(d) {
+  current = d;
+  picked = null;
+  $("teach").hidden = true;
   $("overlay").src = d.overlay;
   $("overlay").dataset.resultId = d.result_id;
   $("result-info").textContent = `${d.width}×${d.height} px${d.resized ? " (downscaled for speed)" : ""}, ` +
@@ -69,6 +74,7 @@ function showResult(d) {
       el("td", {}, el("span", { class: "swatch", style: `background:${row.color}` })),
       el("td", {}, row.class), el("td", {}, pct(row.fraction)), el("td", {}, row.max_segment_score.toFixed(3))));
   }
+  $("class-names").replaceChildren(...d.legend.map((row) => el("option", { value: row.class })));
   $("result").hidden = false;
   $("evidence").hidden = true;
 }
@@ -86,7 +92,10 @@ async function showEvidence(ev) {
     if (!resp.ok) throw new Error(d.error || resp.statusText);
     renderEvidence(d);
     img.src = d.highlight;
-    status(`Segment ${d.segment} → ${d.class}. Click another region, or Segment again.`);
+    picked = { x, y, segment: d.segment };
+    $("teach-info").textContent = `segment ${d.segment}, now "${d.class}"`;
+    $("teach").hidden = false;
+    status(`Segment ${d.segment} → ${d.class}. Label it below, click another region, or Segment again.`);
   } catch (err) {
     status("Error: " + err.message, true);
   }
@@ -112,18 +121,87 @@ function renderEvidence(d) {
   list.replaceChildren();
   d.neighbours.forEach((n, i) => {
     const where = n.image ? `source photo ${n.image}, box [${n.bbox.join(", ")}], stage ${n.source}` : "";
+    const taught = n.source === "example";
     list.append(el("li", {}, el("div", { class: "neighbour" },
       el("img", { src: n.thumb, alt: `reference segment ${n.reference_id}`, loading: "lazy" }),
       el("div", {},
         el("div", {}, el("span", { class: "rank" }, `${i + 1}. `),
-          el("span", { class: "ref-labels" }, n.labels.join(", ") || "(no label)")),
+          el("span", { class: "ref-labels" }, n.labels.join(", ") || "(no label)"),
+          taught ? el("span", { class: "taught" }, " (your example)") : ""),
         el("div", { class: "meta" }, `similarity ${n.similarity.toFixed(3)} · weight ${n.weight.toFixed(3)} · #${n.reference_id}`),
         el("div", { class: "meta" }, where)))));
   });
   $("evidence").hidden = false;
 }
 
+async function postForm(url, fields) {
+  const fd = new FormData();
+  for (const [k, v] of Object.entries(fields)) fd.append(k, v);
+  const resp = await fetch(url, { method: "POST", body: fd });
+  const data = await resp.json();
+  if (!resp.ok) throw new Error(data.error || resp.statusText);
+  return data;
+}
+
+async function teach(ev) {
+  ev.preventDefault();
+  if (!current || !picked) return;
+  const label = $("teach-label").value.trim();
+  if (!label) { status("Type a label for the segment first.", true); return; }
+  $("teach-run").disabled = true;
+  status(`Adding segment ${picked.segment} as "${label}", then segmenting again…`);
+  const t0 = performance.now();
+  try {
+    const d = await postForm("api/examples", { result_id: current.result_id, segment_id: picked.segment, label });
+    $("classes").value = d.classes;
+    showResult(d.result);
+    renderExamples(d.examples);
+    $("teach-label").value = "";
+    const secs = ((performance.now() - t0) / 1000).toFixed(2);
+    status(`Labelled as "${label}" (added in ${d.seconds.add} s, segmented again in ${d.seconds.segment} s; ` +
+      `${secs} s in all). Click a region to check it, or undo below.`);
+  } catch (err) {
+    status("Error: " + err.message, true);
+  } finally {
+    $("teach-run").disabled = false;
+  }
+}
+
+async function undo(exampleId) {
+  status(exampleId === "all" ? "Removing every example…" : "Removing the example…");
+  try {
+    const fields = { example_id: exampleId, reference: $("reference").value };
+    if (current) fields.result_id = current.result_id;
+    const d = await postForm("api/examples/undo", fields);
+    if (d.result) showResult(d.result);
+    renderExamples(d.examples);
+    status(`Removed ${d.removed} segment(s)` + (d.result ? " and segmented again." : "."));
+  } catch (err) {
+    status("Error: " + err.message, true);
+  }
+}
+
+async function loadExamples() {
+  const resp = await fetch(`api/examples?reference=${encodeURIComponent($("reference").value)}`);
+  if (resp.ok) renderExamples((await resp.json()).examples);
+}
+
+function renderExamples(examples) {
+  const body = $("examples").querySelector("tbody");
+  body.replaceChildren();
+  for (const e of examples) {
+    const btn = el("button", { type: "button", class: "undo", "data-example": e.example_id }, "Undo");
+    btn.addEventListener("click", () => undo(e.example_id));
+    body.append(el("tr", { "data-example": e.example_id }, el("td", {}, e.label), el("td", {}, e.image),
+      el("td", {}, e.rows), el("td", {}, e.added.replace("T", " ").replace("Z", "")), el("td", {}, btn)));
+  }
+  $("examples-box").hidden = examples.length === 0;
+}
+
 $("form").addEventListener("submit", runSegment);
+$("teach").addEventListener("submit", teach);
+$("undo-all").addEventListener("click", () => undo("all"));
+$("reference").addEventListener("change", loadExamples);
 $("overlay").addEventListener("click", showEvidence);
 $("image-file").addEventListener("change", () => { if ($("image-file").files.length) $("sample").value = ""; });
 init();
