@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -238,6 +239,7 @@ class Segmenter:
         self._a2_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.view_cache_size = max(int(view_cache_size), 0)
         self._views: OrderedDict[tuple, tuple] = OrderedDict()  # pixels -> (Proposals, S_test, feats)
+        self._views_lock = threading.Lock()                       # shared with `with_overlay` copies
         self._set_overlay(overlay)
 
     # ------------------------------------------------------------------ overlay (reme.overlay)
@@ -283,10 +285,10 @@ class Segmenter:
         return torch.cat([A2, label_affinity(self._merged.L_new, L_test, self.label_logit_scale)])
 
     def with_overlay(self, overlay: str | Path | Overlay | None = None) -> "Segmenter":
-        """A Segmenter sharing this one's encoders, reference set and caches but searching
-        another overlay (one per demo session). None: a new empty overlay."""
+        """A Segmenter sharing this one's encoders, reference set and caches (A2 of the base
+        labels, the FAISS index, the cached image views, none of which depend on the overlay)
+        but searching another overlay (one per demo session). None: a new empty overlay."""
         other = copy.copy(self)
-        other._views = OrderedDict()
         other._set_overlay(overlay)
         return other
 
@@ -430,17 +432,19 @@ class Segmenter:
         ``view_cache_size`` images' are kept, so `add_examples` right after `predict` on the
         same pixels costs no encoder pass."""
         key = _pixels_key(img)
-        hit = self._views.get(key)
-        if hit is not None:
-            self._views.move_to_end(key)
-            return hit
+        with self._views_lock:
+            hit = self._views.get(key)
+            if hit is not None:
+                self._views.move_to_end(key)
+                return hit
         feats = self.visual_encoder.dense_features(img).to(self.device)
         props = self.proposer(img, feats)
         S_test = embed_proposals(self.visual_encoder, feats, props, img)
         if self.view_cache_size:
-            self._views[key] = (props, S_test, feats)
-            while len(self._views) > self.view_cache_size:
-                self._views.popitem(last=False)
+            with self._views_lock:
+                self._views[key] = (props, S_test, feats)
+                while len(self._views) > self.view_cache_size:
+                    self._views.popitem(last=False)
         return props, S_test, feats
 
     def _encoder(self, given, manifest_spec, kind, allow_mismatch):

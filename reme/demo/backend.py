@@ -279,7 +279,6 @@ class DemoBackend:
         self.overlay = Path(overlay) if overlay is not None else None
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self._shared = _Session({}, {})
-        self._last_used: Any = None
         self._state_lock = threading.RLock()  # the session table (short holds, never while segmenting)
         self.references = {str(k): Path(v) for k, v in references.items()}
         self.image_roots = list(image_roots)
@@ -372,20 +371,6 @@ class DemoBackend:
         finally:
             self._lock.release()
 
-    def _use(self, seg) -> None:
-        """Keep the cached image features (``Segmenter._views``: proposals, S_test, dense
-        features) in the segmenter in use only, so their memory does not grow with the number
-        of sessions. They move to ``seg`` when it is a copy of the same base (they do not depend
-        on the overlay), so a session that teaches on a photo another just segmented pays no
-        encoder pass."""
-        last = self._last_used
-        if last is not None and last is not seg:
-            if not seg._views and last.reference is seg.reference:
-                seg._views, last._views = last._views, OrderedDict()
-            else:
-                last._views = OrderedDict()
-        self._last_used = seg
-
     def segment(self, image: np.ndarray, classes: str, reference: str | None = None, *, session: str = "",
                 image_name: str = "photo") -> dict[str, Any]:
         """Segment ``image`` into ``classes`` (with the examples of ``session``) and keep the
@@ -413,7 +398,6 @@ class DemoBackend:
 
     def _predict(self, seg, small: np.ndarray, classes: str, name: str, session: str, image_name: str) -> dict:
         """Segment (the lock held) and keep the result."""
-        self._use(seg)
         t0 = time.time()
         rid = uuid.uuid4().hex[:12]
         res = seg.predict(small, classes, return_evidence=True)
@@ -484,7 +468,6 @@ class DemoBackend:
             if len(seg.examples()) >= self._max_examples():
                 raise ValueError(f"this {'shared overlay' if self.overlay else 'session'} holds "
                                  f"{self._max_examples()} examples, the demo's limit; undo some first")
-            self._use(seg)
             t0 = time.time()
             image_name = f"demo:{r.image_name}#{_pixels_hash(r.image)}"
             eid = seg.add_examples(r.image, [int(segment_id)], label, image_name=image_name,
