@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from reme.cli import app
 
 HEAVY = ("torch", "transformers", "open_clip", "faiss", "sentence_transformers", "spacy")
-COMMANDS = ("build-reference", "segment", "info", "inspect", "demo", "eval", "ablate")
+COMMANDS = ("build-reference", "segment", "add-examples", "info", "inspect", "demo", "eval", "ablate")
 
 
 def _python(code: str, *args: str) -> subprocess.CompletedProcess:
