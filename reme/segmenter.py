@@ -158,6 +158,10 @@ class Segmenter:
             with the reference set: an overlay folder (loaded when it exists, else created
             there by `save_overlay`), an [`Overlay`][reme.overlay.Overlay], or None (an empty
             in-memory overlay; `add_examples` still works). An empty overlay changes nothing.
+        example_bias: added to the cosine similarity of every overlay row in eq. 1 (candidate
+            search and softmax), a prior that the user's examples match the images to segment
+            better than the base does; in [0, 1]. 0 (default) = plain eq. 1 over base + overlay.
+            Needs ``top_k`` (the streamed full softmax has no per-row bias).
         view_cache_size: images whose proposals, S_test and dense features are kept (least
             recently used out), so `add_examples` right after `predict` on the same pixels, or
             predicting the same images again after the overlay changed, costs no encoder pass.
@@ -166,7 +170,8 @@ class Segmenter:
     Raises:
         ReferenceSetError: the encoders do not match the reference set, or the overlay was made
             with other encoders than the reference set.
-        ValueError: the overlay path is inside the reference folder; a logit scale that is not a finite number > 0, top_k < 1, an unknown
+        ValueError: the overlay path is inside the reference folder, example_bias outside [0, 1]
+            or without top_k; a logit scale that is not a finite number > 0, top_k < 1, an unknown
             retrieval, smooth_omega outside [0, 1), max_working_pixels < 1.
     """
 
@@ -180,7 +185,8 @@ class Segmenter:
                  proposals: str | None = None, n_clusters: int | None = None, smooth_omega: float = 0.0,
                  others_threshold: float | None = None,
                  max_working_pixels: int | None = DEFAULT_MAX_WORKING_PIXELS,
-                 overlay: str | Path | Overlay | None = None, view_cache_size: int = 1):
+                 overlay: str | Path | Overlay | None = None, example_bias: float = 0.0,
+                 view_cache_size: int = 1):
         self.device = resolve_device(device)
         self.reference = reference if isinstance(reference, ReferenceSet) else load_reference(reference)
         man = self.reference.manifest
@@ -237,6 +243,11 @@ class Segmenter:
         self._L_ref = torch.as_tensor(self.reference.L_ref, dtype=torch.float32, device=self.device)
         self._class_cache: dict[tuple, tuple[torch.Tensor, list[int]]] = {}
         self._a2_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        if not 0.0 <= float(example_bias) <= 1.0:
+            raise ValueError(f"example_bias must lie in [0, 1], got {example_bias}")
+        if example_bias and top_k is None:
+            raise ValueError("example_bias needs top_k (the full softmax over all segments has no per-row bias)")
+        self.example_bias = float(example_bias)
         self.view_cache_size = max(int(view_cache_size), 0)
         self._views: OrderedDict[tuple, tuple] = OrderedDict()  # pixels -> (Proposals, S_test, feats)
         self._views_lock = threading.Lock()                       # shared with `with_overlay` copies
@@ -578,7 +589,8 @@ class Segmenter:
             else:
                 sims, ids = exact_topk(S_test, self._S_ref, K, chunk_size=self.chunk_size)
             if ov is not None:                                                        # + overlay rows, exact
-                sims, ids = merge_topk(sims, ids, *exact_topk(S_test, ov.S_ov, K, chunk_size=self.chunk_size),
+                sims_o, ids_o = exact_topk(S_test, ov.S_ov, K, chunk_size=self.chunk_size)
+                sims, ids = merge_topk(sims, ids, sims_o + self.example_bias, ids_o,
                                        offset=self.reference.num_segments, k=K)
             return topk_class_probs(sims, ids, o_ref, A2, logit_scale=tau)           # sparse A1 (k, n) x A2
         if ov is None:

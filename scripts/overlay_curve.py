@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import tempfile
 import time
@@ -55,6 +56,8 @@ def main() -> None:
                     help="also add the pool frames nearest in time to the evaluation frames first (the number "
                          "at the end of the file name is the frame number)")
     ap.add_argument("--stride", type=int, default=1, help="every stride-th evaluation frame")
+    ap.add_argument("--example-bias", type=float, nargs="+", default=[0.0],
+                    help="Segmenter example_bias values scored at every point (0 = plain eq. 1)")
     ap.add_argument("--all-pool", action="store_true", help="also score base + an overlay of every pool frame")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -86,16 +89,17 @@ def main() -> None:
     m0_again = score(seg, "base again (cached views: retrieval only)")
     assert abs(m0 - m0_again) < 1e-9, "cached views must give the same result"
     m_full = score(Segmenter(load_reference(args.full), device="cpu"), "full reference")
-    curve: dict[int, list[float]] = {n: [] for n in args.n}
+    biases = args.example_bias
+    curve = {b: {n: [] for n in args.n} for b in biases}       # bias -> N -> mIoU per random draw
+    near: dict[float, dict[int, float]] = {b: {} for b in biases}
     add_s: list[float] = []
     rows: dict[int, list[int]] = {n: [] for n in args.n}
     size: dict[int, list[int]] = {n: [] for n in args.n}
     orders = [("random", d, [pool[i] for i in np.random.default_rng(d).permutation(len(pool))]) for d in range(args.draws)]
     if args.nearest:
-        frame = lambda k: int(Path(k).stem.rsplit("_", 1)[-1])  # noqa: E731
+        frame = lambda k: int(re.sub(r"\D", "", Path(k).stem.rsplit("_", 1)[-1]))  # noqa: E731
         dist = {k: min(abs(frame(k) - frame(e)) for e in keys) for k in pool}
         orders.append(("nearest", 0, sorted(pool, key=lambda k: (dist[k], k))))
-    near: dict[int, float] = {}
     for kind, d, order in orders:
         seg.remove_examples("all")
         for i, key in enumerate(order[:max(args.n)], 1):
@@ -104,16 +108,18 @@ def main() -> None:
             t = time.perf_counter()
             seg.add_examples(img, lm, names, image_name=key)
             add_s.append(time.perf_counter() - t)
-            if i in curve:
-                shown = f"{kind} {d}, N={i} ({', '.join(order[:i][:3])}{'...' if i > 3 else ''})"
-                if kind == "nearest":
-                    near[i] = score(seg, shown)
-                    continue
+            if i not in args.n:
+                continue
+            if kind == "random":
                 with tempfile.TemporaryDirectory() as tmp:
                     size[i].append(folder_bytes(seg.save_overlay(Path(tmp) / "overlay")))
                 rows[i].append(seg.overlay.num_rows)
-                curve[i].append(score(seg, shown))
+            for b in biases:
+                seg.example_bias = b
+                m = score(seg, f"{kind} {d}, N={i}, example_bias={b} ({', '.join(order[:i][:3])}{'...' if i > 3 else ''})")
+                (curve[b][i].append(m) if kind == "random" else near[b].__setitem__(i, m))
     seg.remove_examples("all")
+    seg.example_bias = 0.0
     m_all = None
     if args.all_pool:
         for key in pool:
@@ -121,24 +127,25 @@ def main() -> None:
             seg.add_examples(img, masks.label_map(key, img.shape[:2]), names, image_name=key)
         m_all = score(seg, f"base + overlay of all {len(pool)} pool frames")
     gap = (m_full - m0) or float("nan")
-    print(f"\n| N frames added | mIoU, random frames (mean of {args.draws} draws) | min - max | gap closed |"
-          f"{' mIoU, nearest frames | gap closed |' if near else ''} overlay rows | overlay size |")
-    print("|---|---|---|---|" + ("---|---|" if near else "") + "---|---|")
-    print(f"| 0 (base) | {m0:.2f} | | 0% |" + (f" {m0:.2f} | 0% |" if near else "") + " 0 | |")
     out = {"base": m0, "full": m_full, "all_pool_overlay": m_all, "eval_frames": len(keys), "pool_frames": len(pool),
            "seconds_per_added_frame_median": statistics.median(add_s) if add_s else None, "curve": {}}
-    for n in args.n:
-        v = curve[n]
-        mean = statistics.fmean(v)
-        closed = (mean - m0) / gap
-        nc = f" {near[n]:.2f} | {100 * (near[n] - m0) / gap:.0f}% |" if n in near else ""
-        print(f"| {n} | {mean:.2f} | {min(v):.2f} - {max(v):.2f} | {100 * closed:.0f}% |{nc} "
-              f"{statistics.fmean(rows[n]):.0f} | {statistics.fmean(size[n]) / 1e6:.2f} MB |")
-        out["curve"][n] = {"miou": v, "mean": mean, "gap_closed": closed, "rows": rows[n], "bytes": size[n],
-                           "nearest_miou": near.get(n)}
-    print(f"| all {len(pool)} (full reference, built) | {m_full:.2f} | | 100% | | |")
+    for b in biases:
+        nb = near[b]
+        print(f"\nexample_bias={b}\n\n| N frames added | mIoU, random frames (mean of {args.draws} draws) | min - max | "
+              f"gap closed |{' mIoU, nearest frames first | gap closed |' if nb else ''} overlay rows | overlay size |")
+        print("|---|---|---|---|" + ("---|---|" if nb else "") + "---|---|")
+        print(f"| 0 (base) | {m0:.2f} | | 0% |" + (f" {m0:.2f} | 0% |" if nb else "") + " 0 | |")
+        for n in args.n:
+            v = curve[b][n]
+            mean = statistics.fmean(v)
+            nc = f" {nb[n]:.2f} | {100 * (nb[n] - m0) / gap:.0f}% |" if n in nb else ""
+            print(f"| {n} | {mean:.2f} | {min(v):.2f} - {max(v):.2f} | {100 * (mean - m0) / gap:.0f}% |{nc} "
+                  f"{statistics.fmean(rows[n]):.0f} | {statistics.fmean(size[n]) / 1e6:.2f} MB |")
+            out["curve"].setdefault(str(b), {})[n] = {"miou": v, "mean": mean, "gap_closed": (mean - m0) / gap,
+                                                       "rows": rows[n], "bytes": size[n], "nearest_miou": nb.get(n)}
+    print(f"\n| all {len(pool)} (full reference, built) | {m_full:.2f} | | 100% |")
     if m_all is not None:
-        print(f"| all {len(pool)} (base + overlay) | {m_all:.2f} | | {100 * (m_all - m0) / gap:.0f}% | | |")
+        print(f"| all {len(pool)} (base + overlay, example_bias=0) | {m_all:.2f} | | {100 * (m_all - m0) / gap:.0f}% |")
     if add_s:
         print(f"\nadd_examples per frame (encoder pass included): median {statistics.median(add_s):.2f} s, "
               f"max {max(add_s):.2f} s over {len(add_s)} frames")

@@ -263,3 +263,21 @@ def test_concurrent_sessions_save_atomically(seg, image, tmp_path):
     assert len(final.examples()) == 12 and final.num_rows == shared.overlay.num_rows
     assert seen and all(0 < n <= final.num_rows for n in seen)
     assert not list(tmp_path.glob(".*.tmp"))                                      # no temp folders left
+
+
+def test_example_bias_favours_the_overlay_and_needs_top_k(seg, image):
+    s = seg.with_overlay()
+    r = s.predict(image, CLASSES)
+    s.add_examples(image, list(range(12)), "saucer")                             # >= top_k rows, one label
+    assert s.overlay.num_rows >= s.top_k
+    plain = s.predict(image, CLASSES)
+    s.example_bias = 1.0                       # overlay similarities + 1 > any base similarity
+    biased = s.predict(image, CLASSES)
+    saucer = CLASSES.index("saucer")
+    assert (biased.segment_probs.argmax(1) == saucer).all()                     # every candidate is an example
+    assert (plain.segment_probs.argmax(1) != saucer).any()
+    assert (r.segment_probs.argmax(1) != saucer).any()
+    with pytest.raises(ValueError, match="top_k"):
+        Segmenter(seg.reference, device="cpu", top_k=None, example_bias=0.1)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        Segmenter(seg.reference, device="cpu", example_bias=-0.1)
