@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 from urllib.parse import urlsplit
 
-from reme.demo.backend import DemoBackend, png_bytes
+from reme.demo.backend import BusyError, DemoBackend, png_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def create_app(backend: DemoBackend, *, allowed_hosts: Sequence[str] = LOOPBACK_
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-    from reme.demo.backend import SESSION_ID, BusyError, check_classes
+    from reme.demo.backend import SESSION_ID, check_classes
     from reme.errors import ImageReadError
 
     hosts = [h.lower() for h in allowed_hosts]
@@ -190,7 +190,7 @@ def create_app(backend: DemoBackend, *, allowed_hosts: Sequence[str] = LOOPBACK_
                 image: UploadFile | None = File(None)):
         from reme.demo.backend import MAX_UPLOAD_BYTES, read_upload
 
-        try:
+        def run():
             check_classes(classes)  # before reading the photo: a bad request costs nothing
             if reference and reference not in backend.references:
                 raise KeyError(f"unknown reference set {reference!r}; choose from {', '.join(backend.references)}")
@@ -205,53 +205,29 @@ def create_app(backend: DemoBackend, *, allowed_hosts: Sequence[str] = LOOPBACK_
             else:
                 raise ValueError("upload a photo or pick a bundled one")
             return backend.segment(img, classes, reference or None, session=request.state.session, image_name=name)
-        except (ValueError, ImageReadError) as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
-        except KeyError as exc:
-            return JSONResponse({"error": exc.args[0]}, status_code=404)
-        except BusyError as exc:
-            return _busy(exc)
+
+        return _answer(run)
 
     @app.get("/api/evidence")
     def evidence(request: Request, result_id: str, x: int, y: int):
-        try:
-            return backend.evidence(result_id, x, y, session=request.state.session)
-        except KeyError as exc:
-            return JSONResponse({"error": exc.args[0]}, status_code=404)
-        except ValueError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
+        return _answer(lambda: backend.evidence(result_id, x, y, session=request.state.session))
 
     @app.post("/api/examples")
     def add_example(request: Request, result_id: str = Form(""), label: str = Form(""),
                     segment_id: int | None = Form(None), x: int | None = Form(None), y: int | None = Form(None),
                     resegment: bool = Form(True)):
-        try:
-            return backend.add_example(request.state.session, result_id, label, segment_id=segment_id, x=x, y=y,
-                                       resegment=resegment)
-        except ValueError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
-        except KeyError as exc:
-            return JSONResponse({"error": exc.args[0]}, status_code=404)
-        except BusyError as exc:
-            return _busy(exc)
+        return _answer(lambda: backend.add_example(request.state.session, result_id, label, segment_id=segment_id,
+                                                   x=x, y=y, resegment=resegment))
 
     @app.post("/api/examples/undo")
     def undo_example(request: Request, example_id: str = Form(""), result_id: str = Form(""),
                      reference: str = Form("")):
-        try:
-            return backend.undo_example(request.state.session, example_id or None, reference=reference or None,
-                                        result_id=result_id or None)
-        except KeyError as exc:
-            return JSONResponse({"error": exc.args[0]}, status_code=404)
-        except BusyError as exc:
-            return _busy(exc)
+        return _answer(lambda: backend.undo_example(request.state.session, example_id or None,
+                                                    reference=reference or None, result_id=result_id or None))
 
     @app.get("/api/examples")
     def examples(request: Request, reference: str = ""):
-        try:
-            return {"examples": backend.examples(request.state.session, reference or None)}
-        except KeyError as exc:
-            return JSONResponse({"error": exc.args[0]}, status_code=404)
+        return _answer(lambda: {"examples": backend.examples(request.state.session, reference or None)})
 
     @app.get("/api/examplecrop/{result_id}/{segment_id}.png")
     def example_crop(request: Request, result_id: str, segment_id: int):
@@ -270,6 +246,21 @@ def create_app(backend: DemoBackend, *, allowed_hosts: Sequence[str] = LOOPBACK_
         return Response(png_bytes(tile), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     return app
+
+
+def _answer(call):
+    """``call()``, with the backend's errors as JSON answers: 503 busy (`BusyError`), 404 an
+    unknown result, reference or example (KeyError), 400 bad input (ValueError, ImageReadError)."""
+    from fastapi.responses import JSONResponse
+
+    try:
+        return call()
+    except BusyError as exc:
+        return _busy(exc)
+    except KeyError as exc:
+        return JSONResponse({"error": exc.args[0]}, status_code=404)
+    except ValueError as exc:
+        return JSONResponse({"error": str(exc)}, status_code=400)
 
 
 def _busy(exc):
