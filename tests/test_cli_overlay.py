@@ -231,6 +231,11 @@ def test_eval_searches_the_overlay(tmp_path, base, gt):
     def miou(*extra) -> float:
         return float(cli(*ev, *extra).stdout.split("mIoU ")[1].split()[0])
 
-    assert miou("--overlay", tmp_path / "ov") > miou() + 10        # its own GT, taught: far better
+    assert miou("--overlay", tmp_path / "ov", "--out", tmp_path / "ev") > miou() + 10   # its own GT, taught
+    import json
+
+    info = json.loads((tmp_path / "ev" / "results.json").read_text())["reference"]
+    assert info["overlay"]["path"] == str(tmp_path / "ov") and info["overlay"]["rows"] == seg.overlay.num_rows
+    assert info["overlay"]["examples"] == 1
     res = cli(*ev, "--overlay", tmp_path / "missing", code=2)
     assert "no overlay there" in res.output

@@ -62,7 +62,17 @@ def reference_info(segmenter, path=None) -> dict:
         "retrieval": getattr(segmenter, "retrieval", None),
         "proposals": getattr(segmenter, "proposals", None),
         "smooth_omega": getattr(segmenter, "smooth_omega", None),
+        "overlay": _overlay_info(getattr(segmenter, "overlay", None)),
+        "example_bias": getattr(segmenter, "example_bias", None),
     }
+
+
+def _overlay_info(overlay) -> dict | None:
+    """Path, rows, examples and labels of a non-empty overlay (reme.overlay), else None."""
+    if overlay is None or not len(overlay):
+        return None
+    return {"path": str(overlay.path) if overlay.path is not None else None, "rows": overlay.num_rows,
+            "examples": len(overlay.examples()), "labels": sorted(set(overlay.labels))}
 
 
 def iter_dataset(dataset: SegDataset, *, progress: bool = True, desc: str = "eval",
