@@ -139,3 +139,37 @@ def photo(name: str = "astronaut") -> np.ndarray:
     import skimage.data
 
     return getattr(skimage.data, name)()
+
+
+def writers_with_reader(writer, n: int, folder, read, *, pause: float = 0.0) -> tuple[list, list]:
+    """Run ``writer(i)`` for i < n in threads while another thread keeps calling ``read(folder)``
+    whenever ``folder/manifest.json`` exists (concurrent overlay saves, issue 15). Returns
+    ``(errors, seen)``: exceptions raised by writers or the reader, and what the reads returned."""
+    import threading
+    import time
+
+    errors, seen = [], []
+    stop = threading.Event()
+
+    def guarded(fn, *a):
+        try:
+            return fn(*a)
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            errors.append(exc)
+
+    def reader():
+        while not stop.is_set():
+            if (folder / "manifest.json").is_file():
+                guarded(lambda: seen.append(read(folder)))
+            time.sleep(pause)
+
+    rt = threading.Thread(target=reader)
+    rt.start()
+    threads = [threading.Thread(target=guarded, args=(writer, i)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    rt.join()
+    return errors, seen

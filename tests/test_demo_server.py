@@ -10,7 +10,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import REPO, photo
+from conftest import REPO, photo, writers_with_reader
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="the demo extra is not installed (pip install 'reme[demo]')")
@@ -362,36 +362,15 @@ def test_shared_overlay_takes_concurrent_sessions_atomically(taught, tmp_path):
     shared = _share_encoders(DemoBackend({"default": DEFAULT_REF}, device="cpu", overlay=path), taught)
     clients = [_client(shared) for _ in range(4)]
     results = [_segment(c)["result_id"] for c in clients]
-    errors, codes, seen = [], [], []
-    stop = threading.Event()
+    codes = []
 
     def session(i):
-        try:
-            for j in range(3):
-                r = clients[i].post("/api/examples", data={"result_id": results[i], "segment_id": 3 * i + j,
-                                                           "label": f"thing {i}", "resegment": "false"})
-                codes.append(r.status_code)
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        for j in range(3):
+            r = clients[i].post("/api/examples", data={"result_id": results[i], "segment_id": 3 * i + j,
+                                                       "label": f"thing {i}", "resegment": "false"})
+            codes.append(r.status_code)
 
-    def reader():
-        while not stop.is_set():
-            if (path / "manifest.json").is_file():
-                try:
-                    seen.append(len(load_overlay(path).examples()))
-                except Exception as exc:  # noqa: BLE001
-                    errors.append(exc)
-            time.sleep(0.01)
-
-    rt = threading.Thread(target=reader)
-    rt.start()
-    threads = [threading.Thread(target=session, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    stop.set()
-    rt.join()
+    errors, seen = writers_with_reader(session, 4, path, lambda p: len(load_overlay(p).examples()), pause=0.01)
     assert errors == [] and codes == [200] * 12
     final = load_overlay(path)
     assert len(final.examples()) == 12 and set(final.labels) == {f"thing {i}" for i in range(4)}

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import reme.segmenter as segmenter_mod
-from conftest import REPO, photo
+from conftest import REPO, photo, writers_with_reader
 from reme.errors import ReferenceSetError
 from reme.eval.ablation import reference_from_pairs
 from reme.overlay import EXAMPLES_FILE, Overlay, StackedRows, load_overlay
@@ -227,36 +227,14 @@ def test_concurrent_sessions_save_atomically(seg, image, tmp_path):
     s0.predict(image, CLASSES)
     shared_path, lock = tmp_path / "shared", threading.Lock()
     shared = seg.with_overlay(shared_path)
-    errors, seen = [], []
-    stop = threading.Event()
-
     def session(i):
-        try:
-            mine = seg.with_overlay(tmp_path / f"s{i}")
-            for j in range(3):
-                mine.add_examples(image, [i * 3 + j], f"thing {i}", save=True)
-                with lock:
-                    shared.add_examples(image, [i * 3 + j], f"thing {i}", save=True)
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        mine = seg.with_overlay(tmp_path / f"s{i}")
+        for j in range(3):
+            mine.add_examples(image, [i * 3 + j], f"thing {i}", save=True)
+            with lock:
+                shared.add_examples(image, [i * 3 + j], f"thing {i}", save=True)
 
-    def reader():
-        while not stop.is_set():
-            if (shared_path / "manifest.json").is_file():
-                try:
-                    seen.append(load_overlay(shared_path).num_rows)
-                except Exception as exc:  # noqa: BLE001
-                    errors.append(exc)
-
-    r = threading.Thread(target=reader)
-    r.start()
-    threads = [threading.Thread(target=session, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    stop.set()
-    r.join()
+    errors, seen = writers_with_reader(session, 4, shared_path, lambda p: load_overlay(p).num_rows)
     assert errors == []
     for i in range(4):
         ov = load_overlay(tmp_path / f"s{i}")
