@@ -15,19 +15,19 @@ from reme._version import __version__
 # import torch, transformers or faiss. The TYPE_CHECKING imports give type checkers and the API
 # docs the same names.
 if TYPE_CHECKING:
-    from reme.build import CaptionBuildParams, build_caption_reference, build_gt_reference
+    from reme.build.pipeline import CaptionBuildParams, build_caption_reference, build_gt_reference
     from reme.classes import parse_classes
     from reme.encoders import list_encoders, resolve_encoder
     from reme.errors import ImageReadError, MissingWeightsError, ReferenceSetError
     from reme.io import load_image
     from reme.proposals import FelzenszwalbParams, felzenszwalb_segments
     from reme.reference import ReferenceSet, load_reference, read_manifest
-    from reme.segmenter import SegmentationResult, Segmenter
+    from reme.inference.segmenter import SegmentationResult, Segmenter
 
 _LAZY = {
-    "CaptionBuildParams": "reme.build",
-    "build_caption_reference": "reme.build",
-    "build_gt_reference": "reme.build",
+    "CaptionBuildParams": "reme.build.pipeline",
+    "build_caption_reference": "reme.build.pipeline",
+    "build_gt_reference": "reme.build.pipeline",
     "parse_classes": "reme.classes",
     "list_encoders": "reme.encoders",
     "resolve_encoder": "reme.encoders",
@@ -40,13 +40,13 @@ _LAZY = {
     "ReferenceSet": "reme.reference",
     "load_reference": "reme.reference",
     "read_manifest": "reme.reference",
-    "SegmentationResult": "reme.segmenter",
-    "Segmenter": "reme.segmenter",
+    "SegmentationResult": "reme.inference.segmenter",
+    "Segmenter": "reme.inference.segmenter",
 }
 
 
 def __getattr__(name: str):
-    """Import a public name (or a submodule, ``reme.segmenter``) on first access."""
+    """Import a public name (or a submodule, ``reme.inference.segmenter``) on first access."""
     import importlib
 
     if name in _LAZY:

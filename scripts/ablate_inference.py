@@ -24,7 +24,7 @@ from pathlib import Path
 
 from reme.eval import Protocol, evaluate, open_dataset
 from reme.reference import load_reference
-from reme.segmenter import Segmenter
+from reme.inference.segmenter import Segmenter
 
 VARIANTS: dict[str, dict] = {
     "Felzenszwalb (default)": {},

@@ -88,8 +88,8 @@ def main() -> None:
         if args.camvid_reference:
             ref = load_reference(args.camvid_reference)
         else:
-            from reme.annotations import MaskFolder, read_class_names
-            from reme.build import build_gt_reference
+            from reme.build.annotations import MaskFolder, read_class_names
+            from reme.build.pipeline import build_gt_reference
             from reme.encoders import resolve_encoder
 
             ref = build_gt_reference(d / "camvid/images/train",

@@ -111,8 +111,8 @@ def main() -> None:
         print(json.dumps(same_files(*args.compare)))
         return
     logging.basicConfig(level=logging.WARNING)
-    from reme.annotations import CocoInstances
-    from reme.build import CaptionBuildParams, build_caption_reference, build_gt_reference
+    from reme.build.annotations import CocoInstances
+    from reme.build.pipeline import CaptionBuildParams, build_caption_reference, build_gt_reference
     from reme.encoders import resolve_encoder
 
     vis = resolve_encoder("classical", device="cpu")

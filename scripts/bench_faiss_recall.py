@@ -2,19 +2,19 @@
 
 Rows (the reference side): the S_ref rows of the references given by ``--base-reference``
 (segment embeddings of their build photos), plus segment embeddings of the photos in
-``--images``, computed exactly as :meth:`reme.Segmenter.segment_probs` computes S_test (the
+``--images``, computed exactly as :meth:`reme.Segmenter.segment_scores` computes S_test (the
 ``--reference``'s visual encoder and proposals, mask-average pooled, L2-normalised). To reach ``--rows`` rows the B base rows are tiled:
 copy 0 is the base itself, copy j >= 1 is ``normalise(x + sigma * g / sqrt(d))`` with
 g ~ N(0, I_d) drawn per row (seed j), so a copy's cosine to its source is about
 ``1 / sqrt(1 + sigma^2)`` (sigma 0.5 -> 0.89). Queries: segment embeddings of other photos
 (``--query-images``), ``--queries`` of them sampled at random (seed 0).
 
-For each nprobe the index (kind and nlist by size: :func:`reme.index.choose_index_kind`,
-:func:`reme.index.default_nlist`) is searched once for the largest candidate count K; the
+For each nprobe the index (kind and nlist by size: :func:`reme.reference.index.choose_index_kind`,
+:func:`reme.reference.index.default_nlist`) is searched once for the largest candidate count K; the
 candidates of a smaller K are the first K of that list (one IVF scan, sorted by approximate
 score). ``recall@10`` is the mean share of a query's exact top-10 rows
-(:func:`reme.retrieval.exact_topk`) found among its K candidates: after the exact re-scoring
-of :func:`reme.retrieval.rescore`, these are the neighbours the top-k path gets right.
+(:func:`reme.inference.retrieval.exact_topk`) found among its K candidates: after the exact re-scoring
+of :func:`reme.inference.retrieval.rescore`, these are the neighbours the top-k path gets right.
 ``ms/query`` is the FAISS search time of K = max divided by the number of queries.
 
 Embeddings are cached in ``--cache`` (``.npz``) keyed by nothing but the file name: delete it
@@ -37,8 +37,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from reme.index import DEFAULT_NPROBE, build_index, choose_index_kind, describe_index, search  # noqa: E402
-from reme.retrieval import DEFAULT_TOPK_CANDIDATES, exact_topk  # noqa: E402
+from reme.reference.index import DEFAULT_NPROBE, build_index, choose_index_kind, describe_index, search  # noqa: E402
+from reme.inference.retrieval import DEFAULT_TOPK_CANDIDATES, exact_topk  # noqa: E402
 
 IMAGE_EXT = (".jpg", ".jpeg", ".png")
 
@@ -56,7 +56,7 @@ def segment_embeddings(segmenter, paths) -> np.ndarray:
     """(n, d) float32 S_test rows of all photos (Segmenter's own encoder and proposals)."""
     rows = []
     for i, p in enumerate(paths):
-        S = segmenter.segment_probs(str(p), "thing", return_embeddings=True)[3]
+        S = segmenter.segment_scores(str(p), "thing", return_embeddings=True)[3]
         rows.append(S.float().cpu().numpy())
         print(f"  {i + 1}/{len(paths)} {p.name}: {S.shape[0]} segments", file=sys.stderr, flush=True)
     return np.concatenate(rows).astype(np.float32)

@@ -1,9 +1,9 @@
 """Time and peak memory of the global build stages 7-10 on synthetic pairs (issue 13).
 
-Runs :func:`reme.global_stages.caption_global_stages`, the build's own code (group-median
+Runs :func:`reme.build._global_stages.caption_global_stages`, the build's own code (group-median
 filter, knee filter, synonyms, assembly of {S_ref, O_ref, L_ref}), on ``--pairs`` synthetic
 pairs over ``--roots`` root nouns with Zipf(1.1) group sizes, ``--pairs // 2`` segments of
-dimension ``--dim`` held in memory (:class:`reme.global_stages.ArrayReader`), labels of the
+dimension ``--dim`` held in memory (:class:`reme.build._global_stages.ArrayReader`), labels of the
 form "<modifier> <root>" (about ``--labels`` distinct) and a weight-free hashing text
 encoder (so the time is the stages', not a network's). One row per ``--pairs`` value;
 ``peak_rss_mib`` is the process's peak resident memory after that row (monotone over rows;
@@ -22,8 +22,8 @@ import zlib
 
 import numpy as np
 
-from reme.build import CaptionBuildParams
-from reme.global_stages import ArrayReader, caption_global_stages
+from reme.build.pipeline import CaptionBuildParams
+from reme.build._global_stages import ArrayReader, caption_global_stages
 
 MODIFIERS = ("a", "a small", "a large", "the red", "a white", "the old", "a black", "two")
 

@@ -13,10 +13,10 @@ A1 once and P_seg = A1 A2 for each.
 Timed in one process and run, per N (best of ``--repeat``):
 
 * ``gemm``: the bare ``S_test @ S_ref.T`` on an in-memory float32 copy (k x N output);
-* ``exact``: :func:`reme.retrieval.streamed_label_affinity` on the float16 memory map, plus the
+* ``exact``: :func:`reme.inference.retrieval.streamed_label_affinity` on the float16 memory map, plus the
   three A1 A2 products (softmax over all N segments, logit scale ``--tau``);
 * ``topk``: FAISS search of ``--candidates`` neighbours (index kind by size,
-  :func:`reme.index.choose_index_kind`), exact re-scoring, softmax over the candidates, A1 A2.
+  :func:`reme.reference.index.choose_index_kind`), exact re-scoring, softmax over the candidates, A1 A2.
 
 ``argmax_agreement`` is the share of (test segment, class list) whose P_seg argmax is the same
 in both paths. ``peak_extra_mb`` is the peak resident memory of the exact run beyond what the
@@ -45,15 +45,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reme.index import DEFAULT_NPROBE, build_index, choose_index_kind, describe_index, search, set_nprobe
-from reme.retrieval import (
+from reme.reference.index import DEFAULT_NPROBE, build_index, choose_index_kind, describe_index, search, set_nprobe
+from reme.inference.retrieval import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_TOPK_CANDIDATES,
     label_affinity,
     o_ref_csr,
     rescore,
     streamed_label_affinity,
-    topk_class_probs,
+    topk_class_scores,
 )
 
 CLASS_LISTS = (21, 59, 150)
@@ -188,7 +188,7 @@ def run_size(n: int, args, workdir: Path) -> dict:
 
     def topk(K=args.candidates):
         _, I = search(index, St.numpy(), K)
-        P = topk_class_probs(rescore(St, S_ref, I), I, csr, A2_all, logit_scale=args.tau)
+        P = topk_class_scores(rescore(St, S_ref, I), I, csr, A2_all, logit_scale=args.tau)
         return list(torch.split(P, splits, dim=1))
 
     topk()

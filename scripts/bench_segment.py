@@ -4,7 +4,7 @@ Stages, timed separately for each photo (median over photos, after one warm-up i
 
 * ``proposals``   Felzenszwalb partition (:func:`reme.proposals.felzenszwalb_segments`);
 * ``encoder``     the visual encoder's dense forward pass (``dense_features``);
-* ``pooling``     mask average pooling of the k proposals (:func:`reme.pooling.mask_average_pool`);
+* ``pooling``     mask average pooling of the k proposals (:func:`reme.encoders.pooling.mask_average_pool`);
 * ``retrieval``   eqs. 1-2: A2 for the class list (class text embeddings cached after the first
   image and A2 once per class list, as the Segmenter does) and P_seg with the Segmenter's retrieval path;
 * ``aggregation`` eq. 3: argmax of P_seg gathered through the segment-id map, class fractions.
@@ -50,11 +50,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_retrieval import make_reference  # noqa: E402  (same synthetic generator)
 
 from reme.defaults import shared_data_dir  # noqa: E402
-from reme.pooling import mask_average_pool  # noqa: E402
+from reme.encoders.pooling import mask_average_pool  # noqa: E402
 from reme.proposals import felzenszwalb_segments  # noqa: E402
 from reme.reference import ReferenceSet  # noqa: E402
-from reme.retrieval import label_affinity  # noqa: E402
-from reme.segmenter import Segmenter  # noqa: E402
+from reme.inference.retrieval import label_affinity  # noqa: E402
+from reme.inference.segmenter import Segmenter  # noqa: E402
 
 STAGES = ("proposals", "encoder", "pooling", "retrieval", "aggregation")
 

@@ -18,8 +18,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from reme.annotations import CocoInstances, MaskFolder, YoloLabels, read_class_names
-from reme.build import build_gt_reference
+from reme.build.annotations import CocoInstances, MaskFolder, YoloLabels, read_class_names
+from reme.build.pipeline import build_gt_reference
 from reme.defaults import shared_data_dir
 from reme.encoders import resolve_encoder
 from reme.proposals import FelzenszwalbParams

@@ -27,13 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from reme.annotations import MaskFolder
+from reme.build.annotations import MaskFolder
 from reme.classes import read_class_file
 from reme.eval import evaluate, open_dataset
 from reme.eval.commands import build_protocol
 from reme.io import load_image
 from reme.reference import load_reference
-from reme.segmenter import Segmenter
+from reme.inference.segmenter import Segmenter
 
 
 def folder_bytes(path: Path) -> int:

@@ -12,8 +12,8 @@ from pathlib import Path
 from PIL import Image
 
 from reme.io import load_image
-from reme.segmenter import Segmenter
-from reme.viz import overlay
+from reme.inference.segmenter import Segmenter
+from reme.report.viz import overlay
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket"]
 CLASSES = "person,cat,cup,table,sky,building,road,tree"

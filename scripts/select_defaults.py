@@ -31,8 +31,8 @@ from PIL import Image
 
 from reme.encoders import resolve_encoder
 from reme.io import read_image
-from reme.metrics import ConfusionMeter
-from reme.pooling import mask_average_pool
+from reme.eval.metrics import ConfusionMeter
+from reme.encoders.pooling import mask_average_pool
 from reme.proposals import FelzenszwalbParams, felzenszwalb_segments
 
 

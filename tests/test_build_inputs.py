@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, TINY_CLIP, photo
-from reme.annotations import CocoInstances, MaskFolder
-from reme.build import CaptionBuildParams, build_caption_reference, build_gt_reference
+from reme.build.annotations import CocoInstances, MaskFolder
+from reme.build.pipeline import CaptionBuildParams, build_caption_reference, build_gt_reference
 from reme.encoders.classical import ClassicalEncoder
 from reme.errors import ImageReadError
 from reme.io import load_image, read_image

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from reme.build import build_gt_reference
+from reme.build.pipeline import build_gt_reference
 from reme.encoders import resolve_encoder
 from test_build_resume import HashText, make_dataset, same_files
 

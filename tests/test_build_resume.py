@@ -17,15 +17,15 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, TINY_CLIP, photo
-from reme.annotations import MaskFolder
-from reme.build import CaptionBuildParams, build_caption_reference, build_gt_reference
+from reme.build.annotations import MaskFolder
+from reme.build.pipeline import CaptionBuildParams, build_caption_reference, build_gt_reference
 from reme.encoders.base import TextEncoder
 from reme.encoders.classical import ClassicalEncoder
-from reme.filtering import group_median_filter
-from reme.global_stages import ShardReader, streaming_group_filter
+from reme.build.filtering import group_median_filter
+from reme.build._global_stages import ShardReader, streaming_group_filter
 from reme.reference import load_reference
-from reme.shard_stages import ShardComputer
-from reme.shards import ShardStore, ShardWriteError, encode_shard, pairs_table, segments_table
+from reme.build._shard_stages import ShardComputer
+from reme.build._shards import ShardStore, ShardWriteError, encode_shard, pairs_table, segments_table
 
 PARQUET = ("segments.parquet", "labels.parquet", "pairs.parquet", "dropped.parquet")
 CLASSES = ["dark", "mid", "bright"]
@@ -139,8 +139,8 @@ def test_kill_9_then_resume_gives_identical_files(data, clean, tmp_path):
 import sys
 sys.path.insert(0, {str(REPO / 'tests')!r})
 from test_build_resume import HashText, SlowClassical
-from reme.annotations import MaskFolder
-from reme.build import build_gt_reference
+from reme.build.annotations import MaskFolder
+from reme.build.pipeline import build_gt_reference
 build_gt_reference({str(imgs)!r}, MaskFolder({str(masks.mask_root)!r}, {CLASSES!r}), SlowClassical(image_size=48),
                    HashText(), out={str(out)!r}, work_dir={str(work)!r}, shard_size=1, progress=False)
 """
@@ -166,7 +166,7 @@ build_gt_reference({str(imgs)!r}, MaskFolder({str(masks.mask_root)!r}, {CLASSES!
 
 
 def _failing_writer(monkeypatch, fail_at: int, err: int):
-    import reme.shards as shards
+    import reme.build._shards as shards
 
     real = shards.write_bytes_atomic
     calls = {"n": 0}
@@ -237,7 +237,7 @@ def test_other_settings_refuse_to_resume(data, vis, tmp_path):
 def test_config_recipe_rebuilds_the_same_shard(data, tmp_path):
     """Spawned workers and Ray actors rebuild the stages from a JSON recipe: same bytes."""
     from reme.encoders import resolve_encoder
-    from reme.shard_stages import StageSettings
+    from reme.build._shard_stages import StageSettings
 
     imgs, masks = data
     comp = ShardComputer(StageSettings(mode="gt"), imgs, resolve_encoder("classical", device="cpu", image_size=40),
@@ -293,8 +293,8 @@ def test_streaming_group_filter_equals_in_memory(tmp_path, adaptive):
 
 
 def test_streaming_relabel_equals_in_memory(tmp_path):
-    from reme.filtering import relabel_dropped
-    from reme.global_stages import streaming_relabel
+    from reme.build.filtering import relabel_dropped
+    from reme.build._global_stages import streaming_relabel
 
     rng = np.random.default_rng(4)
     store, S, ps, roots = _random_store(tmp_path, rng)

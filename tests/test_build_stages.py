@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from conftest import SHARED, needs_shared
-from reme.filtering import ambiguous_roots, clip_score_filter, group_median_filter, knee_index, relabel_dropped
-from reme.nounphrases import NounPhrase, extract_noun_phrases, load_spacy, substitute_root
-from reme.pairing import pair_labels_to_segments
-from reme.synonyms import synonym_pairs
-from reme.text_embedding import TEMPLATES, embed_labels
+from reme.build.filtering import ambiguous_roots, clip_score_filter, group_median_filter, knee_index, relabel_dropped
+from reme.build.nounphrases import NounPhrase, extract_noun_phrases, load_spacy, substitute_root
+from reme.build.pairing import pair_labels_to_segments
+from reme.build.synonyms import synonym_pairs
+from reme.encoders.text import TEMPLATES, embed_labels
 
 
 def _unit(x):
@@ -133,7 +133,7 @@ def test_relabel_moves_mislabelled_segment_to_the_right_group():
 def test_head_stop_list_is_matched_on_the_root_used(nlp):
     """ "tank top" is a garment, "the top" is a position: the stop-list sees the root with its
     compounds (issue 13), and is a parameter."""
-    from reme.nounphrases import NON_OBJECT_ROOTS
+    from reme.build.nounphrases import NON_OBJECT_ROOTS
 
     cap = ["A woman in a black tank top holds a cup on the top of a table."]
     (ps,) = extract_noun_phrases(cap, nlp)
@@ -148,9 +148,9 @@ def test_head_stop_list_is_matched_on_the_root_used(nlp):
 
 def test_stop_roots_reach_the_caption_shards():
     """CaptionBuildParams.stop_roots travels to the shard workers' StageSettings (step 3)."""
-    from reme.build import CaptionBuildParams
-    from reme.nounphrases import NON_OBJECT_ROOTS
-    from reme.shard_stages import StageSettings
+    from reme.build.pipeline import CaptionBuildParams
+    from reme.build.nounphrases import NON_OBJECT_ROOTS
+    from reme.build._shard_stages import StageSettings
 
     assert set(CaptionBuildParams().stop_roots) == set(NON_OBJECT_ROOTS)
     st = StageSettings(mode="caption", stop_roots=("top", "image"))

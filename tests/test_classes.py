@@ -65,7 +65,7 @@ def test_segment_classes_file_and_paper_form_through_the_cli(tmp_path):
     from typer.testing import CliRunner
 
     from reme.cli import app
-    from reme.segmenter import Segmenter
+    from reme.inference.segmenter import Segmenter
 
     img = tmp_path / "coffee.png"
     Image.fromarray(photo("coffee")[::3, ::3].copy()).save(img)
@@ -79,8 +79,8 @@ def test_segment_classes_file_and_paper_form_through_the_cli(tmp_path):
     paper = Segmenter(REPO / "reference_sets" / "default", device="cpu", segment_logit_scale=1.0,
                       label_logit_scale=1.0, top_k=None).predict(str(img), "cup; mug, table; desk")
     got = np.array([scores["max_segment_score"][c] for c in ("cup", "table")])
-    np.testing.assert_allclose(got, paper.segment_probs.max(0), atol=2e-6)
+    np.testing.assert_allclose(got, paper.segment_scores.max(0), atol=2e-6)
     default = Segmenter(REPO / "reference_sets" / "default", device="cpu").predict(str(img), "cup; mug, table; desk")
-    assert not np.allclose(got, default.segment_probs.max(0), atol=1e-3)   # --paper-form changed the numbers
+    assert not np.allclose(got, default.segment_scores.max(0), atol=1e-3)   # --paper-form changed the numbers
     # near-flat paper-form softmaxes: every name's score stays close to 1 / c' (c' = 4 names)
     assert np.all(np.abs(got - 0.25) < 0.03)

@@ -34,7 +34,7 @@ def test_public_names_still_import_from_reme():
 
     for name in reme.__all__:
         assert getattr(reme, name) is not None
-    assert reme.Segmenter.__module__ == "reme.segmenter"
+    assert reme.Segmenter.__module__ == "reme.inference.segmenter"
     with pytest.raises(AttributeError):
         reme.no_such_name  # noqa: B018
 

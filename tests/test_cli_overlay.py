@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from conftest import REPO, SHARED, needs_shared, photo
 from reme.cli import app
 from reme.eval.ablation import reference_from_pairs
-from reme.overlay import Overlay, load_overlay
+from reme.reference.overlay import Overlay, load_overlay
 from reme.reference import load_reference
 
 REF = REPO / "reference_sets" / "default"
@@ -94,7 +94,7 @@ def test_taught_region_changes_and_undo_last_restores_the_base_exactly(tmp_path,
 
 
 def test_interrupted_run_saves_and_a_rerun_skips_done_images(tmp_path, base, monkeypatch):
-    import reme.segmenter as sm
+    import reme.inference.segmenter as sm
 
     root, ov = tmp_path / "gt", tmp_path / "ov"
     _write_example(root, "a/coffee.png", photo("coffee")[::3, ::3].copy())
@@ -186,8 +186,8 @@ def test_add_examples_help_fits_80_columns():
 def test_rows_added_for_camvid_frames_are_gt_modes_rows(tmp_path):
     """Two CamVid train frames: the overlay rows ``add-examples`` adds for each frame equal (to
     float16 rounding) the rows ``build_gt_reference`` makes for it with the same encoder."""
-    from reme.annotations import MaskFolder
-    from reme.build import build_gt_reference
+    from reme.build.annotations import MaskFolder
+    from reme.build.pipeline import build_gt_reference
     from reme.classes import read_class_file
     from reme.encoders import resolve_encoder
 
@@ -220,7 +220,7 @@ def test_rows_added_for_camvid_frames_are_gt_modes_rows(tmp_path):
 
 def test_eval_searches_the_overlay(tmp_path, base, gt):
     root, _ = gt
-    from reme.segmenter import Segmenter
+    from reme.inference.segmenter import Segmenter
 
     seg = Segmenter(base, device="cpu", overlay=tmp_path / "ov")
     lm = np.array(Image.open(root / "masks" / "coffee.png")).astype(np.int64)

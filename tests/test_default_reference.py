@@ -31,7 +31,7 @@ REGIONS = [
 
 @pytest.fixture(scope="module")
 def segmenter():
-    from reme.segmenter import Segmenter
+    from reme.inference.segmenter import Segmenter
 
     try:
         return Segmenter(default_reference_path(), device="cpu")

@@ -354,7 +354,7 @@ def test_sessions_are_lru_bounded(taught, monkeypatch):
 
 
 def test_shared_overlay_takes_concurrent_sessions_atomically(taught, tmp_path):
-    from reme.overlay import load_overlay
+    from reme.reference.overlay import load_overlay
 
     path = tmp_path / "overlay"
     with pytest.raises(ValueError, match="exactly one reference"):

@@ -13,7 +13,7 @@ from conftest import REPO, SHARED, needs_shared
 from reme.eval import BENCHMARKS, benchmark_classes, open_dataset
 from reme.eval.datasets import decode_mask, read_mask
 from reme.eval.names import parse_class_lines, read_class_file, shipped_class_files
-from reme.viz import palette
+from reme.report.viz import palette
 
 H, W = 6, 8
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from reme.metrics import ConfusionMeter, confusion_matrix, majority_scores, scores_from_confusion
+from reme.eval.metrics import ConfusionMeter, confusion_matrix, majority_scores, scores_from_confusion
 
 
 def test_confusion_matrix_by_hand():

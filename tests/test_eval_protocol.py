@@ -49,7 +49,7 @@ class ColumnSegmenter:
         self.C = num_classes
         self.calls = []
 
-    def segment_probs(self, image, classes):
+    def segment_scores(self, image, classes):
         self.calls.append(image.shape)
         h, w = image.shape[:2]
         cols = image[0, :, 0].astype(np.int64)                  # absolute column index stored in red
@@ -76,8 +76,8 @@ def test_predict_image_whole_and_slide_agree_on_consistent_probs():
 
 def test_extra_segmenter_columns_are_dropped():
     class OthersSegmenter(ColumnSegmenter):
-        def segment_probs(self, image, classes):
-            ids, P, names = super().segment_probs(image, classes)
+        def segment_scores(self, image, classes):
+            ids, P, names = super().segment_scores(image, classes)
             return ids, torch.cat([P, torch.full((P.shape[0], 1), 100.0)], 1), names + ["others"]
 
     img = np.zeros((4, 6, 3), np.uint8)

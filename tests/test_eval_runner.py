@@ -31,7 +31,7 @@ class ColourSegmenter:
     def __init__(self):
         self.reference = None
 
-    def segment_probs(self, image, classes):
+    def segment_scores(self, image, classes):
         names = [c.split(";")[0].strip() for c in classes]
         keys = list(COLORS)
         dist = np.stack([np.abs(image.astype(int) - np.array(c)).sum(2) for c in COLORS.values()])
@@ -145,7 +145,7 @@ def test_distractor_pool_and_overlap(minilm):
         templates = ("A photo of {}",)
 
         class reference:
-            from reme.text_embedding import embed_labels as _e
+            from reme.encoders.text import embed_labels as _e
             labels = ["person", "car", "cloudy sky"]
             L_ref = _e(minilm, labels, ("A photo of {}",))
 
@@ -159,8 +159,8 @@ def test_distractor_pool_and_overlap(minilm):
 @pytest.fixture(scope="module")
 def synth_reference(tmp_path_factory, classical, minilm):
     """A GT reference of 4 synthetic photos (sky above grass with texture) and 2 test images."""
-    from reme.annotations import MaskFolder
-    from reme.build import build_gt_reference
+    from reme.build.annotations import MaskFolder
+    from reme.build.pipeline import build_gt_reference
 
     root = tmp_path_factory.mktemp("synth")
     rng = np.random.default_rng(0)
@@ -206,7 +206,7 @@ def test_noisy_gt_ablation(synth_reference):
     after = (~corrupted[keep]).mean()
     assert after > before                                           # the group filter removes mostly noisy pairs
     assert after - before > 0.15 and (~keep & corrupted).sum() >= 0.7 * corrupted.sum()   # size of the effect
-    from reme.filtering import group_median_filter
+    from reme.build.filtering import group_median_filter
 
     np.testing.assert_array_equal(keep, group_median_filter(np.asarray(ref.S_ref, np.float32), ref.pair_segment,
                                                             labels, drop_rate=0.3))   # the build's stage, same result

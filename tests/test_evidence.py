@@ -10,11 +10,11 @@ import pytest
 from conftest import REPO, needs_shared, photo
 from PIL import Image
 
-from reme.contact_sheet import contact_sheet, largest_segments, segment_bbox
-from reme.crops import ReferenceImages, image_roots_from_manifest
-from reme.evidence import label_class_affinity, retrieval_evidence
+from reme.report.contact_sheet import contact_sheet, largest_segments, segment_bbox
+from reme.report.crops import ReferenceImages, image_roots_from_manifest
+from reme.inference.evidence import label_class_affinity, retrieval_evidence
 from reme.reference import ReferenceSet
-from reme.retrieval import segment_label_affinity
+from reme.inference.retrieval import segment_label_affinity
 
 DEFAULT_REF = REPO / "reference_sets" / "default"
 
@@ -104,7 +104,7 @@ def test_label_class_affinity_merges_synonyms_by_max():
 
 @pytest.fixture(scope="module")
 def segmenter():
-    from reme.segmenter import Segmenter
+    from reme.inference.segmenter import Segmenter
 
     return Segmenter(DEFAULT_REF, device="cpu")
 
@@ -112,12 +112,12 @@ def segmenter():
 def test_predict_evidence_explains_P_seg(segmenter):
     """P_seg recomputed from the evidence alone (neighbour weights x labels x A2) equals the
     segmenter's P_seg: the listed reference segments are exactly what decided each label."""
-    from reme.text_embedding import embed_labels
+    from reme.encoders.text import embed_labels
 
     classes = ["person", "sky", "building", "tree", "road"]
     res = segmenter.predict(photo("astronaut"), classes, return_evidence=True)
     ev = res.evidence
-    k = res.segment_probs.shape[0]
+    k = res.segment_scores.shape[0]
     assert ev.num_segments == k == res.segment_ids.max() + 1 and ev.reference_ids.shape == (k, 10)
     assert ev.support == 10 and ev.logit_scale == 50.0
     ref = segmenter.reference
@@ -125,11 +125,11 @@ def test_predict_evidence_explains_P_seg(segmenter):
     A2 = label_class_affinity(ref.L_ref, L_test, logit_scale=segmenter.label_logit_scale)
     index = {lab: j for j, lab in enumerate(ref.labels)}
     P = np.array([sum(w * A2[index[lab]] for lab, w in ev.label_votes(i)) for i in range(k)])
-    np.testing.assert_allclose(P, res.segment_probs, atol=2e-4)
+    np.testing.assert_allclose(P, res.segment_scores, atol=2e-4)
     assert segmenter.predict(photo("astronaut"), classes).evidence is None
     # FAISS path without top_k: eq. 1's softmax runs over the index's candidates, and the evidence says so
-    from reme.retrieval import DEFAULT_TOPK_CANDIDATES
-    from reme.segmenter import Segmenter
+    from reme.inference.retrieval import DEFAULT_TOPK_CANDIDATES
+    from reme.inference.segmenter import Segmenter
 
     faiss_seg = Segmenter(segmenter.reference, visual_encoder=segmenter.visual_encoder,
                           text_encoder=segmenter.text_encoder, retrieval="topk", top_k=None, device="cpu")
@@ -148,7 +148,7 @@ def test_contact_sheet_crops_and_placeholders(segmenter):
     ys, xs = np.nonzero(res.segment_ids == segs[0])
     assert (x, y, x + w - 1, y + h - 1) == (xs.min(), ys.min(), xs.max(), ys.max())
     sheet = contact_sheet(img, res.segment_ids, res.evidence, segmenter.reference, segments=segs,
-                          images=ReferenceImages([]), classes=res.classes, segment_probs=res.segment_probs, size=64)
+                          images=ReferenceImages([]), classes=res.classes, segment_scores=res.segment_scores, size=64)
     arr = np.asarray(sheet)
     assert sheet.width >= 11 * 72 and sheet.height > 3 * 64
     # unreadable reference photos: the first neighbour tile is the grey placeholder (225, grey text)

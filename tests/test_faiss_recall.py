@@ -5,8 +5,8 @@ quantity on overlapping clusters, where the earlier default (nprobe 4) fell shor
 import numpy as np
 import torch
 
-from reme.index import DEFAULT_NPROBE, build_index, describe_index, search
-from reme.retrieval import DEFAULT_TOPK_CANDIDATES, exact_topk
+from reme.reference.index import DEFAULT_NPROBE, build_index, describe_index, search
+from reme.inference.retrieval import DEFAULT_TOPK_CANDIDATES, exact_topk
 
 
 def _overlapping_clusters(n=20000, d=32, topics=64, noise=1.1, queries=200, seed=0):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED, TINY_CLIP, needs_shared
-from reme.build import CaptionBuildParams, build_caption_reference
+from reme.build.pipeline import CaptionBuildParams, build_caption_reference
 from reme.encoders import resolve_encoder
 
 pytestmark = needs_shared

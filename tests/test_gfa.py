@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from reme.gfa import gfa_fuse, propagate, random_walk_matrix, segment_adjacency, smooth_segment_probs
+from reme.encoders.gfa import gfa_fuse, propagate, random_walk_matrix, segment_adjacency, smooth_segment_probs
 
 
 def _unit(x):

@@ -11,8 +11,8 @@ from conftest import REPO, photo
 from reme.encoders import resolve_encoder
 from reme.encoders.base import VisualEncoder
 from reme.encoders.fused import GFAFusedEncoder, parse_gfa_target
-from reme.pooling import mask_average_pool, masks_average_pool
-from reme.segmenter import Segmenter
+from reme.encoders.pooling import mask_average_pool, masks_average_pool
+from reme.inference.segmenter import Segmenter
 from test_build_resume import HashText, make_dataset
 
 
@@ -72,7 +72,7 @@ def test_fusion_repairs_a_segment_whose_primary_view_is_noisy():
 def test_fused_reference_and_segmenter_share_the_fusion(tmp_path):
     """A reference built with a gfa: spec stores fused S_ref; the Segmenter rebuilds the same
     fused encoder from the manifest, so a training image retrieves its own segments."""
-    from reme.build import build_gt_reference
+    from reme.build.pipeline import build_gt_reference
 
     imgs, masks = make_dataset(tmp_path / "data", n=3)
     spec = "gfa:classical:size=48,stride=8+classical:size=32,stride=8@0.5"
@@ -112,17 +112,17 @@ def test_sam_overlapping_masks_in_pooling_and_eq3(tiny_sam):
     seg = Segmenter(REPO / "reference_sets" / "default", device="cpu", proposals=f"sam:{tiny_sam}")
     seg.proposer.sam = FixedMasks()
     assert seg.overlapping_proposals
-    ids, P, names, S, masks = seg.segment_probs(image, classes, return_embeddings=True, return_masks=True)
+    ids, P, names, S, masks = seg.segment_scores(image, classes, return_embeddings=True, return_masks=True)
     feats = seg.visual_encoder.dense_features(image)
     # the whole-image mask is pooled over the whole image, not only its visible (right) part
     torch.testing.assert_close(S, masks_average_pool(feats, masks))
     assert (ids[:, : image.shape[1] // 2] == 1).all() and (ids[:, image.shape[1] // 2:] == 0).all()
-    res = seg.predict(image, classes, return_probs=True)
+    res = seg.predict(image, classes, return_scores=True)
     Pn = P.numpy()
     W2 = image.shape[1] // 2
     assert (res.label_map[:, :W2] == (Pn[0] + Pn[1]).argmax()).all()    # eq. 3: sum over covering masks
     assert (res.label_map[:, W2:] == Pn[0].argmax()).all()
-    np.testing.assert_allclose(res.probs[0, 0], Pn[0] + Pn[1], rtol=1e-5)
+    np.testing.assert_allclose(res.scores[0, 0], Pn[0] + Pn[1], rtol=1e-5)
     lab, conf = predict_image(seg, image, classes, Protocol(short_side=None))
     assert np.array_equal(lab, res.label_map)
     expect = (Pn[0] + Pn[1]).max() / (Pn[0] + Pn[1]).sum()

@@ -17,12 +17,12 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from conftest import REPO, photo
-from reme.annotations import CocoInstances, read_class_names
+from reme.build.annotations import CocoInstances, read_class_names
 from reme.errors import ImageReadError, ImageTypeError, ReferenceSetError
 from reme.io import MAX_PIXELS, load_image
 from reme.reference import load_reference, read_manifest
-from reme.segmenter import Segmenter, upsample_nearest
-from reme.viz import save_label_png
+from reme.inference.segmenter import Segmenter, upsample_nearest
+from reme.report.viz import save_label_png
 from test_reference_io import make_ref
 
 DEFAULT_REF = REPO / "reference_sets" / "default"
@@ -93,15 +93,15 @@ def test_lazy_pil_image_is_capped(tmp_path, no_png_decode, segmenter):
 def test_predict_works_at_bounded_size_and_returns_input_size(segmenter):
     img = photo("astronaut")                                          # 512 x 512
     small = Segmenter(segmenter.reference, device="cpu", max_working_pixels=128 * 96)
-    res = small.predict(img, "person; astronaut, wall, floor", return_probs=True)
+    res = small.predict(img, "person; astronaut, wall, floor", return_scores=True)
     h, w = res.extras["working_size"]
     assert h * w <= 128 * 96 and (h, w) != (512, 512)
     assert res.label_map.shape == res.segment_ids.shape == (512, 512)
-    assert res.probs.shape == (512, 512, 3) and res.probs.dtype == np.float32
-    assert res.segment_ids.max() < res.segment_probs.shape[0]
+    assert res.scores.shape == (512, 512, 3) and res.scores.dtype == np.float32
+    assert res.segment_ids.max() < res.segment_scores.shape[0]
     # labels are the segments' argmax, probs are bilinear between them (within each row's range)
-    assert np.array_equal(res.label_map, res.segment_probs.argmax(1)[res.segment_ids])
-    assert res.probs.max() <= res.segment_probs.max() + 1e-5
+    assert np.array_equal(res.label_map, res.segment_scores.argmax(1)[res.segment_ids])
+    assert res.scores.max() <= res.segment_scores.max() + 1e-5
     frac = np.bincount(res.label_map.ravel(), minlength=3) / res.label_map.size
     assert np.allclose(res.class_fractions, frac)
     full = segmenter.predict(img, "person; astronaut, wall, floor")
@@ -272,9 +272,9 @@ def test_float_array_error_reports_its_shape():
 # --- first five minutes: what the result's class names and scores mean ----------------------
 
 def test_result_names_and_row_sums_as_documented(segmenter):
-    res = segmenter.predict(photo("coffee")[::2, ::2], "floor; ground, cup; mug, table", return_probs=True)
+    res = segmenter.predict(photo("coffee")[::2, ::2], "floor; ground, cup; mug, table", return_scores=True)
     assert res.classes == ["floor", "cup", "table"]                     # first synonym of each class
-    rows = res.segment_probs.sum(1)
+    rows = res.segment_scores.sum(1)
     assert rows.max() <= 1.0 + 1e-4 and rows.min() > 0                  # one label per reference segment
     doc = type(res).__doc__
     assert "first synonym" in doc and "does not sum to 1" in doc

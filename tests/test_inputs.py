@@ -11,7 +11,7 @@ from conftest import photo
 from reme.classes import parse_classes
 from reme.errors import ImageReadError
 from reme.io import load_image
-from reme.pooling import mask_average_pool, masks_average_pool
+from reme.encoders.pooling import mask_average_pool, masks_average_pool
 from reme.proposals import FelzenszwalbParams, felzenszwalb_segments, masks_from_segment_ids, segment_bboxes
 
 

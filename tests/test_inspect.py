@@ -10,8 +10,8 @@ import pytest
 from conftest import REPO, SHARED, photo
 from PIL import Image
 
-from reme.filtering import knee_index
-from reme.inspect_report import group_scores, group_sizes, inspect_reference
+from reme.build.filtering import knee_index
+from reme.report.inspect import group_scores, group_sizes, inspect_reference
 from reme.reference import ReferenceSet
 
 DEFAULT_REF = REPO / "reference_sets" / "default"

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-import reme.index as index_mod
-from reme.index import spherical_kmeans
-from reme.proposals_cluster import kmeans
+import reme.reference.index as index_mod
+from reme.reference.index import spherical_kmeans
+from reme.proposals.cluster import kmeans
 
 
 @pytest.mark.parametrize("init", ["random", "k-means++"])
@@ -35,7 +35,7 @@ def test_proposals_and_index_share_the_implementation(monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(index_mod, "spherical_kmeans", spy)
-    import reme.proposals_cluster as pc
+    import reme.proposals.cluster as pc
 
     monkeypatch.setattr(pc, "spherical_kmeans", spy)
     X = torch.randn(300, 8)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from reme.filtering import ambiguous_roots, knee_cut, knee_index
+from reme.build.filtering import ambiguous_roots, knee_cut, knee_index
 
 AMBIGUOUS = ("image", "photo", "view", "side", "front")
 REAL = {"person": 1, "car": 3, "dog": 8}          # Zipf rank of a few real classes
@@ -76,8 +76,8 @@ class _HashText:
 def test_build_stages_record_the_knee_and_cap():
     """caption_global_stages (the build's steps 7-10) on Zipf-sized root groups with a planted
     "image" root: the knee, the cap and the removed share are returned for the manifest."""
-    from reme.build import CaptionBuildParams
-    from reme.global_stages import ArrayReader, caption_global_stages
+    from reme.build.pipeline import CaptionBuildParams
+    from reme.build._global_stages import ArrayReader, caption_global_stages
 
     rng = np.random.default_rng(0)
     sizes = {f"root{r}": max(1, int(200 * r ** -1.1)) for r in range(1, 200)} | {"image": 650}

@@ -12,7 +12,7 @@ from skimage import data
 
 from reme.encoders import mobilenet, resolve_encoder
 from reme.errors import MissingWeightsError
-from reme.pooling import masks_average_pool
+from reme.encoders.pooling import masks_average_pool
 
 try:
     WEIGHTS = mobilenet.packaged_weights_path()

@@ -12,13 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import reme.segmenter as segmenter_mod
+import reme.inference.segmenter as segmenter_mod
 from conftest import REPO, photo, writers_with_reader
 from reme.errors import ReferenceSetError
 from reme.eval.ablation import reference_from_pairs
-from reme.overlay import EXAMPLES_FILE, Overlay, StackedRows, load_overlay
+from reme.reference.overlay import EXAMPLES_FILE, Overlay, StackedRows, load_overlay
 from reme.reference import concat_references, load_reference
-from reme.segmenter import Segmenter
+from reme.inference.segmenter import Segmenter
 
 REF = REPO / "reference_sets" / "default"
 CLASSES = ["cup", "table", "saucer", "spoon"]
@@ -79,10 +79,10 @@ def test_merged_retrieval_equals_exact_over_the_concatenation(seg, image, retrie
     concat = Segmenter(concat_references([seg.reference, ov.to_reference()]), device="cpu", retrieval="exact",
                        top_k=top_k)
     assert concat.reference.labels == merged.merged_reference().labels          # same label order
-    _, P_m, _ = merged.segment_probs(image, CLASSES)
-    _, P_c, _ = concat.segment_probs(image, CLASSES)
+    _, P_m, _ = merged.segment_scores(image, CLASSES)
+    _, P_c, _ = concat.segment_scores(image, CLASSES)
     np.testing.assert_allclose(P_m.numpy(), P_c.numpy(), rtol=1e-5, atol=1e-6)
-    _, P_b, _ = Segmenter(seg.reference, device="cpu", retrieval=retrieval, top_k=top_k).segment_probs(image, CLASSES)
+    _, P_b, _ = Segmenter(seg.reference, device="cpu", retrieval=retrieval, top_k=top_k).segment_scores(image, CLASSES)
     assert not np.allclose(P_m.numpy(), P_b.numpy())                             # the examples changed it
 
 
@@ -91,20 +91,20 @@ def test_examples_take_effect_and_undo_restores_the_base_exactly(seg, image):
     before = s.predict(image, CLASSES)
     saucer = CLASSES.index("saucer")
     areas = np.bincount(before.segment_ids.ravel()).astype(float)
-    areas[before.segment_probs.argmax(1) == saucer] = -1
+    areas[before.segment_scores.argmax(1) == saucer] = -1
     target = int(areas.argmax())                                  # the largest segment not yet "saucer"
     assert areas[target] > 0
     eid = s.add_examples(image, [target], "saucer")
     after = s.predict(image, CLASSES)
-    assert after.segment_probs[target].argmax() == saucer                        # the segment itself is now found
+    assert after.segment_scores[target].argmax() == saucer                        # the segment itself is now found
     assert s.examples()[0]["example_id"] == eid and s.examples()[0]["labels"] == ["saucer"]
     s.add_examples(image, (before.segment_ids == 0), "table")
     assert len(s.examples()) == 2
     assert s.remove_examples() > 0                                              # undo the last
-    np.testing.assert_array_equal(s.predict(image, CLASSES).segment_probs, after.segment_probs)
+    np.testing.assert_array_equal(s.predict(image, CLASSES).segment_scores, after.segment_scores)
     assert s.remove_examples(eid) == 1
     again = s.predict(image, CLASSES)
-    np.testing.assert_array_equal(again.segment_probs, before.segment_probs)    # the base, exactly
+    np.testing.assert_array_equal(again.segment_scores, before.segment_scores)    # the base, exactly
     np.testing.assert_array_equal(again.label_map, before.label_map)
     assert s.overlay.num_rows == 0 and s.overlay.label_embeddings == {}
     with pytest.raises(KeyError):
@@ -185,13 +185,13 @@ def test_overlay_saves_loads_and_stays_beside_the_base(seg, image, tmp_path):
     assert set(t.column("encoder").to_pylist()) == {seg.reference.manifest["encoders"]["visual"]}
     back = Segmenter(seg.reference, device="cpu", overlay=out)
     assert back.overlay.labels == s.overlay.labels and back.examples() == s.examples()
-    np.testing.assert_array_equal(back.predict(image, CLASSES).segment_probs, s.predict(image, CLASSES).segment_probs)
+    np.testing.assert_array_equal(back.predict(image, CLASSES).segment_scores, s.predict(image, CLASSES).segment_scores)
     # deleting the overlay folder gives back the base
     import shutil
 
     shutil.rmtree(out)
     fresh = Segmenter(seg.reference, device="cpu", overlay=out)
-    np.testing.assert_array_equal(fresh.predict(image, CLASSES).segment_probs, seg.predict(image, CLASSES).segment_probs)
+    np.testing.assert_array_equal(fresh.predict(image, CLASSES).segment_scores, seg.predict(image, CLASSES).segment_scores)
     with pytest.raises(ValueError, match="not an overlay"):
         Overlay.empty(seg.reference).save(seg.reference.path, base_path=tmp_path / "elsewhere")
 
@@ -254,9 +254,9 @@ def test_example_bias_favours_the_overlay_and_needs_top_k(seg, image):
     s.example_bias = 1.0                       # overlay similarities + 1 > any base similarity
     biased = s.predict(image, CLASSES)
     saucer = CLASSES.index("saucer")
-    assert (biased.segment_probs.argmax(1) == saucer).all()                     # every candidate is an example
-    assert (plain.segment_probs.argmax(1) != saucer).any()
-    assert (r.segment_probs.argmax(1) != saucer).any()
+    assert (biased.segment_scores.argmax(1) == saucer).all()                     # every candidate is an example
+    assert (plain.segment_scores.argmax(1) != saucer).any()
+    assert (r.segment_scores.argmax(1) != saucer).any()
     with pytest.raises(ValueError, match="top_k"):
         Segmenter(seg.reference, device="cpu", top_k=None, example_bias=0.1)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):

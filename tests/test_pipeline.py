@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from conftest import SHARED, TINY_CLIP, needs_shared
-from reme.annotations import CocoInstances, MaskFolder, decode_coco_rle, read_class_names
-from reme.build import CaptionBuildParams, build_caption_reference, build_gt_reference
+from reme.build.annotations import CocoInstances, MaskFolder, decode_coco_rle, read_class_names
+from reme.build.pipeline import CaptionBuildParams, build_caption_reference, build_gt_reference
 from reme.encoders import resolve_encoder
-from reme.segmenter import Segmenter
+from reme.inference.segmenter import Segmenter
 
 pytestmark = needs_shared
 COCO = SHARED / "coco_tiny"
@@ -53,11 +53,11 @@ def test_gt_reference_from_coco_then_segment(tmp_path, coco_train, classical, mi
     ref.save(tmp_path / "ref")
     seg = Segmenter(tmp_path / "ref", device="cpu")
     val = sorted((COCO / "images" / "val2017").glob("*.jpg"))[0]
-    res = seg.predict(val, ["person", "dog", "sky; clouds", "pizza"], return_probs=True)
+    res = seg.predict(val, ["person", "dog", "sky; clouds", "pizza"], return_scores=True)
     H, W = res.label_map.shape
-    assert res.probs.shape == (H, W, 4) and res.label_map.dtype == np.int32
+    assert res.scores.shape == (H, W, 4) and res.label_map.dtype == np.int32
     assert res.label_map.min() >= 0 and res.label_map.max() < 4
-    assert np.array_equal(res.probs.argmax(-1), res.label_map)
+    assert np.array_equal(res.scores.argmax(-1), res.label_map)
     assert abs(res.class_fractions.sum() - 1) < 1e-9
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from reme.pooling import _pixel_cells, mask_average_pool, masks_average_pool, masks_cell_coverage
+from reme.encoders.pooling import _pixel_cells, mask_average_pool, masks_average_pool, masks_cell_coverage
 
 
 def dense_formula(features: torch.Tensor, masks: np.ndarray) -> torch.Tensor:

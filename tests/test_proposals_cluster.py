@@ -8,7 +8,7 @@ import torch
 
 from conftest import TINY_CLIP, photo
 from reme.encoders.masked_crop import cls_region_embeddings
-from reme.proposals_cluster import cluster_segments, kmeans
+from reme.proposals.cluster import cluster_segments, kmeans
 
 
 def test_kmeans_recovers_planted_clusters():
@@ -56,10 +56,10 @@ def test_cls_region_embeddings_with_tiny_clip(tiny_clip):
 def test_cls_encoder_spec_in_build_and_segmenter(tiny_clip, tmp_path):
     """``cls:CLIPSPEC`` embeds every segment as the CLS embedding of its masked crop, in the
     build (S_ref) and at inference (S_test, rebuilt from the manifest)."""
-    from reme.build import build_gt_reference
+    from reme.build.pipeline import build_gt_reference
     from reme.encoders import resolve_encoder
     from reme.encoders.masked_crop import MaskedCropEncoder, masked_crops
-    from reme.segmenter import Segmenter
+    from reme.inference.segmenter import Segmenter
     from test_build_resume import HashText, make_dataset
 
     ckpt, _ = tiny_clip
@@ -87,4 +87,4 @@ def test_cls_encoder_spec_in_build_and_segmenter(tiny_clip, tmp_path):
     sgm = Segmenter(tmp_path / "ref", text_encoder=HashText(), device="cpu", proposals="cluster", n_clusters=3)
     assert sgm.visual_encoder.spec == enc.spec
     res = sgm.predict(imgs / "img00.png", ["dark", "bright"])
-    assert res.label_map.shape == (48, 64) and res.segment_probs.shape[1] == 2
+    assert res.label_map.shape == (48, 64) and res.segment_scores.shape[1] == 2

@@ -10,7 +10,7 @@ from reme.errors import MissingWeightsError
 
 
 def test_sam_masks_cover_the_image(tiny_sam):
-    from reme.proposals_sam import SamProposals
+    from reme.proposals.sam import SamProposals
 
     gen = SamProposals(str(tiny_sam), points_per_side=4, points_per_batch=16, pred_iou_thresh=0.0,
                        stability_score_thresh=0.0, device="cpu")
@@ -22,7 +22,7 @@ def test_sam_masks_cover_the_image(tiny_sam):
 
 
 def test_sam_missing_weights_fail_fast(tmp_path, monkeypatch):
-    from reme.proposals_sam import SamProposals
+    from reme.proposals.sam import SamProposals
 
     monkeypatch.setenv("REME_CACHE_DIR", str(tmp_path))
     with pytest.raises(MissingWeightsError, match="sam"):
@@ -50,11 +50,11 @@ def test_sam_proposals_in_gt_and_caption_builds(tiny_sam, tiny_clip, tmp_path, m
     from PIL import Image
 
     from conftest import TINY_CLIP
-    from reme.build import CaptionBuildParams, build_caption_reference, build_gt_reference
+    from reme.build.pipeline import CaptionBuildParams, build_caption_reference, build_gt_reference
     from reme.encoders import resolve_encoder
-    from reme.pooling import masks_average_pool
-    from reme.proposals_sam import SamProposals
-    from reme.segmenter import Segmenter
+    from reme.encoders.pooling import masks_average_pool
+    from reme.proposals.sam import SamProposals
+    from reme.inference.segmenter import Segmenter
     from test_build_resume import HashText, make_dataset
 
     imgs, ann = make_dataset(tmp_path / "d", n=2, size=(48, 64))

@@ -10,7 +10,7 @@ import pytest
 
 from reme.errors import ReferenceSetError
 from reme.reference import ReferenceSet, concat_references, load_reference, read_manifest
-from reme.segmenter import Segmenter
+from reme.inference.segmenter import Segmenter
 
 
 def make_ref(m=40, n=6, d1=26, d2=384, seed=0, encoders=None) -> ReferenceSet:

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from reme.proposals import masks_from_segment_ids
-from reme.retrieval import (
+from reme.inference.retrieval import (
     label_affinity,
-    pixel_class_probs,
-    pixel_class_probs_masks,
+    pixel_class_scores,
+    pixel_class_scores_masks,
     reference_class_scores,
-    segment_class_probs,
+    segment_class_scores,
     segment_label_affinity,
 )
 
@@ -66,11 +66,11 @@ def test_streamed_eqs_match_paper_transcription(data, t1, t2, chunk):
     A1_r = segment_label_affinity(data["S_test"], data["S_ref"], ps, pl, data["O"].shape[1], logit_scale=t1)
     np.testing.assert_allclose(A1_r.numpy(), A1, atol=1e-5)
     B = reference_class_scores(ps, pl, A2_r, data["S_ref"].shape[0])
-    P = segment_class_probs(data["S_test"], data["S_ref"], B, logit_scale=t1, chunk_size=chunk)
+    P = segment_class_scores(data["S_test"], data["S_ref"], B, logit_scale=t1, chunk_size=chunk)
     np.testing.assert_allclose(P.numpy(), P_seg, atol=1e-5)
-    Pt = pixel_class_probs(P, data["seg"])
+    Pt = pixel_class_scores(P, data["seg"])
     np.testing.assert_allclose(Pt.numpy(), P_test, atol=1e-5)
-    np.testing.assert_allclose(pixel_class_probs_masks(P, masks.astype(bool)).numpy(), P_test, atol=1e-5)
+    np.testing.assert_allclose(pixel_class_scores_masks(P, masks.astype(bool)).numpy(), P_test, atol=1e-5)
     assert (Pt.argmax(-1).numpy() == label).all()
 
 
@@ -79,15 +79,15 @@ def test_top_k_restricts_softmax_and_equals_exact_at_n(data):
     A2 = label_affinity(data["L_ref"], data["L_test"], 10.0)
     B = reference_class_scores(ps, pl, A2, data["S_ref"].shape[0])
     m = data["S_ref"].shape[0]
-    exact = segment_class_probs(data["S_test"], data["S_ref"], B, logit_scale=20.0)
-    full = segment_class_probs(data["S_test"], data["S_ref"], B, logit_scale=20.0, top_k=m, chunk_size=64)
+    exact = segment_class_scores(data["S_test"], data["S_ref"], B, logit_scale=20.0)
+    full = segment_class_scores(data["S_test"], data["S_ref"], B, logit_scale=20.0, top_k=m, chunk_size=64)
     np.testing.assert_allclose(full.numpy(), exact.numpy(), atol=1e-5)
     # top-k = 5 equals the softmax over the 5 nearest reference segments, computed directly
     sims = data["S_test"] @ data["S_ref"].T
     nn = np.argsort(-sims, axis=1)[:, :5]
     w = _softmax(20.0 * np.take_along_axis(sims, nn, 1), axis=1)
     expect = np.einsum("kt,ktc->kc", w, B.numpy()[nn])
-    got = segment_class_probs(data["S_test"], data["S_ref"], B, logit_scale=20.0, top_k=5, chunk_size=50)
+    got = segment_class_scores(data["S_test"], data["S_ref"], B, logit_scale=20.0, top_k=5, chunk_size=50)
     np.testing.assert_allclose(got.numpy(), expect, atol=1e-5)
     A1 = segment_label_affinity(data["S_test"], data["S_ref"], ps, pl, data["O"].shape[1], logit_scale=20.0, top_k=5)
     np.testing.assert_allclose((A1 @ A2).numpy(), expect, atol=1e-5)
@@ -106,10 +106,10 @@ def test_unscaled_softmax_is_nearly_flat(data):
 def test_dimension_mismatch_raises(data):
     B = torch.zeros(data["S_ref"].shape[0], 3)
     with pytest.raises(ValueError, match="same d"):
-        segment_class_probs(data["S_test"][:, :5], data["S_ref"], B)
+        segment_class_scores(data["S_test"][:, :5], data["S_ref"], B)
     with pytest.raises(ValueError, match="rows"):
-        segment_class_probs(data["S_test"], data["S_ref"], B[:5])
+        segment_class_scores(data["S_test"], data["S_ref"], B[:5])
     with pytest.raises(ValueError, match="same d"):
         label_affinity(data["L_ref"], data["L_test"][:, :3])
     with pytest.raises(ValueError, match="top_k"):
-        segment_class_probs(data["S_test"], data["S_ref"], B, top_k=0)
+        segment_class_scores(data["S_test"], data["S_ref"], B, top_k=0)

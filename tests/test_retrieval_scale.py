@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from reme.errors import ReferenceSetError
-from reme.index import (
+from reme.reference.index import (
     FLAT_MAX_SEGMENTS,
     build_index,
     choose_index_kind,
@@ -23,15 +23,15 @@ from reme.index import (
     write_index,
 )
 from reme.reference import ReferenceSet, load_reference, read_manifest
-from reme.retrieval import (
+from reme.inference.retrieval import (
     exact_topk,
     label_affinity,
     o_ref_csr,
-    pixel_class_probs,
-    pixel_class_probs_masks,
+    pixel_class_scores,
+    pixel_class_scores_masks,
     reference_class_scores,
     rescore,
-    segment_class_probs,
+    segment_class_scores,
     streamed_label_affinity,
     topk_label_affinity,
 )
@@ -103,7 +103,7 @@ def test_streamed_from_memory_map_and_shift_raise(tmp_path, data):
 def test_dense_B_path_and_P_seg(data):
     A2 = label_affinity(data["L_ref"], data["L_test"], 20.0)
     B = reference_class_scores(data["ps"], data["pl"], A2, data["S_ref"].shape[0])
-    P = segment_class_probs(data["S_test"], data["S_ref"].astype(np.float16), B, logit_scale=30.0, chunk_size=64)
+    P = segment_class_scores(data["S_test"], data["S_ref"].astype(np.float16), B, logit_scale=30.0, chunk_size=64)
     A1 = streamed_label_affinity(data["S_test"], data["S_ref"].astype(np.float16), data["csr"], logit_scale=30.0)
     expect = literal_A1(data["S_test"], data["S_ref"].astype(np.float16), data["O"], 30.0) @ A2.numpy()
     np.testing.assert_allclose(P.numpy(), expect, atol=1e-5)
@@ -181,12 +181,12 @@ def test_eq3_gather_and_sparse_masks_match_literal():
     lists = ([np.flatnonzero(mk) for mk in masks], (H, W))
     sparse = torch.tensor(masks).to_sparse()
     for form in (masks, torch.tensor(masks), lists, sparse):
-        np.testing.assert_allclose(pixel_class_probs_masks(P, form).numpy(), expect, atol=1e-6)
+        np.testing.assert_allclose(pixel_class_scores_masks(P, form).numpy(), expect, atol=1e-6)
     seg = rng.integers(0, k, (H, W))
-    np.testing.assert_allclose(pixel_class_probs(P, seg).numpy(),
-                               pixel_class_probs_masks(P, seg[None] == np.arange(k)[:, None, None]).numpy(), atol=1e-6)
+    np.testing.assert_allclose(pixel_class_scores(P, seg).numpy(),
+                               pixel_class_scores_masks(P, seg[None] == np.arange(k)[:, None, None]).numpy(), atol=1e-6)
     with pytest.raises(ValueError, match="masks"):
-        pixel_class_probs_masks(P[:3], masks)
+        pixel_class_scores_masks(P[:3], masks)
 
 
 def test_sparse_masks_scale_with_pixels_not_k_times_hw():
@@ -194,7 +194,7 @@ def test_sparse_masks_scale_with_pixels_not_k_times_hw():
     k, H, W = 5000, 2000, 2000
     lists = [np.arange(i * 50, i * 50 + 60) for i in range(k)]                # mask i overlaps mask i+1 by 10
     P = torch.rand(k, 3)
-    out = pixel_class_probs_masks(P, (lists, (H, W)))
+    out = pixel_class_scores_masks(P, (lists, (H, W)))
     assert out.shape == (H, W, 3)
     flat = out.reshape(H * W, 3)
     np.testing.assert_allclose(flat[7 * 50 + 15].numpy(), P[7].numpy(), rtol=1e-6)           # one mask
@@ -260,7 +260,7 @@ def test_format_1_folder_still_loads(tmp_path):
 
 
 def test_segmenter_topk_equals_exact_search_and_keeps_the_memory_map(tmp_path, classical, minilm):
-    from reme.segmenter import Segmenter
+    from reme.inference.segmenter import Segmenter
 
     rng = np.random.default_rng(0)
     ref = _ref(m=400, d=classical.dim)
@@ -270,11 +270,11 @@ def test_segmenter_topk_equals_exact_search_and_keeps_the_memory_map(tmp_path, c
     exact = Segmenter(loaded, visual_encoder=classical, text_encoder=minilm, device="cpu", top_k=10)
     assert exact._S_ref is loaded.S_ref                                       # no float32 copy
     topk = Segmenter(loaded, visual_encoder=classical, text_encoder=minilm, device="cpu", top_k=10, retrieval="topk")
-    _, P_exact, _ = exact.segment_probs(img, "a, b, c")[:3]
-    _, P_topk, _ = topk.segment_probs(img, "a, b, c")[:3]
+    _, P_exact, _ = exact.segment_scores(img, "a, b, c")[:3]
+    _, P_topk, _ = topk.segment_scores(img, "a, b, c")[:3]
     np.testing.assert_allclose(P_topk.numpy(), P_exact.numpy(), atol=1e-5)    # flat index = exact search
     full = Segmenter(loaded, visual_encoder=classical, text_encoder=minilm, device="cpu", top_k=None)
-    seg, P_full, _ = full.segment_probs(img, "a, b, c")[:3]
+    seg, P_full, _ = full.segment_scores(img, "a, b, c")[:3]
     assert P_full.shape == (int(seg.max()) + 1, 3) and torch.isfinite(P_full).all()
     with pytest.raises(ValueError, match="retrieval"):
         Segmenter(loaded, visual_encoder=classical, text_encoder=minilm, device="cpu", retrieval="ann")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO, photo
-from reme.segmenter import Segmenter
+from reme.inference.segmenter import Segmenter
 
 REF = REPO / "reference_sets" / "default"
 
@@ -21,7 +21,7 @@ def image():
 def test_cluster_proposals(image):
     seg = Segmenter(REF, device="cpu", proposals="cluster", n_clusters=5)
     res = seg.predict(image, ["cup", "table", "person"])
-    k = res.segment_probs.shape[0]
+    k = res.segment_scores.shape[0]
     assert res.label_map.shape == image.shape[:2] and 5 <= k < 200
     assert set(np.unique(res.segment_ids)) == set(range(k))
 
@@ -31,7 +31,7 @@ def test_sam_proposals(image, tiny_sam):
     sam = seg.proposer.sam
     sam.points_per_side, sam.pred_iou_thresh, sam.stability_score_thresh = 4, 0.0, 0.0
     res = seg.predict(image, ["cup", "table"])
-    assert res.label_map.shape == image.shape[:2] and res.segment_ids.max() < res.segment_probs.shape[0]
+    assert res.label_map.shape == image.shape[:2] and res.segment_ids.max() < res.segment_scores.shape[0]
 
 
 def test_others_threshold(image):
@@ -47,7 +47,7 @@ def test_others_threshold(image):
 
 def _isolated(res) -> int:
     """Segments whose label (argmax of their P_seg row) differs from that of every adjacent segment."""
-    ids, lab = res.segment_ids, res.segment_probs.argmax(1)
+    ids, lab = res.segment_ids, res.segment_scores.argmax(1)
     pairs = np.concatenate([np.stack([ids[:, :-1].ravel(), ids[:, 1:].ravel()], 1),
                             np.stack([ids[:-1].ravel(), ids[1:].ravel()], 1)])
     pairs = np.unique(pairs[pairs[:, 0] != pairs[:, 1]], axis=0)
@@ -62,8 +62,8 @@ def _isolated(res) -> int:
 def test_gfa_smoothing_changes_scores_but_keeps_shapes(image):
     plain = Segmenter(REF, device="cpu").predict(image, ["cup", "table", "sky"])
     smooth = Segmenter(REF, device="cpu", smooth_omega=0.5).predict(image, ["cup", "table", "sky"])
-    assert smooth.segment_probs.shape == plain.segment_probs.shape
-    assert not np.allclose(smooth.segment_probs, plain.segment_probs)
+    assert smooth.segment_scores.shape == plain.segment_scores.shape
+    assert not np.allclose(smooth.segment_scores, plain.segment_scores)
     # a walk mixes neighbours, so fewer isolated labels remain: segments whose label no adjacent
     # segment shares
     assert (smooth.label_map != plain.label_map).mean() < 0.5
@@ -76,8 +76,8 @@ def test_gfa_smoothing_changes_scores_but_keeps_shapes(image):
 
 def test_free_form_queries_and_synonyms_merged_by_max(image):
     seg = Segmenter(REF, device="cpu")
-    ids, P_syn, names = seg.segment_probs(image, ["a small white cup; mug", "wooden table"])
-    _, P_sep, _ = seg.segment_probs(image, ["a small white cup", "mug", "wooden table"])
+    ids, P_syn, names = seg.segment_scores(image, ["a small white cup; mug", "wooden table"])
+    _, P_sep, _ = seg.segment_scores(image, ["a small white cup", "mug", "wooden table"])
     assert names == ["a small white cup", "wooden table"]
     torch.testing.assert_close(P_syn[:, 0], torch.maximum(P_sep[:, 0], P_sep[:, 1]))
     torch.testing.assert_close(P_syn[:, 1], P_sep[:, 2])

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-import reme.segmenter as segmenter_mod
+import reme.inference.segmenter as segmenter_mod
 from conftest import REPO, photo
 from reme.eval.ablation import reference_from_pairs
 from reme.reference import load_reference
-from reme.segmenter import A2_CACHE_SIZE, Segmenter
+from reme.inference.segmenter import A2_CACHE_SIZE, Segmenter
 
 REF = REPO / "reference_sets" / "default"
 
@@ -37,7 +37,7 @@ def test_a2_is_computed_once_per_class_list(monkeypatch):
     second = seg.predict(image, classes)
     assert len(calls) == 1                                        # the second image reuses A2
     np.testing.assert_array_equal(first.label_map, second.label_map)
-    np.testing.assert_array_equal(first.segment_probs, second.segment_probs)
+    np.testing.assert_array_equal(first.segment_scores, second.segment_scores)
     syn = [[c] for c in classes]
     L_test, _ = seg._class_embeddings(syn)
     assert torch.equal(seg._class_affinity(syn)[0], real(seg._L_ref, L_test, seg.label_logit_scale))  # same A2
@@ -72,7 +72,7 @@ def test_full_softmax_equals_literal_eq1_in_both_branches(image, monkeypatch, cl
     sub = full.pair_segment < 1000                                 # m = 1000, n = 56: k n vs m c picks the branch
     small = reference_from_pairs(full, full.pair_segment[sub], full.pair_label[sub])
     seg = Segmenter(small, device="cpu", top_k=None, segment_logit_scale=20.0, label_logit_scale=30.0, chunk_size=300)
-    _, P, _, S_test = seg.segment_probs(image, classes, return_embeddings=True)
+    _, P, _, S_test = seg.segment_scores(image, classes, return_embeddings=True)
     ref = seg.reference
     O = np.zeros((ref.num_segments, ref.num_labels))
     O[ref.pair_segment, ref.pair_label] = 1.0

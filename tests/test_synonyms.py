@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import reme.synonyms as synonyms
-from reme.synonyms import head_of, synonym_pairs
-from reme.text_embedding import embed_labels
+import reme.build.synonyms as synonyms
+from reme.build.synonyms import head_of, synonym_pairs
+from reme.encoders.text import embed_labels
 
 ROOTS = ["dog", "hot dog", "bear", "teddy bear", "light", "traffic light", "cat", "kitten", "car", "automobile",
          "sofa", "couch", "tree", "sky", "road", "street", "lamp", "puppy", "person", "man", "table", "chair"]

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import SHARED, needs_shared
-from reme.annotations import (YoloLabels, annotations_from_config, read_class_names, read_yolo_labels,
+from reme.build.annotations import (YoloLabels, annotations_from_config, read_class_names, read_yolo_labels,
                               rasterise_yolo_instance)
 
 NAMES = ["cat", "dog", "car"]
@@ -181,7 +181,7 @@ def test_gt_build_in_worker_processes(tmp_path):
     a malformed file skips its image with the line in the manifest; 'masks' gives one segment
     per YOLO instance."""
     from conftest import photo
-    from reme.build import build_gt_reference
+    from reme.build.pipeline import build_gt_reference
     from reme.encoders.classical import ClassicalEncoder
     from test_build_resume import HashText
 

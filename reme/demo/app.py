@@ -281,7 +281,7 @@ def serve(references: Mapping[str, str | Path], *, host: str = "127.0.0.1", port
         image_roots: folders with the reference sets' source photos (evidence thumbnails).
         device: torch device (None: CUDA if available).
         preload: load the default reference set before listening, so the first request is quick.
-        segmenter_kwargs: extra [`reme.segmenter.Segmenter`][reme.segmenter.Segmenter] arguments
+        segmenter_kwargs: extra [`reme.inference.segmenter.Segmenter`][reme.inference.segmenter.Segmenter] arguments
             (``top_k``, ...).
         allowed_hosts: ``Host`` names answered (default: [`bound_host_names`][reme.demo.app.bound_host_names]
             of ``host``); other names get 400.

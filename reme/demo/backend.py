@@ -1,7 +1,7 @@
 """The demo's work, independent of the web framework: segment a photo, keep the result, answer
-"why did this segment get its label?" with retrieval evidence ([`reme.evidence`][reme.evidence]),
+"why did this segment get its label?" with retrieval evidence ([`reme.inference.evidence`][reme.inference.evidence]),
 and teach by example: label a clicked segment, re-segment with it, undo
-([`Segmenter.add_examples`][reme.segmenter.Segmenter.add_examples], issue 15).
+([`Segmenter.add_examples`][reme.inference.segmenter.Segmenter.add_examples], issue 15).
 
 Whose examples: by default each browser session (a random id in a cookie) has its own in-memory
 overlay per reference set, invisible to every other session; the `MAX_SESSIONS` most recently
@@ -29,9 +29,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from reme.crops import THUMB, ReferenceImages, crop_thumbnail, placeholder_thumbnail
+from reme.report.crops import THUMB, ReferenceImages, crop_thumbnail, placeholder_thumbnail
 from reme.io import MAX_PIXELS, SAMPLE_PHOTOS, sample_image, to_rgb_array
-from reme.viz import class_colors
+from reme.report.viz import class_colors
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class _Result:
     image: np.ndarray
     segment_ids: np.ndarray
     label_map: np.ndarray
-    segment_probs: np.ndarray
+    segment_scores: np.ndarray
     classes: list[str]
     evidence: Any
     reference: str
@@ -258,7 +258,7 @@ class DemoBackend:
         references: display name -> reference folder; the first is the default.
         image_roots: extra folders with reference source photos (evidence thumbnails).
         device: torch device for the segmenters (None: CUDA if available).
-        segmenter_kwargs: passed to every [`reme.segmenter.Segmenter`][reme.segmenter.Segmenter].
+        segmenter_kwargs: passed to every [`reme.inference.segmenter.Segmenter`][reme.inference.segmenter.Segmenter].
         overlay: None (each session teaches its own in-memory overlay, module docstring), or
             an overlay folder shared by every session (loaded if it exists, else created by
             the first example; saved atomically after each add and undo). A shared overlay
@@ -313,7 +313,7 @@ class DemoBackend:
             return self._segmenters[name]
         with self._lock:
             if name not in self._segmenters:
-                from reme.segmenter import Segmenter
+                from reme.inference.segmenter import Segmenter
 
                 t0 = time.time()
                 seg = Segmenter(self.references[name], device=self.device, **self.segmenter_kwargs)
@@ -340,7 +340,7 @@ class DemoBackend:
 
     def session_segmenter(self, session: str, name: str | None = None):
         """The Segmenter of ``session`` for reference ``name``: the reference's Segmenter with
-        the session's own overlay ([`Segmenter.with_overlay`][reme.segmenter.Segmenter.with_overlay]),
+        the session's own overlay ([`Segmenter.with_overlay`][reme.inference.segmenter.Segmenter.with_overlay]),
         or with the shared overlay folder when the backend has one.
 
         Raises:
@@ -402,7 +402,7 @@ class DemoBackend:
         rid = uuid.uuid4().hex[:12]
         res = seg.predict(small, classes, return_evidence=True)
         searched = seg.merged_reference()
-        self._results[rid] = _Result(small, res.segment_ids, res.label_map, res.segment_probs, res.classes,
+        self._results[rid] = _Result(small, res.segment_ids, res.label_map, res.segment_scores, res.classes,
                                      res.evidence, name, classes, session, image_name, searched)
         while len(self._results) > MAX_RESULTS:
             self._results.popitem(last=False)
@@ -410,11 +410,11 @@ class DemoBackend:
         colors = class_colors(len(res.classes))
         pixels = np.bincount(res.label_map.ravel(), minlength=len(res.classes))
         legend = [{"class": c, "color": _hex(colors[i]), "fraction": round(float(res.class_fractions[i]), 5),
-                   "pixels": int(pixels[i]), "max_segment_score": round(float(res.segment_probs[:, i].max()), 5)}
+                   "pixels": int(pixels[i]), "max_segment_score": round(float(res.segment_scores[:, i].max()), 5)}
                   for i, c in enumerate(res.classes)]
         return {"result_id": rid, "width": int(small.shape[1]), "height": int(small.shape[0]),
                 "overlay": png_data_url(blend(small, res.label_map, len(res.classes))),
-                "legend": legend, "num_segments": int(res.segment_probs.shape[0]), "seconds": round(secs, 2),
+                "legend": legend, "num_segments": int(res.segment_scores.shape[0]), "seconds": round(secs, 2),
                 "reference": name, "resized": False, "classes": classes, "examples": len(seg.examples())}
 
     def _result(self, result_id: str, session: str) -> _Result:
@@ -450,7 +450,7 @@ class DemoBackend:
         """
         label = check_label(label)
         r = self._result(result_id, session)
-        n_seg = int(r.segment_probs.shape[0])
+        n_seg = int(r.segment_scores.shape[0])
         if segment_id is None:
             if x is None or y is None:
                 raise ValueError("give the segment: segment_id, or the pixel x and y")
@@ -566,7 +566,7 @@ class DemoBackend:
             if n["reference_id"] >= m and n.get("image", "").startswith("demo:"):
                 n["image"] = n["image"][5:].rsplit("#", 1)[0]
         rec["votes"] = [[lab, w, *cls] for (lab, w), cls in zip(rec["votes"], self._label_to_class(r, rec["votes"]))]
-        probs = r.segment_probs[s]
+        probs = r.segment_scores[s]
         order = np.argsort(-probs)
         rec.update({
             "class": r.classes[int(r.label_map[y, x])],
@@ -581,8 +581,8 @@ class DemoBackend:
     def _label_to_class(self, r: _Result, votes) -> list[tuple[str, float]]:
         """For each voting reference label, its best test class in A2 (eq. 2) and that weight."""
         from reme.classes import parse_classes
-        from reme.evidence import label_class_affinity
-        from reme.text_embedding import embed_labels
+        from reme.inference.evidence import label_class_affinity
+        from reme.encoders.text import embed_labels
 
         if not votes:
             return []

@@ -1,7 +1,7 @@
 """Encoder interfaces shared by every backend.
 
 A *visual encoder* maps an RGB image to a dense feature map; segment embeddings are
-obtained from it by mask average pooling (METHOD.md step 6, ``reme.pooling``).
+obtained from it by mask average pooling (METHOD.md step 6, ``reme.encoders.pooling``).
 A *text encoder* maps strings to L2-normalised vectors (METHOD.md step 5).
 A *captioner* maps an image to one or more captions (METHOD.md step 2).
 
@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from reme.pooling import mask_average_pool, masks_average_pool
+from reme.encoders.pooling import mask_average_pool, masks_average_pool
 
 
 class VisualEncoder(ABC):
@@ -58,7 +58,7 @@ class VisualEncoder(ABC):
         """Segment embeddings S_k from `dense_features` (METHOD.md step 6).
 
         Default: mask average pooling
-            ([`reme.pooling.mask_average_pool`][reme.pooling.mask_average_pool]). Encoders that
+            ([`reme.encoders.pooling.mask_average_pool`][reme.encoders.pooling.mask_average_pool]). Encoders that
         combine two views per segment (``reme.encoders.fused``) or embed masked crops
         (``reme.encoders.masked_crop``, which needs ``image``) override it.
 
@@ -76,7 +76,7 @@ class VisualEncoder(ABC):
     def mask_embeddings(self, features: torch.Tensor, masks: np.ndarray, normalize: bool = True,
                         image: np.ndarray | None = None) -> torch.Tensor:
         """Like `segment_embeddings` for (k, H, W) bool, possibly overlapping masks
-        ([`reme.pooling.masks_average_pool`][reme.pooling.masks_average_pool])."""
+        ([`reme.encoders.pooling.masks_average_pool`][reme.encoders.pooling.masks_average_pool])."""
         return masks_average_pool(features, masks, normalize=normalize)
 
 

@@ -12,7 +12,7 @@ space (``dim`` = PRIMARY's):
 2. `segment_embeddings` mask-average-pools both halves over the same k segments of one
    image (METHOD.md step 6), L2-normalises each, and fuses them with the closed-form random
    walk ``F* = (1 - omega)(I - omega A)^-1 F_P`` over those k segments
-   ([`reme.gfa.gfa_fuse`][reme.gfa.gfa_fuse]; a linear solve, O(k^3) per image).
+   ([`reme.encoders.gfa.gfa_fuse`][reme.encoders.gfa.gfa_fuse]; a linear solve, O(k^3) per image).
 
 Because the spec names both encoders and omega, a reference set built with it records the
 fusion in its manifest, and [`reme.Segmenter`][reme.Segmenter] rebuilds the same fused encoder for
@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from reme.encoders.base import VisualEncoder
-from reme.gfa import gfa_fuse
-from reme.pooling import mask_average_pool, masks_average_pool
+from reme.encoders.gfa import gfa_fuse
+from reme.encoders.pooling import mask_average_pool, masks_average_pool
 
-#: Our defaults: omega = 0.5 (OVSNet's middle setting), lambda = 5 (reme.gfa.random_walk_matrix).
+#: Our defaults: omega = 0.5 (OVSNet's middle setting), lambda = 5 (reme.encoders.gfa.random_walk_matrix).
 DEFAULT_OMEGA = 0.5
 DEFAULT_LAMBDA = 5.0
 
@@ -70,7 +70,7 @@ class GFAFusedEncoder(VisualEncoder):
         secondary: VisualEncoder that only shapes the walk's affinity (F_Q).
         omega: fusion degree in [0, 1); 0 returns PRIMARY's pooled embeddings unchanged.
         lam: affinity logit scale lambda of
-            [`reme.gfa.random_walk_matrix`][reme.gfa.random_walk_matrix].
+            [`reme.encoders.gfa.random_walk_matrix`][reme.encoders.gfa.random_walk_matrix].
 
     Raises:
         ValueError: omega outside [0, 1) or lam <= 0.

@@ -9,7 +9,7 @@ Two runners, each giving one table:
 * `ablate_noisy_gt`: a controlled, offline-meaningful version. Start from a GT-mode
   reference (one correct label per segment), replace the labels of a known fraction of pairs
   by a different label drawn uniformly at random, then apply the build's own stage functions
-  (`reme.global_stages`: group filter, relabel, knee filter; `reme.synonyms.synonym_pairs`)
+  (`reme.build._global_stages`: group filter, relabel, knee filter; `reme.build.synonyms.synonym_pairs`)
   with the label as root noun. Besides mIoU it reports
   the label precision of the kept pairs and the share of correct pairs kept, which measure
   the filter directly.
@@ -29,14 +29,14 @@ from reme.eval.datasets import SegDataset
 from reme.eval.protocol import Protocol, _MemoVisualEncoder
 from reme.eval.report import markdown_table, write_json, write_text
 from reme.eval.runner import evaluate
-from reme.filtering import KNEE_MAX_RANK, KNEE_MAX_REMOVED_SHARE, KNEE_MIN_RATIO
-from reme.global_stages import ArrayReader, knee_stage, streaming_group_filter, streaming_relabel, synonym_partners
+from reme.build.filtering import KNEE_MAX_RANK, KNEE_MAX_REMOVED_SHARE, KNEE_MIN_RATIO
+from reme.build._global_stages import ArrayReader, knee_stage, streaming_group_filter, streaming_relabel, synonym_partners
 from reme.reference import ReferenceSet
-from reme.synonyms import synonym_pairs
+from reme.build.synonyms import synonym_pairs
 
 logger = logging.getLogger(__name__)
 
-#: Caption-mode variants: name -> `reme.build.CaptionBuildParams` fields.
+#: Caption-mode variants: name -> `reme.build.pipeline.CaptionBuildParams` fields.
 CAPTION_VARIANTS: dict[str, dict] = {
     "no filtering, no synonyms": dict(group_filter=False, knee_filter=False, k_sim=0),
     "fixed delta 30%": dict(group_filter=True, adaptive_filter=False, drop_rate=0.30, knee_filter=False, k_sim=0),
@@ -126,19 +126,19 @@ def apply_stages(ref: ReferenceSet, pair_label: np.ndarray | None = None, *, gro
                  k_sim: int = 0, relabel: bool = False,
                  relabel_min_similarity: float = 0.5) -> tuple[ReferenceSet, np.ndarray, dict]:
     """Steps 7-9 of METHOD.md applied to a reference set's pairs, the label text as root noun,
-    with the build's own stage functions (`reme.global_stages` over an
-    `reme.global_stages.ArrayReader` of S_ref): the group filter
+    with the build's own stage functions (`reme.build._global_stages` over an
+    `reme.build._global_stages.ArrayReader` of S_ref): the group filter
     (``streaming_group_filter``), relabel (``streaming_relabel``), the knee filter
-    (``knee_stage``) and the synonym pairs (`reme.synonyms.synonym_pairs`, on L_ref rows).
+    (``knee_stage``) and the synonym pairs (`reme.build.synonyms.synonym_pairs`, on L_ref rows).
 
     Args:
         ref: source set (its S_ref is the visual embedding of step 7).
         pair_label: (p,) labels to use instead of ``ref.pair_label`` (e.g. corrupted ones).
         group_filter, drop_rate, adaptive, max_drop_rate: step 7.
         knee_filter, knee_min_groups, knee_min_ratio, knee_max_rank, knee_max_removed_share: step 8
-            (`reme.filtering.knee_cut`).
+            (`reme.build.filtering.knee_cut`).
         relabel, relabel_min_similarity: give pairs dropped by step 7 the label of the nearest
-            kept group centre instead (`reme.global_stages.streaming_relabel`).
+            kept group centre instead (`reme.build._global_stages.streaming_relabel`).
         k_sim: step 9: the k_sim most similar label pairs (L_ref cosine) become synonyms and
             each kept pair also gets its label's synonyms; 0 = off.
 
@@ -194,7 +194,7 @@ def apply_stages(ref: ReferenceSet, pair_label: np.ndarray | None = None, *, gro
 
 
 def _eval_row(ref_or_seg, dataset, protocol, segmenter_kwargs, encoders, progress):
-    from reme.segmenter import Segmenter
+    from reme.inference.segmenter import Segmenter
 
     seg = Segmenter(ref_or_seg, visual_encoder=encoders[0], text_encoder=encoders[1], **segmenter_kwargs)
     res = evaluate(seg, dataset, protocol, progress=progress, num_vis=0)
@@ -276,7 +276,7 @@ def ablate_caption(image_root: str | Path, captioner, pairing_model, visual_enco
             (``reme.encoders.resolve_encoder``); captions e.g. ``captions:/path/file.jsonl``.
         dataset: evaluation data.
         protocol: evaluation protocol (default: the dataset's).
-        variants: name -> [`reme.build.CaptionBuildParams`][reme.build.CaptionBuildParams] fields
+        variants: name -> [`reme.build.pipeline.CaptionBuildParams`][reme.build.pipeline.CaptionBuildParams] fields
             (default `CAPTION_VARIANTS`).
         felzenszwalb: proposal settings of the build (default FreeDA's).
         images: image keys under ``image_root`` (default: all).
@@ -288,7 +288,7 @@ def ablate_caption(image_root: str | Path, captioner, pairing_model, visual_enco
         (``pairs``, ``pairs_after_group_filter``, ``pairs_after_knee_filter``,
         ``pairs_after_synonyms``), ``segments``, ``labels``, ``miou``, ``pixel_acc``.
     """
-    from reme.build import CaptionBuildParams, build_caption_reference
+    from reme.build.pipeline import CaptionBuildParams, build_caption_reference
     from reme.encoders import resolve_encoder
     from reme.proposals import FelzenszwalbParams
 

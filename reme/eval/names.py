@@ -53,7 +53,7 @@ def display_names(classes: Sequence[Sequence[str]]) -> list[str]:
 
 
 def class_queries(classes: Sequence[Sequence[str]], synonyms: bool = True) -> list[str]:
-    """Class strings for [`reme.Segmenter.segment_probs`][reme.segmenter.Segmenter.segment_probs]:
+    """Class strings for [`reme.Segmenter.segment_scores`][reme.inference.segmenter.Segmenter.segment_scores]:
     synonyms joined by ``;`` (merged by max at inference); ``synonyms=False`` keeps the display
     names only."""
     return ["; ".join(c) if synonyms else c[0] for c in classes]

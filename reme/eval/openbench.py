@@ -28,8 +28,8 @@ from reme.eval.names import benchmark_classes
 from reme.eval.protocol import Protocol, finalize_labels, make_plan, memoized_features
 from reme.eval.report import markdown_table, plot_curves, write_json, write_text
 from reme.eval.runner import as_segmenter, default_protocol, iter_dataset, predict_classes
-from reme.metrics import ConfusionMeter, scores_from_confusion
-from reme.text_embedding import embed_labels
+from reme.eval.metrics import ConfusionMeter, scores_from_confusion
+from reme.encoders.text import embed_labels
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def distractor_pool(classes: Sequence[Sequence[str]], text_encoder, *, templates
     Returns:
         Distractor names (display names only, no synonyms).
     """
-    from reme.text_embedding import TEMPLATES
+    from reme.encoders.text import TEMPLATES
 
     templates = tuple(templates or TEMPLATES)
     taken = {_norm(s) for syns in classes for s in syns}

@@ -46,8 +46,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from reme.retrieval import normalise_rows, pixel_class_probs_masks  # P_hat = P / row sum (step 3 above)
-from reme.segmenter import upsample_nearest  # noqa: F401  (one nearest-neighbour resize; eval re-exports it)
+from reme.inference.retrieval import normalise_rows, pixel_class_scores_masks  # P_hat = P / row sum (step 3 above)
+from reme.inference.segmenter import upsample_nearest  # noqa: F401  (one nearest-neighbour resize; eval re-exports it)
 
 MODES = ("whole", "slide")
 BACKGROUND_MODES = ("threshold", "class", "class+threshold")
@@ -191,12 +191,12 @@ def _window_probs(segmenter, window: np.ndarray, queries: Sequence[str]) -> tupl
     segmenter's proposals overlap (SAM; eq. 3 sums over the masks covering a pixel)."""
     nq = len(queries)
     if getattr(segmenter, "overlapping_proposals", False):
-        ids, P, _, masks = segmenter.segment_probs(window, queries, return_masks=True)
+        ids, P, _, masks = segmenter.segment_scores(window, queries, return_masks=True)
         if masks is not None:
-            P_test = pixel_class_probs_masks(P[:, :nq].clamp_min(0), masks)
+            P_test = pixel_class_scores_masks(P[:, :nq].clamp_min(0), masks)
             h, w = P_test.shape[:2]
             return normalise_rows(P_test.reshape(h * w, nq)), torch.arange(h * w, device=P.device).reshape(h, w)
-    ids, P, _ = segmenter.segment_probs(window, queries)[:3]
+    ids, P, _ = segmenter.segment_scores(window, queries)[:3]
     return normalise_rows(P[:, :nq]), torch.as_tensor(np.ascontiguousarray(ids), dtype=torch.int64, device=P.device)
 
 
@@ -205,7 +205,7 @@ def predict_image(segmenter, image: np.ndarray, queries: Sequence[str], protocol
     """Label and confidence maps of one image at the protocol's inference size.
 
     Args:
-        segmenter: a [`reme.Segmenter`][reme.Segmenter] (uses ``segment_probs``).
+        segmenter: a [`reme.Segmenter`][reme.Segmenter] (uses ``segment_scores``).
         image: (H, W, 3) uint8 RGB.
         queries: Q class strings (``;``-joined synonyms).
         protocol: resize / whole-or-slide settings.

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from reme.io import atomic_path
-from reme.viz import class_colors
+from reme.report.viz import class_colors
 
 #: Colour of ignored GT pixels (black; the class colours never use it).
 IGNORE_COLOR = (0, 0, 0)

@@ -24,18 +24,18 @@ from reme.eval.protocol import (
     upsample_nearest,
 )
 from reme.eval.report import result_markdown, save_confusion_png, save_side_by_side, write_json, write_text
-from reme.metrics import ConfusionMeter, majority_scores, scores_from_confusion
+from reme.eval.metrics import ConfusionMeter, majority_scores, scores_from_confusion
 
 logger = logging.getLogger(__name__)
 
 
 def as_segmenter(model, device=None, **kwargs):
     """A [`reme.Segmenter`][reme.Segmenter] from a Segmenter (or any object with its
-    ``segment_probs`` method, returned as is), a loaded [`reme.ReferenceSet`][reme.ReferenceSet] or
+    ``segment_scores`` method, returned as is), a loaded [`reme.ReferenceSet`][reme.ReferenceSet] or
     a reference folder path; ``kwargs`` go to the constructor."""
-    from reme.segmenter import Segmenter
+    from reme.inference.segmenter import Segmenter
 
-    if isinstance(model, Segmenter) or hasattr(model, "segment_probs"):
+    if isinstance(model, Segmenter) or hasattr(model, "segment_scores"):
         return model
     return Segmenter(model, device=device, **kwargs)
 
@@ -68,7 +68,7 @@ def reference_info(segmenter, path=None) -> dict:
 
 
 def _overlay_info(overlay) -> dict | None:
-    """Path, rows, examples and labels of a non-empty overlay (reme.overlay), else None."""
+    """Path, rows, examples and labels of a non-empty overlay (reme.reference.overlay), else None."""
     if overlay is None or not len(overlay):
         return None
     return {"path": str(overlay.path) if overlay.path is not None else None, "rows": overlay.num_rows,
@@ -116,7 +116,7 @@ class EvalResult:
         dataset: dataset name; classes: C display names.
         confusion: (P, P) int64 streamed confusion matrix (P = C, or C + 1 with an
             "others"/distractor answer column).
-        scores: `reme.metrics.scores_from_confusion` over the C classes.
+        scores: `reme.eval.metrics.scores_from_confusion` over the C classes.
         num_images: images scored; skipped: ``{"key", "reason"}`` of the others.
         seconds: wall time of the loop.
         protocol: the `Protocol` used; reference: `reference_info`.

@@ -6,7 +6,7 @@ proposal generator: k-means over the dense features of any visual encoder (CLIP,
 classical one), each cluster split into connected regions, regions smaller than ``min_size``
 pixels merged into the neighbour they share the longest border with. The result is a
 partition (segment-id map) like Felzenszwalb's, so mask pooling and eq. 3 apply unchanged.
-Region embeddings: mask average pooling (``reme.pooling``) or the CLS embedding of each region's
+Region embeddings: mask average pooling (``reme.encoders.pooling``) or the CLS embedding of each region's
 masked crop (``cls:`` encoder specs, [`reme.encoders.masked_crop`][reme.encoders.masked_crop], the
 SM form; needs a CLIP image tower).
 """
@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from skimage.measure import label as connected_components
 
-from reme.index import spherical_kmeans
+from reme.reference.index import spherical_kmeans
 from reme.proposals import relabel_sequential
 
 
 def kmeans(X: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> torch.Tensor:
     """Cosine k-means (k-means++ seeding) of (n, d) rows; returns (n,) int64 cluster ids
-    (`reme.index.spherical_kmeans`, shared with the IVF index)."""
+    (`reme.reference.index.spherical_kmeans`, shared with the IVF index)."""
     return spherical_kmeans(X, k, iters=iters, seed=seed, init="k-means++")[1]
 
 

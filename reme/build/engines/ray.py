@@ -4,8 +4,8 @@ Pipeline: ``from_items`` (one row per pending shard: index + image keys as JSON)
 ``map_batches`` with a pool of actors (`ShardActor`; each loads the encoders once,
 with ``num_gpus`` per actor on GPU clusters) that read the images and compute the shard ->
 the driver streams the results (``iter_batches``) and writes the shard files. The global stages
-then run on the driver (`reme.global_stages`). Actors compute exactly what the local
-engine computes (`reme.shard_stages.ShardComputer.compute_encoded`), so the output is
+then run on the driver (`reme.build._global_stages`). Actors compute exactly what the local
+engine computes (`reme.build._shard_stages.ShardComputer.compute_encoded`), so the output is
 byte-identical.
 
 Nothing is pickled by reme: actors get a JSON string (encoder specs, settings, paths) and
@@ -24,7 +24,7 @@ import json
 import logging
 from typing import Any, Callable, Sequence
 
-from reme.shards import ShardStore
+from reme.build._shards import ShardStore
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class ShardActor:
     def __init__(self, config_json: str):
         import torch
 
-        from reme.shard_stages import ShardComputer
+        from reme.build._shard_stages import ShardComputer
 
         torch.set_num_threads(1)
         self.computer = ShardComputer.from_config(json.loads(config_json))
@@ -73,7 +73,7 @@ def run_ray(store: ShardStore, tasks: Sequence[tuple[int, list[str]]], config: d
     Args:
         store: the work folder (on the driver).
         tasks: [(shard index, image keys), ...] still to do.
-        config: `reme.shard_stages.ShardComputer.config` (plain JSON-able dict).
+        config: `reme.build._shard_stages.ShardComputer.config` (plain JSON-able dict).
         workers: size of the actor pool.
         address: Ray cluster address (``"auto"``, ``"ray://head:10001"``); None connects to
             an already initialised Ray or starts a local one (stopped again at the end).
@@ -82,7 +82,7 @@ def run_ray(store: ShardStore, tasks: Sequence[tuple[int, list[str]]], config: d
 
     Raises:
         ImportError: Ray is not installed.
-        reme.shards.ShardWriteError: a shard could not be written.
+        reme.build._shards.ShardWriteError: a shard could not be written.
     """
     if not tasks:
         return

@@ -144,7 +144,7 @@ def proposal_label_counts(props: Proposals, label_map: np.ndarray, num_labels: i
 def majority_pieces(props: Proposals, label_map: np.ndarray, num_labels: int,
                     min_purity: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """The proposals a label map annotates: GT mode's segments (METHOD.md, GT mode) and the
-    pieces of an added example ([`reme.overlay`][reme.overlay]).
+    pieces of an added example ([`reme.reference.overlay`][reme.reference.overlay]).
 
     A proposal is kept when its majority label covers at least ``min_purity`` of its area.
 
@@ -185,14 +185,14 @@ class ProposalGenerator:
     Args:
         method: ``"felzenszwalb"`` (default; FreeDA settings), ``"cluster"`` (Split Matching's
             k-means over the visual encoder's dense features,
-            [`reme.proposals_cluster`][reme.proposals_cluster]), or ``"sam"`` / ``"sam:MODEL"`` (SAM
-            automatic masks, [`reme.proposals_sam`][reme.proposals_sam]; hub id or local folder,
+            [`reme.proposals.cluster`][reme.proposals.cluster]), or ``"sam"`` / ``"sam:MODEL"`` (SAM
+            automatic masks, [`reme.proposals.sam`][reme.proposals.sam]; hub id or local folder,
             default facebook/sam-vit-huge; masks may overlap).
         felzenszwalb: Felzenszwalb settings (its ``min_size`` is also the smallest cluster
             region).
         n_clusters: k of ``"cluster"`` (our default 8).
         sam_options: keywords of
-            [`reme.proposals_sam.SamProposals`][reme.proposals_sam.SamProposals]
+            [`reme.proposals.sam.SamProposals`][reme.proposals.sam.SamProposals]
             (``points_per_side`` 32, ``pred_iou_thresh`` 0.88, ``stability_score_thresh`` 0.95,
             ...).
         device: where SAM runs.
@@ -209,7 +209,7 @@ class ProposalGenerator:
         self.method, self.felzenszwalb, self.n_clusters = method, felzenszwalb, int(n_clusters)
         self.sam = None
         if method.startswith("sam"):
-            from reme.proposals_sam import SamProposals
+            from reme.proposals.sam import SamProposals
 
             self.sam = SamProposals(method[4:] or "facebook/sam-vit-huge", device=device, **(sam_options or {}))
 
@@ -233,7 +233,7 @@ class ProposalGenerator:
         if self.method == "cluster":
             if features is None:
                 raise ValueError("cluster proposals need the image's dense features")
-            from reme.proposals_cluster import cluster_segments
+            from reme.proposals.cluster import cluster_segments
 
             return Proposals(cluster_segments(features, image.shape[:2], n_clusters=self.n_clusters,
                                               min_size=self.felzenszwalb.min_size))

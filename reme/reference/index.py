@@ -1,10 +1,10 @@
 """FAISS index over S_ref (METHOD.md step 10) for top-k retrieval.
 
-The index only proposes candidate neighbours; [`reme.retrieval.rescore`][reme.retrieval.rescore]
+The index only proposes candidate neighbours; [`reme.inference.retrieval.rescore`][reme.inference.retrieval.rescore]
 recomputes their inner products exactly from S_ref, so a compressed index changes which candidates
 are found, never their weights.
 
-Index type by reference-set size m ([`choose_index_kind`][reme.index.choose_index_kind];
+Index type by reference-set size m ([`choose_index_kind`][reme.reference.index.choose_index_kind];
 docs/performance.md has the measurements behind the thresholds):
 
 ==============  ======================  =====================================================
@@ -23,7 +23,7 @@ Every dense product (k-means, assigning rows to lists, choosing the lists a quer
 the whole search of a flat index) runs as a torch GEMM; FAISS only stores and scans the
 inverted lists. Measured on the 2-core test machine, the BLAS bundled with the faiss-cpu wheel
 took 5-9 s for a 256 x 100k x 1024 flat search that torch does in 1.2 s
-(docs/performance.md). [`search`][reme.index.search] takes care of this; ``index.search`` works too,
+(docs/performance.md). [`search`][reme.reference.index.search] takes care of this; ``index.search`` works too,
 slower.
 """
 
@@ -87,7 +87,7 @@ def _float32_blocks(S_ref, block: int):
 def spherical_kmeans(X: torch.Tensor, k: int, *, iters: int = 20, seed: int = 0, init: str = "random",
                      block: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
     """Spherical (cosine / inner-product) k-means, the one implementation used by the IVF index
-    (`build_index`) and the clustering proposals (`reme.proposals_cluster.kmeans`).
+    (`build_index`) and the clustering proposals (`reme.proposals.cluster.kmeans`).
 
     Rows are L2-normalised; each iteration assigns every row to the centroid of largest inner
     product (in blocks of ``block`` rows), and sets each centroid to the normalised sum of its
@@ -153,8 +153,8 @@ def build_index(S_ref, kind: str = "auto", *, nlist: int | None = None, nprobe: 
 
     Args:
         S_ref: (m, d) float16/float32 array or memory map, L2-normalised rows.
-        kind: one of `INDEX_KINDS`, or "auto" ([`choose_index_kind`][reme.index.choose_index_kind]).
-        nlist: inverted lists of an IVF index (default [`default_nlist`][reme.index.default_nlist]).
+        kind: one of `INDEX_KINDS`, or "auto" ([`choose_index_kind`][reme.reference.index.choose_index_kind]).
+        nlist: inverted lists of an IVF index (default [`default_nlist`][reme.reference.index.default_nlist]).
         nprobe: lists searched per query (stored in the index).
         train_size: k-means training rows (default ``IVF_TRAIN_PER_LIST * nlist``, at most m).
         niter: k-means iterations.
@@ -289,7 +289,7 @@ def search(index, queries, k: int, *, nprobe: int | None = None) -> tuple[np.nda
 
     Returns:
         ``(D, I)``: (q, k) float32 inner products (approximate for IVF-SQ8/PQ; re-score them
-        with [`reme.retrieval.rescore`][reme.retrieval.rescore]) and (q, k) int64 ids, -1 where
+        with [`reme.inference.retrieval.rescore`][reme.inference.retrieval.rescore]) and (q, k) int64 ids, -1 where
         fewer than k reference rows were found (faiss convention).
     """
     if int(k) < 1:
@@ -302,7 +302,7 @@ def search(index, queries, k: int, *, nprobe: int | None = None) -> tuple[np.nda
     if type(index).__name__.startswith("Gpu"):
         return index.search(Q, k)
     if isinstance(index, faiss.IndexFlat):
-        from reme.retrieval import exact_topk
+        from reme.inference.retrieval import exact_topk
 
         xb = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
         D = np.full((Q.shape[0], k), -np.inf, np.float32)

@@ -1,10 +1,10 @@
 """Overlay reference sets: segments a user adds by example, searched with a base reference set.
 
 Retrieval keeps its knowledge in a table, so adding rows is learning (kNN-CLIP's continual
-segmentation by retrieval). An [`Overlay`][reme.overlay.Overlay] holds the rows added to a base
+segmentation by retrieval). An [`Overlay`][reme.reference.overlay.Overlay] holds the rows added to a base
 reference set: S_ref rows of the example's segments, one label each (O_ref), and the label
 embeddings of labels the base does not have (L_ref). At query time
-[`Segmenter`][reme.segmenter.Segmenter] searches base and overlay together as one reference set
+[`Segmenter`][reme.inference.segmenter.Segmenter] searches base and overlay together as one reference set
 whose rows are the base's followed by the overlay's, and whose labels are the base's followed
 by the overlay's new labels; an empty overlay is the base, exactly.
 
@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from reme.errors import ReferenceSetError
 from reme.io import sha256_file
 from reme.reference import ReferenceSet, load_reference
-from reme.retrieval import ORefCSR
+from reme.inference.retrieval import ORefCSR
 
 EXAMPLES_FILE = "examples.parquet"
 #: ``segments.parquet`` source of an overlay row.
@@ -44,7 +44,7 @@ EXAMPLE_SOURCE = "example"
 class StackedRows:
     """Several (m_i, d) arrays read as one (sum m_i, d) array, without copying them.
 
-    Supports what the retrieval reads from S_ref (`reme.retrieval`): ``shape``, ``ndim``,
+    Supports what the retrieval reads from S_ref (`reme.inference.retrieval`): ``shape``, ``ndim``,
     ``dtype``, ``len``, row slices (a slice across parts is concatenated, one block at a time)
     and integer row arrays. All parts share ``d`` and dtype.
 
@@ -105,7 +105,7 @@ def concat_csr(base: ORefCSR, extra_labels: np.ndarray, num_labels: int) -> ORef
         num_labels: columns of the result (n + new labels).
 
     Returns:
-        (m + r) x num_labels [`ORefCSR`][reme.retrieval.ORefCSR].
+        (m + r) x num_labels [`ORefCSR`][reme.inference.retrieval.ORefCSR].
     """
     extra = np.asarray(extra_labels, np.int64)
     ptr = np.concatenate([base.ptr, base.ptr[-1] + np.arange(1, extra.size + 1, dtype=np.int64)])
@@ -382,7 +382,7 @@ def base_identity(base: ReferenceSet) -> dict[str, Any]:
 
 
 def load_overlay(path: str | Path, *, verify: bool = True) -> Overlay:
-    """Read an overlay folder written by [`Overlay.save`][reme.overlay.Overlay.save].
+    """Read an overlay folder written by [`Overlay.save`][reme.reference.overlay.Overlay.save].
 
     Raises:
         ReferenceSetError: not an overlay, missing or altered files (sha256), truncated Parquet,

@@ -16,20 +16,20 @@ has the measurements):
   dtype (float16 on disk, possibly a memory map) into one reused float32 buffer, multiplied by
   the test embeddings with one GEMM (the softmax shift is folded into that GEMM as an extra
   column), exponentiated in place and folded into the accumulator: A1 with O_ref kept sparse
-  ([`streamed_label_affinity`][reme.retrieval.streamed_label_affinity], O(k n) memory) or P_seg
-  directly with a dense B = O_ref A2 ([`segment_class_probs`][reme.retrieval.segment_class_probs],
+  ([`streamed_label_affinity`][reme.inference.retrieval.streamed_label_affinity], O(k n) memory) or P_seg
+  directly with a dense B = O_ref A2 ([`segment_class_scores`][reme.inference.retrieval.segment_class_scores],
   O(m c) memory).
 * **Top-k eq. 1** restricts the softmax to each test segment's nearest reference segments,
-  found exactly ([`exact_topk`][reme.retrieval.exact_topk]) or by a FAISS index
-  ([`reme.index`][reme.index]), whose candidates are re-scored exactly against S_ref
-  ([`rescore`][reme.retrieval.rescore]) before the softmax
-  ([`topk_label_affinity`][reme.retrieval.topk_label_affinity]). With k = m candidates it equals the
+  found exactly ([`exact_topk`][reme.inference.retrieval.exact_topk]) or by a FAISS index
+  ([`reme.reference.index`][reme.reference.index]), whose candidates are re-scored exactly against S_ref
+  ([`rescore`][reme.inference.retrieval.rescore]) before the softmax
+  ([`topk_label_affinity`][reme.inference.retrieval.topk_label_affinity]). With k = m candidates it equals the
   exact eq. 1.
 * **Eq. 3** is a gather ``P_seg[segment_ids]`` for a partition
-  ([`pixel_class_probs`][reme.retrieval.pixel_class_probs]) and a sparse product for overlapping
-  masks ([`pixel_class_probs_masks`][reme.retrieval.pixel_class_probs_masks]); memory O(H W c).
+  ([`pixel_class_scores`][reme.inference.retrieval.pixel_class_scores]) and a sparse product for overlapping
+  masks ([`pixel_class_scores_masks`][reme.inference.retrieval.pixel_class_scores_masks]); memory O(H W c).
 
-[`segment_label_affinity`][reme.retrieval.segment_label_affinity] materialises A1 directly, for
+[`segment_label_affinity`][reme.inference.retrieval.segment_label_affinity] materialises A1 directly, for
 inspection and tests.
 """
 
@@ -151,7 +151,7 @@ class ORefCSR:
 
 def o_ref_csr(pair_segment, pair_label, num_segments: int, num_labels: int) -> ORefCSR:
     """O_ref from its nonzeros ``(pair_segment[j], pair_label[j])`` as
-    [`ORefCSR`][reme.retrieval.ORefCSR].
+    [`ORefCSR`][reme.inference.retrieval.ORefCSR].
 
     Args:
         pair_segment, pair_label: (p,) int ids in [0, m) and [0, n).
@@ -302,8 +302,8 @@ def streamed_label_affinity(S_test, S_ref, o_ref: ORefCSR, *, logit_scale: float
     Args:
         S_test: (k, d1) float array or tensor, L2-normalised test segment embeddings.
         S_ref: (m, d1) float16/float32 array, memory map or tensor, L2-normalised rows.
-        o_ref: O_ref as [`ORefCSR`][reme.retrieval.ORefCSR]
-            ([`o_ref_csr`][reme.retrieval.o_ref_csr]) with m rows.
+        o_ref: O_ref as [`ORefCSR`][reme.inference.retrieval.ORefCSR]
+            ([`o_ref_csr`][reme.inference.retrieval.o_ref_csr]) with m rows.
         logit_scale: tau1 (1 = literal paper form).
         chunk_size: reference rows per block.
         device: where to compute (default: S_test's device, else CPU).
@@ -447,13 +447,13 @@ def topk_label_affinity(sims, ids, o_ref: ORefCSR, *, logit_scale: float = 1.0) 
     Args:
         sims: (k, t) float tensor of exact inner products (-inf for missing candidates).
         ids: (k, t) int rows of S_ref (-1 for missing).
-        o_ref: [`ORefCSR`][reme.retrieval.ORefCSR].
+        o_ref: [`ORefCSR`][reme.inference.retrieval.ORefCSR].
         logit_scale: tau1.
 
     Returns:
         (k, n) float32 sparse CSR tensor A1 (on ``sims``' device; a label reached through
         several candidates has several entries, which ``A1 @ A2`` and ``to_dense`` sum);
-        [`topk_class_probs`][reme.retrieval.topk_class_probs] gives P_seg = A1 A2 directly.
+        [`topk_class_scores`][reme.inference.retrieval.topk_class_scores] gives P_seg = A1 A2 directly.
     """
     crow, col, vals = _topk_csr_parts(sims, ids, o_ref, logit_scale)
     with warnings.catch_warnings():
@@ -461,13 +461,13 @@ def topk_label_affinity(sims, ids, o_ref: ORefCSR, *, logit_scale: float = 1.0) 
         return torch.sparse_csr_tensor(crow, col, vals, (crow.shape[0] - 1, o_ref.num_labels), check_invariants=False)
 
 
-def topk_class_probs(sims, ids, o_ref: ORefCSR, A2: torch.Tensor, *, logit_scale: float = 1.0) -> torch.Tensor:
+def topk_class_scores(sims, ids, o_ref: ORefCSR, A2: torch.Tensor, *, logit_scale: float = 1.0) -> torch.Tensor:
     """P_seg = A1 A2 with A1 restricted to candidate neighbours
-    ([`topk_label_affinity`][reme.retrieval.topk_label_affinity]).
+    ([`topk_label_affinity`][reme.inference.retrieval.topk_label_affinity]).
 
     Args:
         sims, ids, o_ref, logit_scale: as in
-            [`topk_label_affinity`][reme.retrieval.topk_label_affinity].
+            [`topk_label_affinity`][reme.inference.retrieval.topk_label_affinity].
         A2: (n, c) float32 tensor (eq. 2), or several class lists stacked along columns.
 
     Returns:
@@ -478,7 +478,7 @@ def topk_class_probs(sims, ids, o_ref: ORefCSR, A2: torch.Tensor, *, logit_scale
         return A1 @ A2.to(A1.device, torch.float32)
 
 
-def segment_class_probs(S_test, S_ref, B: torch.Tensor, *, logit_scale: float = 1.0,
+def segment_class_scores(S_test, S_ref, B: torch.Tensor, *, logit_scale: float = 1.0,
                         top_k: int | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     """P_seg = softmax(logit_scale * S_test S_ref^T, axis=1) B, streamed (eqs. 1-2 fused).
 
@@ -486,7 +486,7 @@ def segment_class_probs(S_test, S_ref, B: torch.Tensor, *, logit_scale: float = 
         S_test: (k, d1) float, L2-normalised test segment embeddings.
         S_ref: (m, d1) float16/float32 array or tensor, L2-normalised (read chunk by chunk,
             so it may be a memory map).
-        B: (m, c) float32 tensor, [`reference_class_scores`][reme.retrieval.reference_class_scores].
+        B: (m, c) float32 tensor, [`reference_class_scores`][reme.inference.retrieval.reference_class_scores].
         logit_scale: tau1 (1 = literal paper form).
         top_k: restrict the softmax to each test segment's ``top_k`` most similar reference
             segments (exact search); None = all m (paper form).
@@ -525,7 +525,7 @@ def segment_label_affinity(S_test, S_ref, pair_segment, pair_label, num_labels: 
         S_test: (k, d1), S_ref: (m, d1) L2-normalised embeddings.
         pair_segment, pair_label: (p,) int, the nonzeros of O_ref (m x n).
         num_labels: n.
-        logit_scale, top_k: as in [`segment_class_probs`][reme.retrieval.segment_class_probs].
+        logit_scale, top_k: as in [`segment_class_scores`][reme.inference.retrieval.segment_class_scores].
 
     Returns:
         (k, n) float32 tensor.
@@ -546,7 +546,7 @@ def segment_label_affinity(S_test, S_ref, pair_segment, pair_label, num_labels: 
 # --------------------------------------------------------------------------- eq. 3
 
 
-def pixel_class_probs(P_seg: torch.Tensor, segment_ids: np.ndarray) -> torch.Tensor:
+def pixel_class_scores(P_seg: torch.Tensor, segment_ids: np.ndarray) -> torch.Tensor:
     """Eq. 3 for a partition: P_test[x, y] = P_seg[segment_ids[x, y]] (a gather).
 
     Since Felzenszwalb segments partition the image, sum_i P_seg[i] M_seg[i, x, y] has exactly
@@ -585,7 +585,7 @@ def _mask_pixels(masks) -> tuple[np.ndarray, np.ndarray, tuple[int, int], int]:
     return i, p, (H, W), k
 
 
-def pixel_class_probs_masks(P_seg: torch.Tensor, masks) -> torch.Tensor:
+def pixel_class_scores_masks(P_seg: torch.Tensor, masks) -> torch.Tensor:
     """Eq. 3 for possibly overlapping masks (SAM): P_test = sum_i P_seg[i] M_seg[i], sparse.
 
     The masks are used as a sparse (H W x k) matrix, so memory is O(nnz + H W c), never

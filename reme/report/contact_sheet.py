@@ -2,7 +2,7 @@
 
 One row per test segment: the segment's crop from the test image (outside pixels dimmed, outline
 in yellow) with its predicted class, then the crops of the reference segments behind its A1 row
-([`reme.evidence`][reme.evidence]), each captioned with its labels, cosine similarity and eq. 1
+([`reme.inference.evidence`][reme.inference.evidence]), each captioned with its labels, cosine similarity and eq. 1
 weight.
 """
 
@@ -13,8 +13,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from reme.crops import THUMB, ReferenceImages, crop_thumbnail, label_tile
-from reme.evidence import RetrievalEvidence
+from reme.report.crops import THUMB, ReferenceImages, crop_thumbnail, label_tile
+from reme.inference.evidence import RetrievalEvidence
 from reme.io import atomic_path
 
 
@@ -40,21 +40,21 @@ def segment_bbox(segment_ids: np.ndarray, segment: int) -> tuple[int, int, int, 
 def contact_sheet(image: np.ndarray, segment_ids: np.ndarray, evidence: RetrievalEvidence, reference, *,
                   segments: Sequence[int] | None = None, max_segments: int = 8,
                   images: ReferenceImages | None = None, classes: Sequence[str] | None = None,
-                  segment_probs: np.ndarray | None = None, neighbours: int | None = None,
+                  segment_scores: np.ndarray | None = None, neighbours: int | None = None,
                   size: int = THUMB) -> Image.Image:
     """Render the contact sheet.
 
     Args:
         image: (H, W, 3) uint8 test image.
         segment_ids: (H, W) int proposal id of each pixel (rows of ``evidence``).
-        evidence: [`reme.evidence.retrieval_evidence`][reme.evidence.retrieval_evidence] of this
+        evidence: [`reme.inference.evidence.retrieval_evidence`][reme.inference.evidence.retrieval_evidence] of this
             image's S_test.
         reference: the [`reme.reference.ReferenceSet`][reme.reference.ReferenceSet] (labels and
             provenance).
         segments: test segment ids to show (default: the ``max_segments`` largest).
         images: where to read reference source images (default: the manifest's image roots);
             an unreadable image gives a placeholder tile.
-        classes: C class names, with ``segment_probs`` (k, C) P_seg: adds the predicted class
+        classes: C class names, with ``segment_scores`` (k, C) P_seg: adds the predicted class
             of each test segment to its caption.
         neighbours: reference tiles per row (default all of ``evidence``'s columns).
         size: tile edge in pixels.
@@ -70,9 +70,9 @@ def contact_sheet(image: np.ndarray, segment_ids: np.ndarray, evidence: Retrieva
     for s in segments:
         tiles = []
         cap = [f"test segment {s}"]
-        if classes is not None and segment_probs is not None:
-            c = int(np.argmax(segment_probs[s]))
-            cap.append(f"-> {classes[c]} ({segment_probs[s, c]:.2f})")
+        if classes is not None and segment_scores is not None:
+            c = int(np.argmax(segment_scores[s]))
+            cap.append(f"-> {classes[c]} ({segment_scores[s, c]:.2f})")
         test = crop_thumbnail(image, segment_bbox(segment_ids, s), size, mask=segment_ids == s)
         tiles.append(label_tile(test, cap + [""], col_w))
         for r, sim, w, ids in zip(evidence.reference_ids[s, :t], evidence.similarity[s, :t],

@@ -2,20 +2,20 @@
 
 Two modes:
 
-* **caption mode** ([`build_caption_reference`][reme.build.build_caption_reference], the paper's
+* **caption mode** ([`build_caption_reference`][reme.build.pipeline.build_caption_reference], the paper's
   method): Felzenszwalb segments, captions, spaCy noun phrases, CLIP pairing, group-median filter,
   ambiguous-label knee filter, synonym enrichment (steps 1-10).
-* **GT mode** ([`build_gt_reference`][reme.build.build_gt_reference], the paper's Fig. 1b "GT
+* **GT mode** ([`build_gt_reference`][reme.build.pipeline.build_gt_reference], the paper's Fig. 1b "GT
   reference"): segments and labels from ground-truth annotations instead of captions and pairing.
 
 A build runs in two phases (docs/building.md):
 
-1. **Per-image stages** (`reme.shard_stages`) over shards of ``shard_size`` images, each
-   written atomically as Parquet to a work folder (`reme.shards`). A re-run with the
+1. **Per-image stages** (`reme.build._shard_stages`) over shards of ``shard_size`` images, each
+   written atomically as Parquet to a work folder (`reme.build._shards`). A re-run with the
    same arguments skips finished shards, so a killed build (``kill -9``, full disk) resumes
    where it stopped. Shards run in this process, in ``workers`` processes
-   (`reme.engines.local`) or on a Ray cluster (`reme.engines.ray`).
-2. **Global stages** (`reme.global_stages`) read the shards with bounded memory: group
+   (`reme.build.engines.local`) or on a Ray cluster (`reme.build.engines.ray`).
+2. **Global stages** (`reme.build._global_stages`) read the shards with bounded memory: group
    filter per root group, knee filter, synonyms, assembly of {S_ref, O_ref, L_ref}.
 
 The Parquet files of the result are byte-identical whatever the worker count or engine and
@@ -39,17 +39,17 @@ import torch
 from tqdm.auto import tqdm
 
 from reme._version import __version__
-from reme.annotations import _safe_relpath
-from reme.filtering import KNEE_MAX_RANK, KNEE_MAX_REMOVED_SHARE, KNEE_MIN_RATIO
-from reme.global_stages import ShardReader, caption_global_stages, gt_global_stages
+from reme.build.annotations import _safe_relpath
+from reme.build.filtering import KNEE_MAX_RANK, KNEE_MAX_REMOVED_SHARE, KNEE_MIN_RATIO
+from reme.build._global_stages import ShardReader, caption_global_stages, gt_global_stages
 from reme.io import list_images
-from reme.nounphrases import NON_OBJECT_ROOTS, load_spacy
+from reme.build.nounphrases import NON_OBJECT_ROOTS, load_spacy
 from reme.proposals import FelzenszwalbParams
 from reme.reference import ReferenceSet
-from reme.shard_stages import (MAX_BUILD_PIXELS, ShardComputer, StageSettings, encoder_fingerprint,
+from reme.build._shard_stages import (MAX_BUILD_PIXELS, ShardComputer, StageSettings, encoder_fingerprint,
                                nlp_fingerprint)
-from reme.shards import ShardStore, ShardWriteError
-from reme.text_embedding import TEMPLATES
+from reme.build._shards import ShardStore, ShardWriteError
+from reme.encoders.text import TEMPLATES
 
 logger = logging.getLogger(__name__)
 
@@ -73,17 +73,17 @@ class CaptionBuildParams:
         knee_min_groups: below this many root groups step 8 removes nothing (our choice).
         knee_min_ratio, knee_max_rank: the knee of step 8 is the steepest drop of the log group
             sizes among the first ``knee_max_rank`` groups, when it is at least a factor
-            ``knee_min_ratio`` (`reme.filtering.knee_index`; ours: 3.0, 20).
+            ``knee_min_ratio`` (`reme.build.filtering.knee_index`; ours: 3.0, 20).
         knee_max_removed_share: cap on the share of pairs step 8 may remove (ours: 0.5;
-            `reme.filtering.knee_cut`). The knee and the cap are recorded in the
+            `reme.build.filtering.knee_cut`). The knee and the cap are recorded in the
             manifest under ``knee_filter``.
         k_sim: number of synonym pairs of step 9 (30); 0 disables enrichment.
         synonym_skip_head_pairs: step 9 leaves out pairs where one root is the head of the
-            other ("dog" / "hot dog"; `reme.synonyms.synonym_pairs`, our choice).
+            other ("dog" / "hot dog"; `reme.build.synonyms.synonym_pairs`, our choice).
         keep_compounds: compound modifiers stay in the root noun (our choice, step 3).
         stop_roots: noun phrases whose root (as used for grouping, so "tank top" is not "top")
             is in this set are not labels (step 3; default
-            `reme.nounphrases.NON_OBJECT_ROOTS`: positions, quantities, "image", ...).
+            `reme.build.nounphrases.NON_OBJECT_ROOTS`: positions, quantities, "image", ...).
         filter_method: step 7 criterion: "median" (the paper's group-median filter, default),
             "clip_global" / "clip_group" (the baselines the paper compares against: drop the
             ``drop_rate`` of pairs with the lowest CLIP pairing score, over all pairs or per
@@ -91,8 +91,8 @@ class CaptionBuildParams:
         relabel: relabel pairs dropped by step 7 instead of dropping them (the paper's stated
             limitation): the segment takes the root of the nearest kept group centre in visual
             space when the cosine is at least ``relabel_min_similarity``
-            ([`reme.filtering.relabel_dropped`][reme.filtering.relabel_dropped]; in builds
-            `reme.global_stages.streaming_relabel`, within the same memory budget as the group
+            ([`reme.build.filtering.relabel_dropped`][reme.build.filtering.relabel_dropped]; in builds
+            `reme.build._global_stages.streaming_relabel`, within the same memory budget as the group
             filter); off by default.
         relabel_min_similarity: threshold of ``relabel`` (our default 0.5).
     """
@@ -142,7 +142,7 @@ class BuildOptions:
         ray_address: Ray cluster address for the Ray engine (None: running or local Ray).
         ray_gpus_per_worker: GPUs per Ray actor (default 1 on CUDA, else 0).
         start_method: local worker start method, "fork" or "spawn" (default: fork on CPU).
-        max_image_pixels: per-image size limit (`reme.shard_stages.MAX_BUILD_PIXELS`).
+        max_image_pixels: per-image size limit (`reme.build._shard_stages.MAX_BUILD_PIXELS`).
         memory_budget_mb: embeddings held at once by the group filter, in MiB.
         progress: progress bars.
     """
@@ -247,13 +247,13 @@ def _run(mode: str, image_root: Path, keys: list[str], computer: ShardComputer, 
     t0 = time.perf_counter()
     try:
         if opts.engine == "ray":
-            from reme.engines.ray import run_ray
+            from reme.build.engines.ray import run_ray
 
             # an actor sees only its own GPU(s), so "cuda:1" becomes "cuda" there
             run_ray(store, pending, computer.config(_device_type(computer.visual)), workers=int(opts.workers),
                     address=opts.ray_address, num_gpus=opts.ray_gpus_per_worker, on_done=on_done)
         else:
-            from reme.engines.local import run_local
+            from reme.build.engines.local import run_local
 
             run_local(store, pending, computer, workers=int(opts.workers), start_method=opts.start_method,
                       device=str(getattr(computer.visual, "device", "cpu")), on_done=on_done)
@@ -340,7 +340,7 @@ def build_gt_reference(image_root: str | Path, annotations, visual_encoder, text
 
     Args:
         image_root: folder of the photos; keys are paths relative to it.
-        annotations: `reme.annotations.CocoInstances` or `reme.annotations.MaskFolder`.
+        annotations: `reme.build.annotations.CocoInstances` or `reme.build.annotations.MaskFolder`.
         visual_encoder: VisualEncoder for S_ref; text_encoder: TextEncoder for L_ref.
         segments: ``"proposals"`` (default, our choice): class-agnostic proposals (``proposals``),
             each labelled with the GT label covering at least ``min_purity`` of it -- the same
@@ -369,7 +369,7 @@ def build_gt_reference(image_root: str | Path, annotations, visual_encoder, text
     Raises:
         FileExistsError: ``out`` exists and ``overwrite`` is False.
         ValueError: bad arguments, or a work folder of a build with other settings.
-        reme.shards.ShardWriteError: the work or output folder cannot be written (disk full,
+        reme.build._shards.ShardWriteError: the work or output folder cannot be written (disk full,
             permission denied); finished shards are kept and a re-run resumes.
     """
     opts = _options(options, progress)
@@ -422,15 +422,15 @@ def build_caption_reference(image_root: str | Path, captioner, pairing_model, vi
         visual_encoder: VisualEncoder for S_ref and the group filter (DINOv2 in the paper).
         text_encoder: TextEncoder for L_ref and root-noun synonyms.
         params: filter / enrichment hyper-parameters
-            ([`CaptionBuildParams`][reme.build.CaptionBuildParams]); they act in the global stages
+            ([`CaptionBuildParams`][reme.build.pipeline.CaptionBuildParams]); they act in the global stages
             only, so changing them reuses the shards of a kept work folder.
         felzenszwalb: Felzenszwalb settings (step 1).
         proposals, n_clusters, sam_options: step 1 method and settings, as in
-            [`build_gt_reference`][reme.build.build_gt_reference] (SAM: METHOD.md step 1's option,
+            [`build_gt_reference`][reme.build.pipeline.build_gt_reference] (SAM: METHOD.md step 1's option,
             32 x 32 point grid).
         templates: prompt templates (step 5).
         nlp: a spaCy pipeline (default
-            [`reme.nounphrases.load_spacy`][reme.nounphrases.load_spacy]).
+            [`reme.build.nounphrases.load_spacy`][reme.build.nounphrases.load_spacy]).
         images: image keys (default: every image under ``image_root``); keys that are
             absolute or contain ``..`` raise ValueError.
         progress: show progress bars.
@@ -441,8 +441,8 @@ def build_caption_reference(image_root: str | Path, captioner, pairing_model, vi
         ``manifest["counts"]`` holds the counts after each stage.
 
     Raises:
-        FileExistsError, ValueError, reme.shards.ShardWriteError: as
-            [`build_gt_reference`][reme.build.build_gt_reference].
+        FileExistsError, ValueError, reme.build._shards.ShardWriteError: as
+            [`build_gt_reference`][reme.build.pipeline.build_gt_reference].
     """
     opts = _options(options, progress)
     image_root = Path(image_root)

@@ -31,13 +31,13 @@ import torch
 
 from reme.errors import ImageReadError
 from reme.io import read_image
-from reme.nounphrases import NON_OBJECT_ROOTS, NounPhrase, extract_noun_phrases, load_spacy
-from reme.pairing import pair_labels_to_segments
-from reme.pooling import embed_proposals
+from reme.build.nounphrases import NON_OBJECT_ROOTS, NounPhrase, extract_noun_phrases, load_spacy
+from reme.build.pairing import pair_labels_to_segments
+from reme.encoders.pooling import embed_proposals
 from reme.proposals import (FelzenszwalbParams, ProposalGenerator, Proposals, check_proposal_method, majority_pieces,
                             masks_bboxes)
-from reme.shards import encode_shard, pairs_table, segments_table
-from reme.text_embedding import TEMPLATES, embed_labels
+from reme.build._shards import encode_shard, pairs_table, segments_table
+from reme.encoders.text import TEMPLATES, embed_labels
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class StageSettings:
             it with ``gt_segments="proposals"``.
         n_clusters: k of ``"cluster"`` proposals.
         sam_options: keywords of
-            [`reme.proposals_sam.SamProposals`][reme.proposals_sam.SamProposals].
+            [`reme.proposals.sam.SamProposals`][reme.proposals.sam.SamProposals].
         batch_size: images per encoder / captioner / spaCy batch inside a shard.
         max_image_pixels: larger images are downscaled (caption) or skipped (GT); None: no
             limit below `reme.io.MAX_PIXELS`.
@@ -70,7 +70,7 @@ class StageSettings:
         exclude_labels: GT mode, label names left out.
         keep_compounds: caption mode, compound modifiers stay in the root (step 3).
         stop_roots: caption mode, roots that are not labels (step 3,
-            `reme.nounphrases.NON_OBJECT_ROOTS` by default), matched on the root used.
+            `reme.build.nounphrases.NON_OBJECT_ROOTS` by default), matched on the root used.
         templates: caption mode, prompt templates of the pairing label embeddings (step 5).
     """
 
@@ -252,11 +252,11 @@ class ShardComputer:
         settings: `StageSettings`.
         image_root: folder the image keys are relative to.
         visual_encoder: VisualEncoder for S_ref (and the group filter).
-        annotations: GT mode, `reme.annotations.CocoInstances` or ``MaskFolder``.
+        annotations: GT mode, `reme.build.annotations.CocoInstances` or ``MaskFolder``.
         captioner: caption mode, a Captioner.
         pairing_model: caption mode, a CLIPModel (step 4).
         nlp: caption mode, a spaCy pipeline (default
-            [`reme.nounphrases.load_spacy`][reme.nounphrases.load_spacy]).
+            [`reme.build.nounphrases.load_spacy`][reme.build.nounphrases.load_spacy]).
     """
 
     def __init__(self, settings: StageSettings, image_root: str | Path, visual_encoder, *, annotations=None,
@@ -306,7 +306,7 @@ class ShardComputer:
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "ShardComputer":
         """Rebuild from `config` (loads the encoders on ``cfg["device"]``)."""
-        from reme.annotations import annotations_from_config
+        from reme.build.annotations import annotations_from_config
 
         settings = StageSettings.from_dict(cfg["settings"])
         dev = cfg.get("device", "cpu")

@@ -9,7 +9,7 @@ so the label scores of segment i are a weighted vote of its nearest reference se
 module recomputes that vote with a plain exact top-k search over S_ref and returns, per test
 segment, the ``top`` nearest reference segments: their ids (rows of S_ref), cosine similarity,
 softmax weight in eq. 1 and labels, with the provenance the reference set stores (source image,
-box, stage). It deliberately does not call [`reme.retrieval`][reme.retrieval], so it is an
+box, stage). It deliberately does not call [`reme.inference.retrieval`][reme.inference.retrieval], so it is an
 independent check of what the retrieval computed.
 """
 
@@ -127,7 +127,7 @@ def retrieval_evidence(S_test, reference, *, top: int | None = None, top_k: int 
         chunk_size: S_ref rows per block (memory ~ k * chunk_size floats).
 
     Returns:
-        [`RetrievalEvidence`][reme.evidence.RetrievalEvidence] with t = min(top, m) columns (padded
+        [`RetrievalEvidence`][reme.inference.evidence.RetrievalEvidence] with t = min(top, m) columns (padded
         to ``top``).
 
     Raises:

@@ -13,7 +13,7 @@ assembly reads only the kept segments. Peak memory is therefore about the final 
 every image. A single root group larger than the budget is read as one pass (its median needs
 all its members).
 
-The results equal [`reme.filtering.group_median_filter`][reme.filtering.group_median_filter] and the
+The results equal [`reme.build.filtering.group_median_filter`][reme.build.filtering.group_median_filter] and the
 in-memory build on the same pairs: groups, medians, scores and drop decisions are computed per group
 in the same order with the same arithmetic.
 """
@@ -29,13 +29,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from reme.filtering import (KNEE_MAX_RANK, KNEE_MAX_REMOVED_SHARE, KNEE_MIN_RATIO, clip_score_filter, drop_lowest,
+from reme.build.filtering import (KNEE_MAX_RANK, KNEE_MAX_REMOVED_SHARE, KNEE_MIN_RATIO, clip_score_filter, drop_lowest,
                             group_drop_rates, grouped_median_scores, knee_cut)
-from reme.nounphrases import NounPhrase, substitute_root
+from reme.build.nounphrases import NounPhrase, substitute_root
 from reme.reference import ReferenceSet
-from reme.shards import ShardStore
-from reme.synonyms import synonym_pairs
-from reme.text_embedding import embed_labels
+from reme.build._shards import ShardStore
+from reme.build.synonyms import synonym_pairs
+from reme.encoders.text import embed_labels
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class ShardReader:
     Global ids number the segments of shard 0, then shard 1, ... in file order.
 
     Args:
-        store: the `reme.shards.ShardStore`.
+        store: the `reme.build._shards.ShardStore`.
         n_shards: number of shards.
         dim: visual embedding size d.
     """
@@ -229,7 +229,7 @@ def streaming_group_filter(reader: ShardReader, pair_segment: np.ndarray, root_i
         root_ids: (p,) int root-group index of each pair, in [0, n_roots).
         n_roots: number of groups.
         drop_rate, adaptive, max_drop_rate: as
-            [`reme.filtering.group_median_filter`][reme.filtering.group_median_filter].
+            [`reme.build.filtering.group_median_filter`][reme.build.filtering.group_median_filter].
         budget_rows: member rows (embeddings) read per pass.
         progress: show a progress bar over groups.
 
@@ -305,7 +305,7 @@ def assemble(reader: ShardReader, pair_segment: np.ndarray, labels: pa.Array, ro
 def streaming_relabel(reader: ShardReader, pair_segment: np.ndarray, root_ids: np.ndarray, keep: np.ndarray, *,
                       min_similarity: float = 0.5, budget_rows: int = 1_000_000,
                       progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Relabel instead of drop ([`reme.filtering.relabel_dropped`][reme.filtering.relabel_dropped])
+    """Relabel instead of drop ([`reme.build.filtering.relabel_dropped`][reme.build.filtering.relabel_dropped])
     reading embeddings from shards in passes of at most ``budget_rows`` rows, so memory stays
     bounded.
 
@@ -356,14 +356,14 @@ def knee_stage(root_ids: np.ndarray, pair_segment: np.ndarray, keep: np.ndarray,
                min_groups: int = 10, min_ratio: float = KNEE_MIN_RATIO, max_rank: int = KNEE_MAX_RANK,
                max_removed_share: float = KNEE_MAX_REMOVED_SHARE) -> tuple[np.ndarray, list[str], dict[str, Any]]:
     """Step 8 on pair arrays: group sizes = distinct segments per root among the kept pairs,
-    the knee cut of `reme.filtering.knee_cut`, and the kept pairs of the removed roots.
+    the knee cut of `reme.build.filtering.knee_cut`, and the kept pairs of the removed roots.
 
     Args:
         root_ids: (p,) int root index of each pair into ``root_names``.
         pair_segment: (p,) int64 segment id of each pair.
         keep: (p,) bool pairs still kept after step 7.
         root_names: the root of each index.
-        min_groups, min_ratio, max_rank, max_removed_share: see `reme.filtering.knee_cut`.
+        min_groups, min_ratio, max_rank, max_removed_share: see `reme.build.filtering.knee_cut`.
 
     Returns:
         ``(removed_pairs, removed_roots, info)``: (p,) bool kept pairs whose root is removed,
@@ -388,7 +388,7 @@ def knee_stage(root_ids: np.ndarray, pair_segment: np.ndarray, keep: np.ndarray,
 
 
 def synonym_partners(syn: Sequence[tuple[str, str, float]]) -> dict[str, list[str]]:
-    """root -> its synonyms (both directions) from `reme.synonyms.synonym_pairs` (step 9)."""
+    """root -> its synonyms (both directions) from `reme.build.synonyms.synonym_pairs` (step 9)."""
     partners: dict[str, list[str]] = {}
     for a, b, _ in syn:
         partners.setdefault(a, []).append(b)
@@ -403,7 +403,7 @@ def caption_global_stages(reader: ShardReader, params, text_encoder, templates: 
 
     Args:
         reader: shard access.
-        params: [`reme.build.CaptionBuildParams`][reme.build.CaptionBuildParams].
+        params: [`reme.build.pipeline.CaptionBuildParams`][reme.build.pipeline.CaptionBuildParams].
         text_encoder: TextEncoder for root synonyms and L_ref.
         templates: step 5 templates.
         budget_rows: embeddings read per group-filter pass (S_ref is memory-mapped at

@@ -7,8 +7,8 @@ stability thresholds. reme runs it through ``transformers``' ``mask-generation``
 or a local ``save_pretrained`` folder; the same fail-fast rules as every other loader apply.
 
 SAM masks overlap and need not cover the image, so they are returned as (k, H, W) bool
-masks; pooling uses ``reme.pooling.masks_average_pool`` and eq. 3 sums over masks
-(``reme.retrieval.pixel_class_probs_masks``). Pixels no mask covers would score 0 for every
+masks; pooling uses ``reme.encoders.pooling.masks_average_pool`` and eq. 3 sums over masks
+(``reme.inference.retrieval.pixel_class_scores_masks``). Pixels no mask covers would score 0 for every
 class, so reme adds one extra proposal, the uncovered remainder, whenever it is non-empty.
 """
 

@@ -19,27 +19,27 @@ from reme.classes import parse_classes
 from reme.encoders import resolve_device, resolve_encoder
 from reme.errors import ReferenceSetError
 from reme.io import load_image, load_image_bounded
-from reme.overlay import (EXAMPLE_SOURCE, Overlay, StackedRows, check_overlay, check_overlay_path, concat_csr,
+from reme.reference.overlay import (EXAMPLE_SOURCE, Overlay, StackedRows, check_overlay, check_overlay_path, concat_csr,
                           load_overlay, normalise_label)
-from reme.pooling import embed_proposals
+from reme.encoders.pooling import embed_proposals
 from reme.proposals import FelzenszwalbParams, ProposalGenerator, majority_pieces, masks_bboxes
 from reme.reference import ReferenceSet, load_reference
-from reme.retrieval import (
+from reme.inference.retrieval import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_TOPK_CANDIDATES,
     exact_topk,
     label_affinity,
     normalise_rows,
     o_ref_csr,
-    pixel_class_probs,
-    pixel_class_probs_masks,
+    pixel_class_scores,
+    pixel_class_scores_masks,
     reference_class_scores,
     rescore,
-    segment_class_probs,
+    segment_class_scores,
     streamed_label_affinity,
-    topk_class_probs,
+    topk_class_scores,
 )
-from reme.text_embedding import TEMPLATES, embed_labels
+from reme.encoders.text import TEMPLATES, embed_labels
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ A2_CACHE_SIZE = 4
 
 @dataclass
 class SegmentationResult:
-    """Output of [`Segmenter.predict`][reme.segmenter.Segmenter.predict].
+    """Output of [`Segmenter.predict`][reme.inference.segmenter.Segmenter.predict].
 
     (H, W) is the input image's size. An input over the Segmenter's ``max_working_pixels`` is
     segmented at a smaller working size (``extras["working_size"]``); the maps are then
@@ -76,27 +76,27 @@ class SegmentationResult:
             (``"floor; ground"`` gives ``"floor"``; `reme.classes.parse_classes`), plus
             ``"others"`` when ``others_threshold`` is set. Order as given.
         segment_ids: (H, W) int32 proposal id of each pixel (0..k-1).
-        segment_probs: (k, C) float32 P_seg = A1 A2 (eqs. 1-2), values >= 0. Not a
+        segment_scores: (k, C) float32 P_seg = A1 A2 (eqs. 1-2), values >= 0. Not a
             distribution: a row does not sum to 1. Eq. 2's softmax runs over every synonym
             string, and merging the synonyms of a class by max drops the others' share (rows
             of 0.75-1.0 are typical with the embedded reference, whose segments carry one
             label each); a reference segment paired with several labels votes once per label
             (rows can then exceed 1). Compare values within a row (argmax), or normalise rows
-            (`reme.retrieval.normalise_rows`) for a distribution.
+            (`reme.inference.retrieval.normalise_rows`) for a distribution.
         class_fractions: (C,) float64 fraction of pixels assigned to each class.
-        probs: (H, W, C) float32 P_test (eq. 3: the P_seg row of each pixel's segment, same
-            row sums as ``segment_probs``), only with ``return_probs=True`` (else None).
+        scores: (H, W, C) float32 P_test (eq. 3: the P_seg row of each pixel's segment, same
+            row sums as ``segment_scores``), only with ``return_scores=True`` (else None).
         extras: ``working_size`` (h, w), the size the image was segmented at.
-        evidence: `reme.evidence.RetrievalEvidence`, the nearest reference segments
+        evidence: `reme.inference.evidence.RetrievalEvidence`, the nearest reference segments
             behind each test segment's A1 row, only with ``return_evidence=True`` (else None).
     """
 
     label_map: np.ndarray
     classes: list[str]
     segment_ids: np.ndarray
-    segment_probs: np.ndarray
+    segment_scores: np.ndarray
     class_fractions: np.ndarray
-    probs: np.ndarray | None = None
+    scores: np.ndarray | None = None
     extras: dict = field(default_factory=dict)
     evidence: Any = None
 
@@ -128,24 +128,24 @@ class Segmenter:
         retrieval: how eq. 1 finds reference segments. "exact" (default): streamed over all of
             S_ref (the full softmax, or an exact top_k search). "topk": the reference set's
             FAISS index (``index.faiss``; built in memory when missing) proposes ``top_k``
-            neighbours (`reme.retrieval.DEFAULT_TOPK_CANDIDATES` when top_k is None, with a
+            neighbours (`reme.inference.retrieval.DEFAULT_TOPK_CANDIDATES` when top_k is None, with a
             UserWarning: the paper form's full softmax is not reachable on this path),
             re-scored exactly, softmax over them; approximate for IVF indexes (reference sets
             of 200k+ segments), ~30-100x faster at 1e6 segments (docs/performance.md).
         proposals: class-agnostic proposal generator for the test image
             ([`reme.proposals.ProposalGenerator`][reme.proposals.ProposalGenerator]): "felzenszwalb"
             (METHOD.md step 1), "cluster" (Split Matching's k-means over the visual encoder's dense
-            features, [`reme.proposals_cluster`][reme.proposals_cluster]), or "sam" / "sam:MODEL"
-            (SAM automatic masks, 32 x 32 grid, [`reme.proposals_sam`][reme.proposals_sam]; hub id
+            features, [`reme.proposals.cluster`][reme.proposals.cluster]), or "sam" / "sam:MODEL"
+            (SAM automatic masks, 32 x 32 grid, [`reme.proposals.sam`][reme.proposals.sam]; hub id
             or local folder, default facebook/sam-vit-huge). None (default) = the method the
             reference set was built with (manifest), else "felzenszwalb". SAM's masks overlap: each
-            is pooled on its own (``reme.pooling.masks_average_pool``) and eq. 3 sums P_seg over the
-            masks covering a pixel (``reme.retrieval.pixel_class_probs_masks``); ``segment_ids``
+            is pooled on its own (``reme.encoders.pooling.masks_average_pool``) and eq. 3 sums P_seg over the
+            masks covering a pixel (``reme.inference.retrieval.pixel_class_scores_masks``); ``segment_ids``
             then shows the smallest mask covering each pixel.
         n_clusters: k of the "cluster" proposals; None = the manifest's, else 8.
         smooth_omega: in [0, 1); > 0 smooths P_seg over the test image's segment adjacency
             graph with the GFA random walk of OVSNet
-            ([`reme.gfa.smooth_segment_probs`][reme.gfa.smooth_segment_probs], edges weighted by
+            ([`reme.encoders.gfa.smooth_segment_probs`][reme.encoders.gfa.smooth_segment_probs], edges weighted by
             S_test similarity). 0 (default) = off.
         others_threshold: when set, a segment whose normalised confidence (max of its P_seg row
             divided by the row sum, in [1/C, 1]) is below it is labelled "others", an extra
@@ -154,9 +154,9 @@ class Segmenter:
             (aspect ratio kept) and brings the maps back to the input size, so memory and
             time stop growing with the input past it. Default
             `DEFAULT_MAX_WORKING_PIXELS` (2 MP); None = always the full resolution.
-        overlay: segments added by example ([`reme.overlay`][reme.overlay]), searched together
+        overlay: segments added by example ([`reme.reference.overlay`][reme.reference.overlay]), searched together
             with the reference set: an overlay folder (loaded when it exists, else created
-            there by `save_overlay`), an [`Overlay`][reme.overlay.Overlay], or None (an empty
+            there by `save_overlay`), an [`Overlay`][reme.reference.overlay.Overlay], or None (an empty
             in-memory overlay; `add_examples` still works). An empty overlay changes nothing.
         example_bias: added to the cosine similarity of every overlay row in eq. 1 (candidate
             search and softmax), a prior that the user's examples match the images to segment
@@ -253,7 +253,7 @@ class Segmenter:
         self._views_lock = threading.Lock()                       # shared with `with_overlay` copies
         self._set_overlay(overlay)
 
-    # ------------------------------------------------------------------ overlay (reme.overlay)
+    # ------------------------------------------------------------------ overlay (reme.reference.overlay)
 
     def _set_overlay(self, overlay) -> None:
         if overlay is None:
@@ -304,7 +304,7 @@ class Segmenter:
         return other
 
     def examples(self) -> list[dict]:
-        """The added examples, one record each ([`Overlay.examples`][reme.overlay.Overlay.examples])."""
+        """The added examples, one record each ([`Overlay.examples`][reme.reference.overlay.Overlay.examples])."""
         return self.overlay.examples()
 
     def add_examples(self, image, mask_or_segment_ids, label, *, min_purity: float = 0.5,
@@ -431,7 +431,7 @@ class Segmenter:
 
     def save_overlay(self, path: str | Path | None = None) -> Path:
         """Write the overlay to ``path`` (default: its folder) atomically
-        ([`Overlay.save`][reme.overlay.Overlay.save]).
+        ([`Overlay.save`][reme.reference.overlay.Overlay.save]).
 
         Raises:
             ValueError: no path, or a path inside the reference folder.
@@ -515,7 +515,7 @@ class Segmenter:
         return self.proposer.overlapping
 
     @torch.inference_mode()
-    def segment_probs(self, image, classes, *, return_embeddings: bool = False,
+    def segment_scores(self, image, classes, *, return_embeddings: bool = False,
                       return_masks: bool = False) -> tuple:
         """Proposals and P_seg of one image (eqs. 1-2).
 
@@ -542,7 +542,7 @@ class Segmenter:
             merged = torch.full((P.shape[0], len(names)), -float("inf"), device=P.device)
             P = merged.scatter_reduce(1, owner.expand(P.shape[0], -1), P, reduce="amax")
         if self.smooth_omega > 0:
-            from reme.gfa import smooth_segment_probs
+            from reme.encoders.gfa import smooth_segment_probs
 
             P = smooth_segment_probs(P, seg, S_test, omega=self.smooth_omega).to(P.device)
         if self.others_threshold is not None:
@@ -562,10 +562,10 @@ class Segmenter:
     @property
     def index(self):
         """The FAISS index of the top-k path: the reference set's ``index.faiss``, else one
-        built in memory ([`reme.index.build_index`][reme.index.build_index]), moved to the GPU when
+        built in memory ([`reme.reference.index.build_index`][reme.reference.index.build_index]), moved to the GPU when
         faiss has one."""
         if "index" not in self._shared_index:
-            from reme.index import build_index, to_gpu
+            from reme.reference.index import build_index, to_gpu
 
             index = self.reference.load_index()
             if index is None:
@@ -581,7 +581,7 @@ class Segmenter:
         if self.retrieval == "topk" or self.top_k is not None:
             K = self.top_k or DEFAULT_TOPK_CANDIDATES
             if self.retrieval == "topk":
-                from reme.index import search
+                from reme.reference.index import search
 
                 _, ids = search(self.index, S_test.float().cpu().numpy(), K)          # base rows only
                 sims = rescore(S_test, self._S_ref, ids)                              # exact re-scoring
@@ -592,7 +592,7 @@ class Segmenter:
                 sims_o, ids_o = exact_topk(S_test, ov.S_ov, K, chunk_size=self.chunk_size)
                 sims, ids = merge_topk(sims, ids, sims_o + self.example_bias, ids_o,
                                        offset=self.reference.num_segments, k=K)
-            return topk_class_probs(sims, ids, o_ref, A2, logit_scale=tau)           # sparse A1 (k, n) x A2
+            return topk_class_scores(sims, ids, o_ref, A2, logit_scale=tau)           # sparse A1 (k, n) x A2
         if ov is None:
             S_ref = self._S_ref
         else:
@@ -608,7 +608,7 @@ class Segmenter:
             ps = np.concatenate([ps, self.reference.num_segments + np.arange(len(ov.row_labels))])
             pl = np.concatenate([pl, ov.row_labels])
         B = reference_class_scores(ps, pl, A2, m)                                    # O_ref A2
-        return segment_class_probs(S_test, S_ref, B, logit_scale=tau, chunk_size=self.chunk_size)
+        return segment_class_scores(S_test, S_ref, B, logit_scale=tau, chunk_size=self.chunk_size)
 
     def merged_reference(self) -> ReferenceSet:
         """The reference set `predict` searches: the base's rows and labels followed by the
@@ -629,7 +629,7 @@ class Segmenter:
             segment_area=np.concatenate([ref.segment_area, ov.area]), manifest=ref.manifest,
             segment_source=list(ref.segment_source) + [EXAMPLE_SOURCE] * ov.num_rows, dropped=ref.dropped)
 
-    def predict(self, image, classes, *, return_probs: bool = False,
+    def predict(self, image, classes, *, return_scores: bool = False,
                 return_evidence: bool = False) -> SegmentationResult:
         """Segment one image into the given classes.
 
@@ -644,15 +644,15 @@ class Segmenter:
                 synonyms within a class ("person; people"). The result names each class by
                 its first synonym (``"floor; ground"`` -> ``"floor"``); the scores of the
                 synonyms are merged by max.
-            return_probs: also return the (H, W, C) P_test.
+            return_scores: also return the (H, W, C) P_test.
             return_evidence: also return, per test segment, the nearest reference segments
                 behind its A1 row
-                ([`reme.evidence.retrieval_evidence`][reme.evidence.retrieval_evidence], exact
+                ([`reme.inference.evidence.retrieval_evidence`][reme.inference.evidence.retrieval_evidence], exact
                 search; ``top_k`` of them, 10 when top_k is None). With ``retrieval="topk"`` on an
                 approximate (IVF) index, the segments eq. 1 used can differ from these.
 
         Returns:
-            [`SegmentationResult`][reme.segmenter.SegmentationResult] (label_map (H, W) int32
+            [`SegmentationResult`][reme.inference.segmenter.SegmentationResult] (label_map (H, W) int32
             indexes ``classes``).
 
         Raises:
@@ -663,11 +663,11 @@ class Segmenter:
             ValueError: bad class list.
         """
         img, full_hw = load_image_bounded(image, max_pixels=self.max_working_pixels)
-        seg, P, names, S_test, masks = self.segment_probs(img, classes, return_embeddings=True,
+        seg, P, names, S_test, masks = self.segment_scores(img, classes, return_embeddings=True,
                                                           return_masks=True)
         evidence = None
         if return_evidence:
-            from reme.evidence import DEFAULT_EVIDENCE_TOP, retrieval_evidence
+            from reme.inference.evidence import DEFAULT_EVIDENCE_TOP, retrieval_evidence
 
             # softmax support of eq. 1 as computed above; evidence itself is always an exact search
             support = self.top_k or (DEFAULT_TOPK_CANDIDATES if self.retrieval == "topk" else None)
@@ -677,18 +677,18 @@ class Segmenter:
         working_hw = tuple(int(x) for x in seg.shape)
         if masks is None:
             seg_label = P.argmax(dim=1).cpu().numpy().astype(np.int32)
-            probs = upsample_probs(pixel_class_probs(P, seg), full_hw) if return_probs else None
+            probs = upsample_scores(pixel_class_scores(P, seg), full_hw) if return_scores else None
             seg = upsample_nearest(seg, full_hw)
             label_map = seg_label[seg]                                                # eq. 3 argmax
         else:                                                                         # eq. 3, overlapping masks
-            P_test = pixel_class_probs_masks(P.clamp_min(0), masks)
+            P_test = pixel_class_scores_masks(P.clamp_min(0), masks)
             label_map = upsample_nearest(P_test.argmax(dim=2).cpu().numpy().astype(np.int32), full_hw)
             seg = upsample_nearest(seg, full_hw)
-            probs = upsample_probs(P_test, full_hw) if return_probs else None
+            probs = upsample_scores(P_test, full_hw) if return_scores else None
             del P_test
         return SegmentationResult(label_map=label_map, classes=names, segment_ids=seg,
-                                  segment_probs=P.cpu().numpy().astype(np.float32),
-                                  class_fractions=label_fractions(label_map, len(names)), probs=probs,
+                                  segment_scores=P.cpu().numpy().astype(np.float32),
+                                  class_fractions=label_fractions(label_map, len(names)), scores=probs,
                                   extras={"working_size": working_hw}, evidence=evidence)
 
 
@@ -752,7 +752,7 @@ def upsample_nearest(a: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     return a[rows[:, None], cols[None, :]]
 
 
-def upsample_probs(p: torch.Tensor, size_hw: tuple[int, int]) -> np.ndarray:
+def upsample_scores(p: torch.Tensor, size_hw: tuple[int, int]) -> np.ndarray:
     """(h, w, C) tensor -> (H, W, C) float32 array, bilinear (``align_corners=False``)."""
     if tuple(p.shape[:2]) == tuple(size_hw):
         return p.float().cpu().numpy()

@@ -5,7 +5,7 @@ Felzenszwalb, spaCy ``nlp.pipe``) and the batched encoder/captioner forwards, an
 shard files itself; only shard indices, image keys and small marker dicts cross process
 boundaries. Workers start with ``fork`` on CPU (they inherit the loaded encoders, nothing is
 rebuilt) and with ``spawn`` when an encoder lives on a GPU (CUDA cannot be forked): spawned
-workers rebuild the encoders from `reme.shard_stages.ShardComputer.config`.
+workers rebuild the encoders from `reme.build._shard_stages.ShardComputer.config`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from reme.shard_stages import ShardComputer
-from reme.shards import ShardStore
+from reme.build._shard_stages import ShardComputer
+from reme.build._shards import ShardStore
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def run_local(store: ShardStore, tasks: Sequence[tuple[int, list[str]]], compute
         on_done: called with each finished shard's marker dict, in completion order.
 
     Raises:
-        reme.shards.ShardWriteError: a shard could not be written (earlier shards are intact).
+        reme.build._shards.ShardWriteError: a shard could not be written (earlier shards are intact).
         RuntimeError: a worker process died (e.g. killed for memory).
     """
     global _INHERITED

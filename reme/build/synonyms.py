@@ -14,7 +14,7 @@ def head_of(root: str) -> str:
     """The head noun of a root: its last word ("hot dog" -> "dog", "dog" -> "dog").
 
     Roots keep their compound modifiers before the head (METHOD.md step 3,
-    `reme.nounphrases`), so the head is the last word.
+    `reme.build.nounphrases`), so the head is the last word.
     """
     return root.rsplit(" ", 1)[-1]
 

@@ -14,7 +14,7 @@ On-disk layout of a reference folder (format version 2)::
       pairs.parquet      O_ref as sparse pairs: segment_id, label_id (one row per 1 in O_ref)
       dropped.parquet    pairs removed while building, with the reason (provenance)
       index.faiss        FAISS inner-product index over S_ref, kind chosen by size
-                         ([`reme.index.choose_index_kind`][reme.index.choose_index_kind]: flat <
+                         ([`reme.reference.index.choose_index_kind`][reme.reference.index.choose_index_kind]: flat <
                          200k, IVF-SQ8 above)
 
 Format version 1 folders (S_ref as an ``embedding`` column of segments.parquet, read into
@@ -163,7 +163,7 @@ class ReferenceSet:
         """
         if self.path is None or not (Path(self.path) / INDEX_FILE).is_file():
             return None
-        from reme.index import read_index
+        from reme.reference.index import read_index
 
         f = Path(self.path) / INDEX_FILE
         sha = (self.manifest.get("files") or {}).get(INDEX_FILE)
@@ -194,11 +194,11 @@ class ReferenceSet:
             overwrite: replace an existing folder (after the new one is complete).
             embedding_dtype: "float16" (half the disk and memory) or "float32" for S_ref.
             with_index: also write ``index.faiss`` (kind by size,
-                [`reme.index.build_index`][reme.index.build_index]; an IVF index over 1e6 x 1024
+                [`reme.reference.index.build_index`][reme.reference.index.build_index]; an IVF index over 1e6 x 1024
                 takes about a minute on 2 cores).
             extra_tables: more Parquet files to write into the folder (file name -> table),
                 listed with their sha256 in the manifest's ``files`` like the others (an overlay's
-                ``examples.parquet``, [`reme.overlay`][reme.overlay]).
+                ``examples.parquet``, [`reme.reference.overlay`][reme.reference.overlay]).
 
         Raises:
             FileExistsError: ``path`` exists and ``overwrite`` is False.
@@ -248,7 +248,7 @@ class ReferenceSet:
             manifest = dict(self.manifest)
             manifest.pop("index", None)
             if with_index:
-                from reme.index import build_index, describe_index, write_index
+                from reme.reference.index import build_index, describe_index, write_index
 
                 index = build_index(S)
                 write_index(index, tmp / INDEX_FILE)

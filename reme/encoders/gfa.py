@@ -87,8 +87,8 @@ def gfa_fuse(F_C, F_Q, omega: float = 0.5, lam: float = 5.0, normalize: bool = T
     Args:
         F_C: (n, d1) features that are propagated (and define the output space).
         F_Q: (n, d2) second features (shape the affinity only).
-        omega, lam, affinity: see [`propagate`][reme.gfa.propagate],
-            [`random_walk_matrix`][reme.gfa.random_walk_matrix].
+        omega, lam, affinity: see [`propagate`][reme.encoders.gfa.propagate],
+            [`random_walk_matrix`][reme.encoders.gfa.random_walk_matrix].
         normalize: L2-normalise the output rows.
 
     Returns:

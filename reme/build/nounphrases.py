@@ -93,7 +93,7 @@ def extract_noun_phrases(captions: Sequence[str] | Iterable[str], nlp=None, *,
 
     Args:
         captions: caption strings.
-        nlp: a loaded spaCy pipeline (default [`load_spacy`][reme.nounphrases.load_spacy]).
+        nlp: a loaded spaCy pipeline (default [`load_spacy`][reme.build.nounphrases.load_spacy]).
         keep_compounds: keep compound modifiers in the root (module docstring).
         batch_size: spaCy ``nlp.pipe`` batch size.
         stop_roots: roots to skip (lower-case, compared with `NounPhrase.root`, i.e.

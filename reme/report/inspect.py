@@ -34,8 +34,8 @@ import numpy as np
 from PIL import Image
 
 from reme.io import replace_dir
-from reme.crops import ReferenceImages, label_tile
-from reme.filtering import ambiguous_roots, knee_index
+from reme.report.crops import ReferenceImages, label_tile
+from reme.build.filtering import ambiguous_roots, knee_index
 
 logger = logging.getLogger(__name__)
 
@@ -386,7 +386,7 @@ def _html(s: dict, syn, has_syn: bool) -> str:
         _table(sorted(s["dropped_by_reason"].items()) or [("(none)", 0)], ["reason", "pairs"]),
         "<h2 id='groups'>Group sizes and the knee (step 8)</h2><img src='group_sizes.png' alt='group sizes'>",
         f"<p>{e(knee_txt)}{e(', '.join(s['ambiguous_roots']) or '(none)')}. Knee rank {s['knee_rank']} "
-        "(steepest drop of the log sizes, <code>reme.filtering.knee_index</code>).</p>",
+        "(steepest drop of the log sizes, <code>reme.build.filtering.knee_index</code>).</p>",
         "<h2 id='synonyms'>Synonym pairs (step 9)</h2>",
         ("<img src='synonyms.png' alt='synonym pairs'>" + _table(syn, ["root a", "root b", "cosine"]))
         if has_syn else "<p>No synonym pairs in this build (GT mode, or k_sim = 0).</p>",

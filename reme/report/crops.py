@@ -2,10 +2,10 @@
 
 A reference set stores, per segment, the source-image key relative to the build's image root
 (``segment_image``) and an XYWH box (``segment_bbox``); it stores no pixels. To show a
-reference segment, [`ReferenceImages`][reme.crops.ReferenceImages] finds the source file under one
-of the image roots and [`crop_thumbnail`][reme.crops.crop_thumbnail] cuts the box out. When no root
+reference segment, [`ReferenceImages`][reme.report.crops.ReferenceImages] finds the source file under one
+of the image roots and [`crop_thumbnail`][reme.report.crops.crop_thumbnail] cuts the box out. When no root
 is readable (a reference set used on another machine), callers draw
-[`placeholder_thumbnail`][reme.crops.placeholder_thumbnail] instead.
+[`placeholder_thumbnail`][reme.report.crops.placeholder_thumbnail] instead.
 """
 
 from __future__ import annotations

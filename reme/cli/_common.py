@@ -1,0 +1,117 @@
+"""Shared pieces of the command line: the typer app, logging set-up, one-line errors and
+output-path checks (every command module registers on `app`)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import List
+
+import typer
+
+from reme.classes import CLASS_LIST_GRAMMAR
+
+#: Help of every --classes / --classes-file option: the one class-list grammar (reme.classes).
+CLASSES_HELP = f"Class list: {CLASS_LIST_GRAMMAR}. Example: 'person; people, car, dog'."
+CLASSES_FILE_HELP = f"Class file, line k = mask value k. Class list: {CLASS_LIST_GRAMMAR}."
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Training-free open-vocabulary semantic segmentation by retrieval (ReME).")
+logger = logging.getLogger("reme")
+
+
+QUIET_HELP = "Warnings and errors only: no progress bars."
+VERBOSE_HELP = "Also print INFO logs and the model-loading progress bars."
+
+
+def setup_logging(quiet: bool, verbose: bool = False) -> None:
+    """Log warnings (and show reme's progress bars) by default; ``-v`` adds INFO logs and the
+    Hugging Face "Loading weights" bars, ``-q`` drops the progress bars."""
+    logging.basicConfig(level=logging.INFO if verbose and not quiet else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if verbose and not quiet:
+        return
+    # transformers reads this switch when imported; huggingface_hub.utils alone is light.
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+    except ImportError:
+        return
+    disable_progress_bars()
+    if "transformers.utils.logging" in sys.modules:
+        sys.modules["transformers.utils.logging"].disable_progress_bar()
+
+
+def fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg="red", err=True)
+    raise typer.Exit(code=2)
+
+
+def image_stem(path: str) -> str:
+    """Output name stem of an image argument (``skimage:NAME`` -> NAME)."""
+    return Path(path.split(":", 1)[1] if path.startswith("skimage:") else path).stem
+
+
+def unique_stems(images: List[str]) -> List[str]:
+    """One output stem per image argument; images that share a stem (``a/real.jpg``,
+    ``b/real.jpg``) get ``real``, ``real-2``, ... in argument order, each said on stderr."""
+    taken = {image_stem(p) for p in images}
+    seen: dict = {}
+    out = []
+    for path in images:
+        stem = image_stem(path)
+        if stem in seen:
+            n = 2
+            while f"{stem}-{n}" in taken:
+                n += 1
+            new = f"{stem}-{n}"
+            taken.add(new)
+            typer.secho(f"note: {path} has the same name as {seen[stem]}; its outputs are written as {new}_*",
+                        fg="yellow", err=True)
+            out.append(new)
+        else:
+            seen[stem] = path
+            out.append(stem)
+    return out
+
+
+def check_out_path(out: Path, *, folder_itself: bool) -> None:
+    """Fail (exit 2, one line naming the path and the cause) before any compute when ``out``
+    cannot be written: an existing file, an unwritable folder, a parent that cannot be made.
+
+    ``folder_itself``: create ``out`` and probe it (segment); else probe its parent, since the
+    folder is written under a temporary name there (build-reference)."""
+    import os
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out}: exists and is not a folder")
+    target = out if folder_itself else out.parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".reme-write-test.", dir=target)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        where = exc.filename if exc.filename and ".reme-write-test." not in str(exc.filename) else target
+        fail(f"--out {out}: cannot write {where} ({exc.strerror or type(exc).__name__})")
+
+
+def existing_overlay(overlay: Path) -> str:
+    """``--overlay`` of ``segment`` / ``eval``: it must exist (the user asked for it); an empty
+    overlay is not made up silently."""
+    if not (overlay / "manifest.json").is_file():
+        fail(f"--overlay {overlay}: no overlay there (make one with 'reme add-examples --overlay {overlay} ...')")
+    return str(overlay)
+
+
+def segmenter_kw(top_k, segment_logit_scale, label_logit_scale, **options) -> dict:
+    """Segmenter keywords the user set (None = the Segmenter's default)."""
+    kw: dict = {k: v for k, v in options.items() if v is not None}
+    if top_k is not None:
+        kw["top_k"] = top_k or None
+    if segment_logit_scale is not None:
+        kw["segment_logit_scale"] = segment_logit_scale
+    if label_logit_scale is not None:
+        kw["label_logit_scale"] = label_logit_scale
+    return kw

@@ -1,0 +1,133 @@
+"""``reme eval`` and ``reme ablate``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from reme.cli._common import (CLASSES_FILE_HELP, QUIET_HELP, VERBOSE_HELP, app, existing_overlay, fail, segmenter_kw, setup_logging)
+
+logger = logging.getLogger("reme")
+
+
+_EVAL_DATASETS = "voc21, voc20, pc60, pc59, pc459, coco_object, coco_stuff171, cityscapes, ade150, ade847 or generic"
+
+
+def _eval_protocol_kw(short_side, mode, crop, window_stride, background_mode, bg_threshold, others_threshold,
+                      no_synonyms) -> dict:
+    return dict(short_side=short_side, mode=mode, crop=crop, window_stride=window_stride, background=background_mode,
+                bg_threshold=bg_threshold, others_threshold=others_threshold, synonyms=not no_synonyms)
+
+
+@app.command("eval", short_help="Evaluate on a benchmark: mIoU, per-class IoU.")
+def eval_cmd(
+    dataset: str = typer.Option(..., "--dataset", help=f"Benchmark: {_EVAL_DATASETS}."),
+    root: Optional[Path] = typer.Option(None, help="Dataset root (folder trees: docs/evaluation.md)."),
+    reference: Optional[Path] = typer.Option(None, help="Reference folder (default: the embedded one)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder: results.json, results.md, confusion.png, vis/."),
+    split: Optional[str] = typer.Option(None, help="Benchmark split (default val / validation)."),
+    images: Optional[Path] = typer.Option(None, help="Image folder (generic; overrides a benchmark's layout)."),
+    masks: Optional[Path] = typer.Option(None, help="Index-mask folder, same stems (generic; overrides the layout)."),
+    classes_file: Optional[Path] = typer.Option(None, help="Generic datasets: " + CLASSES_FILE_HELP),
+    ignore_index: Optional[int] = typer.Option(None, help="Mask value to ignore (generic default 255)."),
+    reduce_zero_label: bool = typer.Option(False, help="Generic: ignore mask value 0 and shift the others down."),
+    background: Optional[str] = typer.Option(None, help="Generic: name of the background class (set by threshold)."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate the first N images (after --offset and --stride)."),
+    stride: int = typer.Option(1, help="Use every N-th image."),
+    offset: int = typer.Option(0, help="Skip the first N images (sorted by name)."),
+    short_side: Optional[int] = typer.Option(None, help="Short side in pixels (default: the benchmark's; 0 = native)."),
+    mode: Optional[str] = typer.Option(None, help="Inference: whole (default) or slide."),
+    crop: Optional[int] = typer.Option(None, help="Sliding-window size (default 336)."),
+    window_stride: Optional[int] = typer.Option(None, help="Sliding-window step (default 112)."),
+    background_mode: Optional[str] = typer.Option(None, help="class+threshold (default of VOC-21, PC-60, COCO-Object), threshold or class."),
+    bg_threshold: Optional[float] = typer.Option(None, help="Background confidence threshold (default: the mode's, reme.eval.protocol)."),
+    others_threshold: Optional[float] = typer.Option(None, help="Answer 'others' below this confidence."),
+    no_synonyms: bool = typer.Option(False, "--no-synonyms", help="Query display names only (no synonym max)."),
+    vis: int = typer.Option(4, help="Side-by-side PNGs for the first N images."),
+    distractors: Optional[str] = typer.Option(None, help="Also run the distractor sweep, e.g. 0,10,50,150,500."),
+    overlap: bool = typer.Option(False, help="Also report the vocabulary overlap with the reference labels."),
+    bg_sweep: Optional[str] = typer.Option(None, help="Also score these background thresholds, e.g. 0.3,0.5,0.7."),
+    hold_out: Optional[str] = typer.Option(None, help="'others' analysis: comma-separated classes to hold out."),
+    others_sweep: Optional[str] = typer.Option(None, help="'others' thresholds of that analysis (default 0,0.3,...,0.7)."),
+    top_k: Optional[int] = typer.Option(None, help="Retrieval top-k (default 10; 0 = all)."),
+    segment_logit_scale: Optional[float] = typer.Option(None, help="tau1 of eq. 1 (default 50)."),
+    label_logit_scale: Optional[float] = typer.Option(None, help="tau2 of eq. 2 (default 50)."),
+    retrieval: Optional[str] = typer.Option(None, help="Eq. 1 search: exact (default) or topk (FAISS index)."),
+    proposals: Optional[str] = typer.Option(None, help="felzenszwalb, cluster or sam[:MODEL] (default: the reference set's)."),
+    n_clusters: Optional[int] = typer.Option(None, help="k of --proposals cluster."),
+    smooth_omega: Optional[float] = typer.Option(None, help="GFA smoothing of P_seg over adjacent segments, in [0, 1)."),
+    overlay_dir: Optional[Path] = typer.Option(None, "--overlay", help="Also search the examples of this overlay "
+                                               "folder ('reme add-examples'); it must exist."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: CUDA if available)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
+):
+    """Evaluate a reference set on a benchmark: mIoU, per-class IoU, pixel/mean accuracy."""
+    setup_logging(quiet, verbose)
+    from reme.defaults import default_reference_path
+    from reme.errors import MissingWeightsError, ReferenceSetError
+    from reme.eval.commands import run_eval
+
+    try:
+        text = run_eval(dataset=dataset, reference=reference or default_reference_path(), out=out, root=root,
+                        split=split, images=images, masks=masks, classes_file=classes_file, ignore_index=ignore_index,
+                        reduce_zero_label=reduce_zero_label, background_name=background, limit=limit, stride=stride,
+                        offset=offset,
+                        protocol_kw=_eval_protocol_kw(short_side, mode, crop, window_stride, background_mode,
+                                                      bg_threshold, others_threshold, no_synonyms),
+                        vis=vis, distractors=distractors, overlap=overlap, bg_sweep=bg_sweep, hold_out=hold_out,
+                        others_sweep=others_sweep, segmenter_kw=segmenter_kw(top_k, segment_logit_scale, label_logit_scale, retrieval=retrieval,
+                                                   proposals=proposals, n_clusters=n_clusters,
+                                                   smooth_omega=smooth_omega,
+                                                   overlay=overlay_dir and existing_overlay(overlay_dir)),
+                        device=device,
+                        progress=not quiet)
+    except (MissingWeightsError, ReferenceSetError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    typer.echo(text)
+
+
+@app.command("ablate", short_help="Evaluate reference-set variants, one table.")
+def ablate_cmd(
+    kind: str = typer.Option("noisy-gt", help="noisy-gt (GT reference with corrupted labels) or caption."),
+    dataset: str = typer.Option(..., "--dataset", help=f"Evaluation data: {_EVAL_DATASETS}."),
+    root: Optional[Path] = typer.Option(None, help="Dataset root."),
+    images: Optional[Path] = typer.Option(None, help="Evaluation image folder (generic)."),
+    masks: Optional[Path] = typer.Option(None, help="Evaluation mask folder (generic)."),
+    classes_file: Optional[Path] = typer.Option(None, help="Generic evaluation data: " + CLASSES_FILE_HELP),
+    limit: Optional[int] = typer.Option(None, help="Evaluate the first N images (after --stride)."),
+    stride: int = typer.Option(1, help="Use every N-th evaluation image."),
+    short_side: Optional[int] = typer.Option(None, help="Short side (default: the benchmark's; 0 = native)."),
+    mode: Optional[str] = typer.Option(None, help="whole (default) or slide."),
+    reference: Optional[Path] = typer.Option(None, help="noisy-gt: the GT-mode reference set."),
+    noise: float = typer.Option(0.3, help="noisy-gt: fraction of labels replaced at random."),
+    seed: int = typer.Option(0, help="noisy-gt: corruption seed."),
+    photos: Optional[Path] = typer.Option(None, help="caption: reference photos."),
+    captions: Optional[Path] = typer.Option(None, help="caption: JSON-lines caption file."),
+    pairing_encoder: Optional[str] = typer.Option(None, help="caption: CLIP spec for pairing (step 4)."),
+    visual_encoder: str = typer.Option("classical", help="caption: visual encoder spec."),
+    text_encoder: str = typer.Option("minilm", help="caption: text encoder spec."),
+    photo_limit: Optional[int] = typer.Option(None, help="caption: use the first N photos."),
+    out: Optional[Path] = typer.Option(None, help="Output folder: ablation.json, ablation.md."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: CUDA if available)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
+):
+    """Build reference-set variants with stages switched off/on, evaluate each, print one table."""
+    setup_logging(quiet, verbose)
+    from reme.errors import MissingWeightsError, ReferenceSetError
+    from reme.eval.commands import run_ablate
+
+    try:
+        text = run_ablate(kind=kind, dataset=dataset, out=out, root=root, images=images, masks=masks,
+                          classes_file=classes_file, limit=limit, stride=stride,
+                          protocol_kw=_eval_protocol_kw(short_side, mode, None, None, None, None, None, False),
+                          reference=reference, noise=noise, seed=seed, photos=photos, captions=captions,
+                          pairing_encoder=pairing_encoder, visual_encoder=visual_encoder, text_encoder=text_encoder,
+                          photo_limit=photo_limit, device=device, progress=not quiet)
+    except (MissingWeightsError, ReferenceSetError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    typer.echo(text)
