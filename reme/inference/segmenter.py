@@ -436,7 +436,9 @@ class Segmenter:
         Raises:
             ValueError: no path, or a path inside the reference folder.
         """
-        return self.overlay.save(path, base_path=self.reference.path)
+        out = self.overlay.save(path, base_path=self.reference.path)
+        self._refresh_overlay()  # the save merged other writers' rows (Overlay.save)
+        return out
 
     def _view(self, img: np.ndarray):
         """(Proposals, S_test (k, d1) tensor, dense features) of a working-size image; the last

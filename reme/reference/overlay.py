@@ -23,7 +23,7 @@ import os
 import time
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -116,9 +116,12 @@ def concat_csr(base: ORefCSR, extra_labels: np.ndarray, num_labels: int) -> ORef
 def folder_lock(path: str | Path, *, exclusive: bool) -> Iterator[None]:
     """Reader/writer lock of an overlay folder: ``flock`` on ``.NAME.lock`` beside it.
 
-    Writers (`Overlay.save`) hold it exclusively while the folder is swapped, readers
-    (`load_overlay`) shared while they read its files, so a reader never mixes files of two
-    saves, across threads and processes. Where ``fcntl`` is missing (Windows) it does nothing.
+    Writers (`Overlay.save`) hold it exclusively from reading the folder's current rows to
+    swapping in the merged folder (one read-modify-write transaction), readers (`load_overlay`)
+    shared while they read its files, so a reader never mixes files of two saves and no writer
+    overwrites another's rows, across threads and processes. ``flock`` locks belong to an open
+    file, so two threads of one process exclude each other too. Where ``fcntl`` is missing
+    (Windows) it does nothing.
     """
     path = Path(path)
     try:
@@ -193,6 +196,8 @@ class Overlay:
     base: dict[str, Any]
     text_dim: int = 0
     path: Path | None = None
+    #: example ids as of the last load or save (what a save compares the folder against).
+    known_ids: frozenset = field(default_factory=frozenset, repr=False, compare=False)
 
     @classmethod
     def empty(cls, base: ReferenceSet) -> "Overlay":
@@ -330,36 +335,75 @@ class Overlay:
                             segment_source=[EXAMPLE_SOURCE] * self.num_rows)
 
     def save(self, path: str | Path | None = None, *, base_path: str | Path | None = None) -> Path:
-        """Write the overlay folder atomically (temporary folder, then rename; a reader sees the
-        old overlay or the new one, never a mix), replacing an existing overlay there.
+        """Write the overlay folder as one transaction: under an exclusive lock shared by every
+        process (`folder_lock`), read the folder's current rows, merge, and write the result
+        atomically (temporary folder, then rename; a reader sees the old overlay or the new one).
+
+        The merge is three-way against `known_ids`, the examples this object last loaded or
+        saved: rows another writer added meanwhile are kept (appended after this object's
+        rows), examples this object removed stay removed, and examples another writer removed
+        (undo) are dropped here too. Afterwards this object holds the merged rows, so two
+        processes adding examples to one folder never lose each other's rows.
 
         Args:
             path: destination (default: `path`, where it was loaded from or last saved).
             base_path: the base folder, to refuse an overlay inside it (default: the
                 recorded ``base["path"]``).
 
+        Returns:
+            The folder written.
+
         Raises:
             ValueError: no path, the path is the base folder or inside it, or it holds
                 something that is not an overlay.
+            ReferenceSetError: the overlay already in the folder is damaged (its files do not
+                match the manifest) or was made with other encoders; nothing is written.
         """
         path = path if path is not None else self.path
         if path is None:
             raise ValueError("no overlay path: pass path= (CLI: --overlay DIR)")
         path = check_overlay_path(path, base_path if base_path is not None else self.base.get("path"))
-        if path.exists() and not (path / "manifest.json").is_file():
-            if any(path.iterdir()):
-                raise ValueError(f"{path} exists and is not an overlay folder; choose another --overlay path")
-        elif path.exists():
-            from reme.reference import read_manifest
-
-            if "overlay" not in read_manifest(path):
-                raise ValueError(f"{path} is a reference set, not an overlay; refusing to replace it")
-        ref = self.to_reference()
         with folder_lock(path, exclusive=True):
+            if path.exists() and not (path / "manifest.json").is_file():
+                if any(path.iterdir()):
+                    raise ValueError(f"{path} exists and is not an overlay folder; choose another --overlay path")
+            elif path.exists():
+                from reme.reference import read_manifest
+
+                if "overlay" not in read_manifest(path):
+                    raise ValueError(f"{path} is a reference set, not an overlay; refusing to replace it")
+                self._merge_from(_load_overlay(path, True))
+            ref = self.to_reference()
             ref.save(path, overwrite=True, embedding_dtype=str(np.dtype(self.S.dtype)), with_index=False,
                      extra_tables={EXAMPLES_FILE: self._examples_table()})
         self.path = path
+        self.known_ids = frozenset(self.example_ids)
         return path
+
+    def _merge_from(self, disk: "Overlay") -> None:
+        """Three-way merge of the folder's rows ``disk`` into this object (`save`)."""
+        if disk.encoders != self.encoders or disk.S.shape[1] != self.S.shape[1] or \
+                list(disk.templates) != list(self.templates):
+            raise ReferenceSetError(f"the overlay at {disk.path} was made with other encoders or templates "
+                                    f"({disk.encoders}) than this one ({self.encoders}); save to another folder")
+        on_disk = set(disk.example_ids)
+        # examples another writer removed since this object last synchronised: drop them here too
+        gone = {e for e in self.known_ids if e not in on_disk}
+        if gone:
+            self._select(np.array([e not in gone for e in self.example_ids], bool))
+        mine = set(self.example_ids)
+        take = np.array([e not in mine and e not in self.known_ids for e in disk.example_ids], bool)
+        if not take.any():
+            return
+        idx = np.flatnonzero(take)
+        for lab in {disk.labels[i] for i in idx} - set(self.label_embeddings):
+            self.label_embeddings[lab] = disk.label_embeddings[lab]
+        self.S = np.concatenate([self.S, disk.S[idx].astype(self.S.dtype)])
+        for name in ("labels", "example_ids", "images", "added"):
+            setattr(self, name, getattr(self, name) + [getattr(disk, name)[i] for i in idx])
+        self.bbox = np.concatenate([self.bbox, disk.bbox[idx]])
+        self.area = np.concatenate([self.area, disk.area[idx]])
+        self.mask_bbox = np.concatenate([self.mask_bbox, disk.mask_bbox[idx]])
 
     def _examples_table(self) -> pa.Table:
         r = self.num_rows
@@ -423,7 +467,8 @@ def _load_overlay(path: Path, verify: bool) -> Overlay:
                    added=t.column("added").to_pylist(),
                    label_embeddings={t_: ref.L_ref[j].astype(np.float32) for j, t_ in enumerate(ref.labels)},
                    encoders=dict(man.get("encoders") or {}), templates=list(man.get("templates") or []),
-                   base=dict(man["overlay"].get("base") or {}), text_dim=int(ref.L_ref.shape[1]), path=path)
+                   base=dict(man["overlay"].get("base") or {}), text_dim=int(ref.L_ref.shape[1]), path=path,
+                   known_ids=frozenset(t.column("example_id").to_pylist()))
 
 
 def check_overlay(overlay: Overlay, base: ReferenceSet) -> None:
