@@ -228,15 +228,18 @@ def test_read_only_out_folder(tmp_path):
 def test_bad_logit_scales_are_refused(tmp_path):
     proc = run_cli("segment", "skimage:coffee", "--classes", "cup", "--segment-logit-scale", "nan",
                    "--out", tmp_path / "o")
-    assert proc.returncode == 2 and "--segment-logit-scale must be a finite number > 0" in proc.stderr
+    assert proc.returncode == 2 and "--segment-logit-scale must be a finite number in (0, 1000]" in proc.stderr
     assert not (tmp_path / "o").exists()                                # refused before anything is written
 
 
 def test_segmenter_refuses_bad_logit_scales(segmenter):
     for kw in ({"segment_logit_scale": float("nan")}, {"label_logit_scale": float("inf")},
-               {"segment_logit_scale": 0.0}, {"label_logit_scale": -1.0}):
-        with pytest.raises(ValueError, match="must be a finite number > 0"):
+               {"segment_logit_scale": 0.0}, {"label_logit_scale": -1.0}, {"label_logit_scale": 1e308}):
+        with pytest.raises(ValueError, match="must be a finite number in"):
             Segmenter(segmenter.reference, device="cpu", **kw)
+    for bad in (float("nan"), -0.1, 1.5):                                # issue 22: 'nan' was accepted
+        with pytest.raises(ValueError, match="others_threshold must be a number in"):
+            Segmenter(segmenter.reference, device="cpu", others_threshold=bad)
 
 
 def test_class_list_errors_name_the_cause(tmp_path):

@@ -99,3 +99,24 @@ def test_undo_by_one_writer_survives_another_writers_save(tmp_path):
     assert undone not in ids and kept in ids and len(ids) == 2
     assert set(final.labels) == {"cup", "mug"}
     assert other.num_rows == final.num_rows                                      # the saver holds the merge
+
+
+def test_tampered_overlay_names_the_overlay_fix_not_a_rebuild(tmp_path):
+    """A changed overlay file says to restore it or add the examples again; an overlay is not
+    'rebuilt' with build-reference (issue 22)."""
+    import pytest
+
+    from reme.errors import ReferenceSetError
+
+    ov = Overlay.empty(tiny_base())
+    add_one(ov, "cup", 1)
+    folder = ov.save(tmp_path / "ov")
+    for name in ("S_ref.npy", "labels.parquet", "examples.parquet"):
+        f = folder / name
+        good = f.read_bytes()
+        f.write_bytes(good[:-8] + bytes(8))
+        with pytest.raises(ReferenceSetError, match=f"{name}.*add the examples again") as exc:
+            load_overlay(folder)
+        assert "rebuild" not in str(exc.value)
+        f.write_bytes(good)
+    load_overlay(folder)

@@ -439,21 +439,32 @@ def load_overlay(path: str | Path, *, verify: bool = True) -> Overlay:
         return _load_overlay(path, verify)
 
 
+#: What to do about a damaged overlay (not "rebuild the reference set": an overlay is not built).
+OVERLAY_FIX = "restore the file, or delete the overlay folder and add the examples again (reme add-examples)"
+
+
 def _load_overlay(path: Path, verify: bool) -> Overlay:
-    ref = load_reference(path, verify=verify, mmap=False)
+    try:
+        ref = load_reference(path, verify=verify, mmap=False)
+    except ReferenceSetError as exc:
+        msg = str(exc)
+        for said in ("rebuild the reference set or restore the file", "rebuild the reference set", "rebuild it"):
+            msg = msg.replace(said, OVERLAY_FIX)
+        raise ReferenceSetError(msg.replace("the reference set is incomplete", "the overlay is incomplete")) from None
     man = ref.manifest
     if "overlay" not in man:
         raise ReferenceSetError(f"{path} is a reference set, not an overlay (no 'overlay' in its manifest)")
     f = path / EXAMPLES_FILE
     sha = (man.get("files") or {}).get(EXAMPLES_FILE)
     if not f.is_file():
-        raise ReferenceSetError(f"{f} is missing; the overlay is incomplete")
-    if verify and sha and sha256_file(f) != sha:
-        raise ReferenceSetError(f"{f} does not match the sha256 in {path / 'manifest.json'} (file changed or truncated)")
+        raise ReferenceSetError(f"{f} is missing; the overlay is incomplete: {OVERLAY_FIX}")
+    if verify and sha256_file(f) != sha:
+        raise ReferenceSetError(f"{f} does not match the sha256 in {path / 'manifest.json'} (file changed or "
+                                f"truncated, or not listed): {OVERLAY_FIX}")
     try:
         t = pq.read_table(f)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise ReferenceSetError(f"cannot read {f}: {exc}; the file is truncated or corrupt") from exc
+        raise ReferenceSetError(f"cannot read {f}: {exc}; the file is truncated or corrupt: {OVERLAY_FIX}") from exc
     r = ref.num_segments
     if t.num_rows != r:
         raise ReferenceSetError(f"{f} has {t.num_rows} rows, S_ref has {r}")
