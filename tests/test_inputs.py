@@ -101,3 +101,13 @@ def test_mask_average_pool_matches_dense_masks():
     np.testing.assert_allclose(got2, expect, atol=1e-5)
     unit = mask_average_pool(feats, seg).numpy()
     assert np.allclose(np.linalg.norm(unit, axis=1), 1, atol=1e-5)
+
+
+def test_sam_hint_shows_the_spec_with_its_colon(tmp_path):
+    """The SAM folder hint said 'sam<dir>' (issue 22); a spec is 'sam:<dir>'."""
+    pytest.importorskip("transformers")
+    from reme.errors import MissingWeightsError
+    from reme.proposals.sam import SamProposals
+
+    with pytest.raises(MissingWeightsError, match="'sam:<dir>'"):
+        SamProposals(str(tmp_path / "no-such-sam"))
