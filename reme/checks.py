@@ -94,3 +94,41 @@ def check_unit_rows(a: Any, what: str, *, tol: float = UNIT_NORM_TOL, block: int
         if bad.size:
             raise ValueError(f"{what}: row {start + int(bad[0])} has L2 norm {float(n[bad[0]]):.4g}, "
                              f"rows must be unit-norm (within {tol:g})")
+
+
+def check_segment_options(*, top_k: Any = None, smooth_omega: Any = 0.0, retrieval: str = "exact",
+                          proposals: str | None = None, n_clusters: Any = None, others_threshold: Any = None,
+                          segment_logit_scale: Any = None, label_logit_scale: Any = None,
+                          names: dict[str, str] | None = None) -> None:
+    """Check the options of a [`Segmenter`][reme.inference.segmenter.Segmenter] that need no
+    model, so that a caller (the CLI) refuses a bad value before anything loads. None means
+    "the default" for every option but ``smooth_omega`` and ``retrieval``.
+
+    Args:
+        names: how to call each option in messages (the CLI passes its flags, e.g.
+            ``{"top_k": "--top-k"}``); default the keyword names.
+
+    Raises:
+        ValueError: the first bad option, in one line naming it and its allowed values.
+    """
+    def n(key: str) -> str:
+        return (names or {}).get(key, key)
+
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"{n('top_k')} must be an integer >= 0 (0 = all segments), got {top_k!r}")
+    check_range(smooth_omega, n("smooth_omega"), 0.0, 1.0, hi_open=True)
+    if retrieval not in ("exact", "topk"):
+        raise ValueError(f"{n('retrieval')} must be 'exact' or 'topk', got {retrieval!r}")
+    if proposals is not None:
+        from reme.proposals import check_proposal_method  # imported only when given (skimage, ~0.5 s)
+
+        try:
+            check_proposal_method(proposals)
+        except ValueError as exc:
+            raise ValueError(f"{n('proposals')}: {exc}") from None
+    if n_clusters is not None and (isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1):
+        raise ValueError(f"{n('n_clusters')} must be an integer >= 1, got {n_clusters!r}")
+    check_others_threshold(others_threshold, n("others_threshold"))
+    for key, value in (("segment_logit_scale", segment_logit_scale), ("label_logit_scale", label_logit_scale)):
+        if value is not None:
+            check_logit_scale(value, n(key))
