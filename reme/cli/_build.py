@@ -101,9 +101,9 @@ def build_reference_cmd(
             if yolo_labels:
                 from reme.build.annotations import YoloLabels
 
-                ann = YoloLabels(yolo_labels, [c[0] for c in read_class_file(classes_file)])
+                ann = YoloLabels(yolo_labels, [c[0] for c in read_class_file(classes_file, indexed=True)])
             else:
-                ann = CocoInstances(annotations) if annotations else MaskFolder(masks, [c[0] for c in read_class_file(classes_file)])
+                ann = CocoInstances(annotations) if annotations else MaskFolder(masks, [c[0] for c in read_class_file(classes_file, indexed=True)])
             txt = resolve_encoder(text_encoder or "minilm", device=device)
             ref = build_gt_reference(images, ann, vis, txt, segments=gt_segments, felzenszwalb=fz, **step1,
                                      background_label=background_label, exclude_labels=exclude_label,

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from reme.classes import check_label
 from reme.errors import ReferenceSetError
 from reme.io import sha256_file
 from reme.reference import ReferenceSet, load_reference
@@ -139,14 +140,13 @@ def folder_lock(path: str | Path, *, exclusive: bool) -> Iterator[None]:
 
 
 def normalise_label(label: str) -> str:
-    """A label as stored: surrounding white space removed, inner runs collapsed to one space.
+    """A label as stored: surrounding white space removed, inner runs collapsed to one space,
+    checked against the class-list grammar ([`reme.classes.check_label`][reme.classes.check_label]).
 
     Raises:
-        ValueError: not a string, or empty.
+        ValueError: not a string, empty, with ``,`` ``;`` or a control character, or too long.
     """
-    if not isinstance(label, str) or not " ".join(label.split()):
-        raise ValueError(f"a label must be a non-empty string, got {label!r}")
-    return " ".join(label.split())
+    return check_label(label)
 
 
 def check_overlay_path(path: str | Path, base_path: str | Path | None) -> Path:
@@ -223,7 +223,8 @@ class Overlay:
 
         Args:
             S: (r, d1) float L2-normalised segment embeddings (stored in the overlay's dtype).
-            labels: r labels (normalised with `normalise_label`).
+            labels: r labels (normalised with `normalise_label`; a label equal but for case to
+                one the overlay has is stored with the overlay's spelling).
             image: source-image name.
             bbox: (r, 4) XYWH segment boxes; area: (r,) areas; mask_bbox: (r, 4) mask boxes.
             label_embeddings: an L_ref row for every label of ``labels`` the overlay lacks.
@@ -233,7 +234,9 @@ class Overlay:
             ValueError: shapes that disagree, or a label without an embedding.
         """
         S = np.asarray(S)
-        labels = [normalise_label(x) for x in labels]
+        same = {t.casefold(): t for t in reversed(self.labels)}   # labels equal but for case are one
+        given = [normalise_label(x) for x in labels]
+        labels = [same.get(x.casefold(), x) for x in given]
         r = len(labels)
         if S.ndim != 2 or S.shape != (r, self.S.shape[1]):
             raise ValueError(f"S must be ({r}, {self.S.shape[1]}), got {S.shape}")
@@ -306,17 +309,20 @@ class Overlay:
 
     def new_labels(self, base_labels: Sequence[str]) -> list[str]:
         """The overlay's labels the base lacks, in order of first use."""
-        have = set(base_labels)
-        return list(dict.fromkeys(x for x in self.labels if x not in have))
+        have = {t.casefold() for t in base_labels}
+        return list(dict.fromkeys(x for x in self.labels if x.casefold() not in have))
 
     def label_ids(self, base_labels: Sequence[str]) -> np.ndarray:
         """(r,) int64 label id of each row in the merged label space: a base label keeps its
-        base id (its L_ref row is reused), a new label gets n + its index in `new_labels`."""
-        ids = {t: j for j, t in enumerate(base_labels)}
-        n = len(ids)
+        base id (its L_ref row is reused; labels equal but for case are one), a new label gets
+        n + its index in `new_labels`."""
+        ids: dict[str, int] = {}
+        for j, t in enumerate(base_labels):
+            ids.setdefault(t.casefold(), j)
+        n = len(base_labels)
         for j, t in enumerate(self.new_labels(base_labels)):
-            ids[t] = n + j
-        return np.array([ids[x] for x in self.labels], np.int64)
+            ids[t.casefold()] = n + j
+        return np.array([ids[x.casefold()] for x in self.labels], np.int64)
 
     def to_reference(self) -> ReferenceSet:
         """The overlay as a self-contained [`ReferenceSet`][reme.reference.ReferenceSet]: its rows,
@@ -396,10 +402,13 @@ class Overlay:
         if not take.any():
             return
         idx = np.flatnonzero(take)
-        for lab in {disk.labels[i] for i in idx} - set(self.label_embeddings):
-            self.label_embeddings[lab] = disk.label_embeddings[lab]
+        same = {t.casefold(): t for t in reversed(self.labels)}
+        theirs = [same.setdefault(disk.labels[i].casefold(), disk.labels[i]) for i in idx]
+        for i, lab in zip(idx, theirs):
+            self.label_embeddings.setdefault(lab, disk.label_embeddings[disk.labels[i]])
         self.S = np.concatenate([self.S, disk.S[idx].astype(self.S.dtype)])
-        for name in ("labels", "example_ids", "images", "added"):
+        self.labels = self.labels + theirs
+        for name in ("example_ids", "images", "added"):
             setattr(self, name, getattr(self, name) + [getattr(disk, name)[i] for i in idx])
         self.bbox = np.concatenate([self.bbox, disk.bbox[idx]])
         self.area = np.concatenate([self.area, disk.area[idx]])
