@@ -7,7 +7,6 @@ a graph that is not a ViT-S/14; a missing package must fail at once with the ins
 
 from __future__ import annotations
 
-import os
 from importlib import metadata
 
 import numpy as np

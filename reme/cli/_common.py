@@ -42,6 +42,20 @@ def setup_logging(quiet: bool, verbose: bool = False) -> None:
         sys.modules["transformers.utils.logging"].disable_progress_bar()
 
 
+def echo_lines(lines) -> None:
+    """Print lines to stdout; a reader that stops early (``| head -1``) ends the output quietly
+    (exit 0), not with ``Broken pipe``."""
+    import os
+
+    try:
+        for line in lines:
+            typer.echo(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        raise typer.Exit(code=0)
+
+
 def fail(msg: str) -> None:
     typer.secho(f"error: {msg}", fg="red", err=True)
     raise typer.Exit(code=2)

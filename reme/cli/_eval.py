@@ -8,6 +8,9 @@ from typing import Optional
 
 import typer
 
+from reme.checks import MAX_LOGIT_SCALE
+from reme.defaults import LOGIT_SCALE, TOP_K
+
 from reme.cli._common import (CLASSES_FILE_HELP, QUIET_HELP, VERBOSE_HELP, app, existing_overlay, fail, segmenter_kw, setup_logging)
 
 logger = logging.getLogger("reme")
@@ -52,9 +55,9 @@ def eval_cmd(
     bg_sweep: Optional[str] = typer.Option(None, help="Also score these background thresholds, e.g. 0.3,0.5,0.7."),
     hold_out: Optional[str] = typer.Option(None, help="'others' analysis: comma-separated classes to hold out."),
     others_sweep: Optional[str] = typer.Option(None, help="'others' thresholds of that analysis (default 0,0.3,...,0.7)."),
-    top_k: Optional[int] = typer.Option(None, help="Retrieval top-k (default 10; 0 = all)."),
-    segment_logit_scale: Optional[float] = typer.Option(None, help="tau1 of eq. 1 (default 50)."),
-    label_logit_scale: Optional[float] = typer.Option(None, help="tau2 of eq. 2 (default 50)."),
+    top_k: Optional[int] = typer.Option(None, help=f"Retrieval top-k (default {TOP_K}; 0 = all)."),
+    segment_logit_scale: Optional[float] = typer.Option(None, help=f"tau1 of eq. 1 (default {LOGIT_SCALE:g}; at most {MAX_LOGIT_SCALE:g})."),
+    label_logit_scale: Optional[float] = typer.Option(None, help=f"tau2 of eq. 2 (default {LOGIT_SCALE:g}; at most {MAX_LOGIT_SCALE:g})."),
     retrieval: Optional[str] = typer.Option(None, help="Eq. 1 search: exact (default) or topk (FAISS index)."),
     proposals: Optional[str] = typer.Option(None, help="felzenszwalb, cluster or sam[:MODEL] (default: the reference set's)."),
     n_clusters: Optional[int] = typer.Option(None, help="k of --proposals cluster."),

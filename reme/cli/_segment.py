@@ -9,6 +9,9 @@ from typing import List, Optional
 
 import typer
 
+from reme.checks import MAX_LOGIT_SCALE
+from reme.defaults import LOGIT_SCALE, MAX_WORKING_PIXELS, TOP_K
+
 from reme.classes import CLASS_LIST_GRAMMAR
 from reme.cli._common import (CLASSES_HELP, QUIET_HELP, VERBOSE_HELP, app, check_options, check_out_path,
                               check_reference_manifest, existing_overlay, fail, image_stem, readable_images,
@@ -25,9 +28,9 @@ def segment_cmd(
     classes_file: Optional[Path] = typer.Option(None, help=f"Class file. Class list: {CLASS_LIST_GRAMMAR}."),
     reference: Optional[Path] = typer.Option(None, help="Reference folder (default: the embedded one)."),
     out: Path = typer.Option(Path("reme_out"), help="Output folder."),
-    segment_logit_scale: Optional[float] = typer.Option(None, help="tau1 of eq. 1 (default 50)."),
-    label_logit_scale: Optional[float] = typer.Option(None, help="tau2 of eq. 2 (default 50)."),
-    top_k: Optional[int] = typer.Option(None, help="Softmax over the top-k reference segments (default 10; 0 = all)."),
+    segment_logit_scale: Optional[float] = typer.Option(None, help=f"tau1 of eq. 1 (default {LOGIT_SCALE:g}; at most {MAX_LOGIT_SCALE:g})."),
+    label_logit_scale: Optional[float] = typer.Option(None, help=f"tau2 of eq. 2 (default {LOGIT_SCALE:g}; at most {MAX_LOGIT_SCALE:g})."),
+    top_k: Optional[int] = typer.Option(None, help=f"Softmax over the top-k reference segments (default {TOP_K}; 0 = all)."),
     paper_form: bool = typer.Option(False, help="Literal paper eqs. 1-3: scales 1, softmax over all segments."),
     retrieval: str = typer.Option("exact", help="Eq. 1 search: 'exact' (stream all of S_ref) or 'topk' "
                                   "(the FAISS index's top-k neighbours, re-scored exactly; faster on large sets)."),
@@ -45,7 +48,7 @@ def segment_cmd(
     explain_segments: int = typer.Option(8, help="With --explain: largest test segments on the contact sheet."),
     image_root: List[Path] = typer.Option([], help="With --explain: folder of the reference set's source photos "
                                           "(repeatable; default: the manifest's image root)."),
-    max_working_pixels: int = typer.Option(2048 * 1024, help="Segment larger photos at this many pixels and bring "
+    max_working_pixels: int = typer.Option(MAX_WORKING_PIXELS, help="Segment larger photos at this many pixels and bring "
                                            "the labels back to full size (bounds memory); 0 = full resolution."),
     overlay_dir: Optional[Path] = typer.Option(None, "--overlay", help="Also search the examples of this overlay "
                                                "folder ('reme add-examples'); it must exist."),
