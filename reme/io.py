@@ -179,7 +179,15 @@ def read_image(path: str | Path, *, max_pixels: int | None = None) -> tuple[np.n
     """
     if max_pixels is not None and max_pixels < 1:
         raise ValueError(f"max_pixels must be >= 1 or None, got {max_pixels}")
+    return _with_image(path, lambda img, where: _decode_bounded(img, max_pixels, where))
+
+
+def _with_image(path: str | Path, use):
+    """``use(img, str(path))`` on the opened image file (Pillow's bomb guard off: `MAX_PIXELS`
+    is checked by ``use``), mapping every failure to one `ImageReadError` naming the path."""
     path = Path(path)
+    if path.is_dir():
+        raise ImageReadError(f"{path} is a folder, not an image file")
     if not path.is_file():
         raise ImageReadError(f"image file not found: {path}")
     if path.stat().st_size == 0:
@@ -188,7 +196,7 @@ def read_image(path: str | Path, *, max_pixels: int | None = None) -> tuple[np.n
         with _pillow_bomb_guard_off():
             img = Image.open(path)
         with img:
-            return _decode_bounded(img, max_pixels, str(path))
+            return use(img, str(path))
     except ImageReadError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -260,22 +268,7 @@ def probe_image(path: str | Path, *, max_pixels: int | None = None) -> tuple[int
         if path[len(SAMPLE_PREFIX):] not in SAMPLE_PHOTOS:
             raise ImageReadError(f"unknown sample photo {path!r}; choose from {', '.join(SAMPLE_PHOTOS)}")
         return 0, 0
-    path = Path(path)
-    if path.is_dir():
-        raise ImageReadError(f"{path} is a folder, not an image file")
-    if not path.is_file():
-        raise ImageReadError(f"image file not found: {path}")
-    if path.stat().st_size == 0:
-        raise ImageReadError(f"image file is empty (0 bytes): {path}")
-    try:
-        with _pillow_bomb_guard_off():
-            img = Image.open(path)
-        with img:
-            W0, H0 = _check_header(img, max_pixels, str(path))
-    except ImageReadError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageReadError(f"cannot decode image {path}: {exc}") from exc
+    W0, H0 = _with_image(path, lambda img, where: _check_header(img, max_pixels, where))
     return H0, W0
 
 

@@ -68,9 +68,11 @@ def test_class_list_validation():
     assert parse_classes("cat, dog ,striped rug") == (["cat", "dog", "striped rug"], [["cat"], ["dog"], ["striped rug"]])
     names, syns = parse_classes(["person; people;man", "sky"])
     assert names == ["person", "sky"] and syns[0] == ["person", "people", "man"]
-    for bad, msg in [("", "empty"), (" , ", "empty"), ([], "empty"), ("cat,dog,Cat", "twice"), ("cat,,dog", "#2 is empty")]:
+    for bad, msg in [("", "empty"), (" , ", "empty"), ([], "empty"), ("cat,dog,Cat", "twice"), ("cat\x1b", "control")]:
         with pytest.raises(ValueError, match=msg):
             parse_classes(bad)
+    with pytest.warns(UserWarning, match="#2 is empty"):            # issue 22: ignored with a warning
+        assert parse_classes("cat,,dog")[0] == ["cat", "dog"]
 
 
 def test_felzenszwalb_partition_and_boxes():
