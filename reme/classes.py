@@ -208,8 +208,10 @@ def parse_classes(classes: str | Sequence[str] | Sequence[Sequence[str]]) -> tup
         class, the list of its synonym strings.
 
     Raises:
-        ValueError: the list is empty, a class is empty, an item is not a string, or a class
-            appears twice (case-insensitive); the message names the offending entry.
+        ValueError: the list is empty, an item is not a string, a name holds a control
+            character or is longer than `MAX_LABEL_CHARS`, or a class appears twice
+            (case-insensitive); the message names the offending entry. An empty entry (a
+            trailing comma, an empty synonym) is ignored with a ``UserWarning``.
     """
     if isinstance(classes, str):
         out = parse_class_text(classes)

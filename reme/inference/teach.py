@@ -68,7 +68,7 @@ class TeachInterrupted(KeyboardInterrupt):
 def labels_to_leave_out(label_names: Sequence[str], *, exclude: Sequence[str] = (),
                         include: Sequence[str] = ()) -> list[str]:
     """Labels of ``label_names`` not to teach: those in ``exclude``, and those that look like
-    "unlabelled" ([`reme.classes.looks_void`][reme.classes.looks_void]: void, ignore, ...) unless in
+    "unlabelled" (`reme.classes.looks_void`: void, ignore, ...) unless in
     ``include`` (each of these is warned about once, UserWarning). Case-insensitive."""
     ex = {x.casefold() for x in exclude}
     inc = {x.casefold() for x in include}

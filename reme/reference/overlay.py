@@ -141,7 +141,7 @@ def folder_lock(path: str | Path, *, exclusive: bool) -> Iterator[None]:
 
 def normalise_label(label: str) -> str:
     """A label as stored: surrounding white space removed, inner runs collapsed to one space,
-    checked against the class-list grammar ([`reme.classes.check_label`][reme.classes.check_label]).
+    checked against the class-list grammar (`reme.classes.check_label`).
 
     Raises:
         ValueError: not a string, empty, with ``,`` ``;`` or a control character, or too long.
