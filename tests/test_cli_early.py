@@ -115,3 +115,11 @@ def test_a_folder_is_read_as_its_images(tmp_path, monkeypatch):
     monkeypatch.setattr(sm, "Segmenter", Fake)
     res = invoke("segment", photos, *CLASSES, "--out", tmp_path / "o", "-q")
     assert [p.replace("\\", "/").split("photos/")[1] for p in seen] == ["a.png", "sub/b.jpg"], res.output
+
+
+def test_eval_options_are_refused_before_anything_loads(tmp_path, no_models, monkeypatch):
+    import reme.eval.commands as commands
+
+    monkeypatch.setattr(commands, "run_eval", lambda **k: pytest.fail("run_eval ran before the options were checked"))
+    res = invoke("eval", "--dataset", "camvid", "--others-threshold", "nan", "--out", tmp_path / "o")
+    assert res.exit_code == 2 and "--others-threshold must be a number in [0, 1]" in res.output, res.output

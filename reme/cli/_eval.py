@@ -11,7 +11,8 @@ import typer
 from reme.checks import MAX_LOGIT_SCALE
 from reme.defaults import LOGIT_SCALE, TOP_K
 
-from reme.cli._common import (CLASSES_FILE_HELP, QUIET_HELP, VERBOSE_HELP, app, existing_overlay, fail, segmenter_kw, setup_logging)
+from reme.cli._common import (CLASSES_FILE_HELP, QUIET_HELP, VERBOSE_HELP, app, check_options, existing_overlay, fail,
+                              segmenter_kw, setup_logging)
 
 logger = logging.getLogger("reme")
 
@@ -70,6 +71,9 @@ def eval_cmd(
 ):
     """Evaluate a reference set on a benchmark: mIoU, per-class IoU, pixel/mean accuracy."""
     setup_logging(quiet, verbose)
+    check_options(top_k=top_k, smooth_omega=smooth_omega or 0.0, retrieval=retrieval or "exact", proposals=proposals,
+                  n_clusters=n_clusters, others_threshold=others_threshold, segment_logit_scale=segment_logit_scale,
+                  label_logit_scale=label_logit_scale)
     from reme.defaults import default_reference_path
     from reme.errors import MissingWeightsError, ReferenceSetError
     from reme.eval.commands import run_eval
