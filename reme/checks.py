@@ -63,12 +63,18 @@ def check_range(value: Any, name: str, lo: float, hi: float, *, hi_open: bool = 
 
 
 def check_others_threshold(value: Any, name: str = "others_threshold") -> float | None:
-    """None (off), or a confidence in [0, 1] (a normalised score; NaN refused).
+    """None (off), or a threshold on the normalised confidence (in [0, 1]): a finite number
+    >= 0; 0 labels nothing "others", a value above 1 everything. NaN and infinities are refused.
 
     Raises:
-        ValueError: outside [0, 1] or not a finite number.
+        ValueError: negative or not a finite number.
     """
-    return None if value is None else check_range(value, name, 0.0, 1.0)
+    if value is None:
+        return None
+    v = _number(value, name, "a finite number >= 0 (confidences lie in [0, 1])")
+    if v < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (confidences lie in [0, 1]), got {value!r}")
+    return v
 
 
 def check_unit_rows(a: Any, what: str, *, tol: float = UNIT_NORM_TOL, block: int = 65536) -> None:

@@ -247,8 +247,8 @@ def test_segmenter_refuses_bad_logit_scales(segmenter):
                {"segment_logit_scale": 0.0}, {"label_logit_scale": -1.0}, {"label_logit_scale": 1e308}):
         with pytest.raises(ValueError, match="must be a finite number in"):
             Segmenter(segmenter.reference, device="cpu", **kw)
-    for bad in (float("nan"), -0.1, 1.5):                                # issue 22: 'nan' was accepted
-        with pytest.raises(ValueError, match="others_threshold must be a number in"):
+    for bad in (float("nan"), -0.1, float("inf")):                                # issue 22: 'nan' was accepted
+        with pytest.raises(ValueError, match="others_threshold must be a finite number >= 0"):
             Segmenter(segmenter.reference, device="cpu", others_threshold=bad)
 
 
