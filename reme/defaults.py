@@ -8,6 +8,18 @@ from pathlib import Path
 #: The reference set shipped in the repository (built by scripts/build_default_reference.py).
 DEFAULT_REFERENCE_NAME = "default"
 
+# Defaults the command line shows in its help, here so that the CLI need not import torch to
+# print them; the library modules that use them are named (tests/test_cli_defaults.py checks
+# that they agree).
+#: `reme.inference.segmenter.DEFAULT_MAX_WORKING_PIXELS`: 2 MP working resolution.
+MAX_WORKING_PIXELS = 2048 * 1024
+#: `reme.inference.segmenter.DEFAULT_SEGMENT_LOGIT_SCALE` / `DEFAULT_LABEL_LOGIT_SCALE` (tau1, tau2).
+LOGIT_SCALE = 50.0
+#: `reme.inference.segmenter.DEFAULT_TOP_K`.
+TOP_K = 10
+#: `reme.build._shard_stages.MAX_BUILD_PIXELS`: larger build images are downscaled or skipped.
+MAX_BUILD_PIXELS = 4096 * 4096
+
 
 def default_reference_path() -> Path:
     """``$REME_REFERENCE`` if set, else ``reference_sets/default`` of the source checkout.

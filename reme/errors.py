@@ -26,3 +26,9 @@ class ReferenceSetError(ValueError):
 class ImageTypeError(ImageReadError, TypeError):
     """The image argument is of a kind reme does not read (bytes, None, a list, a tensor);
     the message lists the accepted inputs. Also a ``TypeError``."""
+
+
+class CorruptWeightsError(ValueError):
+    """Weights reme converted and cached earlier no longer match the sha256 recorded at
+    conversion (changed, truncated) or record none; the message names the file and says what to
+    delete so the next run converts them again."""

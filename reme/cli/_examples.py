@@ -9,7 +9,10 @@ from typing import List, Optional, Tuple
 
 import typer
 
-from reme.cli._common import (CLASSES_FILE_HELP, QUIET_HELP, VERBOSE_HELP, app, fail, setup_logging)
+from reme.cli._common import (CLASSES_FILE_HELP, QUIET_HELP, VERBOSE_HELP, app, check_options, echo_lines, fail,
+                              setup_logging)
+from reme.defaults import MAX_WORKING_PIXELS
+from reme.inference.teach import DEFAULT_SAVE_EVERY
 
 logger = logging.getLogger("reme")
 
@@ -39,7 +42,7 @@ def _gt_annotations(images: Path, masks: Optional[Path], annotations: Optional[P
             ann = CocoInstances(annotations)
             keys = [k for k in ann.keys() if (images / k).is_file()]
         else:
-            names = [c[0] for c in read_class_file(classes_file)]
+            names = [c[0] for c in read_class_file(classes_file, indexed=True)]
             ann = MaskFolder(masks, names) if masks else YoloLabels(yolo_labels, names)
             keys = [p.relative_to(images).as_posix() for p in list_images(images)]
     except (FileNotFoundError, ValueError, OSError) as exc:
@@ -47,31 +50,6 @@ def _gt_annotations(images: Path, masks: Optional[Path], annotations: Optional[P
     if not keys:
         fail(f"--images {images}: no images" + (f" named in {annotations}" if annotations else "") + " there")
     return ann, keys
-
-
-def _example_label_map(ann, key: str, shape, exclude: set):
-    """(H, W) int32 GT label map of one image (-1 unlabelled; excluded labels -1 too).
-
-    Raises:
-        ValueError: a mask of another size, or (index masks) a value with no line in the class
-            file; FileNotFoundError: no mask for the image.
-    """
-    import numpy as np
-    from PIL import Image
-
-    from reme.build.annotations import MaskFolder
-
-    lm = ann.label_map(key, shape)
-    if isinstance(ann, MaskFolder):  # MaskFolder reads unknown values as unlabelled; here they are an error
-        raw = np.array(Image.open(ann.mask_path(key)))
-        bad = np.unique(raw[(raw != ann.ignore_index) & (raw >= len(ann.label_names))])
-        if bad.size:
-            raise ValueError(f"mask {ann.mask_path(key)} has value(s) {bad.tolist()[:5]} with no line in the class file "
-                             f"({len(ann.label_names)} classes, ignore value {ann.ignore_index})")
-    for i, name in enumerate(ann.label_names):
-        if name in exclude:
-            lm[lm == i] = -1
-    return lm
 
 
 @app.command("add-examples", short_help="Teach by example: add labelled segments to an overlay.")
@@ -86,11 +64,15 @@ def add_examples_cmd(
     yolo_labels: Optional[Path] = typer.Option(None, help="Folder of YOLO label files (same stems as the images)."),
     classes_file: Optional[Path] = typer.Option(None, help="With --masks or --yolo-labels: " + CLASSES_FILE_HELP
                                                 + " The first name is the label."),
-    exclude_label: List[str] = typer.Option([], help="Label names to leave out (repeatable), e.g. void."),
+    exclude_label: List[str] = typer.Option([], help="Label names to leave out (repeatable). Names that mean "
+                                            "'unlabelled' (void, ignore, unlabelled, ...) are left out already; "
+                                            "mask value 255 is unlabelled too."),
+    include_label: List[str] = typer.Option([], help="Teach a void-like label anyway (repeatable), e.g. a class "
+                                            "really named 'none'."),
     min_purity: float = typer.Option(0.5, help="A proposal is added when its majority label covers this fraction "
                                      "of it (GT mode's rule), in (0, 1]."),
-    save_every: int = typer.Option(10, help="With --images: also save the overlay after every N images added "
-                                   "(a re-run skips the images already in the overlay); 0 = only at the end."),
+    save_every: int = typer.Option(DEFAULT_SAVE_EVERY, help="With --images: also save the overlay after every N images "
+                                   "added (a re-run skips the images already in the overlay); 0 = only at the end."),
     from_segment: Optional[Tuple[str, str, str]] = typer.Option(
         None, "--from-segment", metavar="IMG SEGMENT_IDS LABEL",
         help="One example: segment(s) of 'reme segment IMG --segment-ids' (the value of IMG's <stem>_segments.png "
@@ -101,8 +83,8 @@ def add_examples_cmd(
     list_examples: bool = typer.Option(False, "--list", help="Print the overlay's examples, one JSON object a line."),
     proposals: Optional[str] = typer.Option(None, help="Proposals (default: the reference set's); as 'reme segment'."),
     n_clusters: Optional[int] = typer.Option(None, help="k of --proposals cluster; as 'reme segment'."),
-    max_working_pixels: int = typer.Option(2048 * 1024, help="As 'reme segment': larger photos are segmented at this "
-                                           "many pixels; 0 = full resolution."),
+    max_working_pixels: int = typer.Option(MAX_WORKING_PIXELS, help="As 'reme segment': larger photos are segmented "
+                                           "at this many pixels; 0 = full resolution."),
     allow_encoder_mismatch: bool = typer.Option(False, help="Accept encoders whose spec differs from the manifest."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: CUDA if available)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
@@ -141,8 +123,7 @@ def add_examples_cmd(
         try:
             ov = load_overlay(overlay)
             if list_examples:
-                for rec in ov.examples():
-                    typer.echo(json.dumps(rec))
+                echo_lines(json.dumps(rec) for rec in ov.examples())
                 return
             n = ov.clear() if undo == "all" else ov.remove(None if undo == "last" else undo)
             ov.save(overlay, base_path=ref)
@@ -158,6 +139,14 @@ def add_examples_cmd(
         fail(f"--min-purity must lie in (0, 1], got {min_purity}")
     if save_every < 0 or max_working_pixels < 0:
         fail("--save-every and --max-working-pixels must be >= 0")
+    check_options(proposals=proposals, n_clusters=n_clusters)
+    if from_segment:
+        from reme.classes import check_label
+
+        try:
+            check_label(from_segment[2])
+        except ValueError as exc:
+            fail(f"--from-segment LABEL: {exc}")
     if images:
         ann, keys = _gt_annotations(images, masks, annotations, yolo_labels, classes_file)
     else:
@@ -178,7 +167,8 @@ def add_examples_cmd(
     rows0, labels0 = ov.num_rows, set(ov.new_labels(base_labels))
 
     def summary(**extra) -> str:
-        return json.dumps({"overlay": str(overlay), **extra, "rows_added": ov.num_rows - rows0,
+        extra.setdefault("rows_added", ov.num_rows - rows0)
+        return json.dumps({"overlay": str(overlay), **extra,
                            "new_labels": [t for t in ov.new_labels(base_labels) if t not in labels0],
                            "rows": ov.num_rows, "examples": len(ov.examples()), "bytes": _folder_bytes(overlay)})
 
@@ -189,54 +179,27 @@ def add_examples_cmd(
             seg.save_overlay()
         except (ImageReadError, ValueError, OSError) as exc:
             fail(str(exc))
-        typer.echo(summary(example_id=eid))
+        typer.echo(summary(example_id=eid, rows_added=ov.example_ids.count(eid)))
         return
 
-    import time
+    import warnings
 
-    from tqdm.auto import tqdm
+    from reme.inference.teach import TeachInterrupted, teach_from_annotations
 
-    from reme.io import read_image
+    def unreadable(key, exc):
+        typer.secho(f"skipping {key}: {exc}", fg="yellow", err=True)
 
-    done = set(ov.images)
-    todo = [k for k in keys if k not in done]
-    stats = {"images": len(keys), "images_added": 0, "images_skipped": len(keys) - len(todo),
-             "images_without_pieces": 0, "images_unreadable": 0}
-    exclude, since_save, t0 = set(exclude_label), 0, time.perf_counter()
     try:
-        for key in tqdm(todo, desc="add examples", unit="img", disable=quiet):
-            try:
-                img, _ = read_image(images / key)
-            except ImageReadError as exc:
-                typer.secho(f"skipping {key}: {exc}", fg="yellow", err=True)
-                stats["images_unreadable"] += 1
-                continue
-            try:
-                lm = _example_label_map(ann, key, img.shape[:2], exclude)
-                eid = seg.add_examples(img, lm, ann.label_names, min_purity=min_purity, image_name=key)
-            except (FileNotFoundError, ValueError) as exc:
-                if ov.num_rows != rows0:
-                    seg.save_overlay()
-                fail(f"{key}: {exc}" + (" (the examples added before it are saved; a re-run continues)"
-                                         if ov.num_rows != rows0 else ""))
-            if not eid:
-                stats["images_without_pieces"] += 1
-                continue
-            stats["images_added"] += 1
-            since_save += 1
-            if save_every and since_save >= save_every:
-                seg.save_overlay()
-                since_save = 0
-    except KeyboardInterrupt:
-        if ov.num_rows != rows0:
-            seg.save_overlay()
-        typer.secho(f"interrupted; {stats['images_added']} images saved to {overlay}; a re-run continues",
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", UserWarning)
+            warnings.showwarning = lambda msg, *a, **k: typer.secho(f"warning: {msg}", fg="yellow", err=True)
+            stats = teach_from_annotations(seg, images, ann, keys, min_purity=min_purity, save_every=save_every,
+                                           exclude=exclude_label, include=include_label, progress=not quiet,
+                                           on_unreadable=unreadable)
+    except TeachInterrupted as exc:
+        typer.secho(f"interrupted; {exc.stats.images_added} images saved to {overlay}; a re-run continues",
                     fg="yellow", err=True)
         raise typer.Exit(code=130)
-    seconds = time.perf_counter() - t0
-    if since_save or not (overlay / "manifest.json").is_file():
-        try:
-            seg.save_overlay()
-        except (ValueError, OSError) as exc:
-            fail(str(exc))
-    typer.echo(summary(**stats, seconds_per_image=round(seconds / max(len(todo), 1), 3)))
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        fail(str(exc))
+    typer.echo(summary(**stats.as_dict()))

@@ -9,23 +9,28 @@ from typing import List, Optional
 
 import typer
 
+from reme.checks import MAX_LOGIT_SCALE
+from reme.defaults import LOGIT_SCALE, MAX_WORKING_PIXELS, TOP_K
+
 from reme.classes import CLASS_LIST_GRAMMAR
-from reme.cli._common import (CLASSES_HELP, QUIET_HELP, VERBOSE_HELP, app, check_out_path,
-                              existing_overlay, fail, image_stem, setup_logging, unique_stems)
+from reme.cli._common import (CLASSES_HELP, QUIET_HELP, VERBOSE_HELP, app, check_options, check_out_path,
+                              check_reference_manifest, existing_overlay, fail, image_stem, readable_images,
+                              setup_logging, unique_stems)
 
 logger = logging.getLogger("reme")
 
 
 @app.command("segment", short_help="Segment images into the given classes.")
 def segment_cmd(
-    images: List[str] = typer.Argument(..., help="Image files, or skimage:NAME for a bundled photo (astronaut, coffee, chelsea, rocket, motorcycle)."),
+    images: List[str] = typer.Argument(..., help="Image files, folders (all their images, recursively), or "
+                                       "skimage:NAME for a bundled photo (astronaut, coffee, chelsea, rocket, motorcycle)."),
     classes: Optional[str] = typer.Option(None, help=CLASSES_HELP),
     classes_file: Optional[Path] = typer.Option(None, help=f"Class file. Class list: {CLASS_LIST_GRAMMAR}."),
     reference: Optional[Path] = typer.Option(None, help="Reference folder (default: the embedded one)."),
     out: Path = typer.Option(Path("reme_out"), help="Output folder."),
-    segment_logit_scale: Optional[float] = typer.Option(None, help="tau1 of eq. 1 (default 50)."),
-    label_logit_scale: Optional[float] = typer.Option(None, help="tau2 of eq. 2 (default 50)."),
-    top_k: Optional[int] = typer.Option(None, help="Softmax over the top-k reference segments (default 10; 0 = all)."),
+    segment_logit_scale: Optional[float] = typer.Option(None, help=f"tau1 of eq. 1 (default {LOGIT_SCALE:g}; at most {MAX_LOGIT_SCALE:g})."),
+    label_logit_scale: Optional[float] = typer.Option(None, help=f"tau2 of eq. 2 (default {LOGIT_SCALE:g}; at most {MAX_LOGIT_SCALE:g})."),
+    top_k: Optional[int] = typer.Option(None, help=f"Softmax over the top-k reference segments (default {TOP_K}; 0 = all)."),
     paper_form: bool = typer.Option(False, help="Literal paper eqs. 1-3: scales 1, softmax over all segments."),
     retrieval: str = typer.Option("exact", help="Eq. 1 search: 'exact' (stream all of S_ref) or 'topk' "
                                   "(the FAISS index's top-k neighbours, re-scored exactly; faster on large sets)."),
@@ -43,7 +48,7 @@ def segment_cmd(
     explain_segments: int = typer.Option(8, help="With --explain: largest test segments on the contact sheet."),
     image_root: List[Path] = typer.Option([], help="With --explain: folder of the reference set's source photos "
                                           "(repeatable; default: the manifest's image root)."),
-    max_working_pixels: int = typer.Option(2048 * 1024, help="Segment larger photos at this many pixels and bring "
+    max_working_pixels: int = typer.Option(MAX_WORKING_PIXELS, help="Segment larger photos at this many pixels and bring "
                                            "the labels back to full size (bounds memory); 0 = full resolution."),
     overlay_dir: Optional[Path] = typer.Option(None, "--overlay", help="Also search the examples of this overlay "
                                                "folder ('reme add-examples'); it must exist."),
@@ -55,38 +60,45 @@ def segment_cmd(
     """Segment images: writes <stem>_labels.png, <stem>_overlay.png and <stem>_scores.json
     (and <stem>_segments.png with --segment-ids or --explain)."""
     setup_logging(quiet, verbose)
-
-    from reme.inference import segmenter as sm
     from reme.classes import parse_classes, read_class_file
     from reme.defaults import default_reference_path
-    from reme.errors import ImageReadError, MissingWeightsError, ReferenceSetError
-    from reme.io import atomic_path, load_image
-    from reme.report.viz import MAX_LABEL_PNG_CLASSES, overlay, save_label_png
 
+    # everything that needs no model is checked first: a bad value is refused in well under a second
     if (classes is None) == (classes_file is None):
         fail("give exactly one of --classes or --classes-file")
-    for flag, value in (("--segment-logit-scale", segment_logit_scale), ("--label-logit-scale", label_logit_scale)):
-        if value is not None:
-            try:
-                sm.check_logit_scale(value, flag)
-            except ValueError as exc:
-                fail(str(exc))
+    check_options(top_k=top_k, smooth_omega=smooth_omega, retrieval=retrieval, proposals=proposals,
+                  n_clusters=n_clusters, others_threshold=others_threshold, segment_logit_scale=segment_logit_scale,
+                  label_logit_scale=label_logit_scale)
     if max_working_pixels < 0:
         fail(f"--max-working-pixels must be >= 0 (0 = full resolution), got {max_working_pixels}")
+    if explain_segments < 1:
+        fail(f"--explain-segments must be >= 1, got {explain_segments}")
     try:
         class_list = classes if classes is not None else read_class_file(classes_file)
         try:
             n_classes = len(parse_classes(class_list)[0]) + (others_threshold is not None)
         except ValueError as exc:
             raise ValueError(f"--classes: {exc}" if classes is not None else f"{classes_file}: {exc}") from None
+        from reme.report.viz import MAX_LABEL_PNG_CLASSES
+
         if n_classes > MAX_LABEL_PNG_CLASSES:
             raise ValueError(f"{n_classes} classes; a label PNG holds at most {MAX_LABEL_PNG_CLASSES}")
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
+    ref = reference or default_reference_path()
+    check_reference_manifest(ref)
+    images = readable_images(images, max_working_pixels)
+    if overlay_dir is not None:
+        existing_overlay(overlay_dir)
     check_out_path(out, folder_itself=True)
     stems = unique_stems(images)
+
+    from reme.errors import ImageReadError, MissingWeightsError, ReferenceSetError
+    from reme.inference import segmenter as sm
+    from reme.io import atomic_path, load_image
+    from reme.report.viz import overlay, save_label_png
+
     try:
-        ref = reference or default_reference_path()
         kw = dict(segment_logit_scale=1.0, label_logit_scale=1.0, top_k=None) if paper_form else {}
         if segment_logit_scale is not None:
             kw["segment_logit_scale"] = segment_logit_scale
@@ -95,14 +107,16 @@ def segment_cmd(
         if top_k is not None:
             kw["top_k"] = top_k or None
         if overlay_dir is not None:
-            kw["overlay"] = existing_overlay(overlay_dir)
+            kw["overlay"] = str(overlay_dir)
         seg = sm.Segmenter(ref, device=device, allow_encoder_mismatch=allow_encoder_mismatch, retrieval=retrieval,
                            proposals=proposals, n_clusters=n_clusters, smooth_omega=smooth_omega,
                            others_threshold=others_threshold, max_working_pixels=max_working_pixels or None, **kw)
     except (MissingWeightsError, ReferenceSetError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
+    from tqdm.auto import tqdm
+
     failed = 0
-    for path, stem in zip(images, stems):
+    for path, stem in tqdm(list(zip(images, stems)), desc="segment", unit="img", disable=quiet or len(images) < 2):
         try:
             res = seg.predict(path, class_list, return_evidence=explain)  # read at the working size
             img = load_image(path)                                        # full size, for the overlay
@@ -138,6 +152,8 @@ def segment_cmd(
                    + ("" if stem == image_stem(path) else f" (written as {stem}_*)"))
     if failed == len(images):
         raise typer.Exit(code=1)
+    if failed:
+        typer.secho(f"{failed} of {len(images)} images could not be read", fg="yellow", err=True)
 
 
 def _write_segment_ids(segment_ids, path: Path) -> None:

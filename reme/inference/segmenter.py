@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from reme.checks import check_logit_scale, check_others_threshold
 from reme.classes import parse_classes
 from reme.encoders import resolve_device, resolve_encoder
 from reme.errors import ReferenceSetError
@@ -228,7 +229,7 @@ class Segmenter:
         built = man.get("proposals") or {}
         method = proposals or built.get("method", "felzenszwalb")
         self.smooth_omega = float(smooth_omega)
-        self.others_threshold = others_threshold
+        self.others_threshold = check_others_threshold(others_threshold)
         self.proposer = ProposalGenerator(method, felzenszwalb=self.felzenszwalb,
                                           n_clusters=n_clusters if n_clusters is not None else built.get("n_clusters", 8),
                                           sam_options=built.get("sam_options") if method == built.get("method") else None,
@@ -436,7 +437,9 @@ class Segmenter:
         Raises:
             ValueError: no path, or a path inside the reference folder.
         """
-        return self.overlay.save(path, base_path=self.reference.path)
+        out = self.overlay.save(path, base_path=self.reference.path)
+        self._refresh_overlay()  # the save merged other writers' rows (Overlay.save)
+        return out
 
     def _view(self, img: np.ndarray):
         """(Proposals, S_test (k, d1) tensor, dense features) of a working-size image; the last
@@ -727,17 +730,6 @@ def _image_name(image, img: np.ndarray) -> str:
     if isinstance(image, (str, Path)):
         return str(image)
     return "array:" + _pixels_key(img)[1].hex()[:12]
-
-
-def check_logit_scale(value, name: str) -> float:
-    """``value`` as a float, or ValueError unless it is a finite number > 0 (tau of eqs. 1-2)."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}") from None
-    if not np.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return v
 
 
 def upsample_nearest(a: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:

@@ -49,8 +49,7 @@ class SamProposals:
                  stability_score_thresh: float = 0.95, min_area: int = 20, device=None):
         from transformers import pipeline
 
-        source, _ = resolve_hf_repo(model, family="sam", cache_dir=default_cache_dir(),
-                                    spec_prefix="sam", local_prefix="sam")
+        source, _ = resolve_hf_repo(model, family="sam", cache_dir=default_cache_dir())  # specs read 'sam:...'
         self.device = resolve_device(device)
         self.spec = f"sam:{source}"
         self.points_per_side = int(points_per_side)

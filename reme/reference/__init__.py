@@ -27,6 +27,7 @@ crash never leaves a half-written reference set behind.
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import shutil
@@ -40,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from reme.checks import check_unit_rows
 from reme.io import replace_dir, sha256_file
 from reme._version import __version__
 from reme.errors import ReferenceSetError
@@ -334,16 +336,26 @@ MANIFEST_SCHEMA = {
     "files": (_is_str_dict, "an object mapping file names to sha256 strings"),
     "encoders": (lambda v: isinstance(v, dict) and all(isinstance(x, str) or x is None for x in v.values()),
                  "an object mapping 'visual' / 'text' to encoder specs"),
-    "templates": (_is_str_list, "a list of strings"),
+    "templates": (lambda v: _is_str_list(v) and all(_one_slot(t) for t in v),
+                  "a list of format strings with one '{}' each"),
     "embedding_dtype": (lambda v: v in ("float16", "float32"), "'float16' or 'float32'"),
     "s_ref_file": (lambda v: isinstance(v, str) and bool(v) and "/" not in v and "\\" not in v,
                    "a file name inside the folder"),
-    "felzenszwalb": (lambda v: v is None or (isinstance(v, dict) and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) for x in v.values())), "an object of numbers"),
+    "felzenszwalb": (lambda v: v is None or (isinstance(v, dict) and set(v) <= {"scale", "sigma", "min_size"} and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 for x in v.values())
+        and v.get("scale", 1) > 0), "an object of finite numbers scale > 0, sigma >= 0, min_size >= 0"),
     "proposals": (lambda v: v is None or isinstance(v, dict), "an object"),
     "index": (lambda v: v is None or isinstance(v, dict), "an object"),
     "counts": (lambda v: isinstance(v, dict), "an object"),
 }
+
+
+def _one_slot(template: str) -> bool:
+    """True when ``template.format(label)`` works and uses the label exactly once."""
+    try:
+        return template.format("\x00").count("\x00") == 1
+    except (IndexError, KeyError, ValueError):
+        return False
 
 
 def validate_manifest(manifest: dict[str, Any], where: str | Path = "manifest.json") -> None:
@@ -455,7 +467,9 @@ def load_reference(path: str | Path, *, verify: bool = True, mmap: bool = True) 
     Args:
         path: the folder.
         verify: check every file's sha256 against the manifest (reads each file once more;
-            about 1 s per GB here).
+            about 1 s per GB here; a manifest without a ``files`` entry for each is refused),
+            and that S_ref rows are finite and unit-norm (L_ref rows are always checked;
+            tolerance `reme.checks.UNIT_NORM_TOL`).
         mmap: memory-map S_ref.npy read-only (format 2) instead of reading it into memory;
             the pages are shared with the OS page cache, so S_ref is held once.
 
@@ -464,18 +478,23 @@ def load_reference(path: str | Path, *, verify: bool = True, mmap: bool = True) 
         float32): a read-only ``np.memmap`` (format 2, ``mmap=True``) or an in-memory array.
 
     Raises:
-        ReferenceSetError: missing or altered files (checksum), truncated or unreadable Parquet,
-            or contents that disagree with the manifest; the message names the file and the fix.
+        ReferenceSetError: missing or altered files (checksum), a manifest that lists no
+            checksums, truncated or unreadable Parquet, contents that disagree with the manifest,
+            or S_ref / L_ref rows that are not finite and unit-norm; the message names the file
+            and the fix.
     """
     path = Path(path)
     manifest = read_manifest(path)
-    files = manifest.get("files", {})
+    files = manifest.get("files") or {}
     v1 = manifest.get("format_version") == 1
     for name in _FILES + (() if v1 else (manifest.get("s_ref_file", S_REF_FILE),)):
         f = path / name
         if not f.is_file():
             raise ReferenceSetError(f"{f} is missing; the reference set is incomplete, rebuild it")
-        if verify and name in files and _sha256(f) != files[name]:
+        if verify and name not in files:
+            raise ReferenceSetError(f"{path / 'manifest.json'} lists no sha256 of {name} (its 'files' section is "
+                                    "missing or incomplete), so the folder cannot be verified; rebuild the reference set")
+        if verify and _sha256(f) != files[name]:
             raise ReferenceSetError(
                 f"{f} does not match the sha256 in {path / 'manifest.json'} (file changed or truncated); "
                 "rebuild the reference set or restore the file"
@@ -507,6 +526,12 @@ def load_reference(path: str | Path, *, verify: bool = True, mmap: bool = True) 
     for key, val in (("num_segments", ref.num_segments), ("num_labels", ref.num_labels)):
         if manifest.get(key) != val:
             raise ReferenceSetError(f"{path}: manifest says {key}={manifest.get(key)}, files hold {val}")
+    try:
+        check_unit_rows(ref.L_ref, str(path / "labels.parquet") + " (L_ref)")
+        if verify:  # S_ref is read in full anyway for its sha256
+            check_unit_rows(ref.S_ref, str(path / manifest.get("s_ref_file", S_REF_FILE)) + " (S_ref)")
+    except ValueError as exc:
+        raise ReferenceSetError(f"{exc}; the file is damaged, rebuild the reference set") from None
     return ref
 
 

@@ -23,7 +23,7 @@ import os
 import time
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from reme.classes import check_label
 from reme.errors import ReferenceSetError
 from reme.io import sha256_file
 from reme.reference import ReferenceSet, load_reference
@@ -116,9 +117,12 @@ def concat_csr(base: ORefCSR, extra_labels: np.ndarray, num_labels: int) -> ORef
 def folder_lock(path: str | Path, *, exclusive: bool) -> Iterator[None]:
     """Reader/writer lock of an overlay folder: ``flock`` on ``.NAME.lock`` beside it.
 
-    Writers (`Overlay.save`) hold it exclusively while the folder is swapped, readers
-    (`load_overlay`) shared while they read its files, so a reader never mixes files of two
-    saves, across threads and processes. Where ``fcntl`` is missing (Windows) it does nothing.
+    Writers (`Overlay.save`) hold it exclusively from reading the folder's current rows to
+    swapping in the merged folder (one read-modify-write transaction), readers (`load_overlay`)
+    shared while they read its files, so a reader never mixes files of two saves and no writer
+    overwrites another's rows, across threads and processes. ``flock`` locks belong to an open
+    file, so two threads of one process exclude each other too. Where ``fcntl`` is missing
+    (Windows) it does nothing.
     """
     path = Path(path)
     try:
@@ -136,14 +140,13 @@ def folder_lock(path: str | Path, *, exclusive: bool) -> Iterator[None]:
 
 
 def normalise_label(label: str) -> str:
-    """A label as stored: surrounding white space removed, inner runs collapsed to one space.
+    """A label as stored: surrounding white space removed, inner runs collapsed to one space,
+    checked against the class-list grammar (`reme.classes.check_label`).
 
     Raises:
-        ValueError: not a string, or empty.
+        ValueError: not a string, empty, with ``,`` ``;`` or a control character, or too long.
     """
-    if not isinstance(label, str) or not " ".join(label.split()):
-        raise ValueError(f"a label must be a non-empty string, got {label!r}")
-    return " ".join(label.split())
+    return check_label(label)
 
 
 def check_overlay_path(path: str | Path, base_path: str | Path | None) -> Path:
@@ -193,6 +196,8 @@ class Overlay:
     base: dict[str, Any]
     text_dim: int = 0
     path: Path | None = None
+    #: example ids as of the last load or save (what a save compares the folder against).
+    known_ids: frozenset = field(default_factory=frozenset, repr=False, compare=False)
 
     @classmethod
     def empty(cls, base: ReferenceSet) -> "Overlay":
@@ -218,7 +223,8 @@ class Overlay:
 
         Args:
             S: (r, d1) float L2-normalised segment embeddings (stored in the overlay's dtype).
-            labels: r labels (normalised with `normalise_label`).
+            labels: r labels (normalised with `normalise_label`; a label equal but for case to
+                one the overlay has is stored with the overlay's spelling).
             image: source-image name.
             bbox: (r, 4) XYWH segment boxes; area: (r,) areas; mask_bbox: (r, 4) mask boxes.
             label_embeddings: an L_ref row for every label of ``labels`` the overlay lacks.
@@ -228,7 +234,9 @@ class Overlay:
             ValueError: shapes that disagree, or a label without an embedding.
         """
         S = np.asarray(S)
-        labels = [normalise_label(x) for x in labels]
+        same = {t.casefold(): t for t in reversed(self.labels)}   # labels equal but for case are one
+        given = [normalise_label(x) for x in labels]
+        labels = [same.get(x.casefold(), x) for x in given]
         r = len(labels)
         if S.ndim != 2 or S.shape != (r, self.S.shape[1]):
             raise ValueError(f"S must be ({r}, {self.S.shape[1]}), got {S.shape}")
@@ -301,17 +309,20 @@ class Overlay:
 
     def new_labels(self, base_labels: Sequence[str]) -> list[str]:
         """The overlay's labels the base lacks, in order of first use."""
-        have = set(base_labels)
-        return list(dict.fromkeys(x for x in self.labels if x not in have))
+        have = {t.casefold() for t in base_labels}
+        return list(dict.fromkeys(x for x in self.labels if x.casefold() not in have))
 
     def label_ids(self, base_labels: Sequence[str]) -> np.ndarray:
         """(r,) int64 label id of each row in the merged label space: a base label keeps its
-        base id (its L_ref row is reused), a new label gets n + its index in `new_labels`."""
-        ids = {t: j for j, t in enumerate(base_labels)}
-        n = len(ids)
+        base id (its L_ref row is reused; labels equal but for case are one), a new label gets
+        n + its index in `new_labels`."""
+        ids: dict[str, int] = {}
+        for j, t in enumerate(base_labels):
+            ids.setdefault(t.casefold(), j)
+        n = len(base_labels)
         for j, t in enumerate(self.new_labels(base_labels)):
-            ids[t] = n + j
-        return np.array([ids[x] for x in self.labels], np.int64)
+            ids[t.casefold()] = n + j
+        return np.array([ids[x.casefold()] for x in self.labels], np.int64)
 
     def to_reference(self) -> ReferenceSet:
         """The overlay as a self-contained [`ReferenceSet`][reme.reference.ReferenceSet]: its rows,
@@ -330,36 +341,78 @@ class Overlay:
                             segment_source=[EXAMPLE_SOURCE] * self.num_rows)
 
     def save(self, path: str | Path | None = None, *, base_path: str | Path | None = None) -> Path:
-        """Write the overlay folder atomically (temporary folder, then rename; a reader sees the
-        old overlay or the new one, never a mix), replacing an existing overlay there.
+        """Write the overlay folder as one transaction: under an exclusive lock shared by every
+        process (`folder_lock`), read the folder's current rows, merge, and write the result
+        atomically (temporary folder, then rename; a reader sees the old overlay or the new one).
+
+        The merge is three-way against `known_ids`, the examples this object last loaded or
+        saved: rows another writer added meanwhile are kept (appended after this object's
+        rows), examples this object removed stay removed, and examples another writer removed
+        (undo) are dropped here too. Afterwards this object holds the merged rows, so two
+        processes adding examples to one folder never lose each other's rows.
 
         Args:
             path: destination (default: `path`, where it was loaded from or last saved).
             base_path: the base folder, to refuse an overlay inside it (default: the
                 recorded ``base["path"]``).
 
+        Returns:
+            The folder written.
+
         Raises:
             ValueError: no path, the path is the base folder or inside it, or it holds
                 something that is not an overlay.
+            ReferenceSetError: the overlay already in the folder is damaged (its files do not
+                match the manifest) or was made with other encoders; nothing is written.
         """
         path = path if path is not None else self.path
         if path is None:
             raise ValueError("no overlay path: pass path= (CLI: --overlay DIR)")
         path = check_overlay_path(path, base_path if base_path is not None else self.base.get("path"))
-        if path.exists() and not (path / "manifest.json").is_file():
-            if any(path.iterdir()):
-                raise ValueError(f"{path} exists and is not an overlay folder; choose another --overlay path")
-        elif path.exists():
-            from reme.reference import read_manifest
-
-            if "overlay" not in read_manifest(path):
-                raise ValueError(f"{path} is a reference set, not an overlay; refusing to replace it")
-        ref = self.to_reference()
         with folder_lock(path, exclusive=True):
+            if path.exists() and not (path / "manifest.json").is_file():
+                if any(path.iterdir()):
+                    raise ValueError(f"{path} exists and is not an overlay folder; choose another --overlay path")
+            elif path.exists():
+                from reme.reference import read_manifest
+
+                if "overlay" not in read_manifest(path):
+                    raise ValueError(f"{path} is a reference set, not an overlay; refusing to replace it")
+                self._merge_from(_load_overlay(path, True))
+            ref = self.to_reference()
             ref.save(path, overwrite=True, embedding_dtype=str(np.dtype(self.S.dtype)), with_index=False,
                      extra_tables={EXAMPLES_FILE: self._examples_table()})
         self.path = path
+        self.known_ids = frozenset(self.example_ids)
         return path
+
+    def _merge_from(self, disk: "Overlay") -> None:
+        """Three-way merge of the folder's rows ``disk`` into this object (`save`)."""
+        if disk.encoders != self.encoders or disk.S.shape[1] != self.S.shape[1] or \
+                list(disk.templates) != list(self.templates):
+            raise ReferenceSetError(f"the overlay at {disk.path} was made with other encoders or templates "
+                                    f"({disk.encoders}) than this one ({self.encoders}); save to another folder")
+        on_disk = set(disk.example_ids)
+        # examples another writer removed since this object last synchronised: drop them here too
+        gone = {e for e in self.known_ids if e not in on_disk}
+        if gone:
+            self._select(np.array([e not in gone for e in self.example_ids], bool))
+        mine = set(self.example_ids)
+        take = np.array([e not in mine and e not in self.known_ids for e in disk.example_ids], bool)
+        if not take.any():
+            return
+        idx = np.flatnonzero(take)
+        same = {t.casefold(): t for t in reversed(self.labels)}
+        theirs = [same.setdefault(disk.labels[i].casefold(), disk.labels[i]) for i in idx]
+        for i, lab in zip(idx, theirs):
+            self.label_embeddings.setdefault(lab, disk.label_embeddings[disk.labels[i]])
+        self.S = np.concatenate([self.S, disk.S[idx].astype(self.S.dtype)])
+        self.labels = self.labels + theirs
+        for name in ("example_ids", "images", "added"):
+            setattr(self, name, getattr(self, name) + [getattr(disk, name)[i] for i in idx])
+        self.bbox = np.concatenate([self.bbox, disk.bbox[idx]])
+        self.area = np.concatenate([self.area, disk.area[idx]])
+        self.mask_bbox = np.concatenate([self.mask_bbox, disk.mask_bbox[idx]])
 
     def _examples_table(self) -> pa.Table:
         r = self.num_rows
@@ -395,21 +448,32 @@ def load_overlay(path: str | Path, *, verify: bool = True) -> Overlay:
         return _load_overlay(path, verify)
 
 
+#: What to do about a damaged overlay (not "rebuild the reference set": an overlay is not built).
+OVERLAY_FIX = "restore the file, or delete the overlay folder and add the examples again (reme add-examples)"
+
+
 def _load_overlay(path: Path, verify: bool) -> Overlay:
-    ref = load_reference(path, verify=verify, mmap=False)
+    try:
+        ref = load_reference(path, verify=verify, mmap=False)
+    except ReferenceSetError as exc:
+        msg = str(exc)
+        for said in ("rebuild the reference set or restore the file", "rebuild the reference set", "rebuild it"):
+            msg = msg.replace(said, OVERLAY_FIX)
+        raise ReferenceSetError(msg.replace("the reference set is incomplete", "the overlay is incomplete")) from None
     man = ref.manifest
     if "overlay" not in man:
         raise ReferenceSetError(f"{path} is a reference set, not an overlay (no 'overlay' in its manifest)")
     f = path / EXAMPLES_FILE
     sha = (man.get("files") or {}).get(EXAMPLES_FILE)
     if not f.is_file():
-        raise ReferenceSetError(f"{f} is missing; the overlay is incomplete")
-    if verify and sha and sha256_file(f) != sha:
-        raise ReferenceSetError(f"{f} does not match the sha256 in {path / 'manifest.json'} (file changed or truncated)")
+        raise ReferenceSetError(f"{f} is missing; the overlay is incomplete: {OVERLAY_FIX}")
+    if verify and sha256_file(f) != sha:
+        raise ReferenceSetError(f"{f} does not match the sha256 in {path / 'manifest.json'} (file changed or "
+                                f"truncated, or not listed): {OVERLAY_FIX}")
     try:
         t = pq.read_table(f)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise ReferenceSetError(f"cannot read {f}: {exc}; the file is truncated or corrupt") from exc
+        raise ReferenceSetError(f"cannot read {f}: {exc}; the file is truncated or corrupt: {OVERLAY_FIX}") from exc
     r = ref.num_segments
     if t.num_rows != r:
         raise ReferenceSetError(f"{f} has {t.num_rows} rows, S_ref has {r}")
@@ -423,7 +487,8 @@ def _load_overlay(path: Path, verify: bool) -> Overlay:
                    added=t.column("added").to_pylist(),
                    label_embeddings={t_: ref.L_ref[j].astype(np.float32) for j, t_ in enumerate(ref.labels)},
                    encoders=dict(man.get("encoders") or {}), templates=list(man.get("templates") or []),
-                   base=dict(man["overlay"].get("base") or {}), text_dim=int(ref.L_ref.shape[1]), path=path)
+                   base=dict(man["overlay"].get("base") or {}), text_dim=int(ref.L_ref.shape[1]), path=path,
+                   known_ids=frozenset(t.column("example_id").to_pylist()))
 
 
 def check_overlay(overlay: Overlay, base: ReferenceSet) -> None:
