@@ -194,6 +194,7 @@ with torch.inference_mode():
         costs[f"dinov2_l14_{str(dt)[6:]}_s"] = per_image(enc.dense_features, imgs[: 3 if dry else None])
         del enc
     if not dry:                                                             # batched forward, 448 x 448
+        vitl.to(torch.bfloat16)
         x = torch.randn(32, 3, 448, 448, device=dev, dtype=torch.bfloat16)
         costs["dinov2_l14_bf16_batch32_448_s_per_image"] = per_image(lambda _: vitl(pixel_values=x), range(3)) / 32
     del vitl
@@ -218,6 +219,7 @@ if dev == "cuda" and os.environ.get("GPU_CHECK_LLAVA", "1") == "1":
         llava = LlavaForConditionalGeneration(lcfg).eval()
     torch.set_default_dtype(torch.float32)
     for b in (1, 16):
+        torch.cuda.empty_cache()
         ids = torch.randint(2, 31000, (b, 637), device=dev)
         ids[:, 1:577] = 32000
         pix = torch.randn(b, 3, 336, 336, device=dev, dtype=torch.float16)

@@ -9,31 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY_CLIP, photo
+from conftest import TINY_CLIP, photo
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run scripts/gpu_check.sh on a GPU)")]
 
-REF = REPO / "reference_sets" / "default"
-CLASSES = ["cup", "table", "saucer", "spoon"]
+# the overlay tests' fixtures: 2,000 segments of the embedded default with a flat FAISS index, a photo
+import test_overlay  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """2,000 segments of the embedded default, saved with a flat FAISS index."""
-    from reme.eval.ablation import reference_from_pairs
-    from reme.reference import load_reference
-
-    full = load_reference(REF)
-    sub = full.pair_segment < 2000
-    path = tmp_path_factory.mktemp("base") / "ref"
-    reference_from_pairs(full, full.pair_segment[sub], full.pair_label[sub]).save(path, with_index=True)
-    return load_reference(path)
-
-
-@pytest.fixture(scope="module")
-def image():
-    return photo("coffee")[::3, ::3].copy()
+CLASSES, base, image = test_overlay.CLASSES, test_overlay.base, test_overlay.image
 
 
 def _agree(a: torch.Tensor, b: torch.Tensor) -> float:
