@@ -228,7 +228,7 @@ def test_run_eval_records_layout(tmp_path):
         root = tmp_path / ("mmseg/VOC2012" if lay == "mmseg" else "d2")
         text = run_eval(dataset="voc21", reference=BlockSegmenter(), root=root, layout=lay, out=tmp_path / lay,
                         protocol_kw={"short_side": 0}, vis=0, progress=False)
-        assert f"voc21 ({lay} layout): mIoU" in text
+        assert text.startswith("voc21: mIoU") and f"; {lay} layout" in text.splitlines()[0]
     a, b = (json.loads((tmp_path / lay / "results.json").read_text()) for lay in ("mmseg", "detectron2"))
     assert a["dataset_meta"]["layout"]["name"] == "mmseg" and b["dataset_meta"]["layout"]["name"] == "detectron2"
     assert b["dataset_meta"]["layout"]["label_lut"] == "voc21_background_last"

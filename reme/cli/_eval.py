@@ -33,7 +33,8 @@ def eval_cmd(
     data_root: Optional[Path] = typer.Option(None, help="--suite: datasets root (default $DETECTRON2_DATASETS, "
                                              "else ./datasets)."),
     reference: Optional[Path] = typer.Option(None, help="Reference folder (default: the embedded one)."),
-    out: Optional[Path] = typer.Option(None, help="Output folder: results.json, results.md, confusion.png, vis/."),
+    out: Optional[Path] = typer.Option(None, help="Output folder: results.json, results.md, confusion.png, vis/ "
+                                       "(--suite: one folder per benchmark + summary.md/json; default eval_paper)."),
     split: Optional[str] = typer.Option(None, help="Benchmark split (default val / validation)."),
     images: Optional[Path] = typer.Option(None, help="Image folder (generic; overrides a benchmark's layout)."),
     masks: Optional[Path] = typer.Option(None, help="Index-mask folder, same stems (generic; overrides the layout)."),

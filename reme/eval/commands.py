@@ -74,9 +74,10 @@ def run_eval(*, dataset: str, reference, out: Path | None, root=None, split=None
     res = evaluate(seg, ds, protocol, out_dir=out, num_vis=vis, progress=progress, reference_path=reference)
     d = res.to_dict(with_confusion=False)
     lay = (ds.meta.get("layout") or {}).get("name")
-    lines = [f"{ds.name}{f' ({lay} layout)' if lay else ''}: mIoU {d['miou']:.2f}  pixel acc. {d['pixel_acc']:.2f}  mean acc. {d['mean_acc']:.2f}  "
+    lines = [f"{ds.name}: mIoU {d['miou']:.2f}  pixel acc. {d['pixel_acc']:.2f}  mean acc. {d['mean_acc']:.2f}  "
              f"({d['num_images']} images, {d['seconds_per_image']:.2f} s/image; majority class "
-             f"{d['majority']['class']!r}: mIoU {d['majority']['miou']:.2f}, pixel acc. {d['majority']['pixel_acc']:.2f})"]
+             f"{d['majority']['class']!r}: mIoU {d['majority']['miou']:.2f}, pixel acc. {d['majority']['pixel_acc']:.2f})"
+             + (f"; {lay} layout" if lay else "")]
     extra: dict = {}
     if overlap:
         ov = vocabulary_overlap(seg, ds.classes)
