@@ -28,10 +28,17 @@ def _eval_protocol_kw(short_side, mode, crop, window_stride, background_mode, bg
 
 @app.command("eval", short_help="Evaluate on a benchmark: mIoU, per-class IoU.")
 def eval_cmd(
-    dataset: str = typer.Option(..., "--dataset", help=f"Benchmark: {_EVAL_DATASETS}."),
-    root: Optional[Path] = typer.Option(None, help="Dataset root (folder trees: docs/evaluation.md)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help=f"Benchmark: {_EVAL_DATASETS} (or --suite)."),
+    root: Optional[Path] = typer.Option(None, help="Dataset root, or a detectron2 datasets root holding it "
+                                        "(folder trees: docs/evaluation.md)."),
+    layout: Optional[str] = typer.Option(None, help="Benchmark tree: mmseg, detectron2 or flat (default: detect)."),
+    suite: Optional[str] = typer.Option(None, help="'paper': every benchmark of the paper under --data-root, "
+                                        "resumable, with a summary beside the published numbers."),
+    data_root: Optional[Path] = typer.Option(None, help="--suite: datasets root (default $DETECTRON2_DATASETS, "
+                                             "else ./datasets)."),
     reference: Optional[Path] = typer.Option(None, help="Reference folder (default: the embedded one)."),
-    out: Optional[Path] = typer.Option(None, help="Output folder: results.json, results.md, confusion.png, vis/."),
+    out: Optional[Path] = typer.Option(None, help="Output folder: results.json, results.md, confusion.png, vis/ "
+                                       "(--suite: one folder per benchmark + summary.md/json; default eval_paper)."),
     split: Optional[str] = typer.Option(None, help="Benchmark split (default val / validation)."),
     images: Optional[Path] = typer.Option(None, help="Image folder (generic; overrides a benchmark's layout)."),
     masks: Optional[Path] = typer.Option(None, help="Index-mask folder, same stems (generic; overrides the layout)."),
@@ -76,22 +83,31 @@ def eval_cmd(
                   label_logit_scale=label_logit_scale)
     from reme.defaults import default_reference_path
     from reme.errors import MissingWeightsError, ReferenceSetError
-    from reme.eval.commands import run_eval
+    from reme.eval.commands import run_eval, run_eval_suite
 
+    if (dataset is None) == (suite is None):
+        fail("give --dataset NAME or --suite paper (not both)")
+    seg_kw = segmenter_kw(top_k, segment_logit_scale, label_logit_scale, retrieval=retrieval, proposals=proposals,
+                          n_clusters=n_clusters, smooth_omega=smooth_omega,
+                          overlay=overlay_dir and existing_overlay(overlay_dir))
+    protocol_kw = _eval_protocol_kw(short_side, mode, crop, window_stride, background_mode, bg_threshold,
+                                    others_threshold, no_synonyms)
+    if suite is not None:
+        try:
+            text = run_eval_suite(suite=suite, reference=reference or default_reference_path(), out=out,
+                                  data_root=data_root, layout=layout, limit=limit, protocol_kw=protocol_kw,
+                                  vis=vis, segmenter_kw=seg_kw, device=device, progress=not quiet)
+        except (MissingWeightsError, ReferenceSetError, FileNotFoundError, ValueError) as exc:
+            fail(str(exc))
+        typer.echo(text)
+        return
     try:
         text = run_eval(dataset=dataset, reference=reference or default_reference_path(), out=out, root=root,
                         split=split, images=images, masks=masks, classes_file=classes_file, ignore_index=ignore_index,
                         reduce_zero_label=reduce_zero_label, background_name=background, limit=limit, stride=stride,
-                        offset=offset,
-                        protocol_kw=_eval_protocol_kw(short_side, mode, crop, window_stride, background_mode,
-                                                      bg_threshold, others_threshold, no_synonyms),
-                        vis=vis, distractors=distractors, overlap=overlap, bg_sweep=bg_sweep, hold_out=hold_out,
-                        others_sweep=others_sweep, segmenter_kw=segmenter_kw(top_k, segment_logit_scale, label_logit_scale, retrieval=retrieval,
-                                                   proposals=proposals, n_clusters=n_clusters,
-                                                   smooth_omega=smooth_omega,
-                                                   overlay=overlay_dir and existing_overlay(overlay_dir)),
-                        device=device,
-                        progress=not quiet)
+                        offset=offset, protocol_kw=protocol_kw, vis=vis, distractors=distractors, overlap=overlap,
+                        bg_sweep=bg_sweep, hold_out=hold_out, others_sweep=others_sweep, segmenter_kw=seg_kw,
+                        device=device, progress=not quiet, layout=layout)
     except (MissingWeightsError, ReferenceSetError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     typer.echo(text)

@@ -32,7 +32,8 @@ def open_dataset(name: str, root: str | Path | None = None, *, split: str | None
                  images: str | Path | None = None, masks: str | Path | None = None,
                  classes_file: str | Path | None = None, ignore_index: int | None = None,
                  reduce_zero_label: bool | None = None, background: str | None = None,
-                 limit: int | None = None, stride: int = 1, offset: int = 0) -> SegDataset:
+                 limit: int | None = None, stride: int = 1, offset: int = 0,
+                 layout: str | None = None) -> SegDataset:
     """A benchmark (``name`` in `BENCHMARKS`) or ``"generic"`` dataset.
 
     Args:
@@ -48,11 +49,15 @@ def open_dataset(name: str, root: str | Path | None = None, *, split: str | None
         limit: keep the first ``limit`` samples (after ``offset`` and ``stride``).
         stride: keep every ``stride``-th sample.
         offset: skip the first ``offset`` samples (sorted by key).
+        layout: benchmarks only: ``"mmseg"``, ``"detectron2"`` or ``"flat"`` tree
+            (`reme.eval.datasets.load_benchmark`); None = detect.
 
     Raises:
         ValueError: bad arguments. FileNotFoundError: data not found.
     """
     if name == "generic":
+        if layout is not None:
+            raise ValueError("--layout applies to the benchmarks, not to the generic dataset")
         if images is None or masks is None or classes_file is None:
             raise ValueError("the generic dataset needs images, masks and classes_file")
         ds = load_generic(images, masks, classes_file, ignore_index=255 if ignore_index is None else ignore_index,
@@ -61,7 +66,8 @@ def open_dataset(name: str, root: str | Path | None = None, *, split: str | None
         if background is not None or reduce_zero_label is not None:
             raise ValueError(f"background and reduce_zero_label are fixed by the {name} benchmark; "
                              "use the generic dataset to change them")
-        ds = load_benchmark(name, root, split=split, images=images, masks=masks, classes_file=classes_file)
+        ds = load_benchmark(name, root, split=split, images=images, masks=masks, classes_file=classes_file,
+                            layout=layout)
         if ignore_index is not None:
             ds.ignore_index = ignore_index
     return ds.subset(limit, stride, offset) if (limit is not None or stride != 1 or offset) else ds

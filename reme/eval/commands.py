@@ -12,11 +12,11 @@ from reme.eval.report import markdown_table, write_json
 logger = logging.getLogger(__name__)
 
 
-def build_protocol(dataset, *, short_side: int | None = None, mode: str | None = None, crop: int | None = None,
-                   window_stride: int | None = None, background: str | None = None,
-                   bg_threshold: float | None = None, others_threshold: float | None = None,
-                   synonyms: bool = True) -> Protocol:
-    """The dataset's default protocol with the CLI's overrides (None = keep the default;
+def protocol_overrides(*, short_side: int | None = None, mode: str | None = None, crop: int | None = None,
+                       window_stride: int | None = None, background: str | None = None,
+                       bg_threshold: float | None = None, others_threshold: float | None = None,
+                       synonyms: bool = True) -> dict:
+    """The CLI's protocol options as `benchmark_protocol` overrides (None = keep the default;
     ``short_side=0`` = native resolution)."""
     over: dict = {"synonyms": synonyms}
     if short_side is not None:
@@ -25,7 +25,12 @@ def build_protocol(dataset, *, short_side: int | None = None, mode: str | None =
                      ("bg_threshold", bg_threshold), ("others_threshold", others_threshold)):
         if val is not None:
             over[key] = val
-    return benchmark_protocol(dataset.spec, **over)
+    return over
+
+
+def build_protocol(dataset, **options) -> Protocol:
+    """The dataset's default protocol with the CLI's overrides (`protocol_overrides`)."""
+    return benchmark_protocol(dataset.spec, **protocol_overrides(**options))
 
 
 def parse_counts(text: str) -> list[int]:
@@ -55,21 +60,24 @@ def run_eval(*, dataset: str, reference, out: Path | None, root=None, split=None
              stride: int = 1, offset: int = 0, protocol_kw: dict | None = None, vis: int = 4, distractors: str | None = None,
              overlap: bool = False, bg_sweep: str | None = None, hold_out: str | None = None,
              others_sweep: str | None = None, segmenter_kw: dict | None = None, device=None,
-             progress: bool = True) -> str:
+             progress: bool = True, layout: str | None = None) -> str:
     """Run ``reme eval``; returns the text to print (Markdown)."""
     from reme.eval.openbench import distractor_sweep, others_analysis, vocabulary_overlap
     from reme.eval.runner import as_segmenter, evaluate, sweep_thresholds
 
     ds = open_dataset(dataset, root, split=split, images=images, masks=masks, classes_file=classes_file,
                       ignore_index=ignore_index, reduce_zero_label=(reduce_zero_label or None) if dataset == "generic"
-                      else None, background=background_name, limit=limit, stride=stride, offset=offset)
+                      else None, background=background_name, limit=limit, stride=stride, offset=offset,
+                      layout=layout)
     protocol = build_protocol(ds, **(protocol_kw or {}))
     seg = as_segmenter(reference, device=device, **(segmenter_kw or {}))
     res = evaluate(seg, ds, protocol, out_dir=out, num_vis=vis, progress=progress, reference_path=reference)
     d = res.to_dict(with_confusion=False)
+    lay = (ds.meta.get("layout") or {}).get("name")
     lines = [f"{ds.name}: mIoU {d['miou']:.2f}  pixel acc. {d['pixel_acc']:.2f}  mean acc. {d['mean_acc']:.2f}  "
              f"({d['num_images']} images, {d['seconds_per_image']:.2f} s/image; majority class "
-             f"{d['majority']['class']!r}: mIoU {d['majority']['miou']:.2f}, pixel acc. {d['majority']['pixel_acc']:.2f})"]
+             f"{d['majority']['class']!r}: mIoU {d['majority']['miou']:.2f}, pixel acc. {d['majority']['pixel_acc']:.2f})"
+             + (f"; {lay} layout" if lay else "")]
     extra: dict = {}
     if overlap:
         ov = vocabulary_overlap(seg, ds.classes)
@@ -103,6 +111,26 @@ def run_eval(*, dataset: str, reference, out: Path | None, root=None, split=None
         lines.append(f"wrote {Path(out) / 'results.json'}, results.md, confusion.png"
                      + (f", vis/ ({min(vis, d['num_images'])} images)" if vis else ""))
     return "\n".join(lines)
+
+
+def run_eval_suite(*, suite: str, reference, out: Path | None, data_root=None, layout: str | None = None,
+                   limit: int | None = None, protocol_kw: dict | None = None, vis: int = 0,
+                   segmenter_kw: dict | None = None, device=None, progress: bool = True) -> str:
+    """Run ``reme eval --suite paper``; returns the text to print (one line per benchmark and the
+    summary table). ``out`` defaults to ``eval_paper``."""
+    from reme.eval.runner import as_segmenter
+    from reme.eval.suite import default_data_root, run_suite, summary_markdown
+
+    if suite != "paper":
+        raise ValueError(f"--suite must be 'paper', got {suite!r}")
+    data_root = Path(data_root) if data_root is not None else default_data_root()
+    if not data_root.is_dir():
+        raise FileNotFoundError(f"datasets root not found: {data_root} (give --data-root or set $DETECTRON2_DATASETS)")
+    out = Path(out) if out is not None else Path("eval_paper")
+    summary = run_suite(lambda: as_segmenter(reference, device=device, **(segmenter_kw or {})), data_root, out,
+                        reference_path=reference, protocol_overrides=protocol_overrides(**(protocol_kw or {})),
+                        layout=layout, limit=limit, num_vis=vis, progress=progress, segmenter_kwargs=segmenter_kw)
+    return summary_markdown(summary) + f"\nwrote {out / 'summary.md'}, {out / 'summary.json'}"
 
 
 def run_ablate(*, kind: str, dataset: str, out: Path | None, root=None, split=None, images=None, masks=None,
@@ -143,4 +171,5 @@ def run_ablate(*, kind: str, dataset: str, out: Path | None, root=None, split=No
     return head + ablation_table(rows, kind)
 
 
-__all__ = ["build_protocol", "parse_counts", "parse_floats", "run_ablate", "run_eval"]
+__all__ = ["build_protocol", "parse_counts", "parse_floats", "protocol_overrides", "run_ablate", "run_eval",
+           "run_eval_suite"]

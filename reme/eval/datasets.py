@@ -49,7 +49,12 @@ class Layout:
         split_file: text file of image ids relative to the root (``{split}`` rule); None or
             absent on disk = every mask found under ``masks`` (recursively) with its image.
         label_lut: name of a raw-value lookup table applied to masks
-            (``"cityscapes_labelids"``), or None.
+            (``"cityscapes_labelids"``, ``"voc21_background_last"``), or None.
+        name: the preparation that writes this tree: ``"mmseg"``, ``"detectron2"`` (ReME's,
+            CAT-Seg's and ProxyCLIP's scripts), ``"flat"`` (images/ + masks/); ``"+"``-joined
+            when both preparations write it (Cityscapes). ``--layout`` selects by these names.
+        reduce_zero_label: the label shift of this tree's masks; None = the benchmark's
+            (`BenchmarkSpec.reduce_zero_label`). detectron2 trees store ids already shifted.
     """
 
     images: str
@@ -58,6 +63,12 @@ class Layout:
     image_suffix: str | None = ".jpg"
     split_file: str | None = None
     label_lut: str | None = None
+    name: str = "mmseg"
+    reduce_zero_label: bool | None = None
+
+    def has_name(self, name: str) -> bool:
+        """True when ``name`` is one of the preparations that write this tree."""
+        return name in self.name.split("+")
 
 
 @dataclass(frozen=True)
@@ -76,7 +87,9 @@ class BenchmarkSpec:
         short_side: short side the image is resized to (protocol of the field).
         felzenszwalb: proposal preset of
             [`reme.proposals.FelzenszwalbParams`][reme.proposals.FelzenszwalbParams] recommended for
-            the dataset's style (METHOD.md step 1).
+            the dataset's style (docs/method.md, step 1).
+        homes: folders under a detectron2 datasets root (``$DETECTRON2_DATASETS``) that may
+            hold the benchmark (``VOCdevkit/VOC2012``, ...); `load_benchmark` also looks there.
     """
 
     name: str
@@ -89,51 +102,69 @@ class BenchmarkSpec:
     background_index: int | None = None
     short_side: int = 336
     felzenszwalb: str = "default"
+    homes: tuple[str, ...] = ()
 
 
-_FLAT = Layout("images", "masks", ".png", None)
+#: Names `Layout.name` may carry (``reme eval --layout``).
+LAYOUT_NAMES = ("mmseg", "detectron2", "flat")
 
-#: The ten benchmarks of METHOD.md. Layouts follow mmseg's dataset preparation (VOC, Context,
-#: COCO, Cityscapes, ADE-150) and the detectron2 preparation used by CAT-Seg / ProxyCLIP for
-#: the 459- and 847-class sets (16-bit TIFF label maps, 65535 = ignore).
+_FLAT = Layout("images", "masks", ".png", None, name="flat")
+_VOC12, _VOC10 = ("VOCdevkit/VOC2012",), ("VOCdevkit/VOC2010",)
+
+#: The ten benchmarks of the paper (docs/method.md). Each lists its accepted trees, tried in order:
+#: mmseg's dataset preparation (VOC, Context, COCO, Cityscapes, ADE-150), the detectron2
+#: preparation of ReME's, CAT-Seg's and ProxyCLIP's scripts (``annotations_detectron2*``:
+#: ids already shifted, VOC-21 with background as the *last* value 20, which the
+#: ``voc21_background_last`` table maps to class 0 of ``voc21.txt``; 16-bit TIFF label maps
+#: with 65535 = ignore for the 459- and 847-class sets), then a flat images/ + masks/ tree.
 BENCHMARKS: dict[str, BenchmarkSpec] = {s.name: s for s in [
     BenchmarkSpec("voc21", "PASCAL VOC 2012 (21 classes, with background)", "voc21", (
-        Layout("JPEGImages", "SegmentationClass", ".png", ".jpg", "ImageSets/Segmentation/{split}.txt"), _FLAT),
-        background_index=0, felzenszwalb="voc"),
+        Layout("JPEGImages", "SegmentationClass", ".png", ".jpg", "ImageSets/Segmentation/{split}.txt"),
+        Layout("JPEGImages", "annotations_detectron2_bg/{split}", ".png", ".jpg", label_lut="voc21_background_last",
+               name="detectron2"), _FLAT),
+        background_index=0, felzenszwalb="voc", homes=_VOC12),
     BenchmarkSpec("voc20", "PASCAL VOC 2012 (20 classes, background ignored)", "voc20", (
-        Layout("JPEGImages", "SegmentationClass", ".png", ".jpg", "ImageSets/Segmentation/{split}.txt"), _FLAT),
-        reduce_zero_label=True, felzenszwalb="voc"),
+        Layout("JPEGImages", "SegmentationClass", ".png", ".jpg", "ImageSets/Segmentation/{split}.txt"),
+        Layout("JPEGImages", "annotations_detectron2/{split}", ".png", ".jpg", name="detectron2",
+               reduce_zero_label=False), _FLAT),
+        reduce_zero_label=True, felzenszwalb="voc", homes=_VOC12),
     BenchmarkSpec("pc60", "PASCAL-Context 60 (59 classes + background)", "pc60", (
         Layout("JPEGImages", "SegmentationClassContext", ".png", ".jpg", "ImageSets/SegmentationContext/{split}.txt"),
-        _FLAT), background_index=0, felzenszwalb="voc"),
+        _FLAT), background_index=0, felzenszwalb="voc", homes=_VOC10),
     BenchmarkSpec("pc59", "PASCAL-Context 59 (background ignored)", "pc59", (
         Layout("JPEGImages", "SegmentationClassContext", ".png", ".jpg", "ImageSets/SegmentationContext/{split}.txt"),
-        _FLAT), reduce_zero_label=True, felzenszwalb="voc"),
+        Layout("JPEGImages", "annotations_detectron2/pc59_{split}", ".png", ".jpg", name="detectron2",
+               reduce_zero_label=False), _FLAT),
+        reduce_zero_label=True, felzenszwalb="voc", homes=_VOC10),
     BenchmarkSpec("pc459", "PASCAL-Context 459", "pc459", (
         Layout("JPEGImages", "annotations_detectron2/pc459_{split}", ".tif", ".jpg",
-               "ImageSets/SegmentationContext/{split}.txt"),
-        Layout("images", "masks", ".tif", None), _FLAT),
-        ignore_index=65535, short_side=448, felzenszwalb="voc"),
+               "ImageSets/SegmentationContext/{split}.txt", name="detectron2"),
+        Layout("images", "masks", ".tif", None, name="flat"), _FLAT),
+        ignore_index=65535, short_side=448, felzenszwalb="voc", homes=_VOC10),
     BenchmarkSpec("coco_object", "COCO-Object (80 things + background)", "coco_object", (
         Layout("images/{split}2017", "annotations/{split}2017", "_instanceTrainIds.png"),
-        Layout("images/{split}2017", "masks/{split}2017", ".png"), _FLAT),
-        background_index=0, felzenszwalb="coco-stuff"),
+        Layout("images/{split}2017", "masks/{split}2017", ".png", name="flat"), _FLAT),
+        background_index=0, felzenszwalb="coco-stuff", homes=("coco_stuff164k/coco_object", "coco_stuff164k")),
     BenchmarkSpec("coco_stuff171", "COCO-Stuff 164k (171 classes)", "coco_stuff171", (
         Layout("images/{split}2017", "annotations/{split}2017", "_labelTrainIds.png"),
-        Layout("images/{split}2017", "masks/{split}2017", ".png"), _FLAT),
-        felzenszwalb="coco-stuff"),
+        Layout("images/{split}2017", "annotations_detectron2/{split}2017", ".png", name="detectron2"),
+        Layout("images/{split}2017", "masks/{split}2017", ".png", name="flat"), _FLAT),
+        felzenszwalb="coco-stuff", homes=("coco_stuff164k",)),
     BenchmarkSpec("cityscapes", "Cityscapes (19 trainId classes)", "cityscapes", (
-        Layout("leftImg8bit/{split}", "gtFine/{split}", "_gtFine_labelTrainIds.png", "_leftImg8bit.png"),
+        Layout("leftImg8bit/{split}", "gtFine/{split}", "_gtFine_labelTrainIds.png", "_leftImg8bit.png",
+               name="mmseg+detectron2"),
         Layout("leftImg8bit/{split}", "gtFine/{split}", "_gtFine_labelIds.png", "_leftImg8bit.png",
-               label_lut="cityscapes_labelids"), _FLAT),
-        short_side=560, felzenszwalb="cityscapes"),
+               label_lut="cityscapes_labelids", name="mmseg+detectron2"), _FLAT),
+        short_side=560, felzenszwalb="cityscapes", homes=("cityscapes",)),
     BenchmarkSpec("ade150", "ADE20K SceneParsing (150 classes)", "ade150", (
-        Layout("images/{split}", "annotations/{split}", ".png"), _FLAT),
-        default_split="validation", reduce_zero_label=True, short_side=448),
+        Layout("images/{split}", "annotations/{split}", ".png"),
+        Layout("images/{split}", "annotations_detectron2/{split}", ".png", name="detectron2",
+               reduce_zero_label=False), _FLAT),
+        default_split="validation", reduce_zero_label=True, short_side=448, homes=("ADEChallengeData2016",)),
     BenchmarkSpec("ade847", "ADE20K-Full (847 classes)", "ade847", (
-        Layout("images_detectron2/{split}", "annotations_detectron2/{split}", ".tif"),
-        Layout("images", "masks", ".tif", None), _FLAT),
-        default_split="validation", ignore_index=65535, short_side=448),
+        Layout("images_detectron2/{split}", "annotations_detectron2/{split}", ".tif", name="detectron2"),
+        Layout("images", "masks", ".tif", None, name="flat"), _FLAT),
+        default_split="validation", ignore_index=65535, short_side=448, homes=("ADE20K_2021_17_01",)),
 ]}
 
 
@@ -268,10 +299,14 @@ def decode_mask(raw: np.ndarray, num_classes: int, *, ignore_index: int = 255, r
 def _lut(name: str | None) -> np.ndarray | None:
     if name is None:
         return None
+    lut = np.full(256, -1, np.int64)
     if name == "cityscapes_labelids":
-        lut = np.full(256, -1, np.int64)
         for k, v in CITYSCAPES_LABELID_TO_TRAINID.items():
             lut[k] = v
+        return lut
+    if name == "voc21_background_last":          # detectron2 VOC-21: 0..19 objects, 20 background
+        lut[:20] = np.arange(1, 21)
+        lut[20] = 0
         return lut
     raise ValueError(f"unknown label table {name!r}")
 
@@ -337,28 +372,49 @@ def _layout_dirs(root: Path, layout: Layout, split: str) -> tuple[Path, Path]:
     return root / layout.images.format(split=split), root / layout.masks.format(split=split)
 
 
+def _layout_conventions(layout: Layout, spec: BenchmarkSpec) -> dict:
+    """The mask conventions a layout implies: ``reduce_zero_label``, ``label_lut`` (name)."""
+    rz = spec.reduce_zero_label if layout.reduce_zero_label is None else layout.reduce_zero_label
+    return {"reduce_zero_label": rz, "label_lut": layout.label_lut}
+
+
+def _candidate_roots(root: Path, spec: BenchmarkSpec) -> list[Path]:
+    """``root`` itself, then each of the benchmark's homes under it that exists."""
+    return [root] + [root / h for h in spec.homes if (root / h).is_dir()]
+
+
 def load_benchmark(name: str, root: str | Path | None = None, *, split: str | None = None,
                    images: str | Path | None = None, masks: str | Path | None = None,
-                   classes_file: str | Path | None = None) -> SegDataset:
+                   classes_file: str | Path | None = None, layout: str | None = None) -> SegDataset:
     """A benchmark of `BENCHMARKS` read from disk.
 
     Args:
         name: benchmark key (``voc21``, ``voc20``, ``pc60``, ``pc59``, ``pc459``,
             ``coco_object``, ``coco_stuff171``, ``cityscapes``, ``ade150``, ``ade847``).
-        root: dataset root holding one of the benchmark's layouts.
+        root: the benchmark's folder (``VOCdevkit/VOC2012``, ...) or a detectron2 datasets root
+            holding it under one of `BenchmarkSpec.homes`.
         split: split name (default: the benchmark's, ``val`` / ``validation``).
         images, masks: explicit folders overriding the layout (the benchmark's label
-            conventions and classes still apply; masks named ``<image stem>.png`` or with
-            the first layout's mask suffix).
+            conventions, or those of the ``layout`` named, and classes still apply; masks named
+            ``<image stem>.png`` or with the first layout's mask suffix).
         classes_file: a class-name file replacing the shipped one (same length required).
+        layout: ``"mmseg"``, ``"detectron2"`` or ``"flat"`` (`LAYOUT_NAMES`): only trees of
+            that preparation are tried; None = every accepted tree, in order. The one used is
+            recorded in ``SegDataset.meta["layout"]``.
 
     Raises:
-        ValueError: unknown benchmark, or a class file of the wrong length.
+        ValueError: unknown benchmark or layout, or a class file of the wrong length.
         FileNotFoundError: no accepted layout under ``root`` (the message lists them).
     """
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)} (or 'generic')")
     spec = BENCHMARKS[name]
+    layouts = spec.layouts
+    if layout is not None:
+        layouts = tuple(lay for lay in spec.layouts if lay.has_name(layout))
+        if not layouts:
+            known = sorted({n for lay in spec.layouts for n in lay.name.split("+")})
+            raise ValueError(f"{name} has no {layout!r} layout; it has: {', '.join(known)}")
     split = split or spec.default_split
     classes = benchmark_classes(spec.classes)
     if classes_file is not None:
@@ -371,10 +427,11 @@ def load_benchmark(name: str, root: str | Path | None = None, *, split: str | No
         if images is None or masks is None:
             raise ValueError("give both images and masks folders, or neither")
         image_dir, mask_dir = Path(images), Path(masks)
-        suffix = spec.layouts[0].mask_suffix
+        suffix = layouts[0].mask_suffix
         if not any(mask_dir.rglob(f"*{suffix}")):
             suffix = ".png" if any(mask_dir.rglob("*.png")) else ".tif"
-        chosen = Layout(str(image_dir), str(mask_dir), suffix, None)
+        chosen = replace(layouts[0], images=str(image_dir), masks=str(mask_dir), mask_suffix=suffix,
+                         image_suffix=None, split_file=None)
         samples = collect_samples(image_dir, mask_dir, mask_suffix=suffix)
         root = Path(root) if root else image_dir.parent
     else:
@@ -385,29 +442,35 @@ def load_benchmark(name: str, root: str | Path | None = None, *, split: str | No
             raise FileNotFoundError(f"dataset root not found: {root}")
         tried = []
         samples = []
-        for layout in spec.layouts:
-            image_dir, mask_dir = _layout_dirs(root, layout, split)
-            tried.append(f"{layout.images.format(split=split)} + {layout.masks.format(split=split)}/*{layout.mask_suffix}")
-            if not (image_dir.is_dir() and mask_dir.is_dir() and any(mask_dir.rglob(f"*{layout.mask_suffix}"))):
-                continue
-            ids = None
-            if layout.split_file:
-                split_path = root / layout.split_file.format(split=split)
-                if split_path.is_file():
-                    ids = [ln.strip() for ln in split_path.read_text().splitlines() if ln.strip()]
-            samples = collect_samples(image_dir, mask_dir, mask_suffix=layout.mask_suffix,
-                                      image_suffix=layout.image_suffix, ids=ids)
-            chosen = layout
-            break
+        for base in _candidate_roots(root, spec):
+            for lay in layouts:
+                image_dir, mask_dir = _layout_dirs(base, lay, split)
+                tried.append(f"{image_dir.relative_to(root)} + {mask_dir.relative_to(root)}/*{lay.mask_suffix}")
+                if not (image_dir.is_dir() and mask_dir.is_dir() and any(mask_dir.rglob(f"*{lay.mask_suffix}"))):
+                    continue
+                ids = None
+                if lay.split_file:
+                    split_path = base / lay.split_file.format(split=split)
+                    if split_path.is_file():
+                        ids = [ln.strip() for ln in split_path.read_text().splitlines() if ln.strip()]
+                samples = collect_samples(image_dir, mask_dir, mask_suffix=lay.mask_suffix,
+                                          image_suffix=lay.image_suffix, ids=ids)
+                chosen, root = lay, base
+                break
+            if chosen is not None:
+                break
         if chosen is None:
             raise FileNotFoundError(f"no {name} layout found under {root} (split {split!r}); tried: "
                                     + "; ".join(tried) + " (see docs/evaluation.md)")
-    logger.info("%s: %d images from %s (layout %s + %s)", name, len(samples), root, chosen.images, chosen.masks)
+    conv = _layout_conventions(chosen, spec)
+    logger.info("%s: %d images from %s (%s layout %s + %s)", name, len(samples), root, chosen.name, chosen.images,
+                chosen.masks)
     return SegDataset(name=name, classes=classes, samples=samples, ignore_index=spec.ignore_index,
-                      reduce_zero_label=spec.reduce_zero_label, background_index=spec.background_index,
-                      label_lut=_lut(chosen.label_lut), spec=spec, root=root,
-                      meta={"split": split, "layout": {"images": chosen.images, "masks": chosen.masks,
-                                                       "mask_suffix": chosen.mask_suffix}})
+                      reduce_zero_label=conv["reduce_zero_label"], background_index=spec.background_index,
+                      label_lut=_lut(conv["label_lut"]), spec=spec, root=root,
+                      meta={"split": split, "layout": {"name": chosen.name, "images": chosen.images,
+                                                       "masks": chosen.masks, "mask_suffix": chosen.mask_suffix,
+                                                       "ignore_index": spec.ignore_index, **conv}})
 
 
 def load_generic(images: str | Path, masks: str | Path, classes_file: str | Path, *, ignore_index: int = 255,
