@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import struct
 import threading
 import time
@@ -135,6 +136,24 @@ def test_favicon(client):
     r = client.get("/favicon.ico")
     assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml") and b"<svg" in r.content
     assert 'rel="icon"' in client.get("/").text
+
+
+def test_every_answer_sends_the_security_headers(client):
+    """CSP, X-Frame-Options and nosniff on pages, static files, JSON, PNGs and errors (issue 22)."""
+    answers = [client.get("/"), client.get("/static/app.js"), client.get("/static/style.css"),
+               client.get("/favicon.ico"), client.get("/api/config"), client.get("/api/sample/chelsea.png"),
+               client.get("/api/nothing"), client.get("/api/sample/nope.png"),
+               client.post("/api/segment", data={"classes": ""}),
+               client.post("/api/segment", data={"classes": "cat"}, headers={"origin": "http://evil.example"}),
+               client.get("/api/config", headers={"host": "evil.example"})]
+    assert [r.status_code for r in answers] == [200] * 6 + [404, 404, 400, 403, 400]
+    for r in answers:
+        csp = r.headers.get("content-security-policy", "")
+        assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp and "unsafe-inline" not in csp, r.url
+        assert r.headers.get("x-frame-options") == "DENY" and r.headers.get("x-content-type-options") == "nosniff"
+    # the page runs no inline script or style: everything it loads comes from /static
+    page = answers[0].text
+    assert "<script>" not in page and "<style" not in page and " style=" not in page and not re.search(r"<[^>]*\son\w+=", page)
 
 
 def test_upload_decoded_at_working_size(monkeypatch):
@@ -446,6 +465,28 @@ def test_results_are_bounded_by_bytes(fresh, monkeypatch):
     newest = _upload(c, _small_photos(1)[0])["result_id"]
     assert list(fresh._results) == [newest]
     assert c.get("/api/evidence", params={"result_id": newest, "x": 5, "y": 5}).status_code == 200
+
+
+def test_evidence_without_the_reference_photos_says_what_it_can(fresh):
+    """The embedded reference on a machine without its photos: no placeholder tiles, the
+    label, similarity, weight, source name and box, and one line on how to attach photos."""
+    from reme.report.crops import ReferenceImages
+
+    fresh._images["default"] = ReferenceImages([])                     # no photo folder here
+    c = _client(fresh)
+    rid = _upload(c, _small_photos(1)[0])["result_id"]
+    assert c.post("/api/examples", data={"result_id": rid, "x": 60, "y": 45, "label": "rug",
+                                         "resegment": "false"}).status_code == 200
+    again = _upload(c, _small_photos(1)[0])["result_id"]
+    ev = c.get("/api/evidence", params={"result_id": again, "x": 60, "y": 45}).json()
+    base = [n for n in ev["neighbours"] if n["source"] != "example"]
+    mine = [n for n in ev["neighbours"] if n["source"] == "example"]
+    assert base and mine and all(n["thumb"] is None for n in base)
+    assert all(n["labels"] and n["image"] and len(n["bbox"]) == 4 and 0 <= n["weight"] <= 1 for n in base)
+    assert all(n["thumb"] for n in mine)                                # taught rows keep their crops
+    hint = ev["photos_hint"]
+    assert "--image-root" in hint and "shared/data" in hint and "\n" not in hint
+    c.post("/api/examples/undo", data={"example_id": "all"})
 
 
 def test_shared_overlay_takes_concurrent_sessions_atomically(taught, tmp_path):

@@ -507,9 +507,10 @@ class DemoBackend:
             first), ``covered``, ``votes`` (A1 row: reference label, weight, the test class
             that label speaks for most in A2 (eq. 2), and that A2 weight), ``neighbours``
             (reference id, similarity, weight, labels, source image, bbox, stage (``example``
-            for a taught segment), ``thumb`` URL), ``highlight`` (PNG data URL with the segment
-            outlined), ``images_readable`` (False: the reference photos are not found here and
-            thumbnails are placeholders).
+            for a taught segment), ``thumb``: a crop's URL, or None when its photo is not here),
+            ``highlight`` (PNG data URL with the segment outlined), ``images_readable`` (False: no
+            folder of the reference photos is found here), ``photos_hint`` (one line on how to
+            show the missing crops, "" when none is missing).
 
         Raises:
             KeyError: unknown or expired result, or one of another session.
@@ -522,11 +523,19 @@ class DemoBackend:
         s = int(r.segment_ids[y, x])
         m = self.segmenter(r.reference).reference.num_segments
         rec = r.evidence.records(r.searched, [s])[0]
+        state, images = self._sessions.get(session), self._images[r.reference]
         for n in rec["neighbours"]:
-            n["thumb"] = (f"api/refcrop/{r.reference}/{n['reference_id']}.png" if n["reference_id"] < m
-                          else f"api/examplecrop/{result_id}/{n['reference_id']}.png")
-            if n["reference_id"] >= m and n.get("image", "").startswith("demo:"):
+            rid = n["reference_id"]
+            if rid < m:
+                shown = images.path(r.searched.segment_image[rid]) is not None
+                n["thumb"] = f"api/refcrop/{r.reference}/{rid}.png" if shown else None
+            else:
+                key = row_key(r.searched.segment_image[rid], r.searched.segment_bbox[rid])
+                shown = state is not None and key in state.thumbs
+                n["thumb"] = f"api/examplecrop/{result_id}/{rid}.png" if shown else None
+            if n.get("image", "").startswith("demo:"):
                 n["image"] = n["image"][5:].rsplit("#", 1)[0]
+        missing = any(n["thumb"] is None and n["reference_id"] < m for n in rec["neighbours"])
         rec["votes"] = [[lab, w, *cls] for (lab, w), cls in zip(rec["votes"], self._label_to_class(r, rec["votes"]))]
         probs = r.segment_scores[s]
         order = np.argsort(-probs)
@@ -536,9 +545,16 @@ class DemoBackend:
             "area": int((r.segment_ids == s).sum()),
             "highlight": png_data_url(blend(r.image, r.label_map, len(r.classes), outline=r.segment_ids == s)),
             "logit_scale": r.evidence.logit_scale, "support": r.evidence.support,
-            "images_readable": self._images[r.reference].readable,
+            "images_readable": images.readable,
+            "photos_hint": self._photos_hint(r.reference) if missing else "",
         })
         return rec
+
+    def _photos_hint(self, name: str) -> str:
+        """One line: how to show crops of a reference set whose photos are not here."""
+        root = self.segmenter(name).reference.manifest.get("image_root") or "the folder of its photos"
+        return (f"Crops need the reference set's photos ({root}); start the demo with "
+                "--image-root DIR pointing at that folder.")
 
     def _label_to_class(self, r: _Result, votes) -> list[tuple[str, float]]:
         """For each voting reference label, its best test class in A2 (eq. 2) and that weight."""
