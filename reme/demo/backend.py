@@ -553,8 +553,8 @@ class DemoBackend:
     def _photos_hint(self, name: str) -> str:
         """One line: how to show crops of a reference set whose photos are not here."""
         root = self.segmenter(name).reference.manifest.get("image_root") or "the folder of its photos"
-        return (f"Crops need the reference set's photos ({root}); start the demo with "
-                "--image-root DIR pointing at that folder.")
+        return (f"No crops: the photos this reference set was built from are not here (manifest image_root: "
+                f"{root}); to show them, start the demo with --image-root DIR for each such folder.")
 
     def _label_to_class(self, r: _Result, votes) -> list[tuple[str, float]]:
         """For each voting reference label, its best test class in A2 (eq. 2) and that weight."""

@@ -1,4 +1,4 @@
-"""Readers for the benchmarks of METHOD.md in their usual on-disk layouts, plus a generic
+"""Readers for the benchmarks of docs/method.md in their usual on-disk layouts, plus a generic
 images + index-mask reader.
 
 Every reader yields `Sample` records (image path, mask path) and decodes masks to one
@@ -76,7 +76,7 @@ class BenchmarkSpec:
         short_side: short side the image is resized to (protocol of the field).
         felzenszwalb: proposal preset of
             [`reme.proposals.FelzenszwalbParams`][reme.proposals.FelzenszwalbParams] recommended for
-            the dataset's style (METHOD.md step 1).
+            the dataset's style (docs/method.md step 1).
     """
 
     name: str
@@ -93,7 +93,7 @@ class BenchmarkSpec:
 
 _FLAT = Layout("images", "masks", ".png", None)
 
-#: The ten benchmarks of METHOD.md. Layouts follow mmseg's dataset preparation (VOC, Context,
+#: The ten benchmarks of docs/method.md. Layouts follow mmseg's dataset preparation (VOC, Context,
 #: COCO, Cityscapes, ADE-150) and the detectron2 preparation used by CAT-Seg / ProxyCLIP for
 #: the 459- and 847-class sets (16-bit TIFF label maps, 65535 = ignore).
 BENCHMARKS: dict[str, BenchmarkSpec] = {s.name: s for s in [
