@@ -19,7 +19,7 @@ Misuse guards: only requests whose ``Host`` is one of the allowed host names are
 (Starlette's ``TrustedHostMiddleware``; by default the names of the interface the server is
 bound to), a POST from another site (``Sec-Fetch-Site: cross-site``, or an ``Origin`` /
 ``Referer`` naming another host) is refused with 403, uploads are size-checked before decoding
-and decoded a few at a time ([`read_upload`][reme.demo.backend.read_upload]), class lists are
+and decoded a few at a time ([`read_upload`][reme.demo.images.read_upload]), class lists are
 capped ([`check_classes`][reme.demo.backend.check_classes]) and a request waits a bounded time
 for the segmenter. Every error is JSON ``{"error": "<plain sentence>"}``.
 
