@@ -20,7 +20,7 @@ pytest.importorskip("multipart", reason="python-multipart (demo extra) is not in
 from fastapi.testclient import TestClient  # noqa: E402
 
 import reme.demo.backend as backend_mod  # noqa: E402
-import reme.demo.images as images_mod  # noqa: E402
+import reme.demo.inputs as inputs_mod  # noqa: E402
 from reme.demo import DemoBackend, create_app  # noqa: E402
 from reme.demo.app import bound_host_names  # noqa: E402
 
@@ -158,19 +158,19 @@ def test_every_answer_sends_the_security_headers(client):
 
 def test_upload_decoded_at_working_size(monkeypatch):
     seen = []
-    real = images_mod.to_rgb_array
-    monkeypatch.setattr(images_mod, "to_rgb_array", lambda img: seen.append(img.size) or real(img))
+    real = inputs_mod.to_rgb_array
+    monkeypatch.setattr(inputs_mod, "to_rgb_array", lambda img: seen.append(img.size) or real(img))
     buf = io.BytesIO()
     Image.new("RGB", (4000, 3000), (200, 100, 50)).save(buf, format="JPEG", quality=80)
-    arr = images_mod.read_upload(buf.getvalue())
-    assert max(arr.shape[:2]) == images_mod.MAX_SIDE and arr.shape[2] == 3
+    arr = inputs_mod.read_upload(buf.getvalue())
+    assert max(arr.shape[:2]) == inputs_mod.MAX_SIDE and arr.shape[2] == 3
     # the JPEG was decoded at a reduced DCT scale, not at 4000 x 3000
-    assert seen and max(seen[0]) < 2 * images_mod.MAX_SIDE
+    assert seen and max(seen[0]) < 2 * inputs_mod.MAX_SIDE
 
 
 def test_uploads_decode_a_few_at_a_time(monkeypatch):
     active, peak, lock = [0], [0], threading.Lock()
-    real = images_mod.to_rgb_array
+    real = inputs_mod.to_rgb_array
 
     def slow(img):
         with lock:
@@ -181,13 +181,13 @@ def test_uploads_decode_a_few_at_a_time(monkeypatch):
             active[0] -= 1
         return real(img)
 
-    monkeypatch.setattr(images_mod, "to_rgb_array", slow)
+    monkeypatch.setattr(inputs_mod, "to_rgb_array", slow)
     data = _png(64, 48)
     errors = []
 
     def work():
         try:
-            assert images_mod.read_upload(data).shape == (48, 64, 3)
+            assert inputs_mod.read_upload(data).shape == (48, 64, 3)
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -196,7 +196,7 @@ def test_uploads_decode_a_few_at_a_time(monkeypatch):
         t.start()
     for t in threads:
         t.join()
-    assert not errors and 1 <= peak[0] <= images_mod.DECODE_SLOTS
+    assert not errors and 1 <= peak[0] <= inputs_mod.DECODE_SLOTS
 
 
 def test_busy_segmenter_gives_503(backend, client, monkeypatch):
@@ -486,6 +486,26 @@ def test_evidence_without_the_reference_photos_says_what_it_can(fresh):
     assert all(n["thumb"] for n in mine)                                # taught rows keep their crops
     hint = ev["photos_hint"]
     assert "--image-root" in hint and "shared/data" in hint and "\n" not in hint
+    c.post("/api/examples/undo", data={"example_id": "all"})
+
+
+def test_a_taught_label_is_embedded_once(fresh):
+    """Issue 20: "Label this as doormat" embeds the new label's template strings once (its L_ref
+    row), not again as a class of the re-segmentation, and none of the classes already embedded."""
+    seg = fresh.segmenter("default")
+    text = seg.text_encoder
+    assert hasattr(text, "encoded"), "the demo's segmenters embed through a per-string cache"
+    c = _client(fresh)
+    rid = _upload(c, _small_photos(1)[0])["result_id"]
+    before = text.encoded
+    d = c.post("/api/examples", data={"result_id": rid, "x": 60, "y": 45, "label": "doormat"})
+    assert d.status_code == 200 and d.json()["classes"] == CLASSES + ", doormat"
+    assert text.encoded - before == len(seg.templates)                 # the 4 strings of "doormat", once
+    from reme.encoders.text import embed_labels
+
+    cached = embed_labels(text, ["doormat", "rug"], seg.templates)
+    fresh_rows = embed_labels(text.inner, ["doormat", "rug"], seg.templates)
+    assert np.allclose(cached, fresh_rows, atol=1e-5)                 # the same rows as without the cache
     c.post("/api/examples/undo", data={"example_id": "all"})
 
 

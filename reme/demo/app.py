@@ -19,8 +19,8 @@ Misuse guards: only requests whose ``Host`` is one of the allowed host names are
 (Starlette's ``TrustedHostMiddleware``; by default the names of the interface the server is
 bound to), a POST from another site (``Sec-Fetch-Site: cross-site``, or an ``Origin`` /
 ``Referer`` naming another host) is refused with 403, uploads are size-checked before decoding
-and decoded a few at a time ([`read_upload`][reme.demo.images.read_upload]), class lists are
-capped ([`check_classes`][reme.demo.backend.check_classes]) and a request waits a bounded time
+and decoded a few at a time ([`read_upload`][reme.demo.inputs.read_upload]), class lists are
+capped ([`check_classes`][reme.demo.inputs.check_classes]) and a request waits a bounded time
 for the segmenter. Every error is JSON ``{"error": "<plain sentence>"}``.
 
 Every answer carries `SECURITY_HEADERS` (Content-Security-Policy: own script, style and images
@@ -42,7 +42,7 @@ from typing import Mapping, Sequence
 from urllib.parse import urlsplit
 
 from reme.demo.backend import DemoBackend
-from reme.demo.images import png_bytes
+from reme.demo.inputs import png_bytes
 from reme.demo.sessions import BusyError
 
 logger = logging.getLogger(__name__)
@@ -141,7 +141,8 @@ def create_app(backend: DemoBackend, *, allowed_hosts: Sequence[str] = LOOPBACK_
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-    from reme.demo.backend import SESSION_ID, check_classes
+    from reme.demo.backend import SESSION_ID
+    from reme.demo.inputs import check_classes
     from reme.errors import ImageReadError
 
     hosts = [h.lower() for h in allowed_hosts]
@@ -208,7 +209,7 @@ def create_app(backend: DemoBackend, *, allowed_hosts: Sequence[str] = LOOPBACK_
     @app.post("/api/segment")
     def segment(request: Request, classes: str = Form(""), reference: str = Form(""), sample: str = Form(""),
                 image: UploadFile | None = File(None)):
-        from reme.demo.images import MAX_UPLOAD_BYTES, read_upload
+        from reme.demo.inputs import MAX_UPLOAD_BYTES, read_upload
 
         def run():
             check_classes(classes)  # before reading the photo: a bad request costs nothing

@@ -38,7 +38,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from reme.demo.images import MAX_SIDE, MAX_UPLOAD_BYTES, blend, downscale, png_data_url
+from reme.demo.inputs import (MAX_CLASS_CHARS, MAX_CLASS_TERMS, MAX_CLASSES, MAX_LABEL_CHARS, MAX_SIDE,  # noqa: F401
+                              MAX_UPLOAD_BYTES, blend, check_classes, check_label, downscale, png_data_url,
+                              with_class)
 from reme.demo.sessions import (MAX_SESSIONS, ROW_OVERHEAD_BYTES, SESSION_IDLE_S, SESSION_ROW_BYTES, SESSION_THUMB_BYTES,
                                 SHARED_ROW_BYTES, THUMB_QUALITY, BusyError, Sessions, decode_thumb, jpeg_thumbnail,
                                 keep_thumbs, nbytes, row_key)
@@ -52,12 +54,6 @@ logger = logging.getLogger(__name__)
 #: takes about 3.5 MB: photo, segment ids, label map, evidence).
 MAX_RESULTS = 16
 RESULTS_BYTES = 96 * 2**20
-#: Classes per request, and class names counting synonyms (a 5000-class request held the
-#: segmentation lock for 37 s; 50 classes take about as long as the segmentation itself).
-MAX_CLASSES = 50
-MAX_CLASS_TERMS = 200
-#: Characters in the class field.
-MAX_CLASS_CHARS = 4000
 #: Seconds a request waits for its turn at the segmenter before it is refused as busy.
 QUEUE_TIMEOUT_S = 60.0
 #: The demo's memory budget for sessions and results (encoders and reference sets not counted).
@@ -65,8 +61,6 @@ MEMORY_BUDGET_BYTES = RESULTS_BYTES + MAX_SESSIONS * (SESSION_ROW_BYTES + SESSIO
 #: Examples one session may add (per reference set); a shared overlay takes `MAX_SHARED_EXAMPLES`.
 MAX_EXAMPLES = 200
 MAX_SHARED_EXAMPLES = 2000
-#: Characters in a taught label.
-MAX_LABEL_CHARS = 60
 #: A session id as the server issues it (``secrets.token_urlsafe(24)``); others are replaced.
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{20,64}")
 DEFAULT_CLASSES = "person, sky, building, tree, road, car, cat, dog"
@@ -85,64 +79,6 @@ class _Result:
     session: str = ""
     image_name: str = "photo"
     searched: Any = None  # the (merged) ReferenceSet the evidence indexes
-
-
-def check_classes(classes: str) -> tuple[list[str], list[list[str]]]:
-    """Parse a class field of the demo form and apply its limits.
-
-    Returns:
-        ``(names, synonyms)`` as [`reme.classes.parse_classes`][reme.classes.parse_classes].
-
-    Raises:
-        ValueError: empty, malformed (see `parse_classes`), longer than `MAX_CLASS_CHARS`
-            characters, more than `MAX_CLASSES` classes or `MAX_CLASS_TERMS` names with synonyms.
-    """
-    from reme.classes import parse_classes
-
-    if not classes or not classes.strip():
-        raise ValueError("type at least one class name, e.g. 'cat, dog, sofa'")
-    if len(classes) > MAX_CLASS_CHARS:
-        raise ValueError(f"the class list has {len(classes)} characters; the demo takes up to {MAX_CLASS_CHARS}")
-    n = sum(1 for item in classes.split(",") if item.strip())  # before parsing: the message stays short
-    if n > MAX_CLASSES:
-        raise ValueError(f"{n} classes; the demo takes up to {MAX_CLASSES} per request")
-    names, synonyms = parse_classes(classes)
-    if len(names) > MAX_CLASSES:
-        raise ValueError(f"{len(names)} classes; the demo takes up to {MAX_CLASSES} per request")
-    terms = sum(len(s) for s in synonyms)
-    if terms > MAX_CLASS_TERMS:
-        raise ValueError(f"{terms} class names with synonyms; the demo takes up to {MAX_CLASS_TERMS} per request")
-    return names, synonyms
-
-
-def check_label(label: str) -> str:
-    """A label typed in the demo's "Label this as" field, normalised (white space collapsed).
-
-    Raises:
-        ValueError: empty, longer than `MAX_LABEL_CHARS` characters, or containing ``,`` or
-            ``;`` (they separate classes and synonyms in the class field).
-    """
-    text = " ".join(str(label or "").split())
-    if not text:
-        raise ValueError("type a label for the segment, e.g. 'rug'")
-    if len(text) > MAX_LABEL_CHARS:
-        raise ValueError(f"the label has {len(text)} characters; the demo takes up to {MAX_LABEL_CHARS}")
-    if "," in text or ";" in text:
-        raise ValueError("a label cannot contain ',' or ';' (they separate classes and synonyms)")
-    return text
-
-
-def with_class(class_spec: str, label: str) -> tuple[str, str]:
-    """``(class_spec, label)`` with ``label`` appended as a new class, unless a class or synonym
-    already has that name (case-insensitive): then the spec unchanged and the label spelled as
-    there ("Cat" -> "cat")."""
-    from reme.classes import parse_classes
-
-    _, synonyms = parse_classes(class_spec)
-    for name in (x for syns in synonyms for x in syns):
-        if name.lower() == label.lower():
-            return class_spec, name
-    return f"{class_spec.rstrip().rstrip(',')}, {label}", label
 
 
 def _pixels_hash(image: np.ndarray) -> str:
@@ -220,14 +156,28 @@ class DemoBackend:
             return self._segmenters[name]
         with self._lock:
             if name not in self._segmenters:
-                from reme.inference.segmenter import Segmenter
-
                 t0 = time.time()
-                seg = Segmenter(self.references[name], device=self.device, **self.segmenter_kwargs)
+                seg = self._load(self.references[name])
                 self._images[name] = ReferenceImages.for_reference(seg.reference, self.image_roots)
                 self._segmenters[name] = seg
                 logger.info("loaded reference %s from %s in %.1f s", name, self.references[name], time.time() - t0)
             return self._segmenters[name]
+
+    def _load(self, path: Path):
+        """A Segmenter of ``path`` whose text encoder embeds each string once
+        ([`CachedTextEncoder`][reme.demo.textcache.CachedTextEncoder]): a taught label is not
+        embedded again as a class, nor the other classes when the class list grows."""
+        from reme.demo.textcache import CachedTextEncoder
+        from reme.encoders import resolve_encoder
+        from reme.inference.segmenter import Segmenter
+        from reme.reference import load_reference
+
+        kwargs = dict(self.segmenter_kwargs)
+        ref = load_reference(path)
+        text = kwargs.pop("text_encoder", None) or ref.manifest.get("encoders", {}).get("text")
+        if text is not None:
+            text = CachedTextEncoder(resolve_encoder(text, device=self.device) if isinstance(text, str) else text)
+        return Segmenter(ref, device=self.device, text_encoder=text, **kwargs)
 
     def _max_examples(self) -> int:
         return MAX_SHARED_EXAMPLES if self.overlay is not None else MAX_EXAMPLES

@@ -1,4 +1,5 @@
-"""Images in the demo: uploads decoded at the working size, downscaling, colour overlays, PNGs."""
+"""What the demo accepts and draws: uploads decoded at the working size, class fields and taught
+labels within limits, downscaling, colour overlays, PNGs."""
 
 from __future__ import annotations
 
@@ -21,6 +22,15 @@ MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 #: decoded at a reduced scale near ``MAX_SIDE``, other formats at full size, at most
 #: ``MAX_PIXELS`` each).
 DECODE_SLOTS = 2
+#: Classes per request, and class names counting synonyms (a 5000-class request held the
+#: segmentation lock for 37 s; 50 classes take about as long as the segmentation itself).
+MAX_CLASSES = 50
+MAX_CLASS_TERMS = 200
+#: Characters in the class field.
+MAX_CLASS_CHARS = 4000
+#: Characters in a taught label.
+MAX_LABEL_CHARS = 60
+
 
 def png_data_url(img: Image.Image | np.ndarray) -> str:
     """A ``data:image/png;base64,...`` URL of an RGB image."""
@@ -110,3 +120,61 @@ def blend(image: np.ndarray, label_map: np.ndarray, n_classes: int, alpha: float
         out[m] = out[m] * 0.6 + 255 * 0.4
         out[edge] = (255, 230, 0)
     return out.clip(0, 255).astype(np.uint8)
+
+
+def check_classes(classes: str) -> tuple[list[str], list[list[str]]]:
+    """Parse a class field of the demo form and apply its limits.
+
+    Returns:
+        ``(names, synonyms)`` as [`reme.classes.parse_classes`][reme.classes.parse_classes].
+
+    Raises:
+        ValueError: empty, malformed (see `parse_classes`), longer than `MAX_CLASS_CHARS`
+            characters, more than `MAX_CLASSES` classes or `MAX_CLASS_TERMS` names with synonyms.
+    """
+    from reme.classes import parse_classes
+
+    if not classes or not classes.strip():
+        raise ValueError("type at least one class name, e.g. 'cat, dog, sofa'")
+    if len(classes) > MAX_CLASS_CHARS:
+        raise ValueError(f"the class list has {len(classes)} characters; the demo takes up to {MAX_CLASS_CHARS}")
+    n = sum(1 for item in classes.split(",") if item.strip())  # before parsing: the message stays short
+    if n > MAX_CLASSES:
+        raise ValueError(f"{n} classes; the demo takes up to {MAX_CLASSES} per request")
+    names, synonyms = parse_classes(classes)
+    if len(names) > MAX_CLASSES:
+        raise ValueError(f"{len(names)} classes; the demo takes up to {MAX_CLASSES} per request")
+    terms = sum(len(s) for s in synonyms)
+    if terms > MAX_CLASS_TERMS:
+        raise ValueError(f"{terms} class names with synonyms; the demo takes up to {MAX_CLASS_TERMS} per request")
+    return names, synonyms
+
+
+def check_label(label: str) -> str:
+    """A label typed in the demo's "Label this as" field, normalised (white space collapsed).
+
+    Raises:
+        ValueError: empty, longer than `MAX_LABEL_CHARS` characters, or containing ``,`` or
+            ``;`` (they separate classes and synonyms in the class field).
+    """
+    text = " ".join(str(label or "").split())
+    if not text:
+        raise ValueError("type a label for the segment, e.g. 'rug'")
+    if len(text) > MAX_LABEL_CHARS:
+        raise ValueError(f"the label has {len(text)} characters; the demo takes up to {MAX_LABEL_CHARS}")
+    if "," in text or ";" in text:
+        raise ValueError("a label cannot contain ',' or ';' (they separate classes and synonyms)")
+    return text
+
+
+def with_class(class_spec: str, label: str) -> tuple[str, str]:
+    """``(class_spec, label)`` with ``label`` appended as a new class, unless a class or synonym
+    already has that name (case-insensitive): then the spec unchanged and the label spelled as
+    there ("Cat" -> "cat")."""
+    from reme.classes import parse_classes
+
+    _, synonyms = parse_classes(class_spec)
+    for name in (x for syns in synonyms for x in syns):
+        if name.lower() == label.lower():
+            return class_spec, name
+    return f"{class_spec.rstrip().rstrip(',')}, {label}", label
