@@ -130,6 +130,7 @@ class DemoBackend:
         self._segmenters: dict[str, Any] = {}
         self._images: dict[str, ReferenceImages] = {}
         self._results: OrderedDict[str, _Result] = OrderedDict()
+        self._result_bytes: dict[str, int] = {}  # measured once, when kept
         self._lock = threading.Lock()
 
     @property
@@ -291,12 +292,13 @@ class DemoBackend:
 
     def _keep(self, rid: str, result: _Result) -> None:
         """Keep ``result``; the oldest go while over `MAX_RESULTS` or `RESULTS_BYTES` (the newest stays)."""
+        seen = self._shared_ids() | {id(r.searched) for r in self._results.values()}  # a shared merge counts once
         self._results[rid] = result
-        sizes = {k: nbytes(r, self._shared_ids()) for k, r in self._results.items()}
-        total = sum(sizes.values())
-        while len(self._results) > 1 and (len(self._results) > MAX_RESULTS or total > RESULTS_BYTES):
-            k, _ = self._results.popitem(last=False)
-            total -= sizes[k]
+        self._result_bytes = {k: v for k, v in self._result_bytes.items() if k in self._results}
+        self._result_bytes[rid] = nbytes(result, seen)
+        while len(self._results) > 1 and (len(self._results) > MAX_RESULTS
+                                          or sum(self._result_bytes.values()) > RESULTS_BYTES):
+            self._result_bytes.pop(self._results.popitem(last=False)[0], None)
 
     def _shared_ids(self) -> set:
         """Ids of the loaded reference sets and their arrays (not counted in a result's bytes)."""

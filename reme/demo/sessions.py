@@ -164,7 +164,9 @@ def nbytes(obj: Any, seen: set | None = None, depth: int = 0) -> int:
     if isinstance(obj, dict):
         return sum(nbytes(k, seen, depth + 1) + nbytes(v, seen, depth + 1) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):  # strings in lists (image names, labels) are shared: pointers only
-        return sum(nbytes(v, seen, depth + 1) for v in obj if not isinstance(v, str)) + 8 * len(obj)
+        if not obj or isinstance(obj[0], str):
+            return 8 * len(obj)
+        return sum(nbytes(v, seen, depth + 1) for v in obj) + 8 * len(obj)
     if is_dataclass(obj):
         return sum(nbytes(getattr(obj, f.name), seen, depth + 1) for f in fields(obj))
     if hasattr(obj, "__dict__") and not isinstance(obj, type):
