@@ -51,7 +51,8 @@ from reme.report.viz import class_colors
 logger = logging.getLogger(__name__)
 
 #: Results kept for evidence look-ups and teaching (LRU), and their bytes (an 800 x 800 result
-#: takes about 3.5 MB: photo, segment ids, label map, evidence).
+#: takes 3.9 MB: photo, segment ids, label map, evidence; 5.6 MB when it searched a newly
+#: taught overlay, whose merged reference tables it holds).
 MAX_RESULTS = 16
 RESULTS_BYTES = 96 * 2**20
 #: Seconds a request waits for its turn at the segmenter before it is refused as busy.
