@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import struct
 import threading
 import time
@@ -19,6 +20,7 @@ pytest.importorskip("multipart", reason="python-multipart (demo extra) is not in
 from fastapi.testclient import TestClient  # noqa: E402
 
 import reme.demo.backend as backend_mod  # noqa: E402
+import reme.demo.inputs as inputs_mod  # noqa: E402
 from reme.demo import DemoBackend, create_app  # noqa: E402
 from reme.demo.app import bound_host_names  # noqa: E402
 
@@ -136,21 +138,39 @@ def test_favicon(client):
     assert 'rel="icon"' in client.get("/").text
 
 
+def test_every_answer_sends_the_security_headers(client):
+    """CSP, X-Frame-Options and nosniff on pages, static files, JSON, PNGs and errors (issue 22)."""
+    answers = [client.get("/"), client.get("/static/app.js"), client.get("/static/style.css"),
+               client.get("/favicon.ico"), client.get("/api/config"), client.get("/api/sample/chelsea.png"),
+               client.get("/api/nothing"), client.get("/api/sample/nope.png"),
+               client.post("/api/segment", data={"classes": ""}),
+               client.post("/api/segment", data={"classes": "cat"}, headers={"origin": "http://evil.example"}),
+               client.get("/api/config", headers={"host": "evil.example"})]
+    assert [r.status_code for r in answers] == [200] * 6 + [404, 404, 400, 403, 400]
+    for r in answers:
+        csp = r.headers.get("content-security-policy", "")
+        assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp and "unsafe-inline" not in csp, r.url
+        assert r.headers.get("x-frame-options") == "DENY" and r.headers.get("x-content-type-options") == "nosniff"
+    # the page runs no inline script or style: everything it loads comes from /static
+    page = answers[0].text
+    assert "<script>" not in page and "<style" not in page and " style=" not in page and not re.search(r"<[^>]*\son\w+=", page)
+
+
 def test_upload_decoded_at_working_size(monkeypatch):
     seen = []
-    real = backend_mod.to_rgb_array
-    monkeypatch.setattr(backend_mod, "to_rgb_array", lambda img: seen.append(img.size) or real(img))
+    real = inputs_mod.to_rgb_array
+    monkeypatch.setattr(inputs_mod, "to_rgb_array", lambda img: seen.append(img.size) or real(img))
     buf = io.BytesIO()
     Image.new("RGB", (4000, 3000), (200, 100, 50)).save(buf, format="JPEG", quality=80)
-    arr = backend_mod.read_upload(buf.getvalue())
-    assert max(arr.shape[:2]) == backend_mod.MAX_SIDE and arr.shape[2] == 3
+    arr = inputs_mod.read_upload(buf.getvalue())
+    assert max(arr.shape[:2]) == inputs_mod.MAX_SIDE and arr.shape[2] == 3
     # the JPEG was decoded at a reduced DCT scale, not at 4000 x 3000
-    assert seen and max(seen[0]) < 2 * backend_mod.MAX_SIDE
+    assert seen and max(seen[0]) < 2 * inputs_mod.MAX_SIDE
 
 
 def test_uploads_decode_a_few_at_a_time(monkeypatch):
     active, peak, lock = [0], [0], threading.Lock()
-    real = backend_mod.to_rgb_array
+    real = inputs_mod.to_rgb_array
 
     def slow(img):
         with lock:
@@ -161,13 +181,13 @@ def test_uploads_decode_a_few_at_a_time(monkeypatch):
             active[0] -= 1
         return real(img)
 
-    monkeypatch.setattr(backend_mod, "to_rgb_array", slow)
+    monkeypatch.setattr(inputs_mod, "to_rgb_array", slow)
     data = _png(64, 48)
     errors = []
 
     def work():
         try:
-            assert backend_mod.read_upload(data).shape == (48, 64, 3)
+            assert inputs_mod.read_upload(data).shape == (48, 64, 3)
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -176,7 +196,7 @@ def test_uploads_decode_a_few_at_a_time(monkeypatch):
         t.start()
     for t in threads:
         t.join()
-    assert not errors and 1 <= peak[0] <= backend_mod.DECODE_SLOTS
+    assert not errors and 1 <= peak[0] <= inputs_mod.DECODE_SLOTS
 
 
 def test_busy_segmenter_gives_503(backend, client, monkeypatch):
@@ -306,7 +326,7 @@ def test_sessions_do_not_see_each_others_examples(taught):
     assert len(a.get("/api/examples").json()["examples"]) == 1
     a.post("/api/examples/undo", data={"example_id": "all"})
     # the sessions' segmenters share one cache of image views (features do not depend on the overlay)
-    segs = [s for st in taught._sessions.values() for s in st.segmenters.values()]
+    segs = [s for st in taught._sessions.all() for s in st.segmenters.values()]
     assert len(segs) >= 2 and len({id(s._views) for s in segs}) == 1
 
 
@@ -342,15 +362,151 @@ def test_bad_teaching_requests_get_4xx(taught, monkeypatch):
     c.post("/api/examples/undo", data={"example_id": "all"})
 
 
-def test_sessions_are_lru_bounded(taught, monkeypatch):
-    monkeypatch.setattr(backend_mod, "MAX_SESSIONS", 2)
-    fresh = _client(taught)
-    assert fresh.get("/api/examples").json()["examples"] == []
-    assert fresh.cookies["reme_session"] not in taught._sessions      # a page load takes no slot
-    first = [taught.session_segmenter(f"session-{i:02d}-abcdefghijklmnop") for i in range(3)]
-    assert len(taught._sessions) == 2 and "session-00-abcdefghijklmnop" not in taught._sessions
-    assert taught.session_segmenter("session-02-abcdefghijklmnop") is first[2]
-    assert taught.session_segmenter("session-00-abcdefghijklmnop") is not first[0]   # forgotten: a fresh overlay
+def _upload(c: TestClient, img: np.ndarray, name: str = "p.png", classes: str = CLASSES) -> dict:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    r = c.post("/api/segment", data={"classes": classes}, files={"image": (name, buf.getvalue(), "image/png")})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _small_photos(n: int) -> list[np.ndarray]:
+    """``n`` distinct 120 x 90 crops of chelsea (quick to segment)."""
+    cat = photo("chelsea")
+    return [np.ascontiguousarray(cat[10 * i:10 * i + 90, 12 * i:12 * i + 120]) for i in range(n)]
+
+
+@pytest.fixture()
+def fresh(taught):
+    """A backend of its own (no sessions, no results) using the encoders ``taught`` loaded."""
+    return _share_encoders(DemoBackend({"default": DEFAULT_REF}, device="cpu"), taught)
+
+
+def _set_slots(backend: DemoBackend, monkeypatch, n: int) -> None:
+    monkeypatch.setattr(backend_mod, "MAX_SESSIONS", n)                 # the old module-level LRU
+    if hasattr(backend._sessions, "max_sessions"):
+        monkeypatch.setattr(backend._sessions, "max_sessions", n)
+
+
+def test_strangers_cannot_evict_a_teaching_session(fresh, monkeypatch):
+    """Cookie-less segment requests (a new session each) take no teaching slot (issue 22)."""
+    _set_slots(fresh, monkeypatch, 2)
+    teacher = _client(fresh)
+    rid = _upload(teacher, _small_photos(1)[0])["result_id"]
+    d = teacher.post("/api/examples", data={"result_id": rid, "x": 60, "y": 45, "label": "rug", "resegment": "false"})
+    assert d.status_code == 200, d.text
+    photo0 = _small_photos(1)[0]
+    for _ in range(4):                                                  # four strangers, no cookie kept
+        stranger = _client(fresh)
+        _upload(stranger, photo0)
+        assert stranger.get("/api/examples").json()["examples"] == []
+    assert [e["label"] for e in teacher.get("/api/examples").json()["examples"]] == ["rug"]
+    assert teacher.cookies["reme_session"] in fresh._sessions
+    teacher.post("/api/examples/undo", data={"example_id": "all"})
+
+
+def test_teaching_slots_go_to_idle_sessions_only(fresh, monkeypatch):
+    _set_slots(fresh, monkeypatch, 1)
+    holder, newcomer = _client(fresh), _client(fresh)
+    for c in (holder, newcomer):
+        c.get("/api/config")
+    rid = _upload(holder, _small_photos(1)[0])["result_id"]
+    assert holder.post("/api/examples", data={"result_id": rid, "segment_id": 0, "label": "rug",
+                                              "resegment": "false"}).status_code == 200
+    rid2 = _upload(newcomer, _small_photos(1)[0])["result_id"]
+    r = newcomer.post("/api/examples", data={"result_id": rid2, "segment_id": 0, "label": "rug", "resegment": "false"})
+    assert r.status_code == 503 and "teaching sessions" in r.json()["error"]
+    assert len(holder.get("/api/examples").json()["examples"]) == 1     # the holder keeps its examples
+    monkeypatch.setattr(fresh._sessions, "idle_s", 0.0)                # the holder went idle
+    r = newcomer.post("/api/examples", data={"result_id": rid2, "segment_id": 0, "label": "rug", "resegment": "false"})
+    assert r.status_code == 200 and holder.get("/api/examples").json()["examples"] == []
+    newcomer.post("/api/examples/undo", data={"example_id": "all"})
+
+
+def test_taught_photos_are_not_kept_and_memory_is_counted_in_bytes(fresh):
+    """A session keeps rows and small thumbnails, not the pixels of the photos it taught (issue 22:
+    40 taught 800 x 800 photos grew the server by 335 MB)."""
+    import gc
+    import weakref
+
+    c = _client(fresh)
+    photos = _small_photos(4)
+    before = fresh.memory() if hasattr(fresh, "memory") else None
+    alive = []
+    for i, img in enumerate(photos):
+        rid = _upload(c, img, name=f"p{i}.png")["result_id"]
+        alive.append(weakref.ref(fresh._results[rid].image))
+        d = c.post("/api/examples", data={"result_id": rid, "x": 60, "y": 45, "label": "rug", "resegment": "false"})
+        assert d.status_code == 200, d.text
+    ev_rid = _upload(c, photos[0], name="again.png")["result_id"]
+    ev = c.get("/api/evidence", params={"result_id": ev_rid, "x": 60, "y": 45}).json()
+    taught_rows = [n for n in ev["neighbours"] if n["source"] == "example"]
+    assert taught_rows
+    tile = c.get("/" + taught_rows[0]["thumb"])                       # cut when taught: a real crop
+    assert tile.status_code == 200 and np.asarray(Image.open(io.BytesIO(tile.content))).std() > 5
+    fresh._results.clear()
+    gc.collect()
+    assert [r() is None for r in alive] == [True] * len(photos)       # no taught photo's pixels are held
+    mem = fresh.memory()
+    rows = sum(e["rows"] for e in c.get("/api/examples").json()["examples"])
+    grown = mem["rows"] + mem["thumbs"] - (before["rows"] + before["thumbs"])
+    assert 0 < grown <= rows * (384 * 4 + backend_mod.ROW_OVERHEAD_BYTES + 16_000)
+    assert mem["total"] <= mem["budget"] == backend_mod.MEMORY_BUDGET_BYTES
+    c.post("/api/examples/undo", data={"example_id": "all"})
+    assert fresh.memory()["thumbs"] == before["thumbs"]                # undo drops the thumbnails too
+
+
+def test_results_are_bounded_by_bytes(fresh, monkeypatch):
+    c = _client(fresh)
+    for img in _small_photos(3):
+        _upload(c, img)
+    assert len(fresh._results) >= 3
+    monkeypatch.setattr(backend_mod, "RESULTS_BYTES", 1)               # every result is over: only the newest stays
+    newest = _upload(c, _small_photos(1)[0])["result_id"]
+    assert list(fresh._results) == [newest]
+    assert c.get("/api/evidence", params={"result_id": newest, "x": 5, "y": 5}).status_code == 200
+
+
+def test_evidence_without_the_reference_photos_says_what_it_can(fresh):
+    """The embedded reference on a machine without its photos: no placeholder tiles, the
+    label, similarity, weight, source name and box, and one line on how to attach photos."""
+    from reme.report.crops import ReferenceImages
+
+    fresh._images["default"] = ReferenceImages([])                     # no photo folder here
+    c = _client(fresh)
+    rid = _upload(c, _small_photos(1)[0])["result_id"]
+    assert c.post("/api/examples", data={"result_id": rid, "x": 60, "y": 45, "label": "rug",
+                                         "resegment": "false"}).status_code == 200
+    again = _upload(c, _small_photos(1)[0])["result_id"]
+    ev = c.get("/api/evidence", params={"result_id": again, "x": 60, "y": 45}).json()
+    base = [n for n in ev["neighbours"] if n["source"] != "example"]
+    mine = [n for n in ev["neighbours"] if n["source"] == "example"]
+    assert base and mine and all(n["thumb"] is None for n in base)
+    assert all(n["labels"] and n["image"] and len(n["bbox"]) == 4 and 0 <= n["weight"] <= 1 for n in base)
+    assert all(n["thumb"] for n in mine)                                # taught rows keep their crops
+    hint = ev["photos_hint"]
+    assert "--image-root" in hint and "shared/data" in hint and "\n" not in hint
+    c.post("/api/examples/undo", data={"example_id": "all"})
+
+
+def test_a_taught_label_is_embedded_once(fresh):
+    """Issue 20: "Label this as doormat" embeds the new label's template strings once (its L_ref
+    row), not again as a class of the re-segmentation, and none of the classes already embedded."""
+    seg = fresh.segmenter("default")
+    text = seg.text_encoder
+    assert hasattr(text, "encoded"), "the demo's segmenters embed through a per-string cache"
+    c = _client(fresh)
+    rid = _upload(c, _small_photos(1)[0])["result_id"]
+    before = text.encoded
+    d = c.post("/api/examples", data={"result_id": rid, "x": 60, "y": 45, "label": "doormat"})
+    assert d.status_code == 200 and d.json()["classes"] == CLASSES + ", doormat"
+    assert text.encoded - before == len(seg.templates)                 # the 4 strings of "doormat", once
+    from reme.encoders.text import embed_labels
+
+    cached = embed_labels(text, ["doormat", "rug"], seg.templates)
+    fresh_rows = embed_labels(text.inner, ["doormat", "rug"], seg.templates)
+    assert np.allclose(cached, fresh_rows, atol=1e-5)                 # the same rows as without the cache
+    c.post("/api/examples/undo", data={"example_id": "all"})
 
 
 def test_shared_overlay_takes_concurrent_sessions_atomically(taught, tmp_path):

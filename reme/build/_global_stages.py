@@ -1,6 +1,6 @@
 """Global stages of a reference build over finished shards, with bounded memory.
 
-Caption mode: group-median filter (METHOD.md step 7), ambiguous-label knee filter (step 8),
+Caption mode: group-median filter (docs/method.md step 7), ambiguous-label knee filter (step 8),
 synonym enrichment (step 9), then assembly of {S_ref, O_ref, L_ref} (step 10). GT mode only
 assembles.
 
@@ -218,7 +218,7 @@ def _group_embeddings(reader, pair_segment: np.ndarray, group_ids: np.ndarray, n
 def streaming_group_filter(reader: ShardReader, pair_segment: np.ndarray, root_ids: np.ndarray, n_roots: int, *,
                            drop_rate: float = 0.30, adaptive: bool = False, max_drop_rate: float = 0.50,
                            budget_rows: int = 1_000_000, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Group-median filter (METHOD.md step 7) reading embeddings from shards group by group.
+    """Group-median filter (docs/method.md step 7) reading embeddings from shards group by group.
 
     Same result as ``group_median_filter(S, pair_segment, roots, ..., return_scores=True)``
     with all of S in memory.

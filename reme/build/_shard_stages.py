@@ -1,9 +1,9 @@
 """Per-image stages of a reference build, computed one shard (list of images) at a time.
 
 GT mode: read image, GT label map, Felzenszwalb proposals (or GT regions), visual dense
-features, mask average pooling (METHOD.md steps 1 and 6, paper Fig. 1b).
+features, mask average pooling (docs/method.md steps 1 and 6, paper Fig. 1b).
 Caption mode: read image, captions, spaCy noun phrases, Felzenszwalb proposals, CLIP pairing,
-visual embeddings of the picked segments (METHOD.md steps 1-6).
+visual embeddings of the picked segments (docs/method.md steps 1-6).
 
 A shard's result depends only on its images and the settings, never on which process or
 machine computes it or what ran before: images are processed in fixed batches of

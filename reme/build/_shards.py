@@ -1,7 +1,7 @@
 """Shards of a streaming reference build: the per-image stages' output on disk.
 
 A build splits its image list into shards of ``shard_size`` consecutive images. Each shard's
-per-image output (METHOD.md steps 1-6: segments with their visual embeddings, and the
+per-image output (docs/method.md steps 1-6: segments with their visual embeddings, and the
 segment-label pairs) is written to a *work folder*::
 
     WORK/

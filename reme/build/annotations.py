@@ -289,7 +289,7 @@ class YoloLabels:
     normalised to [0, 1], with ``cls`` the 0-based line of the class-name file
     (`read_yolo_labels`). Box lines are **weak labels**: every pixel of the box, object
     or not, gets the box's class. In GT mode a proposal keeps a label only when it covers at
-    least ``min_purity`` of it; the group-median filter of METHOD.md step 7, which is meant
+    least ``min_purity`` of it; the group-median filter of docs/method.md step 7, which is meant
     for such noise, is not run on GT-mode builds.
 
     An image without a label file has no annotated pixels (all -1; with

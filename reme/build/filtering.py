@@ -1,5 +1,5 @@
 """Reference-set cleaning: group-median filter and ambiguous-label knee filter
-(METHOD.md steps 7 and 8).
+(docs/method.md steps 7 and 8).
 
 Both work on *pairs* (segment index, root noun): a pair is a label attached to a segment.
 """
@@ -39,7 +39,7 @@ def group_slices(keys) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def group_drop_rates(inconsistency: np.ndarray, *, drop_rate: float = 0.30, adaptive: bool = False,
                      max_drop_rate: float = 0.50) -> np.ndarray:
-    """Drop rate of each group (METHOD.md step 7): ``drop_rate`` (delta_filter) for all, or,
+    """Drop rate of each group (docs/method.md step 7): ``drop_rate`` (delta_filter) for all, or,
     ``adaptive``, ``max_drop_rate * w / max_g w_g`` with w the group's inconsistency
     mean_i(1 - <S_i, S_center>) (the most inconsistent group drops ``max_drop_rate``, a perfectly
     consistent one nothing; range [0, 50 %] in the paper, the scaling is our choice).
@@ -85,7 +85,7 @@ def drop_lowest(scores: np.ndarray, order: np.ndarray, bounds: np.ndarray, rates
 def group_median_filter(S: np.ndarray, pair_segment: np.ndarray, pair_root: Sequence[str], *,
                         drop_rate: float = 0.30, adaptive: bool = False,
                         max_drop_rate: float = 0.50, return_scores: bool = False):
-    """Keep-mask of pairs after group-based filtering (METHOD.md step 7).
+    """Keep-mask of pairs after group-based filtering (docs/method.md step 7).
 
     Pairs are grouped by root noun. Per group, S_center is the element-wise median of the
     members' visual embeddings; members are scored by <S_i, S_center> and the lowest
@@ -155,7 +155,7 @@ def grouped_median_scores(emb: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarr
 
 def median_scores(emb: np.ndarray) -> tuple[np.ndarray, float]:
     """Scores <S_i, S_center> of one group's (n, d) embeddings against their element-wise median
-    (L2-normalised), and the group's inconsistency mean_i(1 - score) (METHOD.md step 7)."""
+    (L2-normalised), and the group's inconsistency mean_i(1 - score) (docs/method.md step 7)."""
     center = emb[0] if len(emb) == 1 else np.median(emb, axis=0)         # a one-row median is the row
     norm = np.linalg.norm(center)
     center = center / norm if norm > 0 else center
@@ -163,7 +163,7 @@ def median_scores(emb: np.ndarray) -> tuple[np.ndarray, float]:
     return sc, float(np.mean(1.0 - sc))
 
 
-#: Defaults of the ambiguous-label knee filter (METHOD.md step 8); our choices, the notes give
+#: Defaults of the ambiguous-label knee filter (docs/method.md step 8); our choices, the notes give
 #: no numbers. See `knee_index` and `ambiguous_roots`.
 KNEE_MIN_RATIO = 3.0
 KNEE_MAX_RANK = 20
@@ -171,7 +171,7 @@ KNEE_MAX_REMOVED_SHARE = 0.5
 
 
 def knee_index(sizes_desc: np.ndarray, *, min_ratio: float = KNEE_MIN_RATIO, max_rank: int = KNEE_MAX_RANK) -> int:
-    """Knee of a descending group-size curve on the log scale (METHOD.md step 8).
+    """Knee of a descending group-size curve on the log scale (docs/method.md step 8).
 
     The knee is the steepest drop of ``log(size)`` between consecutive ranks among the top
     ``max_rank`` groups: the ``k`` maximising ``log(s_k / s_{k+1})`` (1-based ranks). The
@@ -214,7 +214,7 @@ def knee_index(sizes_desc: np.ndarray, *, min_ratio: float = KNEE_MIN_RATIO, max
 
 def knee_cut(group_sizes: dict[str, int], *, min_groups: int = 10, min_ratio: float = KNEE_MIN_RATIO,
              max_rank: int = KNEE_MAX_RANK, max_removed_share: float = KNEE_MAX_REMOVED_SHARE) -> dict:
-    """The knee filter's decision with its numbers (METHOD.md step 8), as recorded in a
+    """The knee filter's decision with its numbers (docs/method.md step 8), as recorded in a
     build's manifest.
 
     Groups are sorted by size (descending, then by name), the knee is found on the log sizes
@@ -256,7 +256,7 @@ def knee_cut(group_sizes: dict[str, int], *, min_groups: int = 10, min_ratio: fl
 
 def ambiguous_roots(group_sizes: dict[str, int], *, min_groups: int = 10, min_ratio: float = KNEE_MIN_RATIO,
                     max_rank: int = KNEE_MAX_RANK, max_removed_share: float = KNEE_MAX_REMOVED_SHARE) -> list[str]:
-    """Roots of abnormally large groups, removed as ambiguous (METHOD.md step 8), e.g.
+    """Roots of abnormally large groups, removed as ambiguous (docs/method.md step 8), e.g.
     "background", "scene", "image", "atmosphere": ``knee_cut(...)["removed"]``.
 
     Args:
@@ -272,7 +272,7 @@ def ambiguous_roots(group_sizes: dict[str, int], *, min_groups: int = 10, min_ra
 
 def clip_score_filter(clip_scores: np.ndarray, pair_root: Sequence[str] | None = None, *,
                       drop_rate: float = 0.30) -> np.ndarray:
-    """Baseline filters the paper compares against (METHOD.md step 7, "compared and worse").
+    """Baseline filters the paper compares against (docs/method.md step 7, "compared and worse").
 
     Drops the pairs with the lowest CLIP pairing score, either globally (``pair_root=None``)
     or within each root-noun group (``floor(drop_rate * size)`` per group, grouped once with
@@ -299,7 +299,7 @@ def clip_score_filter(clip_scores: np.ndarray, pair_root: Sequence[str] | None =
 
 def relabel_dropped(S: np.ndarray, pair_segment: np.ndarray, pair_root: Sequence[str], keep: np.ndarray, *,
                     min_similarity: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """Relabel instead of drop (the paper's stated limitation, METHOD.md "an opportunity").
+    """Relabel instead of drop (the paper's stated limitation, docs/method.md "an opportunity").
 
     Each dropped pair's segment gets the root whose group centre (element-wise median of the
     kept members' visual embeddings, L2-normalised) it is closest to, when that cosine

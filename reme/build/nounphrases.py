@@ -1,4 +1,4 @@
-"""Candidate labels from captions: spaCy noun phrases and their root nouns (METHOD.md step 3).
+"""Candidate labels from captions: spaCy noun phrases and their root nouns (docs/method.md step 3).
 
 A candidate label is a noun chunk with its modifiers ("a cute white rabbit"); its *root*
 (lemma of the chunk's head, "rabbit") is used only to group labels in the filtering steps.
@@ -89,7 +89,7 @@ def _phrase_from_chunk(chunk, keep_compounds: bool, stop_roots: Collection[str])
 def extract_noun_phrases(captions: Sequence[str] | Iterable[str], nlp=None, *,
                          keep_compounds: bool = True, batch_size: int = 64,
                          stop_roots: Collection[str] = NON_OBJECT_ROOTS) -> list[list[NounPhrase]]:
-    """Noun phrases of each caption (METHOD.md step 3).
+    """Noun phrases of each caption (docs/method.md step 3).
 
     Args:
         captions: caption strings.
@@ -118,7 +118,7 @@ def extract_noun_phrases(captions: Sequence[str] | Iterable[str], nlp=None, *,
 def substitute_root(phrase: NounPhrase, synonym: str) -> NounPhrase:
     """The phrase with its head replaced by ``synonym`` ("a small kitten" -> "a small cat").
 
-    Used by the semantic enrichment step (METHOD.md step 9). The last occurrence of the
+    Used by the semantic enrichment step (docs/method.md step 9). The last occurrence of the
     head's surface text is replaced.
     """
     i = phrase.text.rfind(phrase.head)

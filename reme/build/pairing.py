@@ -1,4 +1,4 @@
-"""Initial label-to-segment pairing with CLIP (METHOD.md step 4)."""
+"""Initial label-to-segment pairing with CLIP (docs/method.md step 4)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ def pair_labels_to_segments(S: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, n
     """Pair each label with its best segment of the same image.
 
     sim = S L^T (m x n); label j is paired with i*(j) = argmax_i sim_ij. Segments no label
-    picked are discarded by the caller (METHOD.md step 4).
+    picked are discarded by the caller (docs/method.md step 4).
 
     Args:
         S: (m, d) float32 CLIP segment embeddings of one image, L2-normalised.

@@ -1,4 +1,4 @@
-"""Building a reference set from photos (METHOD.md Part 1): streaming, resumable, parallel.
+"""Building a reference set from photos (docs/method.md Part 1): streaming, resumable, parallel.
 
 Two modes:
 
@@ -62,7 +62,7 @@ BATCH_SIZE = 8
 
 @dataclass
 class CaptionBuildParams:
-    """Hyper-parameters of caption mode; defaults are the paper's (METHOD.md Part 1).
+    """Hyper-parameters of caption mode; defaults are the paper's (docs/method.md Part 1).
 
     Attributes:
         drop_rate: delta_filter of step 7 (30 %).
@@ -413,7 +413,7 @@ def build_caption_reference(image_root: str | Path, captioner, pairing_model, vi
                             proposals: str = "felzenszwalb", n_clusters: int = 8, sam_options: dict | None = None,
                             templates: Sequence[str] = TEMPLATES, nlp=None,
                             images: Sequence[str] | None = None, progress: bool = True, **options) -> ReferenceSet:
-    """Caption-mode reference set, METHOD.md Part 1 steps 1-10.
+    """Caption-mode reference set, docs/method.md Part 1 steps 1-10.
 
     Args:
         image_root: folder of unlabeled photos; keys are paths relative to it.
@@ -426,7 +426,7 @@ def build_caption_reference(image_root: str | Path, captioner, pairing_model, vi
             only, so changing them reuses the shards of a kept work folder.
         felzenszwalb: Felzenszwalb settings (step 1).
         proposals, n_clusters, sam_options: step 1 method and settings, as in
-            [`build_gt_reference`][reme.build.pipeline.build_gt_reference] (SAM: METHOD.md step 1's option,
+            [`build_gt_reference`][reme.build.pipeline.build_gt_reference] (SAM: docs/method.md step 1's option,
             32 x 32 point grid).
         templates: prompt templates (step 5).
         nlp: a spaCy pipeline (default

@@ -1,4 +1,4 @@
-"""Semantic enrichment with root-noun synonyms (METHOD.md step 9)."""
+"""Semantic enrichment with root-noun synonyms (docs/method.md step 9)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ _BLOCK_VALUES = 1 << 24
 def head_of(root: str) -> str:
     """The head noun of a root: its last word ("hot dog" -> "dog", "dog" -> "dog").
 
-    Roots keep their compound modifiers before the head (METHOD.md step 3,
+    Roots keep their compound modifiers before the head (docs/method.md step 3,
     `reme.build.nounphrases`), so the head is the last word.
     """
     return root.rsplit(" ", 1)[-1]

@@ -17,7 +17,7 @@ from reme.cli._common import (CLASSES_FILE_HELP, QUIET_HELP, VERBOSE_HELP, app, 
 logger = logging.getLogger("reme")
 
 
-@app.command("build-reference", short_help="Build a reference set from photos (METHOD.md Part 1).")
+@app.command("build-reference", short_help="Build a reference set from photos (docs/method.md Part 1).")
 def build_reference_cmd(
     images: Path = typer.Option(..., "--images", help="Folder of photos (searched recursively)."),
     out: Path = typer.Option(..., "--out", help="Output reference folder."),
@@ -68,7 +68,7 @@ def build_reference_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ):
-    """Build a reference set {S_ref, O_ref, L_ref} from photos (METHOD.md Part 1)."""
+    """Build a reference set {S_ref, O_ref, L_ref} from photos (docs/method.md Part 1)."""
     setup_logging(quiet, verbose)
     from reme.build.annotations import CocoInstances, MaskFolder
     from reme.classes import read_class_file

@@ -19,9 +19,12 @@ Misuse guards: only requests whose ``Host`` is one of the allowed host names are
 (Starlette's ``TrustedHostMiddleware``; by default the names of the interface the server is
 bound to), a POST from another site (``Sec-Fetch-Site: cross-site``, or an ``Origin`` /
 ``Referer`` naming another host) is refused with 403, uploads are size-checked before decoding
-and decoded a few at a time ([`read_upload`][reme.demo.backend.read_upload]), class lists are
-capped ([`check_classes`][reme.demo.backend.check_classes]) and a request waits a bounded time
+and decoded a few at a time ([`read_upload`][reme.demo.inputs.read_upload]), class lists are
+capped ([`check_classes`][reme.demo.inputs.check_classes]) and a request waits a bounded time
 for the segmenter. Every error is JSON ``{"error": "<plain sentence>"}``.
+
+Every answer carries `SECURITY_HEADERS` (Content-Security-Policy: own script, style and images
+plus ``data:`` images, no inline script, no framing; X-Frame-Options: DENY; nosniff).
 
 Sessions: every browser gets a random session id (``secrets.token_urlsafe``) in an
 ``HttpOnly; SameSite=Strict`` cookie; its results and taught examples are its own
@@ -38,13 +41,24 @@ from pathlib import Path
 from typing import Mapping, Sequence
 from urllib.parse import urlsplit
 
-from reme.demo.backend import BusyError, DemoBackend, png_bytes
+from reme.demo.backend import DemoBackend
+from reme.demo.inputs import png_bytes
+from reme.demo.sessions import BusyError
 
 logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 #: Name of the session cookie.
 SESSION_COOKIE = "reme_session"
+#: Sent with every answer. The page loads only its own script, style sheet and icon, and shows
+#: the overlays as ``data:`` PNGs; it runs no inline script and may not be framed.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
 
 
 def require_demo_extra() -> None:
@@ -127,7 +141,8 @@ def create_app(backend: DemoBackend, *, allowed_hosts: Sequence[str] = LOOPBACK_
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-    from reme.demo.backend import SESSION_ID, check_classes
+    from reme.demo.backend import SESSION_ID
+    from reme.demo.inputs import check_classes
     from reme.errors import ImageReadError
 
     hosts = [h.lower() for h in allowed_hosts]
@@ -151,8 +166,14 @@ def create_app(backend: DemoBackend, *, allowed_hosts: Sequence[str] = LOOPBACK_
             response.set_cookie(SESSION_COOKIE, new, httponly=True, samesite="strict", path="/")
         return response
 
-    # added last, so it runs first: a wrong Host gets 400 before anything else happens
+    # added after the others, so it runs first: a wrong Host gets 400 before anything else happens
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
+
+    @app.middleware("http")  # outermost: every answer, the Host check's 400 included
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):
@@ -188,7 +209,7 @@ def create_app(backend: DemoBackend, *, allowed_hosts: Sequence[str] = LOOPBACK_
     @app.post("/api/segment")
     def segment(request: Request, classes: str = Form(""), reference: str = Form(""), sample: str = Form(""),
                 image: UploadFile | None = File(None)):
-        from reme.demo.backend import MAX_UPLOAD_BYTES, read_upload
+        from reme.demo.inputs import MAX_UPLOAD_BYTES, read_upload
 
         def run():
             check_classes(classes)  # before reading the photo: a bad request costs nothing

@@ -4,17 +4,26 @@ and teach by example: label a clicked segment, re-segment with it, undo
 ([`Segmenter.add_examples`][reme.inference.segmenter.Segmenter.add_examples], issue 15).
 
 Whose examples: by default each browser session (a random id in a cookie) has its own in-memory
-overlay per reference set, invisible to every other session; the `MAX_SESSIONS` most recently
-used sessions are kept (an older session's examples are forgotten). With ``overlay=DIR`` every
-session shares one overlay folder instead (one reference set only), written under the
-segmenter lock and saved atomically after each add or undo.
+overlay per reference set, invisible to every other session. A session takes a slot only when
+it teaches (its first example); segmenting, evidence and page loads take none, so requests of
+strangers cannot push a teaching session out. At most `MAX_SESSIONS` sessions teach at once; a
+new one takes the slot of a session idle for `SESSION_IDLE_S`, else it is refused (503) until
+one frees up. With ``overlay=DIR`` every session shares one overlay folder instead (one
+reference set only), written under the segmenter lock and saved atomically after each add or
+undo.
+
+Memory is bounded by bytes (`DemoBackend.memory` measures it): a teaching session keeps its
+overlay rows (at most `SESSION_ROW_BYTES`, about 1,900 rows of the default 384-d reference) and
+a small JPEG thumbnail per taught row (at most `SESSION_THUMB_BYTES`, oldest dropped first);
+never the taught photos' pixels (undo removes rows by example id). Recent results (the photo,
+its segment and label maps, evidence) are kept for evidence and teaching while they fit in
+`RESULTS_BYTES` (and `MAX_RESULTS`), oldest out first. Together: at most `MEMORY_BUDGET_BYTES`
+(224 MiB) on top of the loaded reference sets and encoders.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 import logging
 import re
 import threading
@@ -22,46 +31,37 @@ import time
 import uuid
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
-from reme.report.crops import THUMB, ReferenceImages, crop_thumbnail, placeholder_thumbnail
-from reme.io import MAX_PIXELS, SAMPLE_PHOTOS, sample_image, to_rgb_array
+from reme.demo.inputs import (MAX_CLASS_CHARS, MAX_CLASS_TERMS, MAX_CLASSES, MAX_LABEL_CHARS, MAX_SIDE,  # noqa: F401
+                              MAX_UPLOAD_BYTES, blend, check_classes, check_label, downscale, png_data_url,
+                              with_class)
+from reme.demo.sessions import (MAX_SESSIONS, ROW_OVERHEAD_BYTES, SESSION_IDLE_S, SESSION_ROW_BYTES, SESSION_THUMB_BYTES,
+                                SHARED_ROW_BYTES, THUMB_QUALITY, BusyError, Sessions, decode_thumb, jpeg_thumbnail,
+                                keep_thumbs, nbytes, row_key)
+from reme.io import SAMPLE_PHOTOS, sample_image
+from reme.report.crops import THUMB, ReferenceImages, placeholder_thumbnail
 from reme.report.viz import class_colors
 
 logger = logging.getLogger(__name__)
 
-#: Longest image side the demo segments at; larger uploads are downscaled first (our choice:
-#: keeps one request at a few seconds on a 2-core CPU with the classical encoder).
-MAX_SIDE = 800
-#: Results kept for evidence look-ups (LRU).
+#: Results kept for evidence look-ups and teaching (LRU), and their bytes (an 800 x 800 result
+#: takes 3.9 MB: photo, segment ids, label map, evidence; 5.6 MB when it searched a newly
+#: taught overlay, whose merged reference tables it holds).
 MAX_RESULTS = 16
-#: Largest upload accepted, in bytes (checked before anything is decoded).
-MAX_UPLOAD_BYTES = 32 * 1024 * 1024
-#: Uploads decoded at the same time; the others wait their turn (bounds decode memory: a JPEG is
-#: decoded at a reduced scale near ``MAX_SIDE``, other formats at full size, at most
-#: ``MAX_PIXELS`` each).
-DECODE_SLOTS = 2
-#: Classes per request, and class names counting synonyms (a 5000-class request held the
-#: segmentation lock for 37 s; 50 classes take about as long as the segmentation itself).
-MAX_CLASSES = 50
-MAX_CLASS_TERMS = 200
-#: Characters in the class field.
-MAX_CLASS_CHARS = 4000
+RESULTS_BYTES = 96 * 2**20
 #: Seconds a request waits for its turn at the segmenter before it is refused as busy.
 QUEUE_TIMEOUT_S = 60.0
-#: Browser sessions whose own overlays are kept in memory (LRU; a session pushed out loses its
-#: examples). Each holds a shallow Segmenter copy (shared encoders and reference) and its rows.
-MAX_SESSIONS = 64
+#: The demo's memory budget for sessions and results (encoders and reference sets not counted).
+MEMORY_BUDGET_BYTES = RESULTS_BYTES + MAX_SESSIONS * (SESSION_ROW_BYTES + SESSION_THUMB_BYTES)
 #: Examples one session may add (per reference set); a shared overlay takes `MAX_SHARED_EXAMPLES`.
 MAX_EXAMPLES = 200
 MAX_SHARED_EXAMPLES = 2000
-#: Characters in a taught label.
-MAX_LABEL_CHARS = 60
 #: A session id as the server issues it (``secrets.token_urlsafe(24)``); others are replaced.
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{20,64}")
 DEFAULT_CLASSES = "person, sky, building, tree, road, car, cat, dog"
@@ -82,169 +82,14 @@ class _Result:
     searched: Any = None  # the (merged) ReferenceSet the evidence indexes
 
 
-@dataclass
-class _Session:
-    """One browser session: its Segmenter copy (own overlay) per reference set, and the pixels
-    of the photos its examples came from (thumbnails of taught rows)."""
-    segmenters: dict
-    images: dict
-    records: dict = field(default_factory=dict)  # reference name -> `examples` answer
-
-
-def png_data_url(img: Image.Image | np.ndarray) -> str:
-    """A ``data:image/png;base64,...`` URL of an RGB image."""
-    if isinstance(img, np.ndarray):
-        img = Image.fromarray(img)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-class BusyError(RuntimeError):
-    """The segmenter stayed busy for `QUEUE_TIMEOUT_S`; the request should be retried later."""
-
-
-_decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
-
-
-def read_upload(data: bytes, max_side: int = MAX_SIDE) -> np.ndarray:
-    """Decode uploaded image bytes to (H, W, 3) uint8 RGB at the demo's working size.
-
-    The header is read first (size and pixel-count checks, nothing decoded); the pixels are then
-    decoded while holding one of `DECODE_SLOTS` slots, JPEGs at the smallest DCT scale that
-    keeps the longest side at least ``max_side`` (``PIL.Image.draft``), and the result is
-    reduced to ``max_side`` (see `downscale`) before the slot is released.
-
-    Args:
-        data: the uploaded file's bytes.
-        max_side: longest side of the returned image, in pixels.
-
-    Returns:
-        (H, W, 3) uint8 RGB, EXIF orientation applied, longest side at most ``max_side``.
-
-    Raises:
-        ValueError: empty, larger than `MAX_UPLOAD_BYTES`, not an image, damaged, or more
-            pixels than `reme.io.MAX_PIXELS` (100 million); the message is plain text.
-    """
-    if not data:
-        raise ValueError("the uploaded file is empty")
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise ValueError(f"the upload is {len(data) / 2**20:.0f} MiB; the demo takes files up to "
-                         f"{MAX_UPLOAD_BYTES // 2**20} MiB")
-    try:
-        img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise ValueError(f"the image has more than {MAX_PIXELS} pixels; downscale it first") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ValueError("cannot decode the uploaded file as an image: not a format Pillow reads "
-                         "(JPEG, PNG, WebP, TIFF, BMP, GIF, ...)") from exc
-    with img:
-        if img.width * img.height > MAX_PIXELS:
-            raise ValueError(f"the image is {img.width}x{img.height} = {img.width * img.height} pixels, over "
-                             f"the limit of {MAX_PIXELS}; downscale it first")
-        with _decode_slots:
-            try:
-                if img.format == "JPEG" and max(img.size) > max_side:
-                    s = max_side / max(img.size)
-                    img.draft("RGB", (max(1, int(img.width * s)), max(1, int(img.height * s))))
-                img.load()
-                arr = to_rgb_array(img)
-            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-                raise ValueError("cannot decode the uploaded file as an image: the data is truncated "
-                                 f"or damaged ({type(exc).__name__})") from exc
-            return downscale(arr, max_side)
-
-
-def check_classes(classes: str) -> tuple[list[str], list[list[str]]]:
-    """Parse a class field of the demo form and apply its limits.
-
-    Returns:
-        ``(names, synonyms)`` as [`reme.classes.parse_classes`][reme.classes.parse_classes].
-
-    Raises:
-        ValueError: empty, malformed (see `parse_classes`), longer than `MAX_CLASS_CHARS`
-            characters, more than `MAX_CLASSES` classes or `MAX_CLASS_TERMS` names with synonyms.
-    """
-    from reme.classes import parse_classes
-
-    if not classes or not classes.strip():
-        raise ValueError("type at least one class name, e.g. 'cat, dog, sofa'")
-    if len(classes) > MAX_CLASS_CHARS:
-        raise ValueError(f"the class list has {len(classes)} characters; the demo takes up to {MAX_CLASS_CHARS}")
-    n = sum(1 for item in classes.split(",") if item.strip())  # before parsing: the message stays short
-    if n > MAX_CLASSES:
-        raise ValueError(f"{n} classes; the demo takes up to {MAX_CLASSES} per request")
-    names, synonyms = parse_classes(classes)
-    if len(names) > MAX_CLASSES:
-        raise ValueError(f"{len(names)} classes; the demo takes up to {MAX_CLASSES} per request")
-    terms = sum(len(s) for s in synonyms)
-    if terms > MAX_CLASS_TERMS:
-        raise ValueError(f"{terms} class names with synonyms; the demo takes up to {MAX_CLASS_TERMS} per request")
-    return names, synonyms
-
-
-def check_label(label: str) -> str:
-    """A label typed in the demo's "Label this as" field, normalised (white space collapsed).
-
-    Raises:
-        ValueError: empty, longer than `MAX_LABEL_CHARS` characters, or containing ``,`` or
-            ``;`` (they separate classes and synonyms in the class field).
-    """
-    text = " ".join(str(label or "").split())
-    if not text:
-        raise ValueError("type a label for the segment, e.g. 'rug'")
-    if len(text) > MAX_LABEL_CHARS:
-        raise ValueError(f"the label has {len(text)} characters; the demo takes up to {MAX_LABEL_CHARS}")
-    if "," in text or ";" in text:
-        raise ValueError("a label cannot contain ',' or ';' (they separate classes and synonyms)")
-    return text
-
-
-def with_class(class_spec: str, label: str) -> tuple[str, str]:
-    """``(class_spec, label)`` with ``label`` appended as a new class, unless a class or synonym
-    already has that name (case-insensitive): then the spec unchanged and the label spelled as
-    there ("Cat" -> "cat")."""
-    from reme.classes import parse_classes
-
-    _, synonyms = parse_classes(class_spec)
-    for name in (x for syns in synonyms for x in syns):
-        if name.lower() == label.lower():
-            return class_spec, name
-    return f"{class_spec.rstrip().rstrip(',')}, {label}", label
-
-
-def downscale(image: np.ndarray, max_side: int = MAX_SIDE) -> np.ndarray:
-    """``image`` with its longest side reduced to ``max_side`` (unchanged if already smaller)."""
-    h, w = image.shape[:2]
-    if max(h, w) <= max_side:
-        return image
-    s = max_side / max(h, w)
-    return np.asarray(Image.fromarray(image).resize((max(1, round(w * s)), max(1, round(h * s))),
-                                                    Image.Resampling.LANCZOS))
-
-
-def blend(image: np.ndarray, label_map: np.ndarray, n_classes: int, alpha: float = 0.5,
-          outline: np.ndarray | None = None) -> np.ndarray:
-    """(H, W, 3) uint8 colour overlay of a label map; ``outline`` (H, W) bool is drawn in yellow."""
-    colors = class_colors(n_classes).astype(np.float32)
-    out = image.astype(np.float32) * (1 - alpha) + colors[label_map] * alpha
-    if outline is not None:
-        m = outline
-        edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
-        edge |= np.roll(edge, 1, 0) | np.roll(edge, 1, 1)
-        out[m] = out[m] * 0.6 + 255 * 0.4
-        out[edge] = (255, 230, 0)
-    return out.clip(0, 255).astype(np.uint8)
-
-
 def _pixels_hash(image: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()[:8]
+
+
+def _compact(a: np.ndarray) -> np.ndarray:
+    """``a`` (non-negative ints) in the smallest unsigned dtype holding it (uint8 / uint16 / int32)."""
+    top = int(a.max(initial=0))
+    return a.astype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.int32, copy=False)
 
 
 def _hex(c) -> str:
@@ -277,9 +122,8 @@ class DemoBackend:
             raise ValueError(f"a shared overlay (--overlay) needs exactly one reference set, got {len(references)}; "
                              "start one demo per reference set")
         self.overlay = Path(overlay) if overlay is not None else None
-        self._sessions: OrderedDict[str, _Session] = OrderedDict()
-        self._shared = _Session({}, {})
-        self._state_lock = threading.RLock()  # the session table (short holds, never while segmenting)
+        self._sessions = Sessions(MAX_SESSIONS, SESSION_IDLE_S, shared=overlay is not None)
+        self._state_lock = threading.RLock()  # session segmenters (short holds, never while segmenting)
         self.references = {str(k): Path(v) for k, v in references.items()}
         self.image_roots = list(image_roots)
         self.device = device
@@ -287,6 +131,7 @@ class DemoBackend:
         self._segmenters: dict[str, Any] = {}
         self._images: dict[str, ReferenceImages] = {}
         self._results: OrderedDict[str, _Result] = OrderedDict()
+        self._result_bytes: dict[str, int] = {}  # measured once, when kept
         self._lock = threading.Lock()
 
     @property
@@ -313,48 +158,79 @@ class DemoBackend:
             return self._segmenters[name]
         with self._lock:
             if name not in self._segmenters:
-                from reme.inference.segmenter import Segmenter
-
                 t0 = time.time()
-                seg = Segmenter(self.references[name], device=self.device, **self.segmenter_kwargs)
+                seg = self._load(self.references[name])
                 self._images[name] = ReferenceImages.for_reference(seg.reference, self.image_roots)
                 self._segmenters[name] = seg
                 logger.info("loaded reference %s from %s in %.1f s", name, self.references[name], time.time() - t0)
             return self._segmenters[name]
 
+    def _load(self, path: Path):
+        """A Segmenter of ``path`` whose text encoder embeds each string once
+        ([`CachedTextEncoder`][reme.demo.textcache.CachedTextEncoder]): a taught label is not
+        embedded again as a class, nor the other classes when the class list grows."""
+        from reme.demo.textcache import CachedTextEncoder
+        from reme.encoders import resolve_encoder
+        from reme.inference.segmenter import Segmenter
+        from reme.reference import load_reference
+
+        kwargs = dict(self.segmenter_kwargs)
+        ref = load_reference(path)
+        text = kwargs.pop("text_encoder", None) or ref.manifest.get("encoders", {}).get("text")
+        if text is not None:
+            text = CachedTextEncoder(resolve_encoder(text, device=self.device) if isinstance(text, str) else text)
+        return Segmenter(ref, device=self.device, text_encoder=text, **kwargs)
+
     def _max_examples(self) -> int:
         return MAX_SHARED_EXAMPLES if self.overlay is not None else MAX_EXAMPLES
 
-    def _session(self, session: str) -> _Session:
-        """The state of ``session`` (the shared one with a shared overlay); LRU-bounded."""
-        if self.overlay is not None:
-            return self._shared
-        with self._state_lock:
-            state = self._sessions.get(session)
-            if state is None:
-                state = self._sessions[session] = _Session({}, {})
-                while len(self._sessions) > MAX_SESSIONS:
-                    self._sessions.popitem(last=False)
-            self._sessions.move_to_end(session)
-            return state
+    def _row_budget(self) -> int:
+        return SHARED_ROW_BYTES if self.overlay is not None else SESSION_ROW_BYTES
 
-    def session_segmenter(self, session: str, name: str | None = None):
+    def session_segmenter(self, session: str, name: str | None = None, *, teach: bool = False):
         """The Segmenter of ``session`` for reference ``name``: the reference's Segmenter with
         the session's own overlay ([`Segmenter.with_overlay`][reme.inference.segmenter.Segmenter.with_overlay]),
-        or with the shared overlay folder when the backend has one.
+        or with the shared overlay folder when the backend has one. A session that never
+        taught gets the reference's own Segmenter (no examples) and takes no slot, unless
+        ``teach`` (then it is given one).
 
         Raises:
             KeyError: unknown reference name.
+            CapacityError: ``teach`` and every teaching slot is in use (`SESSION_IDLE_S`).
         """
         name = name or self.default_reference
         base = self.segmenter(name)
-        state = self._session(session)
+        state = self._sessions.claim(session) if teach else self._sessions.get(session)
+        if state is None:
+            return base
         with self._state_lock:
             seg = state.segmenters.get(name)
             if seg is None:
                 seg = state.segmenters[name] = base.with_overlay(self.overlay)
                 state.records[name] = self._records(seg)
             return seg
+
+    def memory(self) -> dict[str, int]:
+        """Bytes the demo holds besides the loaded reference sets and encoders: ``sessions``
+        (teaching sessions), ``rows`` (their overlay rows, estimated as float32 embedding +
+        `ROW_OVERHEAD_BYTES`), ``thumbs`` (their thumbnails), ``results`` (kept results, the
+        references they searched counted once), ``total`` and ``budget`` (`MEMORY_BUDGET_BYTES`)."""
+        with self._state_lock:
+            states = self._sessions.all()
+            rows = sum(self._rows_bytes(seg) for st in states for seg in st.segmenters.values())
+            thumbs = sum(st.thumb_bytes() for st in states)
+            results = self._results_bytes()
+        return {"sessions": len(self._sessions), "rows": rows, "thumbs": thumbs, "results": results,
+                "total": rows + thumbs + results, "budget": MEMORY_BUDGET_BYTES}
+
+    @staticmethod
+    def _rows_bytes(seg) -> int:
+        n = sum(int(e["rows"]) for e in seg.examples())
+        return n * (int(seg.reference.S_ref.shape[1]) * 4 + ROW_OVERHEAD_BYTES)
+
+    def _results_bytes(self) -> int:
+        seen = self._shared_ids()
+        return sum(nbytes(r, seen) for r in list(self._results.values()))
 
     @contextmanager
     def _turn(self):
@@ -401,11 +277,9 @@ class DemoBackend:
         t0 = time.time()
         rid = uuid.uuid4().hex[:12]
         res = seg.predict(small, classes, return_evidence=True)
-        searched = seg.merged_reference()
-        self._results[rid] = _Result(small, res.segment_ids, res.label_map, res.segment_scores, res.classes,
-                                     res.evidence, name, classes, session, image_name, searched)
-        while len(self._results) > MAX_RESULTS:
-            self._results.popitem(last=False)
+        self._keep(rid, _Result(small, _compact(res.segment_ids), _compact(res.label_map), res.segment_scores,
+                                res.classes, res.evidence, name, classes, session, image_name,
+                                self._searched(seg, session, name)))
         secs = time.time() - t0
         colors = class_colors(len(res.classes))
         pixels = np.bincount(res.label_map.ravel(), minlength=len(res.classes))
@@ -416,6 +290,32 @@ class DemoBackend:
                 "overlay": png_data_url(blend(small, res.label_map, len(res.classes))),
                 "legend": legend, "num_segments": int(res.segment_scores.shape[0]), "seconds": round(secs, 2),
                 "reference": name, "resized": False, "classes": classes, "examples": len(seg.examples())}
+
+    def _keep(self, rid: str, result: _Result) -> None:
+        """Keep ``result``; the oldest go while over `MAX_RESULTS` or `RESULTS_BYTES` (the newest stays)."""
+        seen = self._shared_ids() | {id(r.searched) for r in self._results.values()}  # a shared merge counts once
+        self._results[rid] = result
+        self._result_bytes = {k: v for k, v in self._result_bytes.items() if k in self._results}
+        self._result_bytes[rid] = nbytes(result, seen)
+        while len(self._results) > 1 and (len(self._results) > MAX_RESULTS
+                                          or sum(self._result_bytes.values()) > RESULTS_BYTES):
+            self._result_bytes.pop(self._results.popitem(last=False)[0], None)
+
+    def _shared_ids(self) -> set:
+        """Ids of the loaded reference sets and their arrays (not counted in a result's bytes)."""
+        seen = {id(v) for seg in self._segmenters.values() for v in vars(seg.reference).values()}
+        return seen | {id(seg.reference) for seg in self._segmenters.values()}
+
+    def _searched(self, seg, session: str, name: str):
+        """``seg.merged_reference()``, one object per session and overlay state (results share it)."""
+        state = self._sessions.get(session) if seg is not self._segmenters.get(name) else None
+        if state is None:
+            return seg.merged_reference()
+        key = tuple(e["example_id"] for e in seg.examples())
+        old = state.searched.get(name)
+        if old is None or old[0] != key:
+            old = state.searched[name] = (key, seg.merged_reference())
+        return old[1]
 
     def _result(self, result_id: str, session: str) -> _Result:
         r = self._results.get(result_id)
@@ -463,8 +363,8 @@ class DemoBackend:
         classes, label = with_class(r.class_spec, label)
         check_classes(classes)
         with self._turn():
-            seg = self.session_segmenter(session, r.reference)
-            state = self._session(session)
+            seg = self.session_segmenter(session, r.reference, teach=True)
+            state = self._sessions.get(session)
             if len(seg.examples()) >= self._max_examples():
                 raise ValueError(f"this {'shared overlay' if self.overlay else 'session'} holds "
                                  f"{self._max_examples()} examples, the demo's limit; undo some first")
@@ -474,7 +374,11 @@ class DemoBackend:
                                    save=self.overlay is not None)
             if not eid:  # cannot happen for a segment of the result; said plainly if it does
                 raise ValueError(f"segment {segment_id} selects no pixels of the photo")
-            state.images[image_name] = r.image
+            if self.overlay is None and self._rows_bytes(seg) > self._row_budget():
+                seg.remove_examples(eid)
+                raise ValueError(f"this session's examples would take more than {self._row_budget() / 2**20:.0f} MiB, "
+                                 "the demo's limit; undo some first")
+            self._thumbnails(state, seg, r.image, image_name)
             records = state.records[r.reference] = self._records(seg)
             t1 = time.time()
             result = self._predict(seg, r.image, classes, r.reference, session, r.image_name) if resegment else None
@@ -498,10 +402,13 @@ class DemoBackend:
         name = r.reference if r is not None else (reference or self.default_reference)
         self.segmenter(name)
         with self._turn():
+            state = self._sessions.get(session)
+            if state is None:
+                raise KeyError("this session has taught no examples")
             seg = self.session_segmenter(session, name)
             n = seg.remove_examples(example_id or None, save=self.overlay is not None)
-            self._forget_images(session)
-            records = self._session(session).records[name] = self._records(seg)
+            self._thumbnails(state, seg)
+            records = state.records[name] = self._records(seg)
             result = self._predict(seg, r.image, r.class_spec, name, session, r.image_name) if r is not None else None
         return {"removed": n, "examples": records, "result": result}
 
@@ -515,10 +422,11 @@ class DemoBackend:
         name = reference or self.default_reference
         if name not in self.references:
             raise KeyError(f"unknown reference set {name!r}; choose from {', '.join(self.references)}")
-        if self.overlay is None and session not in self._sessions:
-            return []  # a page load alone does not take a session slot from the others
+        state = self._sessions.get(session)
+        if state is None:
+            return []  # a page load or a segmentation takes no teaching slot
         self.session_segmenter(session, name)
-        return list(self._session(session).records[name])  # a snapshot, updated under the lock
+        return list(state.records[name])  # a snapshot, updated under the lock
 
     @staticmethod
     def _records(seg) -> list[dict[str, Any]]:
@@ -531,11 +439,18 @@ class DemoBackend:
                         "rows": e["rows"], "added": e["added"]})
         return out
 
-    def _forget_images(self, session: str) -> None:
-        state = self._session(session)
-        used = {x for s in state.segmenters.values() for x in s.overlay.images}
-        for k in [k for k in state.images if k not in used]:
-            del state.images[k]
+    def _thumbnails(self, state, seg, image: np.ndarray | None = None, image_name: str = "") -> None:
+        """Thumbnails of the taught rows: new ones of ``image_name`` cut from ``image`` (JPEG);
+        those of rows no longer taught dropped; the oldest dropped over `SESSION_THUMB_BYTES`."""
+        ref, m = seg.merged_reference(), seg.reference.num_segments
+        keys = [row_key(ref.segment_image[i], ref.segment_bbox[i]) for i in range(m, ref.num_segments)]
+        for k in keys:
+            if image is not None and k[0] == image_name and k not in state.thumbs:
+                state.thumbs[k] = jpeg_thumbnail(image, k[1:], quality=THUMB_QUALITY)
+        for other in (x for x in state.segmenters.values() if x is not seg):  # other reference sets
+            ref, m = other.merged_reference(), other.reference.num_segments
+            keys += [row_key(ref.segment_image[i], ref.segment_bbox[i]) for i in range(m, ref.num_segments)]
+        keep_thumbs(state, keys, SESSION_THUMB_BYTES)
 
     def evidence(self, result_id: str, x: int, y: int, session: str = "") -> dict[str, Any]:
         """Why the segment under pixel (x, y) got its label.
@@ -545,9 +460,10 @@ class DemoBackend:
             first), ``covered``, ``votes`` (A1 row: reference label, weight, the test class
             that label speaks for most in A2 (eq. 2), and that A2 weight), ``neighbours``
             (reference id, similarity, weight, labels, source image, bbox, stage (``example``
-            for a taught segment), ``thumb`` URL), ``highlight`` (PNG data URL with the segment
-            outlined), ``images_readable`` (False: the reference photos are not found here and
-            thumbnails are placeholders).
+            for a taught segment), ``thumb``: a crop's URL, or None when its photo is not here),
+            ``highlight`` (PNG data URL with the segment outlined), ``images_readable`` (False: no
+            folder of the reference photos is found here), ``photos_hint`` (one line on how to
+            show the missing crops, "" when none is missing).
 
         Raises:
             KeyError: unknown or expired result, or one of another session.
@@ -560,11 +476,19 @@ class DemoBackend:
         s = int(r.segment_ids[y, x])
         m = self.segmenter(r.reference).reference.num_segments
         rec = r.evidence.records(r.searched, [s])[0]
+        state, images = self._sessions.get(session), self._images[r.reference]
         for n in rec["neighbours"]:
-            n["thumb"] = (f"api/refcrop/{r.reference}/{n['reference_id']}.png" if n["reference_id"] < m
-                          else f"api/examplecrop/{result_id}/{n['reference_id']}.png")
-            if n["reference_id"] >= m and n.get("image", "").startswith("demo:"):
+            rid = n["reference_id"]
+            if rid < m:
+                shown = images.path(r.searched.segment_image[rid]) is not None
+                n["thumb"] = f"api/refcrop/{r.reference}/{rid}.png" if shown else None
+            else:
+                key = row_key(r.searched.segment_image[rid], r.searched.segment_bbox[rid])
+                shown = state is not None and key in state.thumbs
+                n["thumb"] = f"api/examplecrop/{result_id}/{rid}.png" if shown else None
+            if n.get("image", "").startswith("demo:"):
                 n["image"] = n["image"][5:].rsplit("#", 1)[0]
+        missing = any(n["thumb"] is None and n["reference_id"] < m for n in rec["neighbours"])
         rec["votes"] = [[lab, w, *cls] for (lab, w), cls in zip(rec["votes"], self._label_to_class(r, rec["votes"]))]
         probs = r.segment_scores[s]
         order = np.argsort(-probs)
@@ -574,9 +498,16 @@ class DemoBackend:
             "area": int((r.segment_ids == s).sum()),
             "highlight": png_data_url(blend(r.image, r.label_map, len(r.classes), outline=r.segment_ids == s)),
             "logit_scale": r.evidence.logit_scale, "support": r.evidence.support,
-            "images_readable": self._images[r.reference].readable,
+            "images_readable": images.readable,
+            "photos_hint": self._photos_hint(r.reference) if missing else "",
         })
         return rec
+
+    def _photos_hint(self, name: str) -> str:
+        """One line: how to show crops of a reference set whose photos are not here."""
+        root = self.segmenter(name).reference.manifest.get("image_root") or "the folder of its photos"
+        return (f"No crops: the photos this reference set was built from are not here (manifest image_root: "
+                f"{root}); to show them, start the demo with --image-root DIR for each such folder.")
 
     def _label_to_class(self, r: _Result, votes) -> list[tuple[str, float]]:
         """For each voting reference label, its best test class in A2 (eq. 2) and that weight."""
@@ -599,8 +530,8 @@ class DemoBackend:
         return [(names[b], round(float(A2[i, b]), 5)) for i, b in enumerate(best)]
 
     def example_crop(self, session: str, result_id: str, segment_id: int, size: int = THUMB) -> Image.Image:
-        """Thumbnail of a taught segment (an overlay row) that a kept result searched: a crop of
-        the photo it was taught on while the session holds it, else a placeholder tile.
+        """Thumbnail of a taught segment (an overlay row) that a kept result searched: the crop
+        cut when it was taught while the session keeps it, else a placeholder tile.
 
         Raises:
             KeyError: unknown or expired result. IndexError: not an overlay row of that result.
@@ -611,10 +542,12 @@ class DemoBackend:
         if not m <= segment_id < ref.num_segments:
             raise IndexError(f"segment id {segment_id} is not a taught segment ([{m}, {ref.num_segments}))")
         name = ref.segment_image[segment_id]
-        pixels = self._session(session).images.get(name)
-        if pixels is None:
-            return placeholder_thumbnail(size, detail=name.removeprefix("demo:").rsplit("#", 1)[0])
-        return crop_thumbnail(pixels, ref.segment_bbox[segment_id], size)
+        state = self._sessions.get(session)
+        data = state.thumbs.get(row_key(name, ref.segment_bbox[segment_id])) if state is not None else None
+        if data is None:
+            return placeholder_thumbnail(size, "thumbnail dropped", name.removeprefix("demo:").rsplit("#", 1)[0])
+        tile = decode_thumb(data)
+        return tile if tile.width == size else tile.resize((size, size))
 
     def reference_crop(self, reference: str, segment_id: int, size: int = THUMB) -> Image.Image:
         """Thumbnail of one reference segment (a placeholder tile when its photo is unreadable).

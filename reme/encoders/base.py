@@ -1,9 +1,9 @@
 """Encoder interfaces shared by every backend.
 
 A *visual encoder* maps an RGB image to a dense feature map; segment embeddings are
-obtained from it by mask average pooling (METHOD.md step 6, ``reme.encoders.pooling``).
-A *text encoder* maps strings to L2-normalised vectors (METHOD.md step 5).
-A *captioner* maps an image to one or more captions (METHOD.md step 2).
+obtained from it by mask average pooling (docs/method.md step 6, ``reme.encoders.pooling``).
+A *text encoder* maps strings to L2-normalised vectors (docs/method.md step 5).
+A *captioner* maps an image to one or more captions (docs/method.md step 2).
 
 Backends live in sibling modules (``classical``, ``clip``, ``dinov2``, ``minilm``,
 ``captioners``) and are created through
@@ -55,7 +55,7 @@ class VisualEncoder(ABC):
 
     def segment_embeddings(self, features: torch.Tensor, seg: np.ndarray, normalize: bool = True,
                            image: np.ndarray | None = None) -> torch.Tensor:
-        """Segment embeddings S_k from `dense_features` (METHOD.md step 6).
+        """Segment embeddings S_k from `dense_features` (docs/method.md step 6).
 
         Default: mask average pooling
             ([`reme.encoders.pooling.mask_average_pool`][reme.encoders.pooling.mask_average_pool]). Encoders that
@@ -104,7 +104,7 @@ class TextEncoder(ABC):
 
 
 class Captioner(ABC):
-    """Image captioner (METHOD.md step 2)."""
+    """Image captioner (docs/method.md step 2)."""
 
     spec: str
 
@@ -124,4 +124,4 @@ class Captioner(ABC):
 
 class CLIPModel(VisualEncoder, TextEncoder):
     """An image-text model usable both as visual encoder (dense, text-aligned patch
-    features) and as text encoder; needed for the pairing step (METHOD.md step 4)."""
+    features) and as text encoder; needed for the pairing step (docs/method.md step 4)."""

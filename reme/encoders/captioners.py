@@ -1,4 +1,4 @@
-"""Captioners for the reference-set build (METHOD.md step 2).
+"""Captioners for the reference-set build (docs/method.md step 2).
 
 ReME describes every reference image with a captioner and mines noun phrases from the text
 (step 3). The paper's default is LLaVA-1.5 with a fixed detailed-description prompt
@@ -28,7 +28,7 @@ from reme.encoders.base import Captioner
 
 logger = logging.getLogger(__name__)
 
-#: The paper's LLaVA-1.5 captioning prompt, verbatim (METHOD.md step 2).
+#: The paper's LLaVA-1.5 captioning prompt, verbatim (docs/method.md step 2).
 LLAVA_PROMPT: str = (
     "Describe this image in detail. Mention all visible objects, their parts, context and "
     "attributes such as size, colour and texture. Also describe the background/foreground "
@@ -110,7 +110,7 @@ class _HFCaptioner(Captioner):
 
 
 class LLaVACaptioner(_HFCaptioner):
-    """LLaVA-1.5 with the paper's prompt and greedy decoding (METHOD.md step 2).
+    """LLaVA-1.5 with the paper's prompt and greedy decoding (docs/method.md step 2).
 
     Attributes:
         spec (str): canonical spec, e.g. ``"llava:llava-hf/llava-1.5-7b-hf"``.
@@ -178,7 +178,7 @@ class LLaVACaptioner(_HFCaptioner):
 
 
 class BLIPCaptioner(_HFCaptioner):
-    """BLIP image captioning (the lighter alternative of METHOD.md step 2).
+    """BLIP image captioning (the lighter alternative of docs/method.md step 2).
 
     Attributes:
         spec (str): canonical spec, e.g. ``"blip:Salesforce/blip-image-captioning-base"``.

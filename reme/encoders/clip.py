@@ -1,6 +1,6 @@
 """CLIP through open_clip: text embeddings and MaskCLIP-style dense patch features.
 
-ReME uses CLIP for the initial segment/phrase pairing (METHOD.md step 4: "Embed segments and
+ReME uses CLIP for the initial segment/phrase pairing (docs/method.md step 4: "Embed segments and
 phrases with CLIP (ViT-B by default)") and optionally as the visual encoder of the reference set
 (step 6: "CLIP-B/L, DINOv2-B work too"). Segment embeddings come from mask average pooling of a
 dense feature map, so the visual tower must give one embedding per patch *in the joint
@@ -256,7 +256,7 @@ class OpenCLIPEncoder(_hub.PatchGridInput, CLIPModel):
 
         Uses open_clip's eval transform of the tag (resize, centre crop, normalise), so the
         result equals ``model.encode_image(preprocess(img))``. Used for region embeddings of
-        clustering proposals (Split Matching, METHOD.md "Related systems").
+        clustering proposals (Split Matching, docs/method.md "Related systems").
 
         Args:
             images: n arrays, each (H, W, 3) uint8 RGB.
@@ -286,7 +286,7 @@ class OpenCLIPEncoder(_hub.PatchGridInput, CLIPModel):
         return _l2_rows(torch.cat(out).numpy())
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed strings with the CLIP text tower (METHOD.md step 4/5).
+        """Embed strings with the CLIP text tower (docs/method.md step 4/5).
 
         Args:
             texts: n strings (a single ``str`` is rejected, it would be split into characters).

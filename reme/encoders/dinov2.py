@@ -1,7 +1,7 @@
 """DINOv2 dense patch features through ``transformers`` (``dinov2:`` specs).
 
 ReME's default visual encoder for group-based filtering and retrieval is DINOv2 ViT-L/14
-(METHOD.md step 6: "DINOv2 > CLIP at equal size, L > B"); segment embeddings are mask average
+(docs/method.md step 6: "DINOv2 > CLIP at equal size, L > B"); segment embeddings are mask average
 pooled from its patch tokens. The patch tokens of ``last_hidden_state`` (after the final layer
 norm) are used; the CLS token and any register tokens (``Dinov2WithRegisters`` checkpoints) are
 dropped.
@@ -37,7 +37,7 @@ from reme.encoders.base import VisualEncoder
 logger = logging.getLogger(__name__)
 
 #: Default short side of the resized image, in pixels (chosen by us: 448 gives a 32-patch
-#: short side with /14 patches, and matches the field's ADE/Cityscapes protocol, METHOD.md).
+#: short side with /14 patches, and matches the field's ADE/Cityscapes protocol, docs/method.md).
 DEFAULT_IMAGE_SIZE: int = 448
 
 

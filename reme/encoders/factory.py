@@ -47,7 +47,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 #: Short names -> full specs. Defaults of the paper: CLIP ViT-B/16 for pairing, DINOv2 ViT-L/14
-#: for filtering and retrieval, LLaVA-1.5 for captions (METHOD.md steps 2, 4, 6).
+#: for filtering and retrieval, LLaVA-1.5 for captions (docs/method.md steps 2, 4, 6).
 ENCODER_ALIASES: dict[str, str] = {
     "classical": "classical",
     "minilm": "minilm",

@@ -10,7 +10,7 @@ space (``dim`` = PRIMARY's):
 1. `dense_features` runs both encoders and returns one grid on PRIMARY's (h, w) with the
    channels ``[phi_P | phi_Q]`` (SECONDARY's grid is resampled bilinearly to PRIMARY's).
 2. `segment_embeddings` mask-average-pools both halves over the same k segments of one
-   image (METHOD.md step 6), L2-normalises each, and fuses them with the closed-form random
+   image (docs/method.md step 6), L2-normalises each, and fuses them with the closed-form random
    walk ``F* = (1 - omega)(I - omega A)^-1 F_P`` over those k segments
    ([`reme.encoders.gfa.gfa_fuse`][reme.encoders.gfa.gfa_fuse]; a linear solve, O(k^3) per image).
 

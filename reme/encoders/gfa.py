@@ -1,6 +1,6 @@
 """Gradient-Free Aggregation (GFA, OVSNet arXiv 2506.16058) used without training.
 
-A random walk fuses two feature sets of the same n regions (METHOD.md, related systems):
+A random walk fuses two feature sets of the same n regions (docs/method.md, related systems):
 
     Z = lambda F_C F_Q^T                          (n x n affinity)
     A = Norm(Z) Norm(Z)^T, row-normalised         (random-walk transition matrix)

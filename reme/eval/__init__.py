@@ -1,13 +1,13 @@
 """Evaluation of reme the way the field measures training-free OVS (``reme eval``).
 
-* `reme.eval.datasets`: readers for the ten benchmarks of METHOD.md in their usual
+* `reme.eval.datasets`: readers for the ten benchmarks of docs/method.md in their usual
   on-disk layouts and a generic images + masks + ``classes.txt`` reader.
 * `reme.eval.protocol`: short-side resize, whole-image or sliding-window inference,
   background threshold, synonym max, "others" threshold.
 * `reme.eval.runner`: `evaluate` (streamed confusion matrix -> mIoU, per-class IoU,
   pixel accuracy, mean accuracy; JSON, Markdown, confusion-matrix PNG, side-by-side PNGs).
 * `reme.eval.openbench`: vocabulary overlap, distractor sweep, "others" analysis
-  (OVSNet / OpenBench lessons in METHOD.md).
+  (OVSNet / OpenBench lessons in docs/method.md).
 * `reme.eval.ablation`: reference-set variants with build stages switched on/off.
 
 Example::

@@ -1,4 +1,4 @@
-"""Ablations of the reference-set build stages (METHOD.md Part 1, steps 7-9).
+"""Ablations of the reference-set build stages (docs/method.md Part 1, steps 7-9).
 
 Two runners, each giving one table:
 
@@ -125,7 +125,7 @@ def apply_stages(ref: ReferenceSet, pair_label: np.ndarray | None = None, *, gro
                  knee_max_rank: int = KNEE_MAX_RANK, knee_max_removed_share: float = KNEE_MAX_REMOVED_SHARE,
                  k_sim: int = 0, relabel: bool = False,
                  relabel_min_similarity: float = 0.5) -> tuple[ReferenceSet, np.ndarray, dict]:
-    """Steps 7-9 of METHOD.md applied to a reference set's pairs, the label text as root noun,
+    """Steps 7-9 of docs/method.md applied to a reference set's pairs, the label text as root noun,
     with the build's own stage functions (`reme.build._global_stages` over an
     `reme.build._global_stages.ArrayReader` of S_ref): the group filter
     (``streaming_group_filter``), relabel (``streaming_relabel``), the knee filter

@@ -7,7 +7,7 @@ ground truth is the ignore index are skipped, classes absent from both ground tr
 prediction get IoU NaN and are left out of the mean.
 
 Predictions may use labels beyond the evaluated classes (an "others" answer, or a distractor
-class added at inference, METHOD.md OpenBench): give the matrix ``num_pred_classes`` columns
+class added at inference, docs/method.md OpenBench): give the matrix ``num_pred_classes`` columns
 and `scores_from_confusion` scores only the first ``num_classes`` rows; a pixel
 predicted as such an extra label is a false negative of its ground-truth class and a false
 positive of no evaluated class.

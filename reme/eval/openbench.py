@@ -1,4 +1,4 @@
-"""OpenBench-style robustness analyses (OVSNet, arXiv 2506.16058; METHOD.md "Related systems").
+"""OpenBench-style robustness analyses (OVSNet, arXiv 2506.16058; docs/method.md "Related systems").
 
 * `vocabulary_overlap`: how well a reference set's label vocabulary covers a
   benchmark's classes: mean over classes of the max cosine similarity between the class and

@@ -1,4 +1,4 @@
-"""Retrieval-based inference, METHOD.md Part 2, eqs. 1-3.
+"""Retrieval-based inference, docs/method.md Part 2, eqs. 1-3.
 
     A1    = softmax(tau1 * S_test S_ref^T, axis=1) O_ref     (k x n)   eq. 1
     A2    = softmax(tau2 * L_ref L_test^T, axis=1)           (n x c)   eq. 2

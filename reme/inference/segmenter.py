@@ -1,5 +1,5 @@
 """``Segmenter``: open-vocabulary semantic segmentation of one image by retrieval
-(METHOD.md Part 2)."""
+(docs/method.md Part 2)."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ class SegmentationResult:
 
 
 class Segmenter:
-    """Training-free open-vocabulary segmenter (ReME inference, METHOD.md Part 2).
+    """Training-free open-vocabulary segmenter (ReME inference, docs/method.md Part 2).
 
     Args:
         reference: a reference folder path or a loaded
@@ -121,7 +121,7 @@ class Segmenter:
         label_logit_scale: tau2 of eq. 2's softmax (paper form: 1.0). Default 50, chosen by us.
         top_k: restrict eq. 1's softmax to the top_k nearest reference segments; None = all
             (paper form). Default 10, chosen by us.
-        templates: prompt templates for class names; None = the manifest's (METHOD step 5).
+        templates: prompt templates for class names; None = the manifest's (docs/method.md step 5).
         allow_encoder_mismatch: use encoders whose spec differs from the manifest's (same
             dimension still required); for local copies of the same weights.
         device: "cpu", "cuda", ... or None (CUDA if available).
@@ -135,7 +135,7 @@ class Segmenter:
             of 200k+ segments), ~30-100x faster at 1e6 segments (docs/performance.md).
         proposals: class-agnostic proposal generator for the test image
             ([`reme.proposals.ProposalGenerator`][reme.proposals.ProposalGenerator]): "felzenszwalb"
-            (METHOD.md step 1), "cluster" (Split Matching's k-means over the visual encoder's dense
+            (docs/method.md step 1), "cluster" (Split Matching's k-means over the visual encoder's dense
             features, [`reme.proposals.cluster`][reme.proposals.cluster]), or "sam" / "sam:MODEL"
             (SAM automatic masks, 32 x 32 grid, [`reme.proposals.sam`][reme.proposals.sam]; hub id
             or local folder, default facebook/sam-vit-huge). None (default) = the method the
@@ -376,7 +376,7 @@ class Segmenter:
 
     def _label_rows(self, labels: list[str]) -> dict[str, np.ndarray]:
         """L_ref rows for ``labels``: the base's row for a label it has (reused, so A2 of that
-        label is unchanged), else the text encoder's template-ensembled embedding (METHOD step 5)."""
+        label is unchanged), else the text encoder's template-ensembled embedding (docs/method.md step 5)."""
         have = {t: j for j, t in enumerate(self.reference.labels)}
         out = {t: np.asarray(self.reference.L_ref[have[t]], np.float32) for t in labels if t in have}
         new = [t for t in labels if t not in have]

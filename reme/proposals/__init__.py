@@ -1,4 +1,4 @@
-"""Class-agnostic segment proposals (METHOD.md Part 1 step 1, Part 2 first line).
+"""Class-agnostic segment proposals (docs/method.md Part 1 step 1, Part 2 first line).
 
 Felzenszwalb graph segmentation (``skimage.segmentation.felzenszwalb``) partitions the image;
 a partition is stored as one (H, W) int32 *segment-id map* (ids 0..k-1), which is both the
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from skimage.segmentation import felzenszwalb
 
-#: FreeDA settings per dataset style (METHOD.md step 1): (scale, sigma, min_size).
+#: FreeDA settings per dataset style (docs/method.md step 1): (scale, sigma, min_size).
 FELZENSZWALB_PRESETS: dict[str, tuple[float, float, int]] = {
     "default": (100.0, 1.0, 20),
     "voc": (100.0, 0.7, 20),
@@ -44,7 +44,7 @@ def felzenszwalb_segments(image: np.ndarray, params: FelzenszwalbParams = Felzen
     """Felzenszwalb partition of an RGB image (Felzenszwalb & Huttenlocher, IJCV 2004).
 
     Args:
-        image: (H, W, 3) uint8 RGB; converted to float in [0, 1] as METHOD.md step 1 asks.
+        image: (H, W, 3) uint8 RGB; converted to float in [0, 1] as docs/method.md step 1 asks.
         params: scale / sigma / min_size.
 
     Returns:
@@ -143,7 +143,7 @@ def proposal_label_counts(props: Proposals, label_map: np.ndarray, num_labels: i
 
 def majority_pieces(props: Proposals, label_map: np.ndarray, num_labels: int,
                     min_purity: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """The proposals a label map annotates: GT mode's segments (METHOD.md, GT mode) and the
+    """The proposals a label map annotates: GT mode's segments (docs/method.md, GT mode) and the
     pieces of an added example ([`reme.reference.overlay`][reme.reference.overlay]).
 
     A proposal is kept when its majority label covers at least ``min_purity`` of its area.
@@ -180,7 +180,7 @@ def check_proposal_method(method: str) -> str:
 
 
 class ProposalGenerator:
-    """Class-agnostic proposals by method name (METHOD.md step 1 and its options).
+    """Class-agnostic proposals by method name (docs/method.md step 1 and its options).
 
     Args:
         method: ``"felzenszwalb"`` (default; FreeDA settings), ``"cluster"`` (Split Matching's

@@ -1,4 +1,4 @@
-"""SAM automatic-mask proposals (METHOD.md step 1 option).
+"""SAM automatic-mask proposals (docs/method.md step 1 option).
 
 Segment Anything's automatic mask generator prompts the model with a regular point grid
 (32 x 32 in the paper's setting) and keeps the masks that pass its predicted-IoU and

@@ -1,4 +1,4 @@
-"""The reference set {S_ref, O_ref, L_ref} in memory and on disk (METHOD.md step 10).
+"""The reference set {S_ref, O_ref, L_ref} in memory and on disk (docs/method.md step 10).
 
 On-disk layout of a reference folder (format version 2)::
 

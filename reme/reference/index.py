@@ -1,4 +1,4 @@
-"""FAISS index over S_ref (METHOD.md step 10) for top-k retrieval.
+"""FAISS index over S_ref (docs/method.md step 10) for top-k retrieval.
 
 The index only proposes candidate neighbours; [`reme.inference.retrieval.rescore`][reme.inference.retrieval.rescore]
 recomputes their inner products exactly from S_ref, so a compressed index changes which candidates

@@ -1,5 +1,5 @@
 """``reme inspect``: a report folder that shows what a reference set holds and what its build
-removed (METHOD.md steps 7-10).
+removed (docs/method.md steps 7-10).
 
 Report layout::
 
@@ -360,7 +360,7 @@ def _html(s: dict, syn, has_syn: bool) -> str:
     e = html.escape
     title = f"reme inspect: {s['reference'] or 'reference set'}"
     ran = s["knee_filter_ran"]
-    knee_txt = (f"The build's knee filter (METHOD step 8) removed {len(s['ambiguous_roots'])} root(s): "
+    knee_txt = (f"The build's knee filter (docs/method.md step 8) removed {len(s['ambiguous_roots'])} root(s): "
                 if ran else "This build did not run the knee filter (GT mode, or disabled); on these sizes it "
                             f"would remove {len(s['ambiguous_roots'])} root(s): ")
     img_note = ("" if s["images_readable"] else

@@ -101,13 +101,15 @@ async function showEvidence(ev) {
   }
 }
 
+const taught_word = (n) => n.source === "example" ? "taught on" : "from";
+
 function renderEvidence(d) {
   $("ev-title").textContent = `segment ${d.segment} → ${d.class}`;
   const support = d.support === null ? "all reference segments (paper form)" : `the ${d.support} nearest reference segments`;
   $("ev-info").textContent = `${d.area} px. Eq. 1 softmax (τ1 = ${d.logit_scale}) over ${support}; ` +
-    `the segments listed carry ${pct(d.covered)} of that weight.` +
-    (d.images_readable ? "" : " The reference set's source photos are not found on this machine, so the " +
-      "thumbnails are placeholders (start the demo with --image-root DIR pointing at them).");
+    `the segments listed carry ${pct(d.covered)} of that weight.`;
+  $("ev-photos").textContent = d.photos_hint || "";
+  $("ev-photos").hidden = !d.photos_hint;
   const cls = $("ev-classes").querySelector("tbody");
   cls.replaceChildren();
   for (const [c, p] of d.class_scores) cls.append(el("tr", {}, el("td", {}, c), el("td", {}, p.toFixed(3)), el("td", {}, bar(p))));
@@ -120,10 +122,12 @@ function renderEvidence(d) {
   const list = $("ev-neighbours");
   list.replaceChildren();
   d.neighbours.forEach((n, i) => {
-    const where = n.image ? `source photo ${n.image}, box [${n.bbox.join(", ")}], stage ${n.source}` : "";
+    const [bx, by, bw, bh] = n.bbox || [0, 0, 0, 0];
+    const where = n.image ? `${taught_word(n)} ${n.image}, box ${bw}×${bh} at (${bx}, ${by}), stage ${n.source}` : "";
     const taught = n.source === "example";
-    list.append(el("li", {}, el("div", { class: "neighbour" },
-      el("img", { src: n.thumb, alt: `reference segment ${n.reference_id}`, loading: "lazy" }),
+    const tile = n.thumb ? el("img", { src: n.thumb, alt: `reference segment ${n.reference_id}`, loading: "lazy" })
+      : el("span", { class: "rank-big", title: "photo not on this machine" }, `${i + 1}`);
+    list.append(el("li", {}, el("div", { class: n.thumb ? "neighbour" : "neighbour nophoto" }, tile,
       el("div", {},
         el("div", {}, el("span", { class: "rank" }, `${i + 1}. `),
           el("span", { class: "ref-labels" }, n.labels.join(", ") || "(no label)"),
