@@ -1,4 +1,4 @@
-"""Build stages of METHOD.md Part 1 on constructed data where the answer is known."""
+"""Build stages of docs/method.md Part 1 on constructed data where the answer is known."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Ambiguous-label knee filter (METHOD.md step 8) on Zipf-shaped group sizes, as caption
+"""Ambiguous-label knee filter (docs/method.md step 8) on Zipf-shaped group sizes, as caption
 builds produce them (issue 13)."""
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def _whole_and_left_half(self, image):
 
 
 def test_sam_proposals_in_gt_and_caption_builds(tiny_sam, tiny_clip, tmp_path, monkeypatch):
-    """METHOD.md step 1's SAM option in the build: overlapping masks are labelled, pooled and
+    """docs/method.md step 1's SAM option in the build: overlapping masks are labelled, pooled and
     paired as masks; the manifest records the method and the Segmenter uses it by default."""
     import json
 

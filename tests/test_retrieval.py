@@ -1,4 +1,4 @@
-"""Eqs. 1-3 (METHOD.md Part 2) against a direct NumPy transcription of the paper's Alg. A1."""
+"""Eqs. 1-3 (docs/method.md Part 2) against a direct NumPy transcription of the paper's Alg. A1."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Synonym enrichment (METHOD.md step 9): compound roots are not synonyms of their head (issue 13)."""
+"""Synonym enrichment (docs/method.md step 9): compound roots are not synonyms of their head (issue 13)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Readers for the benchmarks of METHOD.md in their usual on-disk layouts, plus a generic
+"""Readers for the benchmarks of docs/method.md in their usual on-disk layouts, plus a generic
 images + index-mask reader.
 
 Every reader yields `Sample` records (image path, mask path) and decodes masks to one
