@@ -104,12 +104,22 @@ def matmul_gflops(m: int, k: int, n: int, repeats: int = 20) -> float:
 
 
 def encoder_flops(encoder, image: np.ndarray) -> int:
-    """FLOPs of one ``dense_features`` call (matmuls, convolutions, attention)."""
+    """FLOPs of one ``dense_features`` call (matmuls, convolutions, attention).
+
+    torch's counter does not see the CPU's fused attention kernel; for a ViT (``model.encoder.
+    layer``) whose attention was not counted, 4 T^2 d per block (QK^T and AV, T tokens) is added.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        encoder.dense_features(image)
-    return int(counter.get_total_flops())
+        feats = encoder.dense_features(image)
+    flops = int(counter.get_total_flops())
+    ops = " ".join(str(k) for k in counter.get_flop_counts().get("Global", {}))
+    blocks = getattr(getattr(getattr(encoder, "model", None), "encoder", None), "layer", None)
+    if blocks is not None and "attention" not in ops and "bmm" not in ops:
+        tokens = feats.shape[0] * feats.shape[1] + 1 + int(getattr(encoder, "num_register_tokens", 0))
+        flops += 4 * tokens * tokens * encoder.dim * len(blocks)
+    return flops
 
 
 def cli_wall(args: list[str], env: dict) -> float:

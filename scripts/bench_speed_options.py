@@ -120,8 +120,9 @@ def main() -> None:
     ap.add_argument("--split", default="val", choices=["train", "val"])
     ap.add_argument("--frames", type=int, default=20)
     ap.add_argument("--precisions", default="bf16")
-    ap.add_argument("--max-pixels", default="267456,133728,66864",
-                    help="comma-separated; 267456 = 448 x 597, the encoder's input for a 960x720 frame")
+    ap.add_argument("--max-pixels", default="86400,43200,21600",
+                    help="comma-separated; CamVid frames here are 480 x 360 = 172800 pixels, so these are "
+                         "1/2, 1/4 (half the side) and 1/8 of a frame")
     args = ap.parse_args()
     from reme.threads import apply_threads
 

@@ -40,6 +40,13 @@ class FelzenszwalbParams:
         return cls(*FELZENSZWALB_PRESETS[name])
 
 
+#: Felzenszwalb's ``scale`` at a reduced working size is multiplied by (area factor) ** this:
+#: on 10 CamVid train frames at half the side, exponent 0 / 0.15 / 0.25 / 0.5 / 1 gave median
+#: 292 / 342 / 383 / 503 / 876 segments against 354 at full size; 0.15 is the closest
+#: (scripts/bench_speed_options.py, docs/performance.md).
+SCALE_AREA_EXPONENT: float = 0.15
+
+
 def felzenszwalb_segments(image: np.ndarray, params: FelzenszwalbParams = FelzenszwalbParams(),
                           max_pixels: int | None = None) -> np.ndarray:
     """Felzenszwalb partition of an RGB image (Felzenszwalb & Huttenlocher, IJCV 2004).
@@ -48,8 +55,9 @@ def felzenszwalb_segments(image: np.ndarray, params: FelzenszwalbParams = Felzen
         image: (H, W, 3) uint8 RGB; converted to float in [0, 1] as METHOD.md step 1 asks.
         params: scale / sigma / min_size.
         max_pixels: None (default) segments at full size. Else an image over this many pixels
-            is segmented at a size of about ``max_pixels`` (area factor a): ``scale`` and
-            ``min_size`` times a (both count pixels of a component), ``sigma`` times sqrt(a);
+            is segmented at a size of about ``max_pixels`` (area factor a): ``min_size``
+            times a, ``sigma`` times sqrt(a), ``scale`` times a ** `SCALE_AREA_EXPONENT`
+            (chosen on CamVid train frames so that the segment count stays that of full size);
             the ids are brought back to (H, W) by nearest neighbour. Opt-in speed option,
             measured in docs/performance.md.
 
@@ -74,7 +82,7 @@ def felzenszwalb_segments(image: np.ndarray, params: FelzenszwalbParams = Felzen
     sh, sw = max(round(h * f), 1), max(round(w * f), 1)
     a = sh * sw / (h * w)
     small = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((sw, sh), Image.BILINEAR))
-    seg = felzenszwalb(small.astype(np.float32) / 255.0, scale=params.scale * a, sigma=params.sigma * a ** 0.5,
+    seg = felzenszwalb(small.astype(np.float32) / 255.0, scale=params.scale * a ** SCALE_AREA_EXPONENT, sigma=params.sigma * a ** 0.5,
                        min_size=max(int(round(params.min_size * a)), 1), channel_axis=-1)
     rows = np.minimum((np.arange(h) * sh) // h, sh - 1)
     cols = np.minimum((np.arange(w) * sw) // w, sw - 1)
