@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def miou(pairs, num_classes: int) -> float:
 
 
 def run_precision(args, data, classes) -> None:
+    """One predict per frame and variant; the encoder's output and time are taken from inside
+    it (the frame's fp32 features are kept for the cosine). Running rows on stderr."""
     import torch
 
     from reme.inference.segmenter import Segmenter
@@ -63,24 +66,33 @@ def run_precision(args, data, classes) -> None:
     for p in args.precisions.split(","):
         variants[p] = Segmenter(args.reference, device="cpu", view_cache_size=0, text_encoder=base.text_encoder,
                                 visual_encoder=f"{spec},precision={p}")
-    feats32 = []
+    feats32: list = []
     for name, seg in variants.items():
+        enc = seg.visual_encoder
+        inner, seen = enc.dense_features, {}
+
+        def recorded(image, inner=inner, seen=seen):
+            t0 = time.perf_counter()
+            out = inner(image)
+            seen["s"], seen["f"] = time.perf_counter() - t0, out
+            return out
+
+        enc.dense_features = recorded
         cos, enc_s, pairs = [], [], []
         for i, (img, gt) in enumerate(data):
-            with torch.inference_mode():
-                t0 = time.perf_counter()
-                f = seg.visual_encoder.dense_features(img)
-                enc_s.append(time.perf_counter() - t0)
-            f = f.reshape(-1, f.shape[-1])
+            pairs.append((gt, seg.predict(img, classes).label_map))
+            f = seen["f"].reshape(-1, seen["f"].shape[-1])
+            enc_s.append(seen["s"])
             if name == "fp32":
                 feats32.append(f)
             cos.append(torch.nn.functional.cosine_similarity(f, feats32[i], dim=1))
-            pairs.append((gt, seg.predict(img, classes).label_map))
-        c = torch.cat(cos)
-        print(json.dumps({"variant": name, "encoder_s_median": round(float(np.median(enc_s)), 3),
-                          "cosine_mean": round(float(c.mean()), 6), "cosine_min": round(float(c.min()), 6),
-                          "miou": round(miou(pairs, len(classes)), 2), "frames": len(data),
-                          "load_avg": round(os.getloadavg()[0], 2)}), flush=True)
+            c = torch.cat(cos)
+            row = {"variant": name, "encoder_s_median": round(float(np.median(enc_s)), 3),
+                   "cosine_mean": round(float(c.mean()), 6), "cosine_min": round(float(c.min()), 6),
+                   "miou": round(miou(pairs, len(classes)), 2), "frames": len(pairs),
+                   "load_avg": round(os.getloadavg()[0], 2)}
+            print(json.dumps(row), file=sys.stderr, flush=True)
+        print(json.dumps(row), flush=True)
 
 
 def run_proposals(args, data, classes) -> None:
@@ -105,6 +117,8 @@ def run_proposals(args, data, classes) -> None:
             if seg is not None:
                 seg.proposer.max_pixels = mp
                 pred.append((gt, seg.predict(img, classes).label_map))
+                print(f"max_pixels {mp}: {len(pred)} frames, mIoU so far {miou(pred, len(classes)):.2f}",
+                      file=sys.stderr, flush=True)
         row = {"max_pixels": mp, "proposals_s_median": round(float(np.median(times)), 3),
                "k_median": int(np.median(ks)), "oracle_miou": round(miou(oracle, len(classes)), 2),
                "split": args.split, "frames": len(data), "load_avg": round(os.getloadavg()[0], 2)}
