@@ -5,12 +5,14 @@ Library code never changes torch's process-wide thread count; an entry point cal
 
 1. the ``threads`` argument (a positive int);
 2. ``$REME_THREADS`` (a positive int, or ``auto``);
-3. ``auto``: every core this process may run on (``os.sched_getaffinity``) when the machine
-   is idle enough, else 1. "Idle enough" means the 1-minute load average leaves at least one
-   core free per extra thread: ``threads = clamp(cores - floor(load1), 1, cores)``. On a loaded
-   machine a second torch thread mostly waits for its peer at every parallel region (measured
-   in docs/performance.md: DINOv2's element-wise ops took 20x longer on 2 threads than on 1
-   under load 8), so one thread is faster there.
+3. ``auto``: the cores this process may run on (``os.sched_getaffinity``) less the cores other
+   work keeps busy, ``threads = clamp(cores - floor(max(load1 - 1, 0)), 1, cores)``: a load of
+   up to one more than idle is tolerated (it is often the user's own previous command), above
+   that each unit of load takes a thread away. On a loaded machine a second torch thread
+   mostly waits for its peer at every parallel region (docs/performance.md: under load 20 the
+   encoder ran at 2.9x its FLOP floor on 2 threads, 1.85x on 1; issue 20 saw element-wise ops
+   20x slower on 2 threads at load 8), so one thread is as fast or faster there, and it leaves
+   the other core to the other work.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def available_cores() -> int:
 
 
 def auto_threads(cores: int | None = None, load1: float | None = None) -> int:
-    """The ``auto`` policy: ``clamp(cores - floor(load1), 1, cores)``.
+    """The ``auto`` policy: ``clamp(cores - floor(max(load1 - 1, 0)), 1, cores)``.
 
     Args:
         cores: usable cores (default `available_cores`).
@@ -50,7 +52,7 @@ def auto_threads(cores: int | None = None, load1: float | None = None) -> int:
             load1 = os.getloadavg()[0]
         except OSError:  # pragma: no cover
             load1 = 0.0
-    return min(max(cores - math.floor(max(float(load1), 0.0)), 1), cores)
+    return min(max(cores - math.floor(max(float(load1) - 1.0, 0.0)), 1), cores)
 
 
 def choose_threads(threads: int | str | None = None) -> int:

@@ -12,9 +12,10 @@ from reme import threads
 
 def test_auto_policy_leaves_loaded_cores_alone():
     assert threads.auto_threads(cores=2, load1=0.3) == 2
-    assert threads.auto_threads(cores=2, load1=1.2) == 1
+    assert threads.auto_threads(cores=2, load1=1.2) == 2  # one unit of load is tolerated
+    assert threads.auto_threads(cores=2, load1=2.1) == 1
     assert threads.auto_threads(cores=2, load1=12.0) == 1
-    assert threads.auto_threads(cores=16, load1=3.5) == 13
+    assert threads.auto_threads(cores=16, load1=3.5) == 14
 
 
 def test_argument_beats_environment(monkeypatch):
