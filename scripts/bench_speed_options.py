@@ -54,8 +54,8 @@ def miou(pairs, num_classes: int) -> float:
 
 
 def run_precision(args, data, classes) -> None:
-    """One predict per frame and variant; the encoder's output and time are taken from inside
-    it (the frame's fp32 features are kept for the cosine). Running rows on stderr."""
+    """One predict per frame and variant (variants interleaved); the encoder's output and time
+    are taken from inside it. Running rows on stderr."""
     import torch
 
     from reme.inference.segmenter import Segmenter
@@ -66,32 +66,31 @@ def run_precision(args, data, classes) -> None:
     for p in args.precisions.split(","):
         variants[p] = Segmenter(args.reference, device="cpu", view_cache_size=0, text_encoder=base.text_encoder,
                                 visual_encoder=f"{spec},precision={p}")
-    feats32: list = []
+    seen: dict = {}
     for name, seg in variants.items():
-        enc = seg.visual_encoder
-        inner, seen = enc.dense_features, {}
-
-        def recorded(image, inner=inner, seen=seen):
+        def recorded(image, inner=seg.visual_encoder.dense_features, name=name):
             t0 = time.perf_counter()
             out = inner(image)
-            seen["s"], seen["f"] = time.perf_counter() - t0, out
+            seen[name] = (time.perf_counter() - t0, out.reshape(-1, out.shape[-1]))
             return out
 
-        enc.dense_features = recorded
-        cos, enc_s, pairs = [], [], []
-        for i, (img, gt) in enumerate(data):
-            pairs.append((gt, seg.predict(img, classes).label_map))
-            f = seen["f"].reshape(-1, seen["f"].shape[-1])
-            enc_s.append(seen["s"])
-            if name == "fp32":
-                feats32.append(f)
-            cos.append(torch.nn.functional.cosine_similarity(f, feats32[i], dim=1))
-            c = torch.cat(cos)
-            row = {"variant": name, "encoder_s_median": round(float(np.median(enc_s)), 3),
-                   "cosine_mean": round(float(c.mean()), 6), "cosine_min": round(float(c.min()), 6),
-                   "miou": round(miou(pairs, len(classes)), 2), "frames": len(pairs),
-                   "load_avg": round(os.getloadavg()[0], 2)}
-            print(json.dumps(row), file=sys.stderr, flush=True)
+        seg.visual_encoder.dense_features = recorded
+    cos = {n: [] for n in variants}
+    enc_s = {n: [] for n in variants}
+    pairs = {n: [] for n in variants}
+    rows = {}
+    for img, gt in data:  # variants interleaved per frame: partial runs stay comparable
+        for name, seg in variants.items():
+            pairs[name].append((gt, seg.predict(img, classes).label_map))
+            enc_s[name].append(seen[name][0])
+            cos[name].append(torch.nn.functional.cosine_similarity(seen[name][1], seen["fp32"][1], dim=1))
+            c = torch.cat(cos[name])
+            rows[name] = {"variant": name, "encoder_s_median": round(float(np.median(enc_s[name])), 3),
+                          "cosine_mean": round(float(c.mean()), 6), "cosine_min": round(float(c.min()), 6),
+                          "miou": round(miou(pairs[name], len(classes)), 2), "frames": len(pairs[name]),
+                          "load_avg": round(os.getloadavg()[0], 2)}
+            print(json.dumps(rows[name]), file=sys.stderr, flush=True)
+    for row in rows.values():
         print(json.dumps(row), flush=True)
 
 
@@ -104,26 +103,28 @@ def run_proposals(args, data, classes) -> None:
 
         seg = Segmenter(args.reference, device="cpu", view_cache_size=0)
     params = seg.felzenszwalb if seg is not None else FelzenszwalbParams()
-    for mp in [None] + [int(v) for v in args.max_pixels.split(",")]:
-        times, ks, oracle, pred = [], [], [], []
-        for img, gt in data:
+    settings = [None] + [int(v) for v in args.max_pixels.split(",")]
+    times, ks, oracle, pred = ({mp: [] for mp in settings} for _ in range(4))
+    for img, gt in data:  # settings interleaved per frame: partial runs stay comparable
+        for mp in settings:
             t0 = time.perf_counter()
             ids = felzenszwalb_segments(img, params, mp)
-            times.append(time.perf_counter() - t0)
-            ks.append(int(ids.max()) + 1)
+            times[mp].append(time.perf_counter() - t0)
+            ks[mp].append(int(ids.max()) + 1)
             valid = np.where(gt < len(classes), gt, len(classes))  # void -> an extra column
             counts = proposal_label_counts(Proposals(ids), valid, len(classes) + 1)[:, : len(classes)]
-            oracle.append((gt, counts.argmax(axis=1)[ids]))
+            oracle[mp].append((gt, counts.argmax(axis=1)[ids]))
             if seg is not None:
                 seg.proposer.max_pixels = mp
-                pred.append((gt, seg.predict(img, classes).label_map))
-                print(f"max_pixels {mp}: {len(pred)} frames, mIoU so far {miou(pred, len(classes)):.2f}",
+                pred[mp].append((gt, seg.predict(img, classes).label_map))
+                print(f"max_pixels {mp}: {len(pred[mp])} frames, mIoU so far {miou(pred[mp], len(classes)):.2f}",
                       file=sys.stderr, flush=True)
-        row = {"max_pixels": mp, "proposals_s_median": round(float(np.median(times)), 3),
-               "k_median": int(np.median(ks)), "oracle_miou": round(miou(oracle, len(classes)), 2),
+    for mp in settings:
+        row = {"max_pixels": mp, "proposals_s_median": round(float(np.median(times[mp])), 3),
+               "k_median": int(np.median(ks[mp])), "oracle_miou": round(miou(oracle[mp], len(classes)), 2),
                "split": args.split, "frames": len(data), "load_avg": round(os.getloadavg()[0], 2)}
         if seg is not None:
-            row["miou"] = round(miou(pred, len(classes)), 2)
+            row["miou"] = round(miou(pred[mp], len(classes)), 2)
         print(json.dumps(row), flush=True)
 
 

@@ -50,3 +50,13 @@ def test_library_import_leaves_the_thread_count_alone():
     import reme.encoders.text  # noqa: F401
 
     assert torch.get_num_threads() == before
+
+
+def test_cli_refuses_a_bad_reme_threads_in_one_line():
+    from typer.testing import CliRunner
+
+    from reme.cli import app
+
+    res = CliRunner().invoke(app, ["segment", "missing.jpg", "--classes", "cat"], env={"REME_THREADS": "lots"})
+    assert res.exit_code == 2
+    assert "REME_THREADS must be a positive integer or 'auto'" in res.output
