@@ -9,10 +9,9 @@ Library code never changes torch's process-wide thread count; an entry point cal
    work keeps busy, ``threads = clamp(cores - floor(max(load1 - 1, 0)), 1, cores)``: a load of
    up to one more than idle is tolerated (it is often the user's own previous command), above
    that each unit of load takes a thread away. On a loaded machine a second torch thread
-   mostly waits for its peer at every parallel region (docs/performance.md: under load 20 the
-   encoder ran at 2.9x its FLOP floor on 2 threads, 1.85x on 1; issue 20 saw element-wise ops
-   20x slower on 2 threads at load 8), so one thread is as fast or faster there, and it leaves
-   the other core to the other work.
+   mostly waits for its peer at every parallel region (docs/performance.md: at load 6-8 on 2
+   cores `predict` took 4.9 s on 1 thread and 8.9 s on 2; at load 20-28 both were equal), so
+   one thread is as fast or faster there, and it leaves the other core to the other work.
 """
 
 from __future__ import annotations
