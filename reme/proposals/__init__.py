@@ -40,21 +40,53 @@ class FelzenszwalbParams:
         return cls(*FELZENSZWALB_PRESETS[name])
 
 
-def felzenszwalb_segments(image: np.ndarray, params: FelzenszwalbParams = FelzenszwalbParams()) -> np.ndarray:
+#: Felzenszwalb's ``scale`` at a reduced working size is multiplied by (area factor) ** this:
+#: on 10 CamVid train frames at half the side, exponent 0 / 0.15 / 0.25 / 0.5 / 1 gave median
+#: 292 / 342 / 383 / 503 / 876 segments against 354 at full size; 0.15 is the closest
+#: (scripts/bench_speed_options.py, docs/performance.md).
+SCALE_AREA_EXPONENT: float = 0.15
+
+
+def felzenszwalb_segments(image: np.ndarray, params: FelzenszwalbParams = FelzenszwalbParams(),
+                          max_pixels: int | None = None) -> np.ndarray:
     """Felzenszwalb partition of an RGB image (Felzenszwalb & Huttenlocher, IJCV 2004).
 
     Args:
         image: (H, W, 3) uint8 RGB; converted to float in [0, 1] as docs/method.md step 1 asks.
         params: scale / sigma / min_size.
+        max_pixels: None (default) segments at full size. Else an image over this many pixels
+            is segmented at a size of about ``max_pixels`` (area factor a): ``min_size``
+            times a, ``sigma`` times sqrt(a), ``scale`` times a ** `SCALE_AREA_EXPONENT`
+            (chosen on CamVid train frames so that the segment count stays that of full size);
+            the ids are brought back to (H, W) by nearest neighbour. Opt-in speed option,
+            measured in docs/performance.md.
 
     Returns:
         (H, W) int32 segment-id map with ids 0..k-1, every id present.
+
+    Raises:
+        ValueError: ``image`` is not (H, W, 3); ``max_pixels`` < 1.
     """
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
-    seg = felzenszwalb(image.astype(np.float32) / 255.0, scale=params.scale, sigma=params.sigma,
-                       min_size=params.min_size, channel_axis=-1)
-    return relabel_sequential(seg)
+    h, w = image.shape[:2]
+    if max_pixels is not None and int(max_pixels) < 1:
+        raise ValueError(f"max_pixels must be >= 1 or None, got {max_pixels}")
+    if max_pixels is None or h * w <= int(max_pixels):
+        seg = felzenszwalb(image.astype(np.float32) / 255.0, scale=params.scale, sigma=params.sigma,
+                           min_size=params.min_size, channel_axis=-1)
+        return relabel_sequential(seg)
+    from PIL import Image
+
+    f = (int(max_pixels) / (h * w)) ** 0.5
+    sh, sw = max(round(h * f), 1), max(round(w * f), 1)
+    a = sh * sw / (h * w)
+    small = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((sw, sh), Image.BILINEAR))
+    seg = felzenszwalb(small.astype(np.float32) / 255.0, scale=params.scale * a ** SCALE_AREA_EXPONENT, sigma=params.sigma * a ** 0.5,
+                       min_size=max(int(round(params.min_size * a)), 1), channel_axis=-1)
+    rows = np.minimum((np.arange(h) * sh) // h, sh - 1)
+    cols = np.minimum((np.arange(w) * sw) // w, sw - 1)
+    return relabel_sequential(seg[rows[:, None], cols[None, :]])
 
 
 def relabel_sequential(seg: np.ndarray) -> np.ndarray:
@@ -196,17 +228,23 @@ class ProposalGenerator:
             (``points_per_side`` 32, ``pred_iou_thresh`` 0.88, ``stability_score_thresh`` 0.95,
             ...).
         device: where SAM runs.
+        max_pixels: Felzenszwalb at about this many pixels, ids upsampled (see
+            [`felzenszwalb_segments`][reme.proposals.felzenszwalb_segments]); None = full size.
 
     Raises:
         ValueError: unknown method. reme.errors.MissingWeightsError: SAM weights missing.
     """
 
     def __init__(self, method: str = "felzenszwalb", *, felzenszwalb: FelzenszwalbParams = FelzenszwalbParams(),
-                 n_clusters: int = 8, sam_options: dict | None = None, device=None):
+                 n_clusters: int = 8, sam_options: dict | None = None, device=None,
+                 max_pixels: int | None = None):
         check_proposal_method(method)
         if int(n_clusters) < 1:
             raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
         self.method, self.felzenszwalb, self.n_clusters = method, felzenszwalb, int(n_clusters)
+        if max_pixels is not None and int(max_pixels) < 1:
+            raise ValueError(f"max_pixels must be >= 1 or None, got {max_pixels}")
+        self.max_pixels = None if max_pixels is None else int(max_pixels)
         self.sam = None
         if method.startswith("sam"):
             from reme.proposals.sam import SamProposals
@@ -229,7 +267,7 @@ class ProposalGenerator:
             [`Proposals`][reme.proposals.Proposals].
         """
         if self.method == "felzenszwalb":
-            return Proposals(felzenszwalb_segments(image, self.felzenszwalb))
+            return Proposals(felzenszwalb_segments(image, self.felzenszwalb, self.max_pixels))
         if self.method == "cluster":
             if features is None:
                 raise ValueError("cluster proposals need the image's dense features")
