@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from reme._version import __version__
-from reme.build.annotations import _safe_relpath
+from reme.build.annotations import safe_relpath
 from reme.build.filtering import KNEE_MAX_RANK, KNEE_MAX_REMOVED_SHARE, KNEE_MIN_RATIO
 from reme.build._global_stages import ShardReader, caption_global_stages, gt_global_stages
 from reme.io import list_images
@@ -198,7 +198,7 @@ def _base_manifest(mode: str, visual_encoder, text_encoder, settings: StageSetti
 def _check_keys(images: Sequence[str]) -> list[str]:
     keys, seen = [], set()
     for k in images:
-        key = _safe_relpath(str(k), "images")
+        key = safe_relpath(str(k), "images")
         if key in seen:
             raise ValueError(f"image {key!r} is listed twice")
         seen.add(key)
