@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from skimage.segmentation import felzenszwalb
+from skimage.segmentation import felzenszwalb, relabel_sequential
 
 #: FreeDA settings per dataset style (METHOD.md step 1): (scale, sigma, min_size).
 FELZENSZWALB_PRESETS: dict[str, tuple[float, float, int]] = {
@@ -54,13 +54,7 @@ def felzenszwalb_segments(image: np.ndarray, params: FelzenszwalbParams = Felzen
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
     seg = felzenszwalb(image.astype(np.float32) / 255.0, scale=params.scale, sigma=params.sigma,
                        min_size=params.min_size, channel_axis=-1)
-    return relabel_sequential(seg)
-
-
-def relabel_sequential(seg: np.ndarray) -> np.ndarray:
-    """Map the values of an integer label map to 0..k-1 (order of first value); (H, W) int32."""
-    _, inv = np.unique(seg, return_inverse=True)
-    return inv.reshape(seg.shape).astype(np.int32)
+    return relabel_sequential(seg - seg.min())[0].astype(np.int32)   # sorted values -> 0..k-1
 
 
 def masks_from_segment_ids(seg: np.ndarray) -> np.ndarray:
