@@ -22,7 +22,7 @@ from reme.build.pipeline import CaptionBuildParams, build_caption_reference, bui
 from reme.encoders.base import TextEncoder
 from reme.encoders.classical import ClassicalEncoder
 from reme.build.filtering import group_median_filter
-from reme.build._global_stages import ShardReader, streaming_group_filter
+from reme.build._global_stages import ShardReader
 from reme.reference import load_reference
 from reme.build._shard_stages import ShardComputer
 from reme.build._shards import ShardStore, ShardWriteError, encode_shard, pairs_table, segments_table
@@ -276,7 +276,7 @@ def _random_store(tmp_path, rng, n_shards=5, d=12):
 
 
 @pytest.mark.parametrize("adaptive", [False, True])
-def test_streaming_group_filter_equals_in_memory(tmp_path, adaptive):
+def test_group_filter_over_shards_equals_in_memory(tmp_path, adaptive):
     rng = np.random.default_rng(3)
     store, S, ps, roots = _random_store(tmp_path, rng)
     reader = ShardReader(store, 5, S.shape[1])
@@ -284,17 +284,16 @@ def test_streaming_group_filter_equals_in_memory(tmp_path, adaptive):
     rid = np.array([names.index(r) for r in roots])
     want_keep, want_score = group_median_filter(S, ps, roots, drop_rate=0.3, adaptive=adaptive, return_scores=True)
     for budget in (1, 7, 10_000):  # one group per pass, a few groups per pass, everything at once
-        keep, score = streaming_group_filter(reader, ps, rid, len(names), drop_rate=0.3, adaptive=adaptive,
-                                             budget_rows=budget)
+        keep, score = group_median_filter(reader, ps, rid, drop_rate=0.3, adaptive=adaptive, return_scores=True,
+                                          budget_rows=budget)
         np.testing.assert_array_equal(keep, want_keep)
         np.testing.assert_array_equal(score, want_score)
     assert (~want_keep).any()
     np.testing.assert_array_equal(reader.embeddings(np.array([0, 4, len(S) - 1])), S[[0, 4, len(S) - 1]])
 
 
-def test_streaming_relabel_equals_in_memory(tmp_path):
+def test_relabel_over_shards_equals_in_memory(tmp_path):
     from reme.build.filtering import relabel_dropped
-    from reme.build._global_stages import streaming_relabel
 
     rng = np.random.default_rng(4)
     store, S, ps, roots = _random_store(tmp_path, rng)
@@ -303,12 +302,10 @@ def test_streaming_relabel_equals_in_memory(tmp_path):
     rid = np.array([names.index(r) for r in roots])
     keep = group_median_filter(S, ps, roots, drop_rate=0.3)
     want_new, want_sim = relabel_dropped(S, ps, rid.tolist(), keep, min_similarity=0.2)
-    kept_roots = sorted(set(rid[keep].tolist()))
-    want = np.array([kept_roots[i] if i >= 0 else -1 for i in want_new])
-    assert (want >= 0).any() and ((want < 0) & ~keep).any()           # some relabelled, some left dropped
+    assert (want_new >= 0).any() and ((want_new < 0) & ~keep).any()   # some relabelled, some left dropped
     for budget in (1, 5, 10_000):
-        new, sim = streaming_relabel(reader, ps, rid, keep, min_similarity=0.2, budget_rows=budget)
-        np.testing.assert_array_equal(new, want)
+        new, sim = relabel_dropped(reader, ps, rid, keep, min_similarity=0.2, budget_rows=budget)
+        np.testing.assert_array_equal(new, want_new)
         np.testing.assert_allclose(sim, want_sim, rtol=1e-5)
 
 

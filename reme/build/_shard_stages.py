@@ -34,7 +34,7 @@ from reme.io import read_image
 from reme.build.nounphrases import NON_OBJECT_ROOTS, NounPhrase, extract_noun_phrases, load_spacy
 from reme.build.pairing import pair_labels_to_segments
 from reme.encoders.pooling import embed_proposals
-from reme.proposals import (FelzenszwalbParams, ProposalGenerator, Proposals, check_proposal_method, majority_pieces,
+from reme.proposals import (FelzenszwalbParams, ProposalGenerator, check_proposal_method, majority_pieces,
                             masks_bboxes)
 from reme.build._shards import encode_shard, pairs_table, segments_table
 from reme.encoders.text import TEMPLATES, embed_labels
