@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from reme.eval.datasets import SegDataset
-from reme.eval.protocol import Protocol, _MemoVisualEncoder
+from reme.eval.protocol import MemoVisualEncoder, Protocol
 from reme.eval.report import markdown_table, write_json, write_text
 from reme.eval.runner import evaluate
 from reme.build.filtering import KNEE_MAX_RANK, KNEE_MAX_REMOVED_SHARE, KNEE_MIN_RATIO
@@ -209,7 +209,7 @@ def ablate_noisy_gt(ref: ReferenceSet, dataset: SegDataset, protocol: Protocol |
     variants = NOISY_GT_VARIANTS if variants is None else variants
     kw = dict(segmenter_kwargs or {})
     man = ref.manifest.get("encoders", {})
-    vis = _MemoVisualEncoder(resolve_encoder(man["visual"], device=device), size=max(len(dataset), 1))
+    vis = MemoVisualEncoder(resolve_encoder(man["visual"], device=device), size=max(len(dataset), 1))
     txt = resolve_encoder(man["text"], device=device)
     noisy_labels, corrupted = corrupt_labels(ref, noise, seed)
     correct = ~corrupted
@@ -280,9 +280,9 @@ def ablate_caption(image_root: str | Path, captioner, pairing_model, visual_enco
     cap, clip, vis, txt = enc(captioner), enc(pairing_model), enc(visual_encoder), enc(text_encoder)
     n_img = len(images) if images is not None else 100000
     cache = n_img if n_img <= 2000 else 0                     # dense features of every photo, when small
-    clip_m, vis_m = _MemoVisualEncoder(clip, cache), _MemoVisualEncoder(vis, cache)
+    clip_m, vis_m = MemoVisualEncoder(clip, cache), MemoVisualEncoder(vis, cache)
     txt_m = clip_m if txt is clip else txt
-    vis_eval = _MemoVisualEncoder(vis, max(len(dataset), 1))
+    vis_eval = MemoVisualEncoder(vis, max(len(dataset), 1))
     fz = felzenszwalb or FelzenszwalbParams()
     rows = []
     for name, opts in variants.items():
