@@ -9,7 +9,7 @@ Two runners, each giving one table:
 * `ablate_noisy_gt`: a controlled, offline-meaningful version. Start from a GT-mode
   reference (one correct label per segment), replace the labels of a known fraction of pairs
   by a different label drawn uniformly at random, then apply the build's own stage functions
-  (`reme.build._global_stages.filter_pairs`: group filter, relabel, knee filter, synonyms) with
+  (`reme.build.filter_pairs`: group filter, relabel, knee filter, synonyms) with
   the label as root noun. Besides mIoU it reports
   the label precision of the kept pairs and the share of correct pairs kept, which measure
   the filter directly.
@@ -30,7 +30,7 @@ from reme.eval.protocol import MemoVisualEncoder, Protocol
 from reme.eval.report import markdown_table, write_json, write_text
 from reme.eval.runner import evaluate
 from reme.build.filtering import KNEE_MAX_RANK, KNEE_MAX_REMOVED_SHARE, KNEE_MIN_RATIO
-from reme.build._global_stages import ArrayReader, filter_pairs
+from reme.build import ArrayReader, filter_pairs
 from reme.reference import ReferenceSet
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def apply_stages(ref: ReferenceSet, pair_label: np.ndarray | None = None, *, gro
                  k_sim: int = 0, relabel: bool = False,
                  relabel_min_similarity: float = 0.5) -> tuple[ReferenceSet, np.ndarray, dict]:
     """Steps 7-9 of the method applied to a reference set's pairs, the label text as root noun,
-    by the build's own stage sequence (`reme.build._global_stages.filter_pairs` over an
+    by the build's own stage sequence (`reme.build.filter_pairs` over an
     `reme.build._global_stages.ArrayReader` of S_ref; step 9's similarity on L_ref rows).
 
     Args:
