@@ -58,6 +58,32 @@ logger = logging.getLogger(__name__)
 SHARD_SIZE = 32
 #: Default images per encoder / captioner / spaCy batch inside a shard.
 BATCH_SIZE = 8
+#: A build of n images is cut into at least ``min(n, max(MIN_SHARDS, workers))`` shards (our
+#: choice), so ``workers`` processes all get work (`shard_images`). The plan does not depend on
+#: the worker count up to this many workers, so a build resumed with other ``--workers`` reuses
+#: its shards and the output is the same.
+MIN_SHARDS = 64
+
+
+def shard_images(num_images: int, shard_size: int = SHARD_SIZE, workers: int = 1) -> int:
+    """Images per shard of a build: at most ``shard_size``, and at most
+    ``num_images // max(MIN_SHARDS, workers)`` (at least 1), so that there are at least
+    ``min(num_images, max(MIN_SHARDS, workers))`` shards.
+
+    Args:
+        num_images: images of the build (>= 0).
+        shard_size: the largest shard (`BuildOptions.shard_size`, >= 1).
+        workers: worker processes or actors (>= 1).
+
+    Returns:
+        Images per shard, >= 1.
+
+    Raises:
+        ValueError: ``shard_size`` or ``workers`` < 1.
+    """
+    if int(shard_size) < 1 or int(workers) < 1:
+        raise ValueError(f"shard_size and workers must be >= 1, got {shard_size}, {workers}")
+    return max(1, min(int(shard_size), int(num_images) // max(MIN_SHARDS, int(workers))))
 
 
 @dataclass
@@ -137,7 +163,8 @@ class BuildOptions:
             explicitly given ``work_dir``).
         workers: processes (local engine) or Ray actors computing shards.
         batch_size: images per encoder / captioner / spaCy batch.
-        shard_size: images per shard.
+        shard_size: images per shard at most; small builds get smaller shards so that there
+            are at least ``min(images, max(MIN_SHARDS, workers))`` of them (`shard_images`).
         engine: "local" or "ray".
         ray_address: Ray cluster address for the Ray engine (None: running or local Ray).
         ray_gpus_per_worker: GPUs per Ray actor (default 1 on CUDA, else 0).
@@ -229,7 +256,7 @@ def _run(mode: str, image_root: Path, keys: list[str], computer: ShardComputer, 
     keep_work = opts.keep_work_dir if opts.keep_work_dir is not None else opts.work_dir is not None
     store = ShardStore(work)
     store.open(fingerprint, resume=opts.resume)
-    size = int(opts.shard_size)
+    size = shard_images(len(keys), opts.shard_size, opts.workers)
     tasks = [(i, keys[a:a + size]) for i, a in enumerate(range(0, len(keys), size))]
     pending = [(i, k) for i, k in tasks if not store.is_done(i)]
     reused = len(tasks) - len(pending)
@@ -324,7 +351,7 @@ def _fingerprint(mode: str, image_root: Path, keys: list[str], settings: StageSe
     return {
         "mode": mode, "reme_version": __version__, "image_root": str(image_root.resolve()),
         "images": {"count": len(keys), "sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest()},
-        "shard_size": int(opts.shard_size), "settings": settings.to_dict(),
+        "shard_size": shard_images(len(keys), opts.shard_size, opts.workers), "settings": settings.to_dict(),
         "encoders": {k: encoder_fingerprint(v) for k, v in encoders.items()},
         "device": _device_type(encoders["visual"]), **extra,
     }
