@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -42,19 +42,11 @@ def test_memo_shared_by_threads():
     enc = _Counting()
     memo = MemoVisualEncoder(enc, size=4)
     imgs = [np.full((4, 4, 3), v, np.uint8) for v in range(4)]
-    errors = []
 
-    def work():
-        try:
-            for _ in range(50):
-                for im in imgs:
-                    assert float(memo.dense_features(im)[0, 0, 0]) == float(im.sum())
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+    def work(_):
+        return [float(memo.dense_features(im)[0, 0, 0]) for _ in range(50) for im in imgs]
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and enc.calls <= 4 * len(threads)
+    with ThreadPoolExecutor(4) as pool:                 # a worker's exception is re-raised by list()
+        got = list(pool.map(work, range(4)))
+    assert all(g == [float(im.sum()) for _ in range(50) for im in imgs] for g in got)
+    assert enc.calls <= 4 * 4                          # at most one forward per image and thread
