@@ -360,7 +360,7 @@ def test_caption_mode_workers_identical_and_filter_params_reuse_shards(data, vis
     # filter settings act on the shards only: a different drop rate recomputes no image
     r3 = build_caption_reference(imgs, cap, clip, vis, HashText(), params=CaptionBuildParams(drop_rate=0.0, k_sim=0),
                                  work_dir=work, shard_size=3, progress=False)
-    assert r3.manifest["build"]["shards_reused"] == 3
+    assert r3.manifest["build"]["shards_reused"] == 8
     assert r3.manifest["counts"]["pairs_after_group_filter"] == c["pairs"]
 
 

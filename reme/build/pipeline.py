@@ -343,7 +343,9 @@ def _options(kw: dict[str, Any], progress: bool) -> BuildOptions:
     if unknown:
         raise TypeError(f"unexpected keyword arguments {sorted(unknown)}; build options are "
                         f"{sorted(BuildOptions.__dataclass_fields__)}")
-    return BuildOptions(progress=progress, **kw)
+    opts = BuildOptions(progress=progress, **kw)
+    opts.validate()                                     # before the shard plan and any model work
+    return opts
 
 
 def _fingerprint(mode: str, image_root: Path, keys: list[str], settings: StageSettings, opts: BuildOptions,
