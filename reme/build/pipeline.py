@@ -117,9 +117,8 @@ class CaptionBuildParams:
         relabel: relabel pairs dropped by step 7 instead of dropping them (the paper's stated
             limitation): the segment takes the root of the nearest kept group centre in visual
             space when the cosine is at least ``relabel_min_similarity``
-            ([`reme.build.filtering.relabel_dropped`][reme.build.filtering.relabel_dropped]; in builds
-            `reme.build._global_stages.streaming_relabel`, within the same memory budget as the group
-            filter); off by default.
+            ([`reme.build.filtering.relabel_dropped`][reme.build.filtering.relabel_dropped], within the
+            same memory budget as the group filter); off by default.
         relabel_min_similarity: threshold of ``relabel`` (our default 0.5).
     """
 
