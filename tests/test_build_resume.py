@@ -22,7 +22,7 @@ from reme.build.pipeline import CaptionBuildParams, build_caption_reference, bui
 from reme.encoders.base import TextEncoder
 from reme.encoders.classical import ClassicalEncoder
 from reme.build.filtering import group_median_filter
-from reme.build._global_stages import ShardReader, streaming_group_filter
+from reme.build._global_stages import ShardReader
 from reme.reference import load_reference
 from reme.build._shard_stages import ShardComputer
 from reme.build._shards import ShardStore, ShardWriteError, encode_shard, pairs_table, segments_table
@@ -102,13 +102,14 @@ def test_shards_are_written_and_reused(data, vis, clean, tmp_path):
     work = tmp_path / "work"
     ref = build_gt_reference(imgs, masks, vis, HashText(), out=tmp_path / "a", work_dir=work, shard_size=2,
                              progress=False)
-    assert sorted(p.name for p in (work / "shards").glob("*.json")) == [f"{i:06d}.json" for i in range(4)]
-    assert ref.manifest["build"]["shards"] == 4 and ref.manifest["build"]["shards_reused"] == 0
+    # 8 images make 8 one-image shards: at least min(images, MIN_SHARDS) shards (shard_images)
+    assert sorted(p.name for p in (work / "shards").glob("*.json")) == [f"{i:06d}.json" for i in range(8)]
+    assert ref.manifest["build"]["shards"] == 8 and ref.manifest["build"]["shards_reused"] == 0
     assert ref.manifest["counts"]["images"] == 8 and ref.manifest["counts"]["final_segments"] == ref.num_segments > 0
     assert not list(work.rglob("*.tmp")), "no temporary files may be left behind"
     again = build_gt_reference(imgs, masks, vis, HashText(), out=tmp_path / "b", work_dir=work, shard_size=2,
                                progress=False)
-    assert again.manifest["build"]["shards_reused"] == 4 and again.manifest["build"]["images_computed"] == 0
+    assert again.manifest["build"]["shards_reused"] == 8 and again.manifest["build"]["images_computed"] == 0
     assert same_files(tmp_path / "a", tmp_path / "b") and same_files(tmp_path / "a", clean)
     # the derived work folder OUT.work is removed after a successful build, an explicit one kept
     assert not (clean.parent / "ref.work").exists() and work.is_dir()
@@ -122,11 +123,35 @@ def test_tiny_memory_budget_streams_through_memory_maps(data, vis, clean, tmp_pa
     assert same_files(tmp_path / "mm", clean)
 
 
+def test_shard_plan_gives_every_worker_work_and_ignores_the_worker_count():
+    from reme.build.pipeline import MIN_SHARDS, shard_images
+
+    for n in (0, 1, 2, 7, 20, 40, 63, 64, 65, 130, 1000, 5000):
+        for size in (1, 2, 32):
+            plans = {}
+            for workers in (1, 2, 3, 16, MIN_SHARDS, MIN_SHARDS + 36):
+                s = shard_images(n, size, workers)
+                shards = -(-n // s)
+                assert 1 <= s <= size
+                assert shards >= min(n, workers), (n, size, workers)     # at least N shards when n >= N
+                plans[workers] = s
+            # up to MIN_SHARDS workers the plan is the same, so a resume with other workers reuses it
+            assert len({plans[w] for w in plans if w <= MIN_SHARDS}) == 1
+    with pytest.raises(ValueError):
+        shard_images(10, 0, 1)
+
+
 def test_two_workers_give_identical_files(data, vis, clean, tmp_path):
     imgs, masks = data
-    ref = build_gt_reference(imgs, masks, vis, HashText(), out=tmp_path / "w2", workers=2, shard_size=2,
+    work = tmp_path / "work"
+    # the default shard size (32) holds all 8 images, yet 2 workers get 8 shards to share
+    ref = build_gt_reference(imgs, masks, vis, HashText(), out=tmp_path / "w2", work_dir=work, workers=2,
                              progress=False)
-    assert ref.manifest["build"]["workers"] == 2
+    assert ref.manifest["build"]["workers"] == 2 and ref.manifest["build"]["shards"] == 8
+    again = build_gt_reference(imgs, masks, vis, HashText(), out=tmp_path / "w1", work_dir=work, workers=1,
+                               progress=False)
+    assert again.manifest["build"]["shards_reused"] == 8                     # resumed with another worker count
+    assert same_files(tmp_path / "w1", tmp_path / "w2") and same_files(tmp_path / "w2", clean)
     assert same_files(tmp_path / "w2", clean)
     loaded = load_reference(tmp_path / "w2")
     assert set(loaded.segment_source) == {"gt_proposal"} and set(loaded.labels) <= set(CLASSES)
@@ -189,7 +214,7 @@ def test_disk_full_keeps_earlier_shards_and_resumes(data, vis, clean, tmp_path, 
                            progress=False)
     assert info.value.errno == errno.ENOSPC
     store = ShardStore(work)
-    assert [store.is_done(i) for i in range(4)] == [True, True, False, False]
+    assert [store.is_done(i) for i in range(8)] == [True, True] + [False] * 6
     assert not list(work.rglob("*.tmp")) and not (tmp_path / "ref").exists()
     monkeypatch.undo()
     ref = build_gt_reference(imgs, masks, vis, HashText(), out=tmp_path / "ref", work_dir=work, shard_size=2,
@@ -212,10 +237,10 @@ def test_permission_denied_and_full_disk_on_output(data, vis, clean, tmp_path, m
     monkeypatch.setattr(ReferenceSet, "save", no_space)
     with pytest.raises(ShardWriteError, match="cannot write the reference set .*shards in .* are intact"):
         build_gt_reference(imgs, masks, vis, HashText(), out=tmp_path / "ref", shard_size=2, progress=False)
-    assert len(list((tmp_path / "ref.work" / "shards").glob("*.json"))) == 4  # kept for the re-run
+    assert len(list((tmp_path / "ref.work" / "shards").glob("*.json"))) == 8  # kept for the re-run
     monkeypatch.undo()
     ref = build_gt_reference(imgs, masks, vis, HashText(), out=tmp_path / "ref", shard_size=2, progress=False)
-    assert ref.manifest["build"]["shards_reused"] == 4 and same_files(tmp_path / "ref", clean)
+    assert ref.manifest["build"]["shards_reused"] == 8 and same_files(tmp_path / "ref", clean)
     assert not (tmp_path / "ref.work").exists()
 
 
@@ -276,7 +301,7 @@ def _random_store(tmp_path, rng, n_shards=5, d=12):
 
 
 @pytest.mark.parametrize("adaptive", [False, True])
-def test_streaming_group_filter_equals_in_memory(tmp_path, adaptive):
+def test_group_filter_over_shards_equals_in_memory(tmp_path, adaptive):
     rng = np.random.default_rng(3)
     store, S, ps, roots = _random_store(tmp_path, rng)
     reader = ShardReader(store, 5, S.shape[1])
@@ -284,17 +309,16 @@ def test_streaming_group_filter_equals_in_memory(tmp_path, adaptive):
     rid = np.array([names.index(r) for r in roots])
     want_keep, want_score = group_median_filter(S, ps, roots, drop_rate=0.3, adaptive=adaptive, return_scores=True)
     for budget in (1, 7, 10_000):  # one group per pass, a few groups per pass, everything at once
-        keep, score = streaming_group_filter(reader, ps, rid, len(names), drop_rate=0.3, adaptive=adaptive,
-                                             budget_rows=budget)
+        keep, score = group_median_filter(reader, ps, rid, drop_rate=0.3, adaptive=adaptive, return_scores=True,
+                                          budget_rows=budget)
         np.testing.assert_array_equal(keep, want_keep)
         np.testing.assert_array_equal(score, want_score)
     assert (~want_keep).any()
     np.testing.assert_array_equal(reader.embeddings(np.array([0, 4, len(S) - 1])), S[[0, 4, len(S) - 1]])
 
 
-def test_streaming_relabel_equals_in_memory(tmp_path):
+def test_relabel_over_shards_equals_in_memory(tmp_path):
     from reme.build.filtering import relabel_dropped
-    from reme.build._global_stages import streaming_relabel
 
     rng = np.random.default_rng(4)
     store, S, ps, roots = _random_store(tmp_path, rng)
@@ -303,12 +327,10 @@ def test_streaming_relabel_equals_in_memory(tmp_path):
     rid = np.array([names.index(r) for r in roots])
     keep = group_median_filter(S, ps, roots, drop_rate=0.3)
     want_new, want_sim = relabel_dropped(S, ps, rid.tolist(), keep, min_similarity=0.2)
-    kept_roots = sorted(set(rid[keep].tolist()))
-    want = np.array([kept_roots[i] if i >= 0 else -1 for i in want_new])
-    assert (want >= 0).any() and ((want < 0) & ~keep).any()           # some relabelled, some left dropped
+    assert (want_new >= 0).any() and ((want_new < 0) & ~keep).any()   # some relabelled, some left dropped
     for budget in (1, 5, 10_000):
-        new, sim = streaming_relabel(reader, ps, rid, keep, min_similarity=0.2, budget_rows=budget)
-        np.testing.assert_array_equal(new, want)
+        new, sim = relabel_dropped(reader, ps, rid, keep, min_similarity=0.2, budget_rows=budget)
+        np.testing.assert_array_equal(new, want_new)
         np.testing.assert_allclose(sim, want_sim, rtol=1e-5)
 
 
@@ -338,7 +360,7 @@ def test_caption_mode_workers_identical_and_filter_params_reuse_shards(data, vis
     # filter settings act on the shards only: a different drop rate recomputes no image
     r3 = build_caption_reference(imgs, cap, clip, vis, HashText(), params=CaptionBuildParams(drop_rate=0.0, k_sim=0),
                                  work_dir=work, shard_size=3, progress=False)
-    assert r3.manifest["build"]["shards_reused"] == 3
+    assert r3.manifest["build"]["shards_reused"] == 8
     assert r3.manifest["counts"]["pairs_after_group_filter"] == c["pairs"]
 
 

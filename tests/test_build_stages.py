@@ -102,8 +102,17 @@ def test_noun_phrases_on_real_coco_captions(nlp):
     assert len(out) == len(caps)
     roots = {p.root for ps in out for p in ps}
     assert {"man", "kitchen", "teddy bear", "bathroom"} <= roots
-    assert all(p.text == p.text.lower() and p.root in p.text or p.head in p.text for ps in out for p in ps)
-    assert not any(p.root in {"it", "they"} for ps in out for p in ps)
+    for cap, ps in zip(caps, out):
+        norm = " ".join(cap.lower().split())
+        assert len({p.text for p in ps}) == len(ps)                       # no duplicate within a caption
+        for p in ps:
+            assert p.text == " ".join(p.text.split()) and p.text in norm   # a lower-cased span of its caption
+            assert p.text.endswith(p.head) or f"{p.head} " in p.text      # the head is a word run of the phrase
+            # the root is the head with its last word lemmatised ("two men" -> "man")
+            assert p.root.split()[:-1] == p.head.split()[:-1] and len(p.root.split()) == len(p.head.split())
+    pairs = {(p.text, p.root, p.head) for ps in out for p in ps}
+    assert ("two men", "man", "men") in pairs and ("chefs", "chef", "chefs") in pairs
+    assert not any(p.root in {"it", "they", "top", "lot"} for ps in out for p in ps)
 
 
 def test_clip_score_baselines_global_and_per_group():

@@ -62,7 +62,7 @@ def test_converted_model_matches_onnx(onnx_model, converted, name, size):
     model = Dinov2Model.from_pretrained(str(converted)).eval()
     img = torch.from_numpy(photo(name)).permute(2, 0, 1)[None].float() / 255
     img = torch.nn.functional.interpolate(img, size=size, mode="bilinear", align_corners=False)
-    x = (img - torch.tensor(dinov2._hub.IMAGENET_MEAN)[:, None, None]) / torch.tensor(dinov2._hub.IMAGENET_STD)[:, None, None]
+    x = (img - torch.tensor(dinov2._preprocess.IMAGENET_MEAN)[:, None, None]) / torch.tensor(dinov2._preprocess.IMAGENET_STD)[:, None, None]
     ref = sess.run(None, {"input_image": x.numpy().astype(np.float32)})[0]
     with torch.inference_mode():
         got = model(pixel_values=x.float()).last_hidden_state.numpy()

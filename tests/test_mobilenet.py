@@ -76,10 +76,10 @@ def test_preprocessing_matches_the_imagenet_statistics(encoder):
     """The first BatchNorm's running mean (ImageNet statistics of the first conv) should match the
     conv output on a real RGB photo; a BGR input or random weights do not."""
     image = data.chelsea()
-    from reme.encoders import _hub
+    from reme.encoders import _preprocess
 
-    x = _hub.to_model_input(image, image_size=448, patch=(32, 32), mean=_hub.IMAGENET_MEAN,
-                            std=_hub.IMAGENET_STD, device=torch.device("cpu"))
+    x = _preprocess.to_model_input(image, image_size=448, patch=(32, 32), mean=_preprocess.IMAGENET_MEAN,
+                            std=_preprocess.IMAGENET_STD, device=torch.device("cpu"))
     conv, bn = encoder.model[0][0], encoder.model[0][1]
     with torch.no_grad():
         rgb = np.corrcoef(conv(x).mean((0, 2, 3)), bn.running_mean)[0, 1]

@@ -7,3 +7,7 @@ The entry points are in [`reme.build.pipeline`][reme.build.pipeline]
 (`reme.build._shard_stages`), the whole-set stages 7-9 once over all shards
 (`reme.build._global_stages`), on a local pool or Ray (`reme.build.engines`).
 """
+
+from reme.build._global_stages import ArrayReader, FilteredPairs, filter_pairs
+
+__all__ = ["ArrayReader", "FilteredPairs", "filter_pairs"]

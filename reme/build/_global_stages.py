@@ -13,24 +13,26 @@ assembly reads only the kept segments. Peak memory is therefore about the final 
 every image. A single root group larger than the budget is read as one pass (its median needs
 all its members).
 
-The results equal [`reme.build.filtering.group_median_filter`][reme.build.filtering.group_median_filter] and the
-in-memory build on the same pairs: groups, medians, scores and drop decisions are computed per group
-in the same order with the same arithmetic.
+Steps 7-9 are written once, in `filter_pairs` (over any reader: `ShardReader` for shards,
+`ArrayReader` for arrays in memory); the group filter and relabelling read embeddings through
+[`reme.build.filtering.group_median_filter`][reme.build.filtering.group_median_filter] and
+[`reme.build.filtering.relabel_dropped`][reme.build.filtering.relabel_dropped] in passes of at
+most ``budget_rows`` rows.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from tqdm.auto import tqdm
 
-from reme.build.filtering import (KNEE_MAX_RANK, KNEE_MAX_REMOVED_SHARE, KNEE_MIN_RATIO, clip_score_filter, drop_lowest,
-                            group_drop_rates, grouped_median_scores, knee_cut)
+from reme.build.filtering import (KNEE_MAX_RANK, KNEE_MAX_REMOVED_SHARE, KNEE_MIN_RATIO, clip_score_filter,
+                                  group_median_filter, knee_cut, relabel_dropped)
 from reme.build.nounphrases import NounPhrase, substitute_root
 from reme.reference import ReferenceSet
 from reme.build._shards import ShardStore
@@ -173,89 +175,6 @@ class ArrayReader:
                 "area": self._area[rows], "source": [self._source[i] for i in rows.tolist()]}
 
 
-def _passes(sizes: np.ndarray, budget_rows: int) -> list[tuple[int, int]]:
-    """Consecutive root ranges [a, b) whose total size is <= budget (a lone group may exceed it)."""
-    out, a, acc = [], 0, 0
-    for r, n in enumerate(sizes.tolist()):
-        if r > a and acc + n > budget_rows:
-            out.append((a, r))
-            a, acc = r, 0
-        acc += n
-    if a < len(sizes):
-        out.append((a, len(sizes)))
-    return out
-
-
-def _pass_embeddings(reader, pair_segment: np.ndarray, group_ids: np.ndarray, n_groups: int, budget_rows: int, *,
-                     desc: str, progress: bool = False):
-    """Yield ``(a, b, pair indices of groups a..b-1 sorted by group, their (len, d) embeddings,
-    (b - a + 1,) local group offsets)`` per pass of at most ``budget_rows`` member rows (a lone
-    larger group is read whole). Members keep pair order inside a group."""
-    order = np.argsort(group_ids, kind="stable")
-    bounds = np.searchsorted(group_ids[order], np.arange(n_groups + 1))
-    bar = tqdm(total=n_groups, desc=desc, unit="group", disable=not progress)
-    for a, b in _passes(np.diff(bounds), budget_rows):
-        idx = order[bounds[a]:bounds[b]]
-        segs = np.unique(pair_segment[idx])
-        E = reader.embeddings(segs)
-        yield a, b, idx, E[np.searchsorted(segs, pair_segment[idx])], bounds[a:b + 1] - bounds[a]
-        bar.update(b - a)
-        del E
-    bar.close()
-
-
-def _group_embeddings(reader, pair_segment: np.ndarray, group_ids: np.ndarray, n_groups: int,
-                      budget_rows: int, *, desc: str, progress: bool = False):
-    """Yield ``(group, pair indices, (len, d) embeddings of those pairs' segments)`` for every
-    non-empty group (see `_pass_embeddings`). Members are in pair order."""
-    for a, b, idx, emb, lb in _pass_embeddings(reader, pair_segment, group_ids, n_groups, budget_rows,
-                                               desc=desc, progress=progress):
-        for r in range(a, b):
-            if lb[r - a + 1] > lb[r - a]:
-                yield r, idx[lb[r - a]:lb[r - a + 1]], emb[lb[r - a]:lb[r - a + 1]]
-
-
-def streaming_group_filter(reader: ShardReader, pair_segment: np.ndarray, root_ids: np.ndarray, n_roots: int, *,
-                           drop_rate: float = 0.30, adaptive: bool = False, max_drop_rate: float = 0.50,
-                           budget_rows: int = 1_000_000, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Group-median filter (docs/method.md step 7) reading embeddings from shards group by group.
-
-    Same result as ``group_median_filter(S, pair_segment, roots, ..., return_scores=True)``
-    with all of S in memory.
-
-    Args:
-        reader: shard access.
-        pair_segment: (p,) int64 global segment id of each pair.
-        root_ids: (p,) int root-group index of each pair, in [0, n_roots).
-        n_roots: number of groups.
-        drop_rate, adaptive, max_drop_rate: as
-            [`reme.build.filtering.group_median_filter`][reme.build.filtering.group_median_filter].
-        budget_rows: member rows (embeddings) read per pass.
-        progress: show a progress bar over groups.
-
-    Returns:
-        (p,) bool keep-mask and (p,) float32 scores <S_i, S_center>.
-    """
-    group_drop_rates(np.zeros(0), drop_rate=drop_rate, max_drop_rate=max_drop_rate)      # validates the rates
-    if budget_rows < 1:
-        raise ValueError(f"budget_rows must be >= 1, got {budget_rows}")
-    pair_segment = np.asarray(pair_segment, np.int64)
-    root_ids = np.asarray(root_ids, np.int64)
-    scores = np.zeros(len(pair_segment), np.float32)
-    incons = np.zeros(n_roots, np.float64)
-    for a, b, idx, emb, lb in _pass_embeddings(reader, pair_segment, root_ids, n_roots, budget_rows,
-                                               desc="group filter", progress=progress):
-        scores[idx], incons[a:b] = grouped_median_scores(emb, lb)
-    order = np.argsort(root_ids, kind="stable")
-    bounds = np.searchsorted(root_ids[order], np.arange(n_roots + 1))
-    present = np.diff(bounds) > 0
-    rates = np.zeros(n_roots)
-    rates[present] = group_drop_rates(incons[present], drop_rate=drop_rate, adaptive=adaptive,
-                                      max_drop_rate=max_drop_rate)
-    keep = drop_lowest(scores, order, bounds, rates)
-    return keep, scores
-
-
 def assemble(reader: ShardReader, pair_segment: np.ndarray, labels: pa.Array, roots: pa.Array, text_encoder,
              templates: Sequence[str], *, label_batch: int = 1024, memmap_path: Path | None = None,
              memmap_above_bytes: float = 1 << 30) -> ReferenceSet:
@@ -302,56 +221,6 @@ def assemble(reader: ShardReader, pair_segment: np.ndarray, labels: pa.Array, ro
                         segment_area=meta["area"], segment_source=meta["source"])
 
 
-def streaming_relabel(reader: ShardReader, pair_segment: np.ndarray, root_ids: np.ndarray, keep: np.ndarray, *,
-                      min_similarity: float = 0.5, budget_rows: int = 1_000_000,
-                      progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Relabel instead of drop ([`reme.build.filtering.relabel_dropped`][reme.build.filtering.relabel_dropped])
-    reading embeddings from shards in passes of at most ``budget_rows`` rows, so memory stays
-    bounded.
-
-    Pass 1 forms each kept group's centre (element-wise median of its kept members, as in step
-    7); pass 2 scores the dropped pairs against all centres, ``budget_rows`` pairs at a time.
-
-    Args:
-        reader: shard access.
-        pair_segment: (p,) int64 global segment id of each pair.
-        root_ids: (p,) int root-group index of each pair.
-        keep: (p,) bool result of step 7.
-        min_similarity: cosine with the nearest centre needed to relabel.
-        budget_rows: embeddings read per pass.
-        progress: progress bars.
-
-    Returns:
-        ``(new_root, similarity)``: (p,) int64 root index each dropped pair moves to, or -1
-        (kept pairs, and dropped pairs under the threshold); (p,) float32 best similarity, NaN
-        for kept pairs. Equal to ``relabel_dropped`` with all embeddings in memory.
-    """
-    pair_segment = np.asarray(pair_segment, np.int64)
-    root_ids = np.asarray(root_ids, np.int64)
-    p = len(pair_segment)
-    new = np.full(p, -1, np.int64)
-    sim_out = np.full(p, np.nan, np.float32)
-    gone = np.flatnonzero(~keep)
-    kept = np.flatnonzero(keep)
-    if len(kept) == 0 or len(gone) == 0:
-        return new, sim_out
-    kept_roots, kept_root_of = np.unique(root_ids[kept], return_inverse=True)      # sorted root ids
-    centers = np.zeros((len(kept_roots), reader.dim), np.float32)
-    for r, _, emb in _group_embeddings(reader, pair_segment[kept], kept_root_of.astype(np.int64), len(kept_roots),
-                                       budget_rows, desc="relabel centres", progress=progress):
-        c = np.median(emb, axis=0)
-        centers[r] = c / max(np.linalg.norm(c), 1e-12)
-    for s in tqdm(range(0, len(gone), budget_rows), desc="relabel dropped", disable=not progress):
-        idx = gone[s:s + budget_rows]
-        segs, inv = np.unique(pair_segment[idx], return_inverse=True)
-        sims = reader.embeddings(segs)[inv] @ centers.T
-        best = sims.argmax(1)
-        val = sims[np.arange(len(idx)), best]
-        sim_out[idx] = val
-        new[idx] = np.where(val >= min_similarity, kept_roots[best], -1)
-    return new, sim_out
-
-
 def knee_stage(root_ids: np.ndarray, pair_segment: np.ndarray, keep: np.ndarray, root_names: Sequence[str], *,
                min_groups: int = 10, min_ratio: float = KNEE_MIN_RATIO, max_rank: int = KNEE_MAX_RANK,
                max_removed_share: float = KNEE_MAX_REMOVED_SHARE) -> tuple[np.ndarray, list[str], dict[str, Any]]:
@@ -396,24 +265,57 @@ def synonym_partners(syn: Sequence[tuple[str, str, float]]) -> dict[str, list[st
     return partners
 
 
-def caption_global_stages(reader: ShardReader, params, text_encoder, templates: Sequence[str], *,
-                          budget_rows: int = 1_000_000, progress: bool = False,
-                          memmap_path: Path | None = None) -> tuple[ReferenceSet, dict[str, Any], dict[str, Any]]:
-    """Steps 7-10 over the shards of a caption-mode build.
+@dataclass
+class FilteredPairs:
+    """Result of `filter_pairs` (steps 7-9 over a pair table).
+
+    Attributes:
+        segment: (q,) int64 segment of each output pair (kept pairs in pair order, then the
+            synonym pairs of step 9).
+        label, root: q label texts and root nouns (Arrow string arrays).
+        keep: (p,) bool source pairs kept after steps 7-8 (relabelled pairs count as kept).
+        pair_root: (p,) object final root of each source pair (changed by relabelling).
+        info: counts ``pairs_after_group_filter``, ``pairs_relabelled``,
+            ``pairs_after_knee_filter``, ``pairs_after_synonyms`` and manifest entries
+            (``knee_group_sizes``, ``knee_filter``, ``ambiguous_roots_removed``, ``synonym_pairs``).
+        dropped: the ``dropped`` table of the source pairs removed (image, bbox, label, root,
+            reason, score).
+    """
+
+    segment: np.ndarray
+    label: pa.Array
+    root: pa.Array
+    keep: np.ndarray
+    pair_root: np.ndarray
+    info: dict[str, Any]
+    dropped: dict[str, Any]
+
+
+def filter_pairs(reader: ShardReader, params, embed_roots: Callable[[list[str]], np.ndarray], *,
+                 budget_rows: int = 1_000_000, progress: bool = False) -> FilteredPairs:
+    """Steps 7-9 of the method (docs/method.md) over the pairs of ``reader``, the one sequence run
+    by the build (`caption_global_stages`), the ablation runner
+    (`reme.eval.ablation.apply_stages`) and the benchmarks:
+
+    7. the group filter: the group-median filter
+       ([`group_median_filter`][reme.build.filtering.group_median_filter]) or a CLIP-score baseline
+       ([`clip_score_filter`][reme.build.filtering.clip_score_filter]), per ``params.filter_method``;
+       optionally relabelling instead of dropping
+       ([`relabel_dropped`][reme.build.filtering.relabel_dropped]);
+    8. the ambiguous-label knee filter (`knee_stage`);
+    9. synonym enrichment ([`synonym_pairs`][reme.build.synonyms.synonym_pairs] on the kept roots;
+       each kept pair also gets its root's synonyms, substituted into its noun phrase).
 
     Args:
-        reader: shard access.
-        params: [`reme.build.pipeline.CaptionBuildParams`][reme.build.pipeline.CaptionBuildParams].
-        text_encoder: TextEncoder for root synonyms and L_ref.
-        templates: step 5 templates.
-        budget_rows: embeddings read per group-filter pass (S_ref is memory-mapped at
-            ``memmap_path`` when larger than that).
+        reader: pairs and embeddings (`ShardReader` over shards, `ArrayReader` in memory).
+        params: a [`CaptionBuildParams`][reme.build.pipeline.CaptionBuildParams] (every stage field is read).
+        embed_roots: ``roots -> (len(roots), d') float32`` L2-normalised text embeddings of root nouns
+            (step 9's similarity).
+        budget_rows: embeddings read per pass of steps 7 and relabel.
         progress: progress bars.
-        memmap_path: see `assemble`.
 
     Returns:
-        (the [`ReferenceSet`][reme.reference.ReferenceSet], without manifest yet; counts and
-        manifest entries; the ``dropped`` table).
+        A `FilteredPairs`.
     """
     pairs = reader.pairs()
     ps = pairs.column("segment").to_numpy().astype(np.int64)
@@ -424,26 +326,26 @@ def caption_global_stages(reader: ShardReader, params, text_encoder, templates: 
     info: dict[str, Any] = {}
     keep = np.ones(p, bool)
     score = np.full(p, np.nan, np.float32)
-    method = getattr(params, "filter_method", "median")
+    method = params.filter_method
     if params.group_filter and p and method == "median":                                 # step 7
-        keep, score = streaming_group_filter(reader, ps, root_ids, len(root_names), drop_rate=params.drop_rate,
-                                             adaptive=params.adaptive_filter, max_drop_rate=params.max_drop_rate,
-                                             budget_rows=budget_rows, progress=progress)
+        keep, score = group_median_filter(reader, ps, root_ids, drop_rate=params.drop_rate,
+                                          adaptive=params.adaptive_filter, max_drop_rate=params.max_drop_rate,
+                                          return_scores=True, budget_rows=budget_rows, progress=progress)
     elif params.group_filter and p:                                                      # step 7 baselines
         clip = reader.pair_scores()
-        keep = clip_score_filter(clip, root_ids if method == "clip_group" else None,
-                                 drop_rate=params.drop_rate)
+        keep = clip_score_filter(clip, root_ids if method == "clip_group" else None, drop_rate=params.drop_rate)
         score = clip.astype(np.float32)
     reason = np.where(keep, "", "group_filter").astype(object)
     info["pairs_after_group_filter"] = int(keep.sum())
     relabelled = 0
-    if getattr(params, "relabel", False) and params.group_filter and (~keep).any():      # relabel, not drop
-        new, _ = streaming_relabel(reader, ps, root_ids, keep, min_similarity=params.relabel_min_similarity,
-                                   budget_rows=budget_rows, progress=progress)
+    if params.relabel and params.group_filter and (~keep).any():                         # relabel, not drop
+        new, _ = relabel_dropped(reader, ps, root_ids, keep, min_similarity=params.relabel_min_similarity,
+                                 budget_rows=budget_rows, progress=progress)
         hit = np.flatnonzero(new >= 0)
+        kept_roots = np.unique(root_ids[keep])
         labels, roots_l, heads = (pairs.column(c).to_pylist() for c in ("label", "root", "head"))
         for i in hit:                                   # the pair takes the root of the group it joined
-            root_ids[i] = new[i]
+            root_ids[i] = kept_roots[new[i]]
             q = substitute_root(NounPhrase(text=labels[i], root=roots_l[i], head=heads[i]), root_names[root_ids[i]])
             labels[i], roots_l[i], heads[i] = q.text, q.root, q.head
         pairs = pairs.set_column(1, "label", pa.array(labels, pa.string()))
@@ -456,22 +358,18 @@ def caption_global_stages(reader: ShardReader, params, text_encoder, templates: 
     removed: list[str] = []
     if params.knee_filter and p:                                                         # step 8
         knee, removed, kinfo = knee_stage(root_ids, ps, keep, root_names, min_groups=params.knee_min_groups,
-                                          min_ratio=getattr(params, "knee_min_ratio", KNEE_MIN_RATIO),
-                                          max_rank=getattr(params, "knee_max_rank", KNEE_MAX_RANK),
-                                          max_removed_share=getattr(params, "knee_max_removed_share",
-                                                                    KNEE_MAX_REMOVED_SHARE))
+                                          min_ratio=params.knee_min_ratio, max_rank=params.knee_max_rank,
+                                          max_removed_share=params.knee_max_removed_share)
         info.update(kinfo)
         reason[knee] = "knee_filter"
         keep &= ~knee
     info["pairs_after_knee_filter"] = int(keep.sum())
     gone = np.flatnonzero(~keep)
-    gone_segs = ps[gone]
-    useg, inv = np.unique(gone_segs, return_inverse=True)
+    useg, inv = np.unique(ps[gone], return_inverse=True)
     gmeta = reader.metadata(useg)
-    gi = pa.array(gone)
     dropped = {"image": [gmeta["image"][j] for j in inv.ravel()], "bbox": gmeta["bbox"][inv.ravel()].reshape(-1, 4),
-               "label": pairs.column("label").take(gi).to_pylist(), "root": root_names[root_ids[gone]].tolist(),
-               "reason": reason[gone].tolist(),
+               "label": pairs.column("label").take(pa.array(gone)).to_pylist(),
+               "root": root_names[root_ids[gone]].tolist(), "reason": reason[gone].tolist(),
                "score": np.where(reason[gone] == "group_filter", score[gone], np.nan).astype(np.float32)}
     info["ambiguous_roots_removed"] = removed
     kidx = pa.array(np.flatnonzero(keep))
@@ -484,8 +382,8 @@ def caption_global_stages(reader: ShardReader, params, text_encoder, templates: 
     extra_root: list[str] = []
     if params.k_sim > 0 and len(kept_seg):                                               # step 9
         distinct = sorted(set(pc.unique(kept_root).to_pylist()))
-        syn = synonym_pairs(distinct, embed_labels(text_encoder, distinct, templates), params.k_sim,
-                            skip_head_pairs=getattr(params, "synonym_skip_head_pairs", True))
+        syn = synonym_pairs(distinct, embed_roots(distinct), params.k_sim,
+                            skip_head_pairs=params.synonym_skip_head_pairs)
         partners = synonym_partners(syn)
         hit = np.flatnonzero(pc.is_in(kept_root, value_set=pa.array(sorted(partners), pa.string()))
                              .to_numpy(zero_copy_only=False))
@@ -503,11 +401,37 @@ def caption_global_stages(reader: ShardReader, params, text_encoder, templates: 
     # the synonym labels follow all kept pairs, in kept-pair order (as the in-memory build)
     info["synonym_pairs"] = [[a, b, round(v, 4)] for a, b, v in syn]
     all_seg = np.concatenate([kept_seg, np.asarray(extra_seg, np.int64)])
-    all_label = pa.concat_arrays([_array(kept_label), pa.array(extra_label, pa.string())])
-    all_root = pa.concat_arrays([_array(kept_root), pa.array(extra_root, pa.string())])
     info["pairs_after_synonyms"] = int(len(all_seg))
-    return assemble(reader, all_seg, all_label, all_root, text_encoder, templates, memmap_path=memmap_path,
-                    memmap_above_bytes=budget_rows * reader.dim * 4), info, dropped
+    return FilteredPairs(segment=all_seg,
+                         label=pa.concat_arrays([_array(kept_label), pa.array(extra_label, pa.string())]),
+                         root=pa.concat_arrays([_array(kept_root), pa.array(extra_root, pa.string())]),
+                         keep=keep, pair_root=root_names[root_ids] if p else np.zeros(0, object),
+                         info=info, dropped=dropped)
+
+
+def caption_global_stages(reader: ShardReader, params, text_encoder, templates: Sequence[str], *,
+                          budget_rows: int = 1_000_000, progress: bool = False,
+                          memmap_path: Path | None = None) -> tuple[ReferenceSet, dict[str, Any], dict[str, Any]]:
+    """Steps 7-10 over the shards of a caption-mode build: `filter_pairs`, then `assemble`.
+
+    Args:
+        reader: shard access.
+        params: [`reme.build.pipeline.CaptionBuildParams`][reme.build.pipeline.CaptionBuildParams].
+        text_encoder: TextEncoder for root synonyms and L_ref.
+        templates: step 5 templates.
+        budget_rows: embeddings read per group-filter pass (S_ref is memory-mapped at
+            ``memmap_path`` when larger than that).
+        progress: progress bars.
+        memmap_path: see `assemble`.
+
+    Returns:
+        (the [`ReferenceSet`][reme.reference.ReferenceSet], without manifest yet; counts and
+        manifest entries; the ``dropped`` table).
+    """
+    out = filter_pairs(reader, params, lambda roots: embed_labels(text_encoder, roots, templates),
+                       budget_rows=budget_rows, progress=progress)
+    return assemble(reader, out.segment, out.label, out.root, text_encoder, templates, memmap_path=memmap_path,
+                    memmap_above_bytes=budget_rows * reader.dim * 4), out.info, out.dropped
 
 
 def _array(x) -> pa.Array:

@@ -8,8 +8,8 @@ visual embeddings of the picked segments (docs/method.md steps 1-6).
 A shard's result depends only on its images and the settings, never on which process or
 machine computes it or what ran before: images are processed in fixed batches of
 ``batch_size`` within the shard, label embeddings for pairing are computed per batch in sorted
-order, and torch runs on one CPU thread (matrix products on 1 and 2 threads differ in the last
-bits). This is what makes a resumed, a multi-worker and a Ray build byte-identical.
+order, and torch runs on one CPU thread, set by the engines (matrix products on 1 and 2 threads differ
+in the last bits). This is what makes a resumed, a multi-worker and a Ray build byte-identical.
 
 `ShardComputer` holds the encoders. In worker processes and Ray actors it is rebuilt
 from `ShardComputer.config`, a plain JSON-able dict (encoder specs, settings), never from
@@ -18,7 +18,6 @@ pickled objects.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import inspect
 import logging
@@ -34,7 +33,7 @@ from reme.io import read_image
 from reme.build.nounphrases import NON_OBJECT_ROOTS, NounPhrase, extract_noun_phrases, load_spacy
 from reme.build.pairing import pair_labels_to_segments
 from reme.encoders.pooling import embed_proposals
-from reme.proposals import (FelzenszwalbParams, ProposalGenerator, Proposals, check_proposal_method, majority_pieces,
+from reme.proposals import (FelzenszwalbParams, ProposalGenerator, check_proposal_method, majority_pieces,
                             masks_bboxes)
 from reme.build._shards import encode_shard, pairs_table, segments_table
 from reme.encoders.text import TEMPLATES, embed_labels
@@ -156,13 +155,9 @@ def encoder_from_recipe(recipe: dict[str, Any], device: str):
         ValueError: the rebuilt encoder's fingerprint differs (settings the spec cannot carry).
     """
     from reme.encoders import resolve_encoder
-    from reme.encoders.factory import _FAMILIES, split_spec
+    from reme.encoders.factory import encoder_loader
 
-    family, _ = split_spec(recipe["spec"])
-    module, fn = _FAMILIES[family]
-    import importlib
-
-    params = inspect.signature(getattr(importlib.import_module(module), fn)).parameters
+    params = inspect.signature(encoder_loader(recipe["spec"])).parameters
     var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in recipe.get("kwargs", {}).items() if var_kw or k in params}
     enc = resolve_encoder(recipe["spec"], device=device, **kwargs)
@@ -186,17 +181,6 @@ def nlp_name(nlp) -> str:
 def nlp_fingerprint(nlp) -> dict[str, Any]:
     meta = getattr(nlp, "meta", {}) or {}
     return {"name": nlp_name(nlp), "version": meta.get("version"), "pipes": list(getattr(nlp, "pipe_names", []))}
-
-
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch on one CPU thread inside the block (bitwise-reproducible matrix products)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _chunks(seq: Sequence[str], n: int) -> Iterator[Sequence[str]]:
@@ -327,12 +311,13 @@ class ShardComputer:
     def compute(self, keys: Sequence[str]):
         """Per-image stages of ``keys``: (segments table, pairs table, meta dict).
 
-        Bad images are skipped with a warning and listed in ``meta["skipped"]``.
+        Bad images are skipped with a warning and listed in ``meta["skipped"]``. Bitwise
+        reproducible on one torch/BLAS thread: the engines run it so (worker processes and Ray
+        actors set one thread at start, the in-process path under a scoped `threadpoolctl` limit).
         """
-        with single_thread():
-            if self.settings.mode == "gt":
-                return self._gt(keys)
-            return self._caption(keys)
+        if self.settings.mode == "gt":
+            return self._gt(keys)
+        return self._caption(keys)
 
     def _read(self, key: str, skipped: list, downscaled: list):
         """(image, (sy, sx)) or None (skipped with a warning)."""

@@ -16,12 +16,25 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
 from skimage.draw import polygon as draw_polygon
 
 logger = logging.getLogger(__name__)
 
 
-def _safe_relpath(name: str, where: str) -> str:
+def safe_relpath(name: str, where: str) -> str:
+    """``name`` as a relative POSIX path under an image root.
+
+    Args:
+        name: a file name from a list or an annotation file (``\\`` read as ``/``).
+        where: what the name came from, for the error message.
+
+    Returns:
+        The normalised relative path.
+
+    Raises:
+        ValueError: the path is empty, absolute or contains ``..``.
+    """
     p = PurePosixPath(name.replace("\\", "/"))
     if p.is_absolute() or ".." in p.parts or not p.parts:
         raise ValueError(f"{where}: path {name!r} escapes the image root (absolute or '..'); refusing it")
@@ -29,35 +42,21 @@ def _safe_relpath(name: str, where: str) -> str:
 
 
 def decode_coco_rle(rle: dict, height: int, width: int) -> np.ndarray:
-    """Decode a COCO RLE (``counts`` as list or compressed string) to an (H, W) bool mask.
+    """Decode a COCO RLE (``counts`` as list or compressed string) to an (H, W) bool mask with
+    pycocotools (column-major run lengths; Lin et al., ECCV 2014, COCO format).
 
-    Column-major run lengths, as pycocotools (Lin et al., ECCV 2014, COCO format).
+    Raises:
+        ValueError: malformed counts (pycocotools: "Invalid RLE mask representation").
+        KeyError, TypeError: no ``counts`` or counts of the wrong type.
     """
     counts = rle["counts"]
-    if isinstance(counts, str):  # compressed: 5-bit groups, LEB128-like, delta-coded after the 3rd
-        vals, i, s = [], 0, counts.encode("ascii")
-        while i < len(s):
-            x, k, more = 0, 0, True
-            while more:
-                c = s[i] - 48
-                x |= (c & 0x1F) << (5 * k)
-                more = bool(c & 0x20)
-                i += 1
-                k += 1
-                if not more and (c & 0x10):
-                    x |= -1 << (5 * k)
-            if len(vals) > 2:
-                x += vals[-2]
-            vals.append(x)
-        counts = vals
-    flat = np.zeros(height * width, bool)
-    pos, val = 0, False
-    for c in counts:
-        if val:
-            flat[pos:pos + c] = True
-        pos += c
-        val = not val
-    return flat.reshape(width, height).T
+    if isinstance(counts, list):
+        obj = mask_utils.frPyObjects({"counts": counts, "size": [height, width]}, height, width)
+    elif isinstance(counts, (str, bytes)):
+        obj = {"counts": counts.encode("ascii") if isinstance(counts, str) else counts, "size": [height, width]}
+    else:
+        raise TypeError(f"RLE counts must be a list or a string, got {type(counts).__name__}")
+    return mask_utils.decode(obj).astype(bool)
 
 
 class CocoInstances:
@@ -80,7 +79,7 @@ class CocoInstances:
         self.categories = {c["id"]: c["name"] for c in data["categories"]}
         self.images = {}
         for im in data["images"]:
-            key = _safe_relpath(im["file_name"], str(path))
+            key = safe_relpath(im["file_name"], str(path))
             self.images[key] = im
         by_id = {im["id"]: key for key, im in self.images.items()}
         self.anns: dict[str, list[dict]] = {k: [] for k in self.images}

@@ -2,14 +2,22 @@
 (docs/method.md steps 7 and 8).
 
 Both work on *pairs* (segment index, root noun): a pair is a label attached to a segment.
+
+Embeddings are read through one accessor, so the same functions serve an in-memory (m, d) array
+and a build's shards (`reme.build._global_stages.ShardReader`, any object with
+``embeddings(sorted_unique_rows) -> (n, d) float32``): groups are packed into passes of at most
+``budget_rows`` member rows and only the segments of one pass are read at a time. A single group
+larger than the budget is read as one pass (its median needs all its members). The arithmetic
+is the same whatever the budget, so a build and an in-memory call give the same result.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +90,56 @@ def drop_lowest(scores: np.ndarray, order: np.ndarray, bounds: np.ndarray, rates
     return keep
 
 
-def group_median_filter(S: np.ndarray, pair_segment: np.ndarray, pair_root: Sequence[str], *,
-                        drop_rate: float = 0.30, adaptive: bool = False,
-                        max_drop_rate: float = 0.50, return_scores: bool = False):
-    """Keep-mask of pairs after group-based filtering (docs/method.md step 7).
+def _embedding_reader(S) -> Callable[[np.ndarray], np.ndarray]:
+    """``rows -> (len(rows), d) float32``: a reader's ``embeddings`` or rows of an array."""
+    if hasattr(S, "embeddings"):
+        return S.embeddings
+    S = np.asarray(S)
+    return lambda rows: np.asarray(S[rows], np.float32)
+
+
+def _passes(sizes: np.ndarray, budget_rows: int) -> list[tuple[int, int]]:
+    """Consecutive group ranges [a, b) whose total size is <= budget (a lone group may exceed it)."""
+    out, a, acc = [], 0, 0
+    for r, n in enumerate(sizes.tolist()):
+        if r > a and acc + n > budget_rows:
+            out.append((a, r))
+            a, acc = r, 0
+        acc += n
+    if a < len(sizes):
+        out.append((a, len(sizes)))
+    return out
+
+
+def _pass_embeddings(read, pair_segment: np.ndarray, order: np.ndarray, bounds: np.ndarray, budget_rows: int, *,
+                     desc: str, progress: bool = False) -> Iterator[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield ``(a, b, pair indices of groups a..b-1 in group order, their (len, d) embeddings,
+    (b - a + 1,) local group offsets)`` per pass of at most ``budget_rows`` member rows (a lone
+    larger group is read whole). ``order``/``bounds`` from `group_slices`."""
+    bar = tqdm(total=len(bounds) - 1, desc=desc, unit="group", disable=not progress)
+    for a, b in _passes(np.diff(bounds), budget_rows):
+        idx = order[bounds[a]:bounds[b]]
+        segs = np.unique(pair_segment[idx])
+        E = read(segs)
+        yield a, b, idx, E[np.searchsorted(segs, pair_segment[idx])], bounds[a:b + 1] - bounds[a]
+        bar.update(b - a)
+        del E
+    bar.close()
+
+
+def _check_budget(budget_rows: int | None, p: int) -> int:
+    if budget_rows is None:
+        return max(p, 1)
+    if budget_rows < 1:
+        raise ValueError(f"budget_rows must be >= 1, got {budget_rows}")
+    return int(budget_rows)
+
+
+def group_median_filter(S, pair_segment: np.ndarray, pair_root: Sequence, *, drop_rate: float = 0.30,
+                        adaptive: bool = False, max_drop_rate: float = 0.50, return_scores: bool = False,
+                        budget_rows: int | None = None, progress: bool = False):
+    """Keep-mask of pairs after group-based filtering (docs/method.md step 7), the one implementation
+    used by the build, the ablation runner and in-memory callers.
 
     Pairs are grouped by root noun. Per group, S_center is the element-wise median of the
     members' visual embeddings; members are scored by <S_i, S_center> and the lowest
@@ -96,33 +150,42 @@ def group_median_filter(S: np.ndarray, pair_segment: np.ndarray, pair_root: Sequ
     `group_drop_rates`.
 
     Grouping is done once (`group_slices`), so the cost is O(p log p + p d), not one
-    scan of all pairs per group.
+    scan of all pairs per group; embeddings are read group by group in passes of at most
+    ``budget_rows`` rows (module docstring).
 
     Args:
-        S: (m, d) float32 visual segment embeddings, L2-normalised.
+        S: (m, d) float visual segment embeddings, L2-normalised, or a reader with
+            ``embeddings(rows)`` (a build's shards).
         pair_segment: (p,) int row of S for each pair.
         pair_root: p root nouns (or integer root ids).
         drop_rate: fixed fraction in [0, 1) dropped per group.
         adaptive: use the adaptive per-group rate.
         max_drop_rate: upper end of the adaptive range.
         return_scores: also return each pair's score <S_i, S_center>.
+        budget_rows: member rows read per pass (None: all in one pass).
+        progress: progress bar over groups.
 
     Returns:
         (p,) bool, True for pairs kept; with ``return_scores``, also (p,) float32 scores.
 
     Raises:
-        ValueError: a rate outside [0, 1), or ``pair_root`` and ``pair_segment`` lengths differ.
+        ValueError: a rate outside [0, 1), ``budget_rows`` < 1, or ``pair_root`` and
+            ``pair_segment`` lengths differ.
     """
     group_drop_rates(np.zeros(0), drop_rate=drop_rate, max_drop_rate=max_drop_rate)      # validates the rates
     pair_segment = np.asarray(pair_segment, np.int64)
     if len(pair_root) != len(pair_segment):
         raise ValueError(f"{len(pair_segment)} pair segments but {len(pair_root)} roots")
+    budget = _check_budget(budget_rows, len(pair_segment))
     _, order, bounds = group_slices(pair_root)
-    pair_score = np.zeros(len(pair_segment), np.float32)
-    pair_score[order], incons = grouped_median_scores(np.asarray(S)[pair_segment[order]], bounds)
+    scores = np.zeros(len(pair_segment), np.float32)
+    incons = np.zeros(len(bounds) - 1, np.float64)
+    for a, b, idx, emb, lb in _pass_embeddings(_embedding_reader(S), pair_segment, order, bounds, budget,
+                                               desc="group filter", progress=progress):
+        scores[idx], incons[a:b] = grouped_median_scores(emb, lb)
     rates = group_drop_rates(incons, drop_rate=drop_rate, adaptive=adaptive, max_drop_rate=max_drop_rate)
-    keep = drop_lowest(pair_score, order, bounds, rates)
-    return (keep, pair_score) if return_scores else keep
+    keep = drop_lowest(scores, order, bounds, rates)
+    return (keep, scores) if return_scores else keep
 
 
 def grouped_median_scores(emb: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -297,43 +360,61 @@ def clip_score_filter(clip_scores: np.ndarray, pair_root: Sequence[str] | None =
     return drop_lowest(s, order, bounds, np.full(len(bounds) - 1, drop_rate))
 
 
-def relabel_dropped(S: np.ndarray, pair_segment: np.ndarray, pair_root: Sequence[str], keep: np.ndarray, *,
-                    min_similarity: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """Relabel instead of drop (the paper's stated limitation, docs/method.md "an opportunity").
+def relabel_dropped(S, pair_segment: np.ndarray, pair_root: Sequence, keep: np.ndarray, *,
+                    min_similarity: float = 0.5, budget_rows: int | None = None,
+                    progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Relabel instead of drop (the paper's stated limitation, docs/method.md "beyond the paper").
 
     Each dropped pair's segment gets the root whose group centre (element-wise median of the
     kept members' visual embeddings, L2-normalised) it is closest to, when that cosine
-    similarity is at least ``min_similarity``; otherwise it stays dropped.
+    similarity is at least ``min_similarity``; otherwise it stays dropped. Embeddings are read
+    in passes of at most ``budget_rows`` rows: pass 1 forms the centres group by group, pass 2
+    scores the dropped pairs against all centres ``budget_rows`` pairs at a time.
 
     Args:
-        S: (m, d) visual segment embeddings, L2-normalised.
+        S: (m, d) visual segment embeddings, L2-normalised, or a reader with
+            ``embeddings(rows)`` (a build's shards).
         pair_segment: (p,) row of S per pair.
-        pair_root: p root nouns.
+        pair_root: p root nouns (or integer root ids).
         keep: (p,) bool result of a filter.
         min_similarity: threshold on <S_i, S_center> (our default 0.5).
+        budget_rows: embeddings read per pass (None: all at once).
+        progress: progress bars.
 
     Returns:
         ``(new_root_index, similarity)``: for each pair, the index into the sorted list of kept
         roots (``sorted(set(kept roots))``) it is relabelled to, or -1 (kept pairs and pairs
         left dropped get -1); and the (p,) float32 best similarity (NaN for kept pairs).
+
+    Raises:
+        ValueError: ``budget_rows`` < 1.
     """
-    roots = np.asarray(pair_root, object)
+    roots = np.asarray(pair_root)
     pair_segment = np.asarray(pair_segment, np.int64)
     keep = np.asarray(keep, bool)
     new = np.full(len(roots), -1, np.int64)
     sim_out = np.full(len(roots), np.nan, np.float32)
     gone = np.flatnonzero(~keep)
     kept = np.flatnonzero(keep)
+    budget = _check_budget(budget_rows, len(roots))
     if len(kept) == 0 or len(gone) == 0:
         return new, sim_out
+    read = _embedding_reader(S)
     _, order, bounds = group_slices(roots[kept])                 # groups in sorted root order
-    centers = []
-    for r in range(len(bounds) - 1):
-        c = np.median(S[pair_segment[kept[order[bounds[r]:bounds[r + 1]]]]], axis=0)
-        centers.append(c / max(np.linalg.norm(c), 1e-12))
-    sims = S[pair_segment[gone]] @ np.stack(centers).T
-    best = sims.argmax(1)
-    val = sims[np.arange(len(gone)), best]
-    sim_out[gone] = val
-    new[gone] = np.where(val >= min_similarity, best, -1)
+    centers = None
+    for a, b, _, emb, lb in _pass_embeddings(read, pair_segment[kept], order, bounds, budget,
+                                             desc="relabel centres", progress=progress):
+        if centers is None:
+            centers = np.zeros((len(bounds) - 1, emb.shape[1]), np.float32)
+        for r in range(a, b):
+            c = np.median(emb[lb[r - a]:lb[r - a + 1]], axis=0)
+            centers[r] = c / max(np.linalg.norm(c), 1e-12)
+    for s in tqdm(range(0, len(gone), budget), desc="relabel dropped", disable=not progress):
+        idx = gone[s:s + budget]
+        segs, inv = np.unique(pair_segment[idx], return_inverse=True)
+        sims = read(segs)[inv.ravel()] @ centers.T
+        best = sims.argmax(1)
+        val = sims[np.arange(len(idx)), best]
+        sim_out[idx] = val
+        new[idx] = np.where(val >= min_similarity, best, -1)
     return new, sim_out

@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from reme._version import __version__
-from reme.build.annotations import _safe_relpath
+from reme.build.annotations import safe_relpath
 from reme.build.filtering import KNEE_MAX_RANK, KNEE_MAX_REMOVED_SHARE, KNEE_MIN_RATIO
 from reme.build._global_stages import ShardReader, caption_global_stages, gt_global_stages
 from reme.io import list_images
@@ -58,6 +58,32 @@ logger = logging.getLogger(__name__)
 SHARD_SIZE = 32
 #: Default images per encoder / captioner / spaCy batch inside a shard.
 BATCH_SIZE = 8
+#: A build of n images is cut into at least ``min(n, max(MIN_SHARDS, workers))`` shards (our
+#: choice), so ``workers`` processes all get work (`shard_images`). The plan does not depend on
+#: the worker count up to this many workers, so a build resumed with other ``--workers`` reuses
+#: its shards and the output is the same.
+MIN_SHARDS = 64
+
+
+def shard_images(num_images: int, shard_size: int = SHARD_SIZE, workers: int = 1) -> int:
+    """Images per shard of a build: at most ``shard_size``, and at most
+    ``num_images // max(MIN_SHARDS, workers)`` (at least 1), so that there are at least
+    ``min(num_images, max(MIN_SHARDS, workers))`` shards.
+
+    Args:
+        num_images: images of the build (>= 0).
+        shard_size: the largest shard (`BuildOptions.shard_size`, >= 1).
+        workers: worker processes or actors (>= 1).
+
+    Returns:
+        Images per shard, >= 1.
+
+    Raises:
+        ValueError: ``shard_size`` or ``workers`` < 1.
+    """
+    if int(shard_size) < 1 or int(workers) < 1:
+        raise ValueError(f"shard_size and workers must be >= 1, got {shard_size}, {workers}")
+    return max(1, min(int(shard_size), int(num_images) // max(MIN_SHARDS, int(workers))))
 
 
 @dataclass
@@ -91,9 +117,8 @@ class CaptionBuildParams:
         relabel: relabel pairs dropped by step 7 instead of dropping them (the paper's stated
             limitation): the segment takes the root of the nearest kept group centre in visual
             space when the cosine is at least ``relabel_min_similarity``
-            ([`reme.build.filtering.relabel_dropped`][reme.build.filtering.relabel_dropped]; in builds
-            `reme.build._global_stages.streaming_relabel`, within the same memory budget as the group
-            filter); off by default.
+            ([`reme.build.filtering.relabel_dropped`][reme.build.filtering.relabel_dropped], within the
+            same memory budget as the group filter); off by default.
         relabel_min_similarity: threshold of ``relabel`` (our default 0.5).
     """
 
@@ -137,7 +162,8 @@ class BuildOptions:
             explicitly given ``work_dir``).
         workers: processes (local engine) or Ray actors computing shards.
         batch_size: images per encoder / captioner / spaCy batch.
-        shard_size: images per shard.
+        shard_size: images per shard at most; small builds get smaller shards so that there
+            are at least ``min(images, max(MIN_SHARDS, workers))`` of them (`shard_images`).
         engine: "local" or "ray".
         ray_address: Ray cluster address for the Ray engine (None: running or local Ray).
         ray_gpus_per_worker: GPUs per Ray actor (default 1 on CUDA, else 0).
@@ -198,7 +224,7 @@ def _base_manifest(mode: str, visual_encoder, text_encoder, settings: StageSetti
 def _check_keys(images: Sequence[str]) -> list[str]:
     keys, seen = [], set()
     for k in images:
-        key = _safe_relpath(str(k), "images")
+        key = safe_relpath(str(k), "images")
         if key in seen:
             raise ValueError(f"image {key!r} is listed twice")
         seen.add(key)
@@ -229,7 +255,7 @@ def _run(mode: str, image_root: Path, keys: list[str], computer: ShardComputer, 
     keep_work = opts.keep_work_dir if opts.keep_work_dir is not None else opts.work_dir is not None
     store = ShardStore(work)
     store.open(fingerprint, resume=opts.resume)
-    size = int(opts.shard_size)
+    size = shard_images(len(keys), opts.shard_size, opts.workers)
     tasks = [(i, keys[a:a + size]) for i, a in enumerate(range(0, len(keys), size))]
     pending = [(i, k) for i, k in tasks if not store.is_done(i)]
     reused = len(tasks) - len(pending)
@@ -316,7 +342,9 @@ def _options(kw: dict[str, Any], progress: bool) -> BuildOptions:
     if unknown:
         raise TypeError(f"unexpected keyword arguments {sorted(unknown)}; build options are "
                         f"{sorted(BuildOptions.__dataclass_fields__)}")
-    return BuildOptions(progress=progress, **kw)
+    opts = BuildOptions(progress=progress, **kw)
+    opts.validate()                                     # before the shard plan and any model work
+    return opts
 
 
 def _fingerprint(mode: str, image_root: Path, keys: list[str], settings: StageSettings, opts: BuildOptions,
@@ -324,7 +352,7 @@ def _fingerprint(mode: str, image_root: Path, keys: list[str], settings: StageSe
     return {
         "mode": mode, "reme_version": __version__, "image_root": str(image_root.resolve()),
         "images": {"count": len(keys), "sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest()},
-        "shard_size": int(opts.shard_size), "settings": settings.to_dict(),
+        "shard_size": shard_images(len(keys), opts.shard_size, opts.workers), "settings": settings.to_dict(),
         "encoders": {k: encoder_fingerprint(v) for k, v in encoders.items()},
         "device": _device_type(encoders["visual"]), **extra,
     }

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from reme.encoders import _hub
+from reme.encoders import _hub, _preprocess
 from reme.encoders.base import Captioner
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def _default_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dty
 def _to_pil(image: np.ndarray):
     from PIL import Image
 
-    return Image.fromarray(_hub.check_rgb_uint8(image))
+    return Image.fromarray(_preprocess.check_rgb_uint8(image))
 
 
 class _HFCaptioner(Captioner):

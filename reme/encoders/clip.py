@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reme.encoders import _hub
+from reme.encoders import _hub, _preprocess
 from reme.encoders.base import CLIPModel
 from reme.errors import MissingWeightsError
 
@@ -52,7 +52,7 @@ def _import_open_clip():
     return open_clip
 
 
-class OpenCLIPEncoder(_hub.PatchGridInput, CLIPModel):
+class OpenCLIPEncoder(_preprocess.PatchGridInput, CLIPModel):
     """A frozen open_clip ViT model as text encoder and dense visual encoder.
 
     Attributes:
@@ -279,7 +279,7 @@ class OpenCLIPEncoder(_hub.PatchGridInput, CLIPModel):
         with torch.inference_mode():
             for start in range(0, len(images), self.image_batch_size):
                 chunk = images[start:start + self.image_batch_size]
-                pil = [Image.fromarray(_hub.check_rgb_uint8(im)) for im in chunk]
+                pil = [Image.fromarray(_preprocess.check_rgb_uint8(im)) for im in chunk]
                 batch = torch.stack([self._global_transform(im) for im in pil])
                 batch = batch.to(self.device, self.dtype)
                 out.append(self.model.encode_image(batch).float().cpu())

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from reme.encoders import _hub
+from reme.encoders import _hub, _preprocess
 from reme.encoders.base import VisualEncoder
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_IMAGE_SIZE: int = 448
 
 
-class DINOv2Encoder(_hub.PatchGridInput, VisualEncoder):
+class DINOv2Encoder(_preprocess.PatchGridInput, VisualEncoder):
     """A frozen DINOv2 backbone giving an (h, w, d) patch-feature map.
 
     Attributes:
@@ -70,8 +70,8 @@ class DINOv2Encoder(_hub.PatchGridInput, VisualEncoder):
         spec: str,
         device: str | torch.device = "cpu",
         image_size: int = DEFAULT_IMAGE_SIZE,
-        mean: tuple[float, float, float] = _hub.IMAGENET_MEAN,
-        std: tuple[float, float, float] = _hub.IMAGENET_STD,
+        mean: tuple[float, float, float] = _preprocess.IMAGENET_MEAN,
+        std: tuple[float, float, float] = _preprocess.IMAGENET_STD,
         interpolation: str = "bicubic",
         layer: int | None = None,
         provenance: dict | None = None,
@@ -217,8 +217,8 @@ def load_dinov2(
     cache_dir: str | None = None,
     image_size: int = DEFAULT_IMAGE_SIZE,
     dtype: torch.dtype | None = None,
-    mean: tuple[float, float, float] = _hub.IMAGENET_MEAN,
-    std: tuple[float, float, float] = _hub.IMAGENET_STD,
+    mean: tuple[float, float, float] = _preprocess.IMAGENET_MEAN,
+    std: tuple[float, float, float] = _preprocess.IMAGENET_STD,
     precision: str | None = None,
 ) -> DINOv2Encoder:
     """Load a DINOv2 backbone (``dinov2:`` specs) with ``transformers.AutoModel``.

@@ -40,9 +40,11 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+from reme.encoders import _hub
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +119,39 @@ def split_spec(spec: str) -> tuple[str, str]:
     return family, target
 
 
+def encoder_loader(spec: str) -> Callable[..., Any]:
+    """The loader function of a spec's family (imports its module), e.g. to read which keyword
+    arguments it accepts (``inspect.signature``) before calling
+    [`resolve_encoder`][reme.encoders.factory.resolve_encoder].
+
+    Args:
+        spec: a registry name or ``family:target``.
+
+    Returns:
+        The loader ``(target, *, device, cache_dir, **kwargs) -> encoder``.
+
+    Raises:
+        ValueError: unknown spec (`split_spec`).
+        ImportError: the family's optional dependency is missing.
+    """
+    family, _ = split_spec(spec)
+    module_name, fn_name = _FAMILIES[family]
+    return getattr(importlib.import_module(module_name), fn_name)
+
+
+def find_hub_weights(model: str, *, family: str, spec_prefix: str, local_prefix: str) -> str:
+    """Local folder or hub id of a transformers checkpoint for loaders outside `reme.encoders`
+    (SAM proposals): a local path as is, else the cached snapshot under ``$REME_CACHE_DIR`` or the
+    libraries' caches, else the hub id when downloads are possible (the rule of
+    ``reme.encoders._hub``).
+
+    Raises:
+        reme.errors.MissingWeightsError: not found locally and not downloadable.
+    """
+    return _hub.resolve_hf_repo(model, family=family, cache_dir=cache_dir(), spec_prefix=spec_prefix,
+                                local_prefix=local_prefix)[0]
+
+
 def resolve_encoder(spec: str, *, device: str | torch.device | None = None, **kwargs: Any):
     """Create an encoder or captioner from a spec string.
 
@@ -134,9 +169,8 @@ def resolve_encoder(spec: str, *, device: str | torch.device | None = None, **kw
         reme.errors.MissingWeightsError: weights not found locally and not downloadable.
         ImportError: the family's optional dependency is missing (message names the extra).
     """
-    family, target = split_spec(spec)
-    module_name, fn_name = _FAMILIES[family]
-    loader = getattr(importlib.import_module(module_name), fn_name)
+    _, target = split_spec(spec)
+    loader = encoder_loader(spec)
     dev = resolve_device(device)
     logger.info("loading encoder %s on %s", spec, dev)
     return loader(target, device=dev, cache_dir=cache_dir(), **kwargs)

@@ -50,7 +50,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from reme.encoders import _hub
+from reme.encoders import _hub, _preprocess
 from reme.encoders.base import VisualEncoder
 from reme.errors import MissingWeightsError
 from reme.io import sha256_file
@@ -210,14 +210,14 @@ class MobileNetV2Encoder(VisualEncoder):
         self.dim = LAYER_CHANNELS[self.layer]
         self.stride = LAYER_STRIDES[self.layer]
         self.spec = spec
-        self.mean, self.std = _hub.IMAGENET_MEAN, _hub.IMAGENET_STD
+        self.mean, self.std = _preprocess.IMAGENET_MEAN, _preprocess.IMAGENET_STD
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(spec={self.spec!r}, dim={self.dim}, device={self.device})"
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         """Feature grid (h, w) that `dense_features` gives for an H x W image."""
-        gh, gw = _hub.patch_grid(height, width, self.image_size, (_INPUT_MULTIPLE, _INPUT_MULTIPLE))
+        gh, gw = _preprocess.patch_grid(height, width, self.image_size, (_INPUT_MULTIPLE, _INPUT_MULTIPLE))
         k = _INPUT_MULTIPLE // self.stride
         return gh * k, gw * k
 
@@ -235,7 +235,7 @@ class MobileNetV2Encoder(VisualEncoder):
             TypeError, ValueError: ``image`` is not an (H, W, 3) uint8 array.
         """
         with torch.inference_mode():
-            x = _hub.to_model_input(image, image_size=self.image_size,
+            x = _preprocess.to_model_input(image, image_size=self.image_size,
                                     patch=(_INPUT_MULTIPLE, _INPUT_MULTIPLE), mean=self.mean,
                                     std=self.std, device=self.device, interpolation="bilinear")
             return self.model(x)[0].permute(1, 2, 0).float().contiguous()

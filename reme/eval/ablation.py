@@ -9,8 +9,8 @@ Two runners, each giving one table:
 * `ablate_noisy_gt`: a controlled, offline-meaningful version. Start from a GT-mode
   reference (one correct label per segment), replace the labels of a known fraction of pairs
   by a different label drawn uniformly at random, then apply the build's own stage functions
-  (`reme.build._global_stages`: group filter, relabel, knee filter; `reme.build.synonyms.synonym_pairs`)
-  with the label as root noun. Besides mIoU it reports
+  (`reme.build.filter_pairs`: group filter, relabel, knee filter, synonyms) with
+  the label as root noun. Besides mIoU it reports
   the label precision of the kept pairs and the share of correct pairs kept, which measure
   the filter directly.
 """
@@ -26,13 +26,12 @@ from typing import Sequence
 import numpy as np
 
 from reme.eval.datasets import SegDataset
-from reme.eval.protocol import Protocol, _MemoVisualEncoder
+from reme.eval.protocol import MemoVisualEncoder, Protocol
 from reme.eval.report import markdown_table, write_json, write_text
 from reme.eval.runner import evaluate
 from reme.build.filtering import KNEE_MAX_RANK, KNEE_MAX_REMOVED_SHARE, KNEE_MIN_RATIO
-from reme.build._global_stages import ArrayReader, knee_stage, streaming_group_filter, streaming_relabel, synonym_partners
+from reme.build import ArrayReader, filter_pairs
 from reme.reference import ReferenceSet
-from reme.build.synonyms import synonym_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -125,11 +124,9 @@ def apply_stages(ref: ReferenceSet, pair_label: np.ndarray | None = None, *, gro
                  knee_max_rank: int = KNEE_MAX_RANK, knee_max_removed_share: float = KNEE_MAX_REMOVED_SHARE,
                  k_sim: int = 0, relabel: bool = False,
                  relabel_min_similarity: float = 0.5) -> tuple[ReferenceSet, np.ndarray, dict]:
-    """Steps 7-9 of docs/method.md applied to a reference set's pairs, the label text as root noun,
-    with the build's own stage functions (`reme.build._global_stages` over an
-    `reme.build._global_stages.ArrayReader` of S_ref): the group filter
-    (``streaming_group_filter``), relabel (``streaming_relabel``), the knee filter
-    (``knee_stage``) and the synonym pairs (`reme.build.synonyms.synonym_pairs`, on L_ref rows).
+    """Steps 7-9 of the method applied to a reference set's pairs, the label text as root noun,
+    by the build's own stage sequence (`reme.build.filter_pairs` over an
+    `reme.build._global_stages.ArrayReader` of S_ref; step 9's similarity on L_ref rows).
 
     Args:
         ref: source set (its S_ref is the visual embedding of step 7).
@@ -138,7 +135,7 @@ def apply_stages(ref: ReferenceSet, pair_label: np.ndarray | None = None, *, gro
         knee_filter, knee_min_groups, knee_min_ratio, knee_max_rank, knee_max_removed_share: step 8
             (`reme.build.filtering.knee_cut`).
         relabel, relabel_min_similarity: give pairs dropped by step 7 the label of the nearest
-            kept group centre instead (`reme.build._global_stages.streaming_relabel`).
+            kept group centre instead (`reme.build.filtering.relabel_dropped`).
         k_sim: step 9: the k_sim most similar label pairs (L_ref cosine) become synonyms and
             each kept pair also gets its label's synonyms; 0 = off.
 
@@ -146,51 +143,35 @@ def apply_stages(ref: ReferenceSet, pair_label: np.ndarray | None = None, *, gro
         ``(reference, keep, info)``: the new set, (p,) bool mask of the source pairs kept,
         and counts / removed roots / synonym pairs.
     """
+    from reme.build.pipeline import CaptionBuildParams
+
     labels = ref.pair_label if pair_label is None else np.asarray(pair_label, np.int64)
     ps = np.asarray(ref.pair_segment, np.int64)
     names = list(ref.labels)
-    n = len(names)
-    S = np.asarray(ref.S_ref, np.float32)
-    reader = ArrayReader(S, ps, [names[i] for i in labels], [names[i] for i in labels])
-    budget = max(len(ps), 1)
-    keep = np.ones(len(ps), bool)
-    if group_filter and len(ps):
-        keep, _ = streaming_group_filter(reader, ps, labels, n, drop_rate=drop_rate, adaptive=adaptive,
-                                         max_drop_rate=max_drop_rate, budget_rows=budget)
-    info: dict = {"pairs_in": int(len(ps)), "pairs_after_group_filter": int(keep.sum())}
-    if relabel and group_filter and (~keep).any():
-        new, _ = streaming_relabel(reader, ps, labels, keep, min_similarity=relabel_min_similarity,
-                                   budget_rows=budget)
-        labels = labels.copy()
-        hit = np.flatnonzero(new >= 0)
-        labels[hit] = new[hit]
-        keep[hit] = True
-        info["pairs_relabelled"] = int(len(hit))
-        info["pair_labels"] = labels  # final label per source pair (popped by ablate_noisy_gt)
-    removed: list[str] = []
-    if knee_filter and len(ps):
-        knee, removed, kinfo = knee_stage(labels, ps, keep, names, min_groups=knee_min_groups,
-                                          min_ratio=knee_min_ratio, max_rank=knee_max_rank,
-                                          max_removed_share=knee_max_removed_share)
-        keep &= ~knee
-        info["knee_filter"] = kinfo["knee_filter"]
-    info["ambiguous_roots_removed"] = removed
-    info["pairs_after_knee_filter"] = int(keep.sum())
-    new_ps, new_pl = ps[keep], labels[keep]
-    syn: list = []
-    if k_sim > 0 and keep.any():
-        distinct = sorted(set(new_pl.tolist()))
-        syn = synonym_pairs([names[i] for i in distinct], np.asarray(ref.L_ref)[distinct], k_sim)
-        index = {names[i]: i for i in distinct}
-        partners = {index[a]: [index[b] for b in bs] for a, bs in synonym_partners(syn).items()}
-        extra = [(s, o) for s, lab in zip(new_ps.tolist(), new_pl.tolist()) for o in partners.get(lab, ())]
-        if extra:
-            new_ps = np.concatenate([new_ps, np.array([e[0] for e in extra], np.int64)])
-            new_pl = np.concatenate([new_pl, np.array([e[1] for e in extra], np.int64)])
-    info["synonym_pairs"] = [[a, b, round(float(v), 3)] for a, b, v in syn]
-    info["pairs_out"] = int(len(new_ps))
+    index = {name: i for i, name in enumerate(names)}
+    L = np.asarray(ref.L_ref, np.float32)
+    text = [names[i] for i in labels]
+    params = CaptionBuildParams(group_filter=group_filter, drop_rate=drop_rate, adaptive_filter=adaptive,
+                                max_drop_rate=max_drop_rate, knee_filter=knee_filter, knee_min_groups=knee_min_groups,
+                                knee_min_ratio=knee_min_ratio, knee_max_rank=knee_max_rank,
+                                knee_max_removed_share=knee_max_removed_share, k_sim=k_sim, relabel=relabel,
+                                relabel_min_similarity=relabel_min_similarity)
+    out = filter_pairs(ArrayReader(np.asarray(ref.S_ref, np.float32), ps, text, text), params,
+                       lambda roots: L[[index[r] for r in roots]], budget_rows=max(len(ps), 1))
+    info: dict = {"pairs_in": int(len(ps)), "pairs_after_group_filter": out.info["pairs_after_group_filter"]}
+    if relabel and group_filter and out.info["pairs_after_group_filter"] < len(ps):
+        info["pairs_relabelled"] = out.info["pairs_relabelled"]
+        # final label per source pair (popped by ablate_noisy_gt)
+        info["pair_labels"] = np.array([index[r] for r in out.pair_root.tolist()], np.int64)
+    if "knee_filter" in out.info:
+        info["knee_filter"] = out.info["knee_filter"]
+    info["ambiguous_roots_removed"] = out.info["ambiguous_roots_removed"]
+    info["pairs_after_knee_filter"] = out.info["pairs_after_knee_filter"]
+    info["synonym_pairs"] = out.info["synonym_pairs"]
+    info["pairs_out"] = int(len(out.segment))
+    new_pl = np.array([index[t] for t in out.label.to_pylist()], np.int64)
     note = {k: v for k, v in info.items() if k != "pair_labels"}
-    return reference_from_pairs(ref, new_ps, new_pl, note=note), keep, info
+    return reference_from_pairs(ref, out.segment, new_pl, note=note), out.keep, info
 
 
 def _eval_row(ref_or_seg, dataset, protocol, segmenter_kwargs, encoders, progress):
@@ -228,7 +209,7 @@ def ablate_noisy_gt(ref: ReferenceSet, dataset: SegDataset, protocol: Protocol |
     variants = NOISY_GT_VARIANTS if variants is None else variants
     kw = dict(segmenter_kwargs or {})
     man = ref.manifest.get("encoders", {})
-    vis = _MemoVisualEncoder(resolve_encoder(man["visual"], device=device), size=max(len(dataset), 1))
+    vis = MemoVisualEncoder(resolve_encoder(man["visual"], device=device), size=max(len(dataset), 1))
     txt = resolve_encoder(man["text"], device=device)
     noisy_labels, corrupted = corrupt_labels(ref, noise, seed)
     correct = ~corrupted
@@ -299,9 +280,9 @@ def ablate_caption(image_root: str | Path, captioner, pairing_model, visual_enco
     cap, clip, vis, txt = enc(captioner), enc(pairing_model), enc(visual_encoder), enc(text_encoder)
     n_img = len(images) if images is not None else 100000
     cache = n_img if n_img <= 2000 else 0                     # dense features of every photo, when small
-    clip_m, vis_m = _MemoVisualEncoder(clip, cache), _MemoVisualEncoder(vis, cache)
+    clip_m, vis_m = MemoVisualEncoder(clip, cache), MemoVisualEncoder(vis, cache)
     txt_m = clip_m if txt is clip else txt
-    vis_eval = _MemoVisualEncoder(vis, max(len(dataset), 1))
+    vis_eval = MemoVisualEncoder(vis, max(len(dataset), 1))
     fz = felzenszwalb or FelzenszwalbParams()
     rows = []
     for name, opts in variants.items():

@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections import OrderedDict
-from dataclasses import asdict, dataclass, replace
+import threading
+from dataclasses import asdict, dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from cachetools import LRUCache
 from PIL import Image
 
 from reme.inference.retrieval import normalise_rows, pixel_class_scores_masks  # P_hat = P / row sum (step 3 above)
@@ -316,30 +317,42 @@ def finalize_labels(label_q: np.ndarray, conf: np.ndarray, plan: QueryPlan, *, b
     return pred
 
 
-class _MemoVisualEncoder:
-    """Proxy of a visual encoder that remembers the dense features of the last few images
-    (keyed by a hash of the pixels), so several class lists on one image cost one forward."""
+class MemoVisualEncoder:
+    """Proxy of a visual encoder that remembers the dense features of the last ``size`` images
+    (a thread-safe `cachetools.LRUCache` keyed by the pixels' shape and blake2b hash), so several
+    class lists, or several build variants, on one image cost one forward.
+
+    Args:
+        encoder: the visual encoder; every other attribute is read from it.
+        size: images remembered (0: none).
+    """
 
     def __init__(self, encoder, size: int = 4):
         self._enc = encoder
-        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self._size = size
+        self._size = int(size)
+        self._cache: LRUCache = LRUCache(maxsize=max(self._size, 1))
+        self._lock = threading.Lock()
 
     def __getattr__(self, name):
         return getattr(self._enc, name)
 
     def dense_features(self, image: np.ndarray) -> torch.Tensor:
+        """The wrapped encoder's ``dense_features(image)``, from the cache when seen before."""
         a = np.ascontiguousarray(image)
         key = (a.shape, hashlib.blake2b(a.tobytes(), digest_size=16).hexdigest())
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit is not None:
+            return hit
         feats = self._enc.dense_features(a)
         if self._size > 0:
-            self._cache[key] = feats
-            while len(self._cache) > self._size:
-                self._cache.popitem(last=False)
+            with self._lock:
+                self._cache[key] = feats
         return feats
+
+    def dense_features_batch(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """`dense_features` of each image (through the cache)."""
+        return [self.dense_features(im) for im in images]
 
 
 @contextlib.contextmanager
@@ -350,7 +363,7 @@ def memoized_features(segmenter, size: int = 8) -> Iterator[None]:
         yield
         return
     orig = segmenter.visual_encoder
-    segmenter.visual_encoder = _MemoVisualEncoder(orig, size)
+    segmenter.visual_encoder = MemoVisualEncoder(orig, size)
     try:
         yield
     finally:

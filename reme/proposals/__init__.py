@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from skimage.segmentation import felzenszwalb
+from skimage.segmentation import felzenszwalb, relabel_sequential
 
 #: FreeDA settings per dataset style (docs/method.md step 1): (scale, sigma, min_size).
 FELZENSZWALB_PRESETS: dict[str, tuple[float, float, int]] = {
@@ -75,7 +75,7 @@ def felzenszwalb_segments(image: np.ndarray, params: FelzenszwalbParams = Felzen
     if max_pixels is None or h * w <= int(max_pixels):
         seg = felzenszwalb(image.astype(np.float32) / 255.0, scale=params.scale, sigma=params.sigma,
                            min_size=params.min_size, channel_axis=-1)
-        return relabel_sequential(seg)
+        return _sequential(seg)
     from PIL import Image
 
     f = (int(max_pixels) / (h * w)) ** 0.5
@@ -86,13 +86,12 @@ def felzenszwalb_segments(image: np.ndarray, params: FelzenszwalbParams = Felzen
                        min_size=max(int(round(params.min_size * a)), 1), channel_axis=-1)
     rows = np.minimum((np.arange(h) * sh) // h, sh - 1)
     cols = np.minimum((np.arange(w) * sw) // w, sw - 1)
-    return relabel_sequential(seg[rows[:, None], cols[None, :]])
+    return _sequential(seg[rows[:, None], cols[None, :]])
 
 
-def relabel_sequential(seg: np.ndarray) -> np.ndarray:
-    """Map the values of an integer label map to 0..k-1 (order of first value); (H, W) int32."""
-    _, inv = np.unique(seg, return_inverse=True)
-    return inv.reshape(seg.shape).astype(np.int32)
+def _sequential(seg: np.ndarray) -> np.ndarray:
+    """(H, W) int32 ids 0..k-1 in the order of the sorted values (skimage's relabel_sequential)."""
+    return relabel_sequential(seg - seg.min())[0].astype(np.int32)
 
 
 def masks_from_segment_ids(seg: np.ndarray) -> np.ndarray:

@@ -19,9 +19,7 @@ import logging
 import numpy as np
 import torch
 
-from reme.encoders._hub import resolve_hf_repo
-from reme.encoders.factory import cache_dir as default_cache_dir
-from reme.encoders.factory import resolve_device
+from reme.encoders.factory import find_hub_weights, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +47,7 @@ class SamProposals:
                  stability_score_thresh: float = 0.95, min_area: int = 20, device=None):
         from transformers import pipeline
 
-        source, _ = resolve_hf_repo(model, family="sam", cache_dir=default_cache_dir())  # specs read 'sam:...'
+        source = find_hub_weights(model, family="sam", spec_prefix="sam", local_prefix="sam")
         self.device = resolve_device(device)
         self.spec = f"sam:{source}"
         self.points_per_side = int(points_per_side)

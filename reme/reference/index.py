@@ -19,7 +19,7 @@ m               kind                    FAISS factory string
 trained on a random sample of S_ref (`IVF_TRAIN_PER_LIST` rows per list) and the rows are
 added in float32 blocks, so building never holds a float32 copy of S_ref.
 
-Every dense product (k-means, assigning rows to lists, choosing the lists a query probes, and
+Every dense product (assigning rows to lists, choosing the lists a query probes, and
 the whole search of a flat index) runs as a torch GEMM; FAISS only stores and scans the
 inverted lists. Measured on the 2-core test machine, the BLAS bundled with the faiss-cpu wheel
 took 5-9 s for a 256 x 100k x 1024 flat search that torch does in 1.2 s
@@ -84,67 +84,35 @@ def _float32_blocks(S_ref, block: int):
         yield np.ascontiguousarray(S_ref[start:start + block], dtype=np.float32)
 
 
-def spherical_kmeans(X: torch.Tensor, k: int, *, iters: int = 20, seed: int = 0, init: str = "random",
-                     block: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    """Spherical (cosine / inner-product) k-means, the one implementation used by the IVF index
-    (`build_index`) and the clustering proposals (`reme.proposals.cluster.kmeans`).
+def _assign(X: torch.Tensor, C: torch.Tensor, block: int = 65536) -> torch.Tensor:
+    """Nearest centroid (inner product) of each row: (n,) int64 (a torch GEMM, see the module
+    docstring)."""
+    return torch.cat([(X[s:s + block] @ C.T).argmax(1) for s in range(0, X.shape[0], block)])
 
-    Rows are L2-normalised; each iteration assigns every row to the centroid of largest inner
-    product (in blocks of ``block`` rows), and sets each centroid to the normalised sum of its
-    rows. An empty cluster is re-seeded with a random row. Stops after ``iters`` iterations or
-    when no centroid moves by more than 1e-6.
+
+def train_centroids(sample: np.ndarray, nlist: int, *, niter: int = 10, seed: int = 0) -> np.ndarray:
+    """IVF list centroids: ``faiss.Kmeans(spherical=True)`` on the training rows, every row used
+    (no subsampling, no warning about few points per centroid).
 
     Args:
-        X: (n, d) float rows (any device).
-        k: clusters, clipped to [1, n].
-        iters: at most this many Lloyd iterations.
-        seed: seed of the initialisation and re-seeding (deterministic output).
-        init: "random" (k distinct random rows; cheap for thousands of lists) or "k-means++"
-            (D^2 seeding on the cosine distance, Arthur & Vassilvitskii 2007; for small k).
-        block: rows per assignment GEMM (memory ``block x k``).
+        sample: (n, d) float32 L2-normalised training rows.
+        nlist: number of lists, clipped to [1, n].
+        niter: Lloyd iterations.
+        seed: faiss's initialisation seed (deterministic output).
 
     Returns:
-        ``(C, assign)``: (k, d) float32 unit centroids and (n,) int64 cluster of each row.
+        (nlist, d) float32 unit centroids.
 
     Raises:
-        ValueError: unknown ``init`` or an empty X.
+        ValueError: ``sample`` has no rows.
     """
-    if init not in ("random", "k-means++"):
-        raise ValueError(f"init must be 'random' or 'k-means++', got {init!r}")
-    n = X.shape[0]
-    if n == 0:
+    if len(sample) == 0:
         raise ValueError("k-means needs at least one row")
-    k = max(1, min(int(k), n))
-    Xn = torch.nn.functional.normalize(X.float(), dim=1)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    if init == "random":
-        C = Xn[torch.randperm(n, generator=g)[:k].to(Xn.device)].clone()
-    else:
-        idx = [int(torch.randint(n, (1,), generator=g).item())]
-        dmin = (1 - Xn[idx[0]] @ Xn.T).clamp_min(0).cpu()                     # cosine distance to the nearest centre
-        for _ in range(1, k):
-            p = dmin ** 2
-            p = p / p.sum() if p.sum() > 0 else torch.full((n,), 1.0 / n)
-            idx.append(int(torch.multinomial(p, 1, generator=g).item()))
-            dmin = torch.minimum(dmin, (1 - Xn[idx[-1]] @ Xn.T).clamp_min(0).cpu())
-        C = Xn[idx].clone()
-    for _ in range(iters):
-        assign = _assign(Xn, C, block)
-        S = torch.zeros_like(C).index_add_(0, assign, Xn)
-        empty = S.norm(dim=1) == 0
-        if bool(empty.any()):                                                  # re-seed empty clusters
-            S[empty] = Xn[torch.randint(0, n, (int(empty.sum()),), generator=g).to(Xn.device)]
-        newC = torch.nn.functional.normalize(S, dim=1)
-        done = torch.allclose(newC, C, atol=1e-6)
-        C = newC
-        if done:
-            break
-    return C, _assign(Xn, C, block)
-
-
-def _assign(X: torch.Tensor, C: torch.Tensor, block: int = 65536) -> torch.Tensor:
-    """Nearest centroid (inner product) of each row: (n,) int64."""
-    return torch.cat([(X[s:s + block] @ C.T).argmax(1) for s in range(0, X.shape[0], block)])
+    n, d = sample.shape
+    km = _faiss().Kmeans(d, max(1, min(int(nlist), n)), niter=int(niter), seed=int(seed), spherical=True,
+                         min_points_per_centroid=1, max_points_per_centroid=max(n, 1), verbose=False)
+    km.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
 
 def build_index(S_ref, kind: str = "auto", *, nlist: int | None = None, nprobe: int = DEFAULT_NPROBE,
@@ -185,9 +153,9 @@ def build_index(S_ref, kind: str = "auto", *, nlist: int | None = None, nprobe: 
     rows = np.sort(np.random.default_rng(seed).choice(m, n_train, replace=False)) if n_train < m else np.arange(m)
     sample = np.ascontiguousarray(S_ref[rows], dtype=np.float32)
     logger.info("k-means of %d lists on %d of %d rows", nlist, n_train, m)
-    C, _ = spherical_kmeans(torch.from_numpy(sample), nlist, iters=niter, seed=seed, block=block)
+    C = torch.from_numpy(train_centroids(sample, nlist, niter=niter, seed=seed))
     quantizer = faiss.IndexFlatIP(d)
-    quantizer.add(np.ascontiguousarray(C.numpy()))
+    quantizer.add(C.numpy())
     if kind == "ivf_flat":
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
     elif kind == "ivf_sq8":
@@ -202,13 +170,10 @@ def build_index(S_ref, kind: str = "auto", *, nlist: int | None = None, nprobe: 
     quantizer.this.disown()                             # the IVF index owns (and frees) its quantizer
     index.train(sample)                                 # quantizer is trained: only the codec trains
     index.nprobe = int(nprobe)
-    start = 0
-    for X in _float32_blocks(S_ref, block):
-        assign = _assign(torch.from_numpy(X), C).numpy()
-        ids = np.arange(start, start + X.shape[0], dtype=np.int64)
-        index.add_core(X.shape[0], faiss.swig_ptr(X), faiss.swig_ptr(ids), faiss.swig_ptr(assign))
-        start += X.shape[0]
-    index.ntotal = start
+    from faiss.contrib.ivf_tools import add_preassigned
+
+    for X in _float32_blocks(S_ref, block):            # lists chosen by a torch GEMM, stored by faiss
+        add_preassigned(index, X, np.ascontiguousarray(_assign(torch.from_numpy(X), C).numpy(), dtype=np.int64))
     return index
 
 

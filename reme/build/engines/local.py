@@ -18,6 +18,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Sequence
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from reme.build._shard_stages import ShardComputer
 from reme.build._shards import ShardStore
@@ -69,10 +70,11 @@ def run_local(store: ShardStore, tasks: Sequence[tuple[int, list[str]]], compute
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if workers == 1 or len(tasks) <= 1:
-        for index, keys in tasks:
-            seg, pairs, meta = computer.compute_encoded(index, keys)
-            store.write(index, seg, pairs, meta)
-            on_done(meta)
+        with threadpool_limits(limits=1):           # one thread, as in the workers; restored after
+            for index, keys in tasks:
+                seg, pairs, meta = computer.compute_encoded(index, keys)
+                store.write(index, seg, pairs, meta)
+                on_done(meta)
         return
     method = start_method or default_start_method(device)
     config = None if method == "fork" else json.dumps(computer.config(device))
