@@ -41,7 +41,7 @@ PNG_UNLABELLED_16 = 65535
 #: support. Chosen on train splits only (docs/results.md, "None of these": CamVid train frames
 #: not in the embedded reference, coco_tiny train against a reference without them).
 DEFAULT_NONE_THRESHOLD = 0.7
-DEFAULT_MIN_SUPPORT = 0.5
+DEFAULT_MIN_SUPPORT = 0.6
 #: Nearest reference labels listed per asked class by `class_coverage`.
 COVERAGE_TOP = 3
 
