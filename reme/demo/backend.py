@@ -233,7 +233,8 @@ def blend(image: np.ndarray, label_map: np.ndarray, n_classes: int, alpha: float
           outline: np.ndarray | None = None) -> np.ndarray:
     """(H, W, 3) uint8 colour overlay of a label map; ``outline`` (H, W) bool is drawn in yellow."""
     colors = class_colors(n_classes).astype(np.float32)
-    out = image.astype(np.float32) * (1 - alpha) + colors[label_map] * alpha
+    out = image.astype(np.float32) * (1 - alpha) + colors[np.maximum(label_map, 0)] * alpha
+    out[label_map < 0] = image[label_map < 0]                   # unlabelled ("none of these"): the photo
     if outline is not None:
         m = outline
         edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
@@ -408,7 +409,7 @@ class DemoBackend:
             self._results.popitem(last=False)
         secs = time.time() - t0
         colors = class_colors(len(res.classes))
-        pixels = np.bincount(res.label_map.ravel(), minlength=len(res.classes))
+        pixels = np.bincount(res.label_map[res.label_map >= 0], minlength=len(res.classes))  # -1: unlabelled
         legend = [{"class": c, "color": _hex(colors[i]), "fraction": round(float(res.class_fractions[i]), 5),
                    "pixels": int(pixels[i]), "max_segment_score": round(float(res.segment_scores[:, i].max()), 5)}
                   for i, c in enumerate(res.classes)]
@@ -569,7 +570,7 @@ class DemoBackend:
         probs = r.segment_scores[s]
         order = np.argsort(-probs)
         rec.update({
-            "class": r.classes[int(r.label_map[y, x])],
+            "class": r.classes[int(r.label_map[y, x])] if r.label_map[y, x] >= 0 else None,  # None: unlabelled
             "class_scores": [[r.classes[i], round(float(probs[i]), 5)] for i in order],
             "area": int((r.segment_ids == s).sum()),
             "highlight": png_data_url(blend(r.image, r.label_map, len(r.classes), outline=r.segment_ids == s)),

@@ -120,7 +120,7 @@ def run_subset_eval(segmenter, dataset, asked: Sequence[int], *, progress: bool 
 
     Args:
         segmenter: a [`reme.Segmenter`][reme.inference.segmenter.Segmenter].
-        dataset: a [`SegDataset`][reme.eval.datasets.SegDataset] (masks -1 = ignore).
+        dataset: a `reme.eval.datasets.SegDataset` (masks -1 = ignore).
         asked: class ids to ask, queried with the dataset's synonyms of each class.
         progress: log one line per 10 images.
 
