@@ -70,6 +70,20 @@ def test_label_fractions_count_unlabelled():
     assert frac.tolist() == [0.25, 0.25, 0.0] and unl == 0.5
 
 
+def test_class_coverage_on_toy_embeddings():
+    L_ref = torch.eye(3)                                       # labels a, b, c
+    L_test = torch.stack([_unit(torch.tensor([[1.0, 0.1, 0.0]]))[0], torch.tensor([0.6, 0.8, 0.0]),
+                          torch.tensor([0.0, 0.0, 1.0])])
+    owner = torch.tensor([0, 1, 1])                            # class "y" has two synonyms
+    cov = nr.class_coverage(["x", "y"], L_test, owner, L_ref, ["a", "b", "c"], np.array([5, 0, 2]), 0.9)
+    assert cov[0].covered and cov[0].nearest[0][0] == "a" and cov[0].nearest[0][2] == 5
+    assert cov[1].covered and cov[1].nearest[0][:2] == ("c", pytest.approx(1.0))   # max over synonyms
+    cov = nr.class_coverage(["x"], L_test[1:2], torch.tensor([0]), L_ref, ["a", "b", "c"], np.array([5, 0, 2]), 0.9)
+    assert not cov[0].covered and cov[0].nearest[0][0] == "b"
+    line = nr.coverage_warning(cov)
+    assert "'x'" in line and "b 0.80" in line and nr.coverage_warning([]) is None
+
+
 # ----------------------------------------------------------------------------- outputs
 
 

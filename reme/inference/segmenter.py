@@ -604,9 +604,12 @@ class Segmenter:
         ([`reme.inference.unlabelled.class_coverage`][reme.inference.unlabelled.class_coverage])."""
         names, synonyms = parse_classes(classes)
         L_test, owner = self._class_embeddings(synonyms)
-        ref = self.merged_reference()
-        return none_rules.class_coverage(names, L_test, owner, torch.as_tensor(ref.L_ref), ref.labels,
-                                         none_rules.label_segment_counts(ref.pair_label, ref.num_labels),
+        ov = self._merged
+        L_ref = self._L_ref if ov is None or ov.L_new is None else torch.cat([self._L_ref, ov.L_new])
+        o_ref = self._o_ref if ov is None else ov.o_ref
+        labels = list(self.reference.labels) + ([] if ov is None else ov.new_labels)
+        return none_rules.class_coverage(names, L_test, owner, L_ref, labels,
+                                         none_rules.label_segment_counts(o_ref.label, o_ref.num_labels),
                                          self.none_rule.label_threshold)
 
     @property
