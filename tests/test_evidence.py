@@ -123,6 +123,14 @@ def test_predict_evidence_explains_P_seg(segmenter):
     ref = segmenter.reference
     L_test = embed_labels(segmenter.text_encoder, classes, segmenter.templates)
     A2 = label_class_affinity(ref.L_ref, L_test, logit_scale=segmenter.label_logit_scale)
+    t_none = segmenter.none_rule.label_threshold
+    if t_none is not None:  # "none of these": the class columns of A2' = A2 (1 - p_none) (docs/method.md)
+        import torch
+
+        from reme.inference.unlabelled import none_share
+
+        p = none_share(torch.as_tensor(ref.L_ref), torch.as_tensor(L_test), segmenter.label_logit_scale, t_none)
+        A2 = A2 * (1 - p.numpy()[:, None])
     index = {lab: j for j, lab in enumerate(ref.labels)}
     P = np.array([sum(w * A2[index[lab]] for lab, w in ev.label_votes(i)) for i in range(k)])
     np.testing.assert_allclose(P, res.segment_scores, atol=2e-4)
@@ -187,9 +195,11 @@ def test_segment_explain_cli(tmp_path):
     assert seg_ids.shape == (400, 600) and len(doc["segments"]) == seg_ids.max() + 1
     assert doc["classes"] == ["cup", "table", "wall"] and doc["top_k"] == 10
     s0 = doc["segments"][0]
-    assert s0["area"] == int((seg_ids == 0).sum()) and s0["class"] in doc["classes"]
+    assert s0["area"] == int((seg_ids == 0).sum()) and s0["class"] in doc["classes"] + [None]  # None: unlabelled
+    assert (s0["class"] is None) == s0["unlabelled"]
     assert len(s0["neighbours"]) == 10 and {"image", "bbox", "labels", "similarity", "weight"} <= set(s0["neighbours"][0])
     labels = np.array(Image.open(tmp_path / "o" / "coffee_labels.png"))
-    assert doc["classes"][int(labels[seg_ids == 0][0])] == s0["class"]
+    value = int(labels[seg_ids == 0][0])
+    assert (doc["classes"][value] if value != 255 else None) == s0["class"]           # 255: unlabelled
     sheet = Image.open(tmp_path / "o" / "coffee_contact_sheet.png")
     assert sheet.height > 4 * 112 and sheet.width > 10 * 112

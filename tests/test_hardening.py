@@ -107,9 +107,10 @@ def test_predict_works_at_bounded_size_and_returns_input_size(segmenter):
     assert res.scores.shape == (512, 512, 3) and res.scores.dtype == np.float32
     assert res.segment_ids.max() < res.segment_scores.shape[0]
     # labels are the segments' argmax, probs are bilinear between them (within each row's range)
-    assert np.array_equal(res.label_map, res.segment_scores.argmax(1)[res.segment_ids])
+    lab = np.where(res.extras["unlabelled_segments"], -1, res.segment_scores.argmax(1))   # -1: "none of these"
+    assert np.array_equal(res.label_map, lab[res.segment_ids])
     assert res.scores.max() <= res.segment_scores.max() + 1e-5
-    frac = np.bincount(res.label_map.ravel(), minlength=3) / res.label_map.size
+    frac = np.bincount(res.label_map[res.label_map >= 0], minlength=3) / res.label_map.size
     assert np.allclose(res.class_fractions, frac)
     full = segmenter.predict(img, "person; astronaut, wall, floor")
     assert full.extras["working_size"] == (512, 512)                # under the cap: unchanged

@@ -51,7 +51,7 @@ def test_gt_reference_from_coco_then_segment(tmp_path, coco_train, classical, mi
             checked += 1
     assert checked == ref.num_segments
     ref.save(tmp_path / "ref")
-    seg = Segmenter(tmp_path / "ref", device="cpu")
+    seg = Segmenter(tmp_path / "ref", device="cpu", unlabelled=False)   # eqs. 1-3: every pixel assigned
     val = sorted((COCO / "images" / "val2017").glob("*.jpg"))[0]
     res = seg.predict(val, ["person", "dog", "sky; clouds", "pizza"], return_scores=True)
     H, W = res.label_map.shape

@@ -36,7 +36,7 @@ def test_sam_proposals(image, tiny_sam):
 
 def test_others_threshold(image):
     names = ["cup", "table", "sky"]
-    everything = Segmenter(REF, device="cpu", others_threshold=1.01).predict(image, names)
+    everything = Segmenter(REF, device="cpu", others_threshold=1.01, unlabelled=False).predict(image, names)
     assert everything.classes == names + ["others"] and (everything.label_map == 3).all()
     none = Segmenter(REF, device="cpu", others_threshold=0.0).predict(image, names)
     plain = Segmenter(REF, device="cpu").predict(image, names)

@@ -73,6 +73,9 @@ def eval_cmd(
     overlay_dir: Optional[Path] = typer.Option(None, "--overlay", help="Also search the examples of this overlay "
                                                "folder ('reme add-examples'); it must exist."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: CUDA if available)."),
+    ask: Optional[str] = typer.Option(None, help="Subset-query protocol instead: ask only these classes "
+                                      "(comma-separated display names); report forced share and asked IoU, "
+                                      "with and without 'none of these' (docs/results.md)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ):
@@ -81,6 +84,12 @@ def eval_cmd(
     check_options(top_k=top_k, smooth_omega=smooth_omega or 0.0, retrieval=retrieval or "exact", proposals=proposals,
                   n_clusters=n_clusters, others_threshold=others_threshold, segment_logit_scale=segment_logit_scale,
                   label_logit_scale=label_logit_scale)
+    if ask is not None:  # subset-query protocol (reme.eval.subset)
+        _eval_subset(ask, dataset, root, split, images, masks, classes_file, ignore_index, reduce_zero_label, limit,
+                     stride, offset, reference, device, quiet,
+                     segmenter_kw(top_k, segment_logit_scale, label_logit_scale, retrieval=retrieval,
+                                  proposals=proposals, n_clusters=n_clusters, smooth_omega=smooth_omega))
+        return
     from reme.defaults import default_reference_path
     from reme.errors import MissingWeightsError, ReferenceSetError
     from reme.eval.commands import run_eval, run_eval_suite
@@ -111,6 +120,27 @@ def eval_cmd(
     except (MissingWeightsError, ReferenceSetError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     typer.echo(text)
+
+
+def _eval_subset(ask, dataset, root, split, images, masks, classes_file, ignore_index, reduce_zero_label, limit, stride,
+                 offset, reference, device, quiet, kw) -> None:
+    """``reme eval --ask``: the subset-query protocol (`reme.eval.subset.run_subset_eval`)."""
+    from reme.defaults import default_reference_path
+    from reme.errors import MissingWeightsError, ReferenceSetError
+    from reme.eval import open_dataset
+    from reme.eval.subset import parse_asked, run_subset_eval, subset_markdown
+    from reme.inference.segmenter import Segmenter
+
+    try:
+        ds = open_dataset(dataset, root, split=split, images=images, masks=masks, classes_file=classes_file,
+                          ignore_index=ignore_index, reduce_zero_label=(reduce_zero_label or None)
+                          if dataset == "generic" else None, limit=limit, stride=stride, offset=offset)
+        asked = parse_asked(ask, ds.names)
+        seg = Segmenter(reference or default_reference_path(), device=device, **kw)
+        result = run_subset_eval(seg, ds, asked, progress=not quiet)
+    except (MissingWeightsError, ReferenceSetError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    typer.echo(subset_markdown(result, ds.name))
 
 
 @app.command("ablate", short_help="Evaluate reference-set variants, one table.")

@@ -16,7 +16,9 @@ logger = logging.getLogger("reme")
 
 @app.command("info", short_help="Print a reference set's manifest.")
 def info_cmd(reference: Optional[Path] = typer.Argument(None, help="Reference folder (default: the embedded one)."),
-             full: bool = typer.Option(False, help="Print the whole manifest as JSON.")):
+             full: bool = typer.Option(False, help="Print the whole manifest as JSON."),
+             labels: bool = typer.Option(False, "--labels", help="List the labels with their segment counts, "
+                                         "most segments first (the words the reference set knows).")):
     """Print a reference set's manifest: encoders, counts, parameters."""
     from reme.defaults import default_reference_path
     from reme.errors import ReferenceSetError
@@ -29,6 +31,19 @@ def info_cmd(reference: Optional[Path] = typer.Argument(None, help="Reference fo
         fail(str(exc))
     if full:
         typer.echo(json.dumps(man, indent=2, sort_keys=True))
+        return
+    if labels:
+        from reme.inference.unlabelled import label_segment_counts
+        from reme.reference import load_reference
+
+        try:
+            ref = load_reference(path)
+        except (ReferenceSetError, FileNotFoundError) as exc:
+            fail(str(exc))
+        counts = label_segment_counts(ref.pair_label, ref.num_labels)
+        order = sorted(range(ref.num_labels), key=lambda j: (-int(counts[j]), ref.labels[j]))
+        typer.echo(f"{ref.num_labels} labels, {ref.num_segments} segments ({path})")
+        typer.echo("\n".join(f"{int(counts[j]):>8}  {ref.labels[j]}" for j in order))
         return
     lines = [f"reference set: {path}", f"mode: {man.get('mode')}", f"reme version: {man.get('reme_version')}",
              f"created: {man.get('created')}"]

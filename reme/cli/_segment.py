@@ -31,7 +31,12 @@ def segment_cmd(
     segment_logit_scale: Optional[float] = typer.Option(None, help=f"tau1 of eq. 1 (default {LOGIT_SCALE:g}; at most {MAX_LOGIT_SCALE:g})."),
     label_logit_scale: Optional[float] = typer.Option(None, help=f"tau2 of eq. 2 (default {LOGIT_SCALE:g}; at most {MAX_LOGIT_SCALE:g})."),
     top_k: Optional[int] = typer.Option(None, help=f"Softmax over the top-k reference segments (default {TOP_K}; 0 = all)."),
-    paper_form: bool = typer.Option(False, help="Literal paper eqs. 1-3: scales 1, softmax over all segments."),
+    paper_form: bool = typer.Option(False, help="Literal paper eqs. 1-3: scales 1, softmax over all segments, "
+                                    "every pixel assigned (implies --no-unlabelled)."),
+    unlabelled: bool = typer.Option(True, "--unlabelled/--no-unlabelled",
+                                    help="Leave unlabelled what matches none of the classes (label PNG 255, "
+                                    "or 65535 in 16-bit PNGs; docs/method.md 'None of these'). "
+                                    "--no-unlabelled assigns every pixel."),
     retrieval: str = typer.Option("exact", help="Eq. 1 search: 'exact' (stream all of S_ref) or 'topk' "
                                   "(the FAISS index's top-k neighbours, re-scored exactly; faster on large sets)."),
     proposals: Optional[str] = typer.Option(None, help="Proposals (default: the reference set's, else felzenszwalb): "
@@ -108,11 +113,18 @@ def segment_cmd(
             kw["top_k"] = top_k or None
         if overlay_dir is not None:
             kw["overlay"] = str(overlay_dir)
+        kw["unlabelled"] = unlabelled and not paper_form
         seg = sm.Segmenter(ref, device=device, allow_encoder_mismatch=allow_encoder_mismatch, retrieval=retrieval,
                            proposals=proposals, n_clusters=n_clusters, smooth_omega=smooth_omega,
                            others_threshold=others_threshold, max_working_pixels=max_working_pixels or None, **kw)
     except (MissingWeightsError, ReferenceSetError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
+    if seg.none_rule.label_threshold is not None:
+        from reme.inference.unlabelled import coverage_warning
+
+        warning = coverage_warning(seg.class_coverage(class_list))
+        if warning:
+            typer.secho(warning, fg="yellow", err=True)
     from tqdm.auto import tqdm
 
     failed = 0
@@ -128,7 +140,8 @@ def segment_cmd(
             fail(str(exc))
         save_label_png(res.label_map, out / f"{stem}_labels.png", n_classes=len(res.classes))
         with atomic_path(out / f"{stem}_overlay.png", ".png") as tmp:
-            overlay(img, res.label_map, res.classes, fractions=res.class_fractions).save(tmp, format="PNG")
+            overlay(img, res.label_map, res.classes, fractions=res.class_fractions,
+                    unlabelled_fraction=res.unlabelled_fraction).save(tmp, format="PNG")
         scores = {
             "image": path, "height": int(img.shape[0]), "width": int(img.shape[1]),
             "working_size": list(res.extras["working_size"]),
@@ -138,6 +151,14 @@ def segment_cmd(
             "num_segments": int(res.segment_scores.shape[0]),
             "reference": str(ref),
         }
+        if seg.none_rule.active:  # "none of these" (docs/method.md)
+            from reme.report.viz import PNG_UNLABELLED_8, PNG_UNLABELLED_16
+
+            scores["unlabelled_fraction"] = round(float(res.unlabelled_fraction), 6)
+            scores["unlabelled_png_value"] = PNG_UNLABELLED_8 if len(res.classes) <= 255 else PNG_UNLABELLED_16
+            scores["none_rule"] = {"t_none": seg.none_rule.label_threshold, "s_min": seg.none_rule.min_support}
+            if res.coverage is not None:
+                scores["coverage"] = [c.as_dict() for c in res.coverage]
         if overlay_dir is not None:
             scores["overlay"] = {"path": str(overlay_dir), "rows": seg.overlay.num_rows,
                                  "examples": len(seg.overlay.examples())}
@@ -148,7 +169,8 @@ def segment_cmd(
         if explain:
             _write_explanation(img, res, seg.reference, str(ref), out, stem, path, explain_segments, image_root)
         top = sorted(zip(res.classes, res.class_fractions), key=lambda x: -x[1])[:5]
-        typer.echo(f"{path}: " + ", ".join(f"{c} {100 * f:.1f}%" for c, f in top if f > 0)
+        unl = f"unlabelled {100 * res.unlabelled_fraction:.1f}%" if res.unlabelled_fraction > 0 else ""
+        typer.echo(f"{path}: " + ", ".join([f"{c} {100 * f:.1f}%" for c, f in top if f > 0] + ([unl] if unl else []))
                    + ("" if stem == image_stem(path) else f" (written as {stem}_*)"))
     if failed == len(images):
         raise typer.Exit(code=1)
@@ -186,6 +208,13 @@ def _write_explanation(img, res, reference, ref_path: str, out: Path, stem: str,
         rec["area"] = int(area[s])
         rec["class"] = res.classes[int(np.argmax(res.segment_scores[s]))]
         rec["class_scores"] = {c: round(float(p), 6) for c, p in zip(res.classes, res.segment_scores[s])}
+        if "unlabelled_segments" in res.extras:  # "none of these": why a segment stayed unlabelled
+            rec["unlabelled"] = bool(res.extras["unlabelled_segments"][s])
+            if rec["unlabelled"]:
+                rec["class"] = None
+            for key in ("none_scores", "nearest_similarity"):
+                v = float(res.extras[key][s])
+                rec[key[:-1] if key == "none_scores" else key] = None if np.isnan(v) else round(v, 6)
     doc = {"image": path, "classes": res.classes, "segment_ids": f"{stem}_segments.png",
            "logit_scale": ev.logit_scale, "top_k": ev.support, "reference": ref_path}
     with atomic_path(out / f"{stem}_evidence.json", ".json") as tmp:  # one test segment per line

@@ -282,7 +282,7 @@ class DemoBackend:
                                 self._searched(seg, session, name)))
         secs = time.time() - t0
         colors = class_colors(len(res.classes))
-        pixels = np.bincount(res.label_map.ravel(), minlength=len(res.classes))
+        pixels = np.bincount(res.label_map[res.label_map >= 0], minlength=len(res.classes))  # -1: unlabelled
         legend = [{"class": c, "color": _hex(colors[i]), "fraction": round(float(res.class_fractions[i]), 5),
                    "pixels": int(pixels[i]), "max_segment_score": round(float(res.segment_scores[:, i].max()), 5)}
                   for i, c in enumerate(res.classes)]
@@ -493,7 +493,7 @@ class DemoBackend:
         probs = r.segment_scores[s]
         order = np.argsort(-probs)
         rec.update({
-            "class": r.classes[int(r.label_map[y, x])],
+            "class": r.classes[int(r.label_map[y, x])] if r.label_map[y, x] >= 0 else None,  # None: unlabelled
             "class_scores": [[r.classes[i], round(float(probs[i]), 5)] for i in order],
             "area": int((r.segment_ids == s).sum()),
             "highlight": png_data_url(blend(r.image, r.label_map, len(r.classes), outline=r.segment_ids == s)),

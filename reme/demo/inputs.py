@@ -113,7 +113,8 @@ def blend(image: np.ndarray, label_map: np.ndarray, n_classes: int, alpha: float
           outline: np.ndarray | None = None) -> np.ndarray:
     """(H, W, 3) uint8 colour overlay of a label map; ``outline`` (H, W) bool is drawn in yellow."""
     colors = class_colors(n_classes).astype(np.float32)
-    out = image.astype(np.float32) * (1 - alpha) + colors[label_map] * alpha
+    out = image.astype(np.float32) * (1 - alpha) + colors[np.maximum(label_map, 0)] * alpha
+    out[label_map < 0] = image[label_map < 0]                   # unlabelled ("none of these"): the photo
     if outline is not None:
         m = outline
         edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))

@@ -41,6 +41,7 @@ from reme.inference.retrieval import (
     topk_class_scores,
 )
 from reme.encoders.text import TEMPLATES, embed_labels
+from reme.inference import unlabelled as none_rules
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,9 @@ class SegmentationResult:
     ``probs``.
 
     Attributes:
-        label_map: (H, W) int32, index into ``classes`` of each pixel.
+        label_map: (H, W) int32, index into ``classes`` of each pixel, or
+            `reme.inference.unlabelled.UNLABELLED` (-1) where no asked class fits ("none of
+            these", docs/method.md; off with ``Segmenter(unlabelled=False)``).
         classes: the C class *display names*: the first synonym of each class as given
             (``"floor; ground"`` gives ``"floor"``; `reme.classes.parse_classes`), plus
             ``"others"`` when ``others_threshold`` is set. Order as given.
@@ -87,7 +90,15 @@ class SegmentationResult:
         class_fractions: (C,) float64 fraction of pixels assigned to each class.
         scores: (H, W, C) float32 P_test (eq. 3: the P_seg row of each pixel's segment, same
             row sums as ``segment_scores``), only with ``return_scores=True`` (else None).
-        extras: ``working_size`` (h, w), the size the image was segmented at.
+        extras: ``working_size`` (h, w), the size the image was segmented at; with the
+            "none of these" rule also ``unlabelled_segments`` (k,) bool, ``none_scores`` (k,)
+            float32 (the none column of P_seg', NaN when that rule is off) and
+            ``nearest_similarity`` (k,) float32 (cosine of each segment's nearest reference
+            segment, NaN when the support rule is off).
+        unlabelled_fraction: fraction of pixels left unlabelled (``label_map`` -1; 0 when the
+            rule is off).
+        coverage: per class a [`ClassCoverage`][reme.inference.unlabelled.ClassCoverage] (its
+            nearest reference labels and whether one reaches t_none); None when the rule is off.
         evidence: `reme.inference.evidence.RetrievalEvidence`, the nearest reference segments
             behind each test segment's A1 row, only with ``return_evidence=True`` (else None).
     """
@@ -100,6 +111,8 @@ class SegmentationResult:
     scores: np.ndarray | None = None
     extras: dict = field(default_factory=dict)
     evidence: Any = None
+    unlabelled_fraction: float = 0.0
+    coverage: list | None = None
 
 
 class Segmenter:
@@ -163,6 +176,12 @@ class Segmenter:
             search and softmax), a prior that the user's examples match the images to segment
             better than the base does; in [0, 1]. 0 (default) = plain eq. 1 over base + overlay.
             Needs ``top_k`` (the streamed full softmax has no per-row bias).
+        unlabelled: the "none of these" rule of `predict` (docs/method.md): True (default) =
+            the chosen thresholds t_none and s_min
+            ([`reme.inference.unlabelled`][reme.inference.unlabelled]); False = off (every pixel
+            assigned, eqs. 1-3 as the paper writes them); a
+            [`NoneRule`][reme.inference.unlabelled.NoneRule] or ``(t_none, s_min)`` pair (None
+            switches one rule off). `segment_scores` (used by `reme eval`) is unaffected.
         view_cache_size: images whose proposals, S_test and dense features are kept (least
             recently used out), so `add_examples` right after `predict` on the same pixels, or
             predicting the same images again after the overlay changed, costs no encoder pass.
@@ -187,8 +206,9 @@ class Segmenter:
                  others_threshold: float | None = None,
                  max_working_pixels: int | None = DEFAULT_MAX_WORKING_PIXELS,
                  overlay: str | Path | Overlay | None = None, example_bias: float = 0.0,
-                 view_cache_size: int = 1):
+                 view_cache_size: int = 1, unlabelled=True):
         self.device = resolve_device(device)
+        self.none_rule = none_rules.resolve_rule(unlabelled)
         self.reference = reference if isinstance(reference, ReferenceSet) else load_reference(reference)
         man = self.reference.manifest
         enc = man.get("encoders", {})
@@ -519,7 +539,7 @@ class Segmenter:
 
     @torch.inference_mode()
     def segment_scores(self, image, classes, *, return_embeddings: bool = False,
-                      return_masks: bool = False) -> tuple:
+                      return_masks: bool = False, return_none: bool = False) -> tuple:
         """Proposals and P_seg of one image (eqs. 1-2).
 
         Args:
@@ -529,6 +549,10 @@ class Segmenter:
             return_embeddings: append S_test, (k, d1) float32 tensor.
             return_masks: append the (k, H, W) bool proposal masks when they overlap (SAM),
                 else None.
+            return_none: compute P_seg with eq. 2's none column (the Segmenter's
+                ``unlabelled`` rule) and append the none column (k,) and the nearest-neighbour
+                cosine (k,), each None when its rule is off. P_seg's class columns then come
+                from A2' (docs/method.md, "None of these").
 
         Returns:
             ``(segment_ids, P_seg, names)`` then the requested extras: segment_ids is an (H, W)
@@ -540,7 +564,20 @@ class Segmenter:
         props, S_test, _ = self._view(img)
         seg, masks = props.segment_ids, props.masks
         A2, owner = self._class_affinity(synonyms)                                     # (n, c') eq. 2, cached
+        rule = self.none_rule if return_none else none_rules.OFF
+        if rule.label_threshold is not None:                                         # A2' (n, c' + 1)
+            L_all = self._L_ref if self._merged is None or self._merged.L_new is None else \
+                torch.cat([self._L_ref, self._merged.L_new])
+            p_none = none_rules.none_share(L_all, self._class_embeddings(synonyms)[0], self.label_logit_scale,
+                                           rule.label_threshold)
+            A2 = none_rules.with_none_column(A2, p_none)
         P = self._segment_class_probs(S_test, A2)                                    # (k, c') eqs. 1-2
+        none = nearest = None
+        if rule.label_threshold is not None:
+            P, none = P[:, :-1], P[:, -1]
+        if rule.min_support is not None:
+            nearest = none_rules.nearest_similarity(
+                S_test, [self._S_ref] + ([self._merged.S_ov] if self._merged is not None else []), self.chunk_size)
         if len(owner) != len(names):  # synonyms of one class merged by max
             merged = torch.full((P.shape[0], len(names)), -float("inf"), device=P.device)
             P = merged.scatter_reduce(1, owner.expand(P.shape[0], -1), P, reduce="amax")
@@ -560,7 +597,23 @@ class Segmenter:
             out += (S_test,)
         if return_masks:
             out += (masks,)
+        if return_none:
+            out += (none, nearest)
         return out
+
+    def class_coverage(self, classes) -> list:
+        """Per class its nearest labels in the searched reference set (base + overlay), their
+        text cosine and segment counts, and whether one reaches t_none
+        ([`reme.inference.unlabelled.class_coverage`][reme.inference.unlabelled.class_coverage])."""
+        names, synonyms = parse_classes(classes)
+        L_test, owner = self._class_embeddings(synonyms)
+        ov = self._merged
+        L_ref = self._L_ref if ov is None or ov.L_new is None else torch.cat([self._L_ref, ov.L_new])
+        o_ref = self._o_ref if ov is None else ov.o_ref
+        labels = list(self.reference.labels) + ([] if ov is None else ov.new_labels)
+        return none_rules.class_coverage(names, L_test, owner, L_ref, labels,
+                                         none_rules.label_segment_counts(o_ref.label, o_ref.num_labels),
+                                         self.none_rule.label_threshold)
 
     @property
     def index(self):
@@ -666,8 +719,10 @@ class Segmenter:
             ValueError: bad class list.
         """
         img, full_hw = load_image_bounded(image, max_pixels=self.max_working_pixels)
-        seg, P, names, S_test, masks = self.segment_scores(img, classes, return_embeddings=True,
-                                                          return_masks=True)
+        seg, P, names, S_test, masks, none, nearest = self.segment_scores(img, classes, return_embeddings=True,
+                                                                         return_masks=True, return_none=True)
+        rule, C = self.none_rule, len(names)
+        P_ext, unl = none_rules.extend_scores(P, none, nearest, rule) if rule.active else (P, None)
         evidence = None
         if return_evidence:
             from reme.inference.evidence import DEFAULT_EVIDENCE_TOP, retrieval_evidence
@@ -679,20 +734,30 @@ class Segmenter:
                                           chunk_size=self.chunk_size)
         working_hw = tuple(int(x) for x in seg.shape)
         if masks is None:
-            seg_label = P.argmax(dim=1).cpu().numpy().astype(np.int32)
+            seg_label = none_rules.to_label_map(P_ext.argmax(dim=1).cpu().numpy(), C)
             probs = upsample_scores(pixel_class_scores(P, seg), full_hw) if return_scores else None
             seg = upsample_nearest(seg, full_hw)
             label_map = seg_label[seg]                                                # eq. 3 argmax
         else:                                                                         # eq. 3, overlapping masks
-            P_test = pixel_class_scores_masks(P.clamp_min(0), masks)
-            label_map = upsample_nearest(P_test.argmax(dim=2).cpu().numpy().astype(np.int32), full_hw)
+            P_test = pixel_class_scores_masks(P_ext.clamp_min(0), masks)
+            label_map = upsample_nearest(none_rules.to_label_map(P_test.argmax(dim=2).cpu().numpy(), C), full_hw)
             seg = upsample_nearest(seg, full_hw)
-            probs = upsample_scores(P_test, full_hw) if return_scores else None
+            probs = upsample_scores(P_test[..., :C], full_hw) if return_scores else None
             del P_test
+        extras, unl_frac, coverage = {"working_size": working_hw}, 0.0, None
+        if rule.active:                                                               # "none of these"
+            fractions, unl_frac = none_rules.label_fractions(label_map, C)
+            nan = np.full(P.shape[0], np.nan, np.float32)
+            extras.update(unlabelled_segments=unl.cpu().numpy(),
+                          none_scores=nan if none is None else none.float().cpu().numpy(),
+                          nearest_similarity=nan if nearest is None else nearest.float().cpu().numpy())
+            coverage = self.class_coverage(classes) if rule.label_threshold is not None else None
+        else:
+            fractions = label_fractions(label_map, C)
         return SegmentationResult(label_map=label_map, classes=names, segment_ids=seg,
                                   segment_scores=P.cpu().numpy().astype(np.float32),
-                                  class_fractions=label_fractions(label_map, len(names)), scores=probs,
-                                  extras={"working_size": working_hw}, evidence=evidence)
+                                  class_fractions=fractions, scores=probs,
+                                  extras=extras, evidence=evidence, unlabelled_fraction=unl_frac, coverage=coverage)
 
 
 @dataclass
