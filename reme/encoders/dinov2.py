@@ -129,8 +129,6 @@ class DINOv2Encoder(_preprocess.PatchGridInput, VisualEncoder):
         """Dtype of the model's weights."""
         return next(self.model.parameters()).dtype
 
-
-
     def dense_features(self, image: np.ndarray) -> torch.Tensor:
         """DINOv2 patch tokens of one image as a feature map.
 

@@ -117,22 +117,26 @@ _VOC12, _VOC10 = ("VOCdevkit/VOC2012",), ("VOCdevkit/VOC2010",)
 #: ids already shifted, VOC-21 with background as the *last* value 20, which the
 #: ``voc21_background_last`` table maps to class 0 of ``voc21.txt``; 16-bit TIFF label maps
 #: with 65535 = ignore for the 459- and 847-class sets), then a flat images/ + masks/ tree.
+#: mmseg's trees of VOC 2012 and PASCAL-Context (background = 0).
+_VOC_MMSEG = Layout("JPEGImages", "SegmentationClass", ".png", ".jpg", "ImageSets/Segmentation/{split}.txt")
+_CONTEXT_MMSEG = Layout("JPEGImages", "SegmentationClassContext", ".png", ".jpg", "ImageSets/SegmentationContext/{split}.txt")
+
 BENCHMARKS: dict[str, BenchmarkSpec] = {s.name: s for s in [
     BenchmarkSpec("voc21", "PASCAL VOC 2012 (21 classes, with background)", "voc21", (
-        Layout("JPEGImages", "SegmentationClass", ".png", ".jpg", "ImageSets/Segmentation/{split}.txt"),
+        _VOC_MMSEG,
         Layout("JPEGImages", "annotations_detectron2_bg/{split}", ".png", ".jpg", label_lut="voc21_background_last",
                name="detectron2"), _FLAT),
         background_index=0, felzenszwalb="voc", homes=_VOC12),
     BenchmarkSpec("voc20", "PASCAL VOC 2012 (20 classes, background ignored)", "voc20", (
-        Layout("JPEGImages", "SegmentationClass", ".png", ".jpg", "ImageSets/Segmentation/{split}.txt"),
+        _VOC_MMSEG,
         Layout("JPEGImages", "annotations_detectron2/{split}", ".png", ".jpg", name="detectron2",
                reduce_zero_label=False), _FLAT),
         reduce_zero_label=True, felzenszwalb="voc", homes=_VOC12),
     BenchmarkSpec("pc60", "PASCAL-Context 60 (59 classes + background)", "pc60", (
-        Layout("JPEGImages", "SegmentationClassContext", ".png", ".jpg", "ImageSets/SegmentationContext/{split}.txt"),
+        _CONTEXT_MMSEG,
         _FLAT), background_index=0, felzenszwalb="voc", homes=_VOC10),
     BenchmarkSpec("pc59", "PASCAL-Context 59 (background ignored)", "pc59", (
-        Layout("JPEGImages", "SegmentationClassContext", ".png", ".jpg", "ImageSets/SegmentationContext/{split}.txt"),
+        _CONTEXT_MMSEG,
         Layout("JPEGImages", "annotations_detectron2/pc59_{split}", ".png", ".jpg", name="detectron2",
                reduce_zero_label=False), _FLAT),
         reduce_zero_label=True, felzenszwalb="voc", homes=_VOC10),
