@@ -18,6 +18,7 @@ encoders is in `reme.encoders._preprocess`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -415,3 +416,22 @@ def open_clip_missing_message(
             f"REME_CACHE_DIR to it.",
         ]
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def quiet_progress(*, verbose: bool = False):
+    """Hide the Hugging Face "Loading weights" / download progress bars while a model loads
+    (library calls print nothing unless reme's logger is at INFO: ``verbose``); the previous
+    state is restored afterwards."""
+    if verbose:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()

@@ -173,4 +173,5 @@ def resolve_encoder(spec: str, *, device: str | torch.device | None = None, **kw
     loader = encoder_loader(spec)
     dev = resolve_device(device)
     logger.info("loading encoder %s on %s", spec, dev)
-    return loader(target, device=dev, cache_dir=cache_dir(), **kwargs)
+    with _hub.quiet_progress(verbose=logger.isEnabledFor(logging.INFO)):
+        return loader(target, device=dev, cache_dir=cache_dir(), **kwargs)
