@@ -551,19 +551,24 @@ def test_evidence_without_the_reference_photos_says_what_it_can(fresh):
     c.post("/api/examples/undo", data={"example_id": "all"})
 
 
-def test_a_taught_label_is_embedded_once(fresh):
+def test_a_taught_label_is_embedded_once(fresh, monkeypatch):
     """Issue 20: "Label this as doormat" embeds the new label's template strings once (its L_ref
     row), not again as a class of the re-segmentation, and none of the classes already embedded."""
+    from reme.classes import parse_classes
+    from reme.encoders.text import embed_labels
+
+    # the on-disk text cache off: it would answer for strings of earlier runs or tests
+    monkeypatch.setenv("REME_TEXT_CACHE", "0")
     seg = fresh.segmenter("default")
     text = seg.text_encoder
     assert hasattr(text, "encoded"), "the demo's segmenters embed through a per-string cache"
     c = _client(fresh)
     rid = _upload(c, _small_photos(1)[0])["result_id"]
+    embed_labels(text, parse_classes(CLASSES)[0], seg.templates)    # the classes are in the per-string cache
     before = text.encoded
     d = c.post("/api/examples", data={"result_id": rid, "x": 60, "y": 45, "label": "doormat"})
     assert d.status_code == 200 and d.json()["classes"] == CLASSES + ", doormat"
     assert text.encoded - before == len(seg.templates)                 # the 4 strings of "doormat", once
-    from reme.encoders.text import embed_labels
 
     cached = embed_labels(text, ["doormat", "rug"], seg.templates)
     fresh_rows = embed_labels(text.inner, ["doormat", "rug"], seg.templates)
