@@ -46,10 +46,15 @@ def test_demo_api_segment_and_evidence(client, tmp_path):
     d = r.json()
     assert (d["width"], d["height"]) == (451, 300) and d["overlay"].startswith("data:image/png;base64,")
     assert [x["class"] for x in d["legend"]] == ["cat", "wall", "floor"]
-    assert abs(sum(x["fraction"] for x in d["legend"]) - 1.0) < 1e-3
-    ev = c.get("/api/evidence", params={"result_id": d["result_id"], "x": 225, "y": 150}).json()
+    # the classes' shares and the unlabelled share ("none of these", left uncoloured) add up to 1
+    assert abs(sum(x["fraction"] for x in d["legend"]) + d["unlabelled"]["fraction"] - 1.0) < 1e-3
+    import numpy as np
+
+    ys, xs = np.nonzero(backend._results[d["result_id"]].label_map >= 0)   # a labelled pixel, nearest the middle
+    i = int(np.argmin((xs - 225) ** 2 + (ys - 150) ** 2))
+    ev = c.get("/api/evidence", params={"result_id": d["result_id"], "x": int(xs[i]), "y": int(ys[i])}).json()
     ref = backend.segmenter("default").reference
-    assert ev["class"] in ("cat", "wall", "floor") and len(ev["neighbours"]) == 10
+    assert ev["class"] in ("cat", "wall", "floor") and ev["unlabelled"] is None and len(ev["neighbours"]) == 10
     assert all(set(n["labels"]) <= set(ref.labels) and n["labels"] for n in ev["neighbours"])
     sims = [n["similarity"] for n in ev["neighbours"]]
     assert sims == sorted(sims, reverse=True)
@@ -146,8 +151,9 @@ def test_demo_in_browser(demo_url, tmp_path):
         overlay = page.locator("#overlay")
         sync_api.expect(page.locator("#result")).to_be_visible(timeout=120_000)
         assert overlay.get_attribute("src").startswith("data:image/png")
-        legend = page.locator("#legend tbody tr").all_inner_texts()
+        legend = page.locator("#legend tbody tr:not(.unlabelled-row)").all_inner_texts()
         assert len(legend) == 4 and any("cat" in row for row in legend)
+        assert page.locator("#legend tbody tr.unlabelled-row").count() == 1   # "none of these" is on
         nat = page.evaluate("() => [document.getElementById('overlay').naturalWidth, "
                             "document.getElementById('overlay').naturalHeight]")
         assert nat == [451, 300]
@@ -227,3 +233,60 @@ def test_teach_by_example_in_browser(demo_url, tmp_path):
         expect(page.locator("#status")).to_contain_text("Done in", timeout=60_000)
         assert overlay.get_attribute("src") == first                            # undo restored the result
         browser.close()
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_unlabelled_and_coverage_in_browser(demo_url, tmp_path):
+    """"None of these" on the page: chelsea with "cat, water" shows an "unlabelled" legend row
+    with its share, a coverage mark on "water" (the embedded reference has no water label); a
+    click on an unlabelled pixel says why and offers "Label this as"; labelling it redraws the
+    overlay."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    expect = sync_api.expect
+    with sync_api.sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        errors = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.goto(demo_url)
+        expect(page.locator("#status")).to_contain_text("Ready", timeout=30_000)
+        page.select_option("#sample", "chelsea")
+        page.fill("#classes", "cat, water")
+        page.click("#run")
+        expect(page.locator("#status")).to_contain_text("Done in", timeout=120_000)
+        unl = page.locator("#legend tr.unlabelled-row")
+        expect(unl).to_have_count(1)
+        share = float(unl.locator("td").nth(2).inner_text().rstrip("%"))
+        assert 0 < share < 100 and "unlabelled" in unl.inner_text()
+        expect(page.locator('#legend tr[data-class="water"] .uncovered')).to_be_visible()
+        expect(page.locator('#legend tr[data-class="cat"] .uncovered')).to_have_count(0)
+        expect(page.locator('#coverage li[data-class="water"]')).to_contain_text("Label this as")
+        overlay = page.locator("#overlay")
+        first = overlay.get_attribute("src")
+        box = overlay.bounding_box()
+        spot = {"x": box["width"] * 400 / 451, "y": box["height"] * 280 / 300}   # the floor, lower right
+        overlay.click(position=spot)
+        expect(page.locator("#ev-title")).to_contain_text("unlabelled", timeout=30_000)
+        expect(page.locator("#ev-unlabelled")).to_contain_text("Unlabelled:")
+        expect(page.locator("#teach")).to_be_visible()
+        expect(page.locator("#teach-info")).to_contain_text("unlabelled")
+        assert page.input_value("#teach-label") == "water"                      # the uncovered class, offered
+        shots = Path(os.environ.get("REME_SCREENSHOT_DIR", tmp_path))
+        shots.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(shots / "reme_demo_unlabelled.png"), full_page=True)
+        page.click("#teach-run")
+        expect(page.locator("#status")).to_contain_text("Labelled as", timeout=60_000)
+        assert overlay.get_attribute("src") != first
+        after = float(page.locator("#legend tr.unlabelled-row td").nth(2).inner_text().rstrip("%"))
+        assert after < share
+        water = page.locator('#legend tr[data-class="water"] td').nth(2).inner_text()
+        assert float(water.rstrip("%")) > 0
+        overlay.click(position=spot)
+        expect(page.locator("#ev-title")).to_contain_text("water", timeout=30_000)
+        expect(page.locator("#ev-unlabelled")).to_be_hidden()
+        page.screenshot(path=str(shots / "reme_demo_unlabelled_taught.png"), full_page=True)
+        page.locator("#undo-all").click()
+        expect(page.locator("#examples-box")).to_be_hidden(timeout=60_000)
+        browser.close()
+    assert not [e for e in errors if "Content Security Policy" in e], errors

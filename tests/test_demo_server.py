@@ -289,6 +289,68 @@ def test_teaching_relabels_the_clicked_segment_and_undo_restores_the_result(taug
     assert c.get("/api/examples").json()["examples"] == []
 
 
+def _unlabelled_pixel(backend: DemoBackend, result_id: str) -> tuple[int, int]:
+    """A pixel the kept result left unlabelled (-1), else the test cannot speak."""
+    ys, xs = np.nonzero(backend._results[result_id].label_map < 0)
+    assert ys.size, "no unlabelled pixel: 'cat, water' on chelsea should leave the wall and floor unlabelled"
+    i = ys.size // 2
+    return int(xs[i]), int(ys[i])
+
+
+def test_segment_answer_tells_unlabelled_share_and_coverage(taught):
+    c = _client(taught)
+    r = c.post("/api/segment", data={"classes": "cat, water", "sample": "chelsea"})
+    assert r.status_code == 200, r.text
+    d = r.json()
+    lm = taught._results[d["result_id"]].label_map
+    u = d["unlabelled"]
+    assert d["unlabelled_rule"] and u["class"] == "unlabelled"
+    assert u["pixels"] == int((lm < 0).sum()) > 0 and abs(u["fraction"] - u["pixels"] / lm.size) < 1e-4
+    assert 0 < u["segments"] <= d["num_segments"]
+    assert abs(sum(x["fraction"] for x in d["legend"]) + u["fraction"] - 1.0) < 1e-3   # shares add up
+    cov = {x["class"]: x for x in d["coverage"]}
+    assert list(cov) == ["cat", "water"]
+    assert cov["cat"]["covered"] and cov["cat"]["warning"] == "" and cov["cat"]["nearest"][0]["label"] == "cat"
+    w = cov["water"]
+    assert not w["covered"] and len(w["nearest"]) >= 1
+    labels = set(taught.segmenter("default").reference.labels)
+    assert all(n["label"] in labels and -1 <= n["similarity"] < 1 and n["segments"] > 0 for n in w["nearest"])
+    assert '"water"' in w["warning"] and w["nearest"][0]["label"] in w["warning"] and "Label this as" in w["warning"]
+    # the overlay leaves unlabelled pixels as the photo: decode it and compare there
+    import base64
+    over = np.asarray(Image.open(io.BytesIO(base64.b64decode(d["overlay"].split(",", 1)[1]))).convert("RGB"))
+    img = taught._results[d["result_id"]].image
+    assert np.array_equal(over[lm < 0], img[lm < 0]) and not np.array_equal(over[lm >= 0], img[lm >= 0])
+
+
+def test_a_click_on_an_unlabelled_pixel_says_why_and_can_be_labelled(taught):
+    c = _client(taught)
+    d = c.post("/api/segment", data={"classes": "cat, water", "sample": "chelsea"}).json()
+    x, y = _unlabelled_pixel(taught, d["result_id"])
+    ev = c.get("/api/evidence", params={"result_id": d["result_id"], "x": x, "y": y})
+    assert ev.status_code == 200, ev.text
+    ev = ev.json()
+    assert ev["class"] is None and ev["can_label"] and ev["unlabelled"] is not None
+    why = ev["unlabelled"]
+    assert why["reasons"] and set(why["reasons"]) <= {"weak_support", "none_of_these"}
+    assert why["why"].startswith("Unlabelled: ") and why["suggest"] == ["water"]
+    if "weak_support" in why["reasons"]:
+        assert why["nearest_similarity"] < why["min_support"]
+    if "none_of_these" in why["reasons"]:
+        assert why["none_score"] > why["best_score"]
+    ys, xs = np.nonzero(taught._results[d["result_id"]].label_map >= 0)             # a labelled pixel: no "why"
+    cat = c.get("/api/evidence", params={"result_id": d["result_id"], "x": int(xs[0]), "y": int(ys[0])}).json()
+    assert cat["class"] == "cat" and cat["unlabelled"] is None and cat["can_label"]
+    # "Label this as" on the unlabelled segment: it becomes that class at once
+    r = c.post("/api/examples", data={"result_id": d["result_id"], "x": x, "y": y, "label": "water"})
+    assert r.status_code == 200, r.text
+    new = r.json()["result"]
+    assert new["classes"] == "cat, water" and _class_at(c, new["result_id"], (x, y)) == "water"
+    assert new["unlabelled"]["pixels"] < d["unlabelled"]["pixels"]
+    assert new["overlay"] != d["overlay"]
+    assert c.post("/api/examples/undo", data={"example_id": "all"}).json()["examples"] == []
+
+
 def test_a_new_label_joins_the_class_list(taught):
     c = _client(taught)
     first = _segment(c)
@@ -489,19 +551,24 @@ def test_evidence_without_the_reference_photos_says_what_it_can(fresh):
     c.post("/api/examples/undo", data={"example_id": "all"})
 
 
-def test_a_taught_label_is_embedded_once(fresh):
+def test_a_taught_label_is_embedded_once(fresh, monkeypatch):
     """Issue 20: "Label this as doormat" embeds the new label's template strings once (its L_ref
     row), not again as a class of the re-segmentation, and none of the classes already embedded."""
+    from reme.classes import parse_classes
+    from reme.encoders.text import embed_labels
+
+    # the on-disk text cache off: it would answer for strings of earlier runs or tests
+    monkeypatch.setenv("REME_TEXT_CACHE", "0")
     seg = fresh.segmenter("default")
     text = seg.text_encoder
     assert hasattr(text, "encoded"), "the demo's segmenters embed through a per-string cache"
     c = _client(fresh)
     rid = _upload(c, _small_photos(1)[0])["result_id"]
+    embed_labels(text, parse_classes(CLASSES)[0], seg.templates)    # the classes are in the per-string cache
     before = text.encoded
     d = c.post("/api/examples", data={"result_id": rid, "x": 60, "y": 45, "label": "doormat"})
     assert d.status_code == 200 and d.json()["classes"] == CLASSES + ", doormat"
     assert text.encoded - before == len(seg.templates)                 # the 4 strings of "doormat", once
-    from reme.encoders.text import embed_labels
 
     cached = embed_labels(text, ["doormat", "rug"], seg.templates)
     fresh_rows = embed_labels(text.inner, ["doormat", "rug"], seg.templates)

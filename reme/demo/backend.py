@@ -31,7 +31,7 @@ import time
 import uuid
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -44,6 +44,7 @@ from reme.demo.inputs import (MAX_CLASS_CHARS, MAX_CLASS_TERMS, MAX_CLASSES, MAX
 from reme.demo.sessions import (MAX_SESSIONS, ROW_OVERHEAD_BYTES, SESSION_IDLE_S, SESSION_ROW_BYTES, SESSION_THUMB_BYTES,
                                 SHARED_ROW_BYTES, THUMB_QUALITY, BusyError, Sessions, decode_thumb, jpeg_thumbnail,
                                 keep_thumbs, nbytes, row_key)
+from reme.demo.told import coverage_entries, rule_min_support, segment_extras, unlabelled_entry, why_unlabelled
 from reme.io import SAMPLE_PHOTOS, sample_image
 from reme.report.crops import THUMB, ReferenceImages, placeholder_thumbnail
 from reme.report.viz import class_colors
@@ -80,6 +81,8 @@ class _Result:
     session: str = ""
     image_name: str = "photo"
     searched: Any = None  # the (merged) ReferenceSet the evidence indexes
+    told: dict = field(default_factory=dict)  # "none of these" per-segment arrays (told.segment_extras)
+    uncovered: list = field(default_factory=list)  # asked classes the reference set does not cover
 
 
 def _pixels_hash(image: np.ndarray) -> str:
@@ -174,7 +177,7 @@ class DemoBackend:
         from reme.inference.segmenter import Segmenter
         from reme.reference import load_reference
 
-        kwargs = dict(self.segmenter_kwargs)
+        kwargs = {"unlabelled": True, **self.segmenter_kwargs}  # "none of these" on, as in `reme segment`
         ref = load_reference(path)
         text = kwargs.pop("text_encoder", None) or ref.manifest.get("encoders", {}).get("text")
         if text is not None:
@@ -256,7 +259,11 @@ class DemoBackend:
             JSON-ready dict: ``result_id``, ``width``, ``height``, ``overlay`` (PNG data URL),
             ``legend`` (class, colour, pixel fraction, largest segment score per class),
             ``num_segments``, ``seconds``, ``reference``, ``resized`` (bool), ``classes`` (the
-            class field), ``examples`` (number in the overlay used).
+            class field), ``examples`` (number in the overlay used), ``unlabelled`` (share of
+            pixels no asked class fits, `reme.demo.told.unlabelled_entry`; left uncoloured in
+            the overlay), ``coverage`` (per class, `reme.demo.told.coverage_entries`: ``covered``
+            False with a ``warning`` line when the reference set has no label close to it),
+            ``unlabelled_rule`` (the "none of these" rule is on: the default).
 
         Raises:
             KeyError: unknown reference. ValueError: bad class list or over the limits of
@@ -277,9 +284,11 @@ class DemoBackend:
         t0 = time.time()
         rid = uuid.uuid4().hex[:12]
         res = seg.predict(small, classes, return_evidence=True)
-        self._keep(rid, _Result(small, _compact(res.segment_ids), _compact(res.label_map), res.segment_scores,
-                                res.classes, res.evidence, name, classes, session, image_name,
-                                self._searched(seg, session, name)))
+        coverage = coverage_entries(res)
+        self._keep(rid, _Result(small, _compact(res.segment_ids), res.label_map.astype(np.int16 if len(res.classes)
+                                < 32768 else np.int32), res.segment_scores, res.classes, res.evidence, name, classes,
+                                session, image_name, self._searched(seg, session, name), segment_extras(res),
+                                [c["class"] for c in coverage if not c["covered"]]))
         secs = time.time() - t0
         colors = class_colors(len(res.classes))
         pixels = np.bincount(res.label_map[res.label_map >= 0], minlength=len(res.classes))  # -1: unlabelled
@@ -289,7 +298,9 @@ class DemoBackend:
         return {"result_id": rid, "width": int(small.shape[1]), "height": int(small.shape[0]),
                 "overlay": png_data_url(blend(small, res.label_map, len(res.classes))),
                 "legend": legend, "num_segments": int(res.segment_scores.shape[0]), "seconds": round(secs, 2),
-                "reference": name, "resized": False, "classes": classes, "examples": len(seg.examples())}
+                "reference": name, "resized": False, "classes": classes, "examples": len(seg.examples()),
+                "unlabelled": unlabelled_entry(res), "coverage": coverage,
+                "unlabelled_rule": bool(res.coverage is not None or res.extras.get("unlabelled_segments") is not None)}
 
     def _keep(self, rid: str, result: _Result) -> None:
         """Keep ``result``; the oldest go while over `MAX_RESULTS` or `RESULTS_BYTES` (the newest stays)."""
@@ -456,7 +467,9 @@ class DemoBackend:
         """Why the segment under pixel (x, y) got its label.
 
         Returns:
-            JSON-ready dict: ``segment``, ``class``, ``class_scores`` (P_seg row, largest
+            JSON-ready dict: ``segment``, ``class`` (None: unlabelled, "none of these"),
+            ``unlabelled`` (None, or why: `reme.demo.told.why_unlabelled`), ``can_label`` (the
+            segment can be taught with `add_example`), ``class_scores`` (P_seg row, largest
             first), ``covered``, ``votes`` (A1 row: reference label, weight, the test class
             that label speaks for most in A2 (eq. 2), and that A2 weight), ``neighbours``
             (reference id, similarity, weight, labels, source image, bbox, stage (``example``
@@ -492,8 +505,12 @@ class DemoBackend:
         rec["votes"] = [[lab, w, *cls] for (lab, w), cls in zip(rec["votes"], self._label_to_class(r, rec["votes"]))]
         probs = r.segment_scores[s]
         order = np.argsort(-probs)
+        unlabelled = int(r.label_map[y, x]) < 0                                   # "none of these"
         rec.update({
-            "class": r.classes[int(r.label_map[y, x])] if r.label_map[y, x] >= 0 else None,  # None: unlabelled
+            "class": None if unlabelled else r.classes[int(r.label_map[y, x])],
+            "unlabelled": why_unlabelled(r.told, s, probs, rule_min_support(self.segmenter(r.reference)),
+                                         r.uncovered) if unlabelled else None,
+            "can_label": True,  # "Label this as" (add_example) takes any segment, unlabelled ones too
             "class_scores": [[r.classes[i], round(float(probs[i]), 5)] for i in order],
             "area": int((r.segment_ids == s).sum()),
             "highlight": png_data_url(blend(r.image, r.label_map, len(r.classes), outline=r.segment_ids == s)),

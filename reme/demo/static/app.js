@@ -69,11 +69,25 @@ function showResult(d) {
     `reference set "${d.reference}"`;
   const body = $("legend").querySelector("tbody");
   body.replaceChildren();
+  const cover = Object.fromEntries((d.coverage || []).map((c) => [c.class, c]));
   for (const row of [...d.legend].sort((a, b) => b.fraction - a.fraction)) {
-    body.append(el("tr", { "data-class": row.class },
+    const c = cover[row.class];
+    const badge = c && !c.covered
+      ? el("span", { class: "uncovered", title: c.warning }, "⚠ not in reference set") : "";
+    body.append(el("tr", { "data-class": row.class, class: c && !c.covered ? "uncovered-row" : "" },
       el("td", {}, el("span", { class: "swatch", style: `background:${row.color}` })),
-      el("td", {}, row.class), el("td", {}, pct(row.fraction)), el("td", {}, row.max_segment_score.toFixed(3))));
+      el("td", {}, row.class, " ", badge), el("td", {}, pct(row.fraction)), el("td", {}, row.max_segment_score.toFixed(3))));
   }
+  if (d.unlabelled_rule) {  // "none of these": left uncoloured in the overlay
+    const u = d.unlabelled;
+    body.append(el("tr", { "data-class": "", class: "unlabelled-row", title: "no asked class fits these regions; " +
+        "the photo shows through. Click one to see why, and label it." },
+      el("td", {}, el("span", { class: "swatch none" })), el("td", {}, "unlabelled"),
+      el("td", {}, pct(u.fraction)), el("td", { class: "meta" }, `${u.segments} segment(s)`)));
+  }
+  const warnings = (d.coverage || []).filter((c) => !c.covered);
+  $("coverage").replaceChildren(...warnings.map((c) => el("li", { "data-class": c.class }, el("b", {}, "⚠ "), c.warning)));
+  $("coverage").hidden = warnings.length === 0;
   $("class-names").replaceChildren(...d.legend.map((row) => el("option", { value: row.class })));
   $("result").hidden = false;
   $("evidence").hidden = true;
@@ -93,9 +107,13 @@ async function showEvidence(ev) {
     renderEvidence(d);
     img.src = d.highlight;
     picked = { x, y, segment: d.segment };
-    $("teach-info").textContent = `segment ${d.segment}, now "${d.class}"`;
-    $("teach").hidden = false;
-    status(`Segment ${d.segment} → ${d.class}. Label it below, click another region, or Segment again.`);
+    const now = d.class === null ? "unlabelled" : `"${d.class}"`;
+    $("teach-info").textContent = `segment ${d.segment}, now ${now}`;
+    if (d.class === null && d.unlabelled.suggest.length && !$("teach-label").value) $("teach-label").value = d.unlabelled.suggest[0];
+    $("teach").hidden = !d.can_label;
+    status(d.class === null
+      ? `Segment ${d.segment} is unlabelled: no asked class fits it. Label it below ("Label this as"), or click another region.`
+      : `Segment ${d.segment} → ${d.class}. Label it below, click another region, or Segment again.`);
   } catch (err) {
     status("Error: " + err.message, true);
   }
@@ -104,7 +122,9 @@ async function showEvidence(ev) {
 const taught_word = (n) => n.source === "example" ? "taught on" : "from";
 
 function renderEvidence(d) {
-  $("ev-title").textContent = `segment ${d.segment} → ${d.class}`;
+  $("ev-title").textContent = `segment ${d.segment} → ${d.class === null ? "unlabelled" : d.class}`;
+  $("ev-unlabelled").textContent = d.unlabelled ? d.unlabelled.why : "";
+  $("ev-unlabelled").hidden = !d.unlabelled;
   const support = d.support === null ? "all reference segments (paper form)" : `the ${d.support} nearest reference segments`;
   $("ev-info").textContent = `${d.area} px. Eq. 1 softmax (τ1 = ${d.logit_scale}) over ${support}; ` +
     `the segments listed carry ${pct(d.covered)} of that weight.`;
