@@ -77,7 +77,7 @@ def test_segment_classes_file_and_paper_form_through_the_cli(tmp_path):
     scores = json.loads((tmp_path / "o" / "coffee_scores.json").read_text())
     assert scores["classes"] == ["cup", "table"]                      # synonyms of the file, not "cup, mug"
     paper = Segmenter(REPO / "reference_sets" / "default", device="cpu", segment_logit_scale=1.0,
-                      label_logit_scale=1.0, top_k=None).predict(str(img), "cup; mug, table; desk")
+                      label_logit_scale=1.0, top_k=None, unlabelled=False).predict(str(img), "cup; mug, table; desk")
     got = np.array([scores["max_segment_score"][c] for c in ("cup", "table")])
     np.testing.assert_allclose(got, paper.segment_scores.max(0), atol=2e-6)
     default = Segmenter(REPO / "reference_sets" / "default", device="cpu").predict(str(img), "cup; mug, table; desk")

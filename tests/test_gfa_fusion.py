@@ -109,7 +109,8 @@ def test_sam_overlapping_masks_in_pooling_and_eq3(tiny_sam):
 
     image = photo("coffee")[::4, ::4].copy()
     classes = ["cup", "table", "sky"]
-    seg = Segmenter(REPO / "reference_sets" / "default", device="cpu", proposals=f"sam:{tiny_sam}")
+    seg = Segmenter(REPO / "reference_sets" / "default", device="cpu", proposals=f"sam:{tiny_sam}",
+                    unlabelled=False)                                  # eq. 3 as the paper writes it
     seg.proposer.sam = FixedMasks()
     assert seg.overlapping_proposals
     ids, P, names, S, masks = seg.segment_scores(image, classes, return_embeddings=True, return_masks=True)

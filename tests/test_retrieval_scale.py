@@ -249,7 +249,9 @@ def test_format_1_folder_still_loads(tmp_path):
     man["format_version"] = 1
     for key in ("s_ref_file", "index"):
         man.pop(key)
-    man["files"] = {}
+    from reme.io import sha256_file
+
+    man["files"] = {f.name: sha256_file(f) for f in folder.iterdir() if f.name != "manifest.json"}
     (folder / "manifest.json").write_text(json.dumps(man))
     back = load_reference(folder)
     np.testing.assert_array_equal(back.S_ref, S)

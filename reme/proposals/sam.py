@@ -47,7 +47,7 @@ class SamProposals:
                  stability_score_thresh: float = 0.95, min_area: int = 20, device=None):
         from transformers import pipeline
 
-        source = find_hub_weights(model, family="sam", spec_prefix="sam", local_prefix="sam")
+        source = find_hub_weights(model, family="sam", spec_prefix="sam:", local_prefix="sam:")
         self.device = resolve_device(device)
         self.spec = f"sam:{source}"
         self.points_per_side = int(points_per_side)
