@@ -47,6 +47,9 @@ class VisualEncoder(ABC):
         Returns:
             (h, w, d) float32 tensor on ``self.device``; not normalised. The grid
             (h, w) covers the whole image (cell (i, j) spans rows ``i*H/h .. (i+1)*H/h``).
+
+        Raises:
+            TypeError, ValueError: ``image`` is not an (H, W, 3) uint8 array.
         """
 
     def dense_features_batch(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:

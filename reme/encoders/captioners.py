@@ -66,7 +66,15 @@ def _to_pil(image: np.ndarray):
 
 
 class _HFCaptioner(Captioner):
-    """Shared parts of the transformers captioners."""
+    """Shared parts of the transformers captioners.
+
+    Attributes:
+        spec (str): canonical spec, e.g. ``"llava:llava-hf/llava-1.5-7b-hf"``.
+        device (torch.device): where generation runs.
+        model: the wrapped ``transformers`` model, eval mode; processor: its processor.
+        max_new_tokens (int): greedy decoding budget.
+        dim: None (no embeddings).
+    """
 
     model: Any
     processor: Any
@@ -110,17 +118,12 @@ class _HFCaptioner(Captioner):
 
 
 class LLaVACaptioner(_HFCaptioner):
-    """LLaVA-1.5 with the paper's prompt and greedy decoding (docs/method.md step 2).
+    """LLaVA-1.5 with the paper's prompt and greedy decoding (docs/method.md step 2); a
+    ``LlavaForConditionalGeneration`` and its ``LlavaProcessor``.
 
     Attributes:
-        spec (str): canonical spec, e.g. ``"llava:llava-hf/llava-1.5-7b-hf"``.
-        device (torch.device): where generation runs.
-        model (transformers.LlavaForConditionalGeneration): the model, eval mode.
-        processor (transformers.LlavaProcessor): image processor + tokenizer.
         prompt (str): the instruction (default `LLAVA_PROMPT`).
         text (str): the full model input text (chat template applied).
-        max_new_tokens (int): generation budget.
-        dim: None (no embeddings).
     """
 
     def __init__(
@@ -178,16 +181,11 @@ class LLaVACaptioner(_HFCaptioner):
 
 
 class BLIPCaptioner(_HFCaptioner):
-    """BLIP image captioning (the lighter alternative of docs/method.md step 2).
+    """BLIP image captioning (the lighter alternative of docs/method.md step 2); a
+    ``BlipForConditionalGeneration`` and its ``BlipProcessor``.
 
     Attributes:
-        spec (str): canonical spec, e.g. ``"blip:Salesforce/blip-image-captioning-base"``.
-        device (torch.device): where generation runs.
-        model (transformers.BlipForConditionalGeneration): the model, eval mode.
-        processor (transformers.BlipProcessor): image processor + tokenizer.
         prompt (str | None): optional text prefix (conditional captioning, e.g. "a photo of").
-        max_new_tokens (int): generation budget.
-        dim: None (no embeddings).
     """
 
     def __init__(

@@ -130,18 +130,10 @@ class DINOv2Encoder(_preprocess.PatchGridInput, VisualEncoder):
         return next(self.model.parameters()).dtype
 
     def dense_features(self, image: np.ndarray) -> torch.Tensor:
-        """DINOv2 patch tokens of one image as a feature map.
-
-        Args:
-            image: (H, W, 3) uint8 RGB.
-
-        Returns:
-            (h, w, dim) float32 tensor on ``self.device``, not normalised;
-            ``(h, w) = self.grid_size(H, W)``.
-
-        Raises:
-            TypeError, ValueError: ``image`` is not an (H, W, 3) uint8 array.
-        """
+        """DINOv2 patch tokens of one image as a feature map:
+        (h, w, dim) float32 on ``self.device``, not normalised, ``(h, w) = self.grid_size(H, W)``;
+        input and errors as
+        [`VisualEncoder.dense_features`][reme.encoders.base.VisualEncoder.dense_features]."""
         with torch.inference_mode():
             pixels = self.preprocess(image)
             gh, gw = pixels.shape[-2] // self.patch_size[0], pixels.shape[-1] // self.patch_size[1]

@@ -222,18 +222,10 @@ class MobileNetV2Encoder(VisualEncoder):
         return gh * k, gw * k
 
     def dense_features(self, image: np.ndarray) -> torch.Tensor:
-        """Output of block ``layer`` for one image.
-
-        Args:
-            image: (H, W, 3) uint8 RGB.
-
-        Returns:
-            (h, w, dim) float32 tensor on ``self.device``, not normalised;
-            ``(h, w) = self.grid_size(H, W)``.
-
-        Raises:
-            TypeError, ValueError: ``image`` is not an (H, W, 3) uint8 array.
-        """
+        """Output of block ``layer`` for one image:
+        (h, w, dim) float32 on ``self.device``, not normalised, ``(h, w) = self.grid_size(H, W)``;
+        input and errors as
+        [`VisualEncoder.dense_features`][reme.encoders.base.VisualEncoder.dense_features]."""
         with torch.inference_mode():
             x = _preprocess.to_model_input(image, image_size=self.image_size,
                                     patch=(_INPUT_MULTIPLE, _INPUT_MULTIPLE), mean=self.mean,
