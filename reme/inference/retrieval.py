@@ -89,6 +89,27 @@ def label_affinity(L_ref, L_test, logit_scale: float = 1.0, device=None) -> torc
     return torch.softmax(logit_scale * (Lr @ Lt.T), dim=1)
 
 
+def merge_synonyms(P: torch.Tensor, owner: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Merge the columns of one class's synonyms by max: (k, c') scores -> (k, C).
+
+    Args:
+        P: (k, c') float tensor, one column per class string (eq. 2 runs over all of them).
+        owner: (c',) int64 tensor, the class index in [0, C) of each column.
+        num_classes: C.
+
+    Returns:
+        (k, C) tensor of P's dtype; -inf in a class with no column.
+
+    Raises:
+        RuntimeError: ``owner`` does not have c' entries (from torch).
+
+    >>> merge_synonyms(torch.tensor([[0.2, 0.5, 0.3]]), torch.tensor([0, 1, 0]), 2).tolist()
+    [[0.30000001192092896, 0.5]]
+    """
+    merged = torch.full((P.shape[0], num_classes), -float("inf"), device=P.device, dtype=P.dtype)
+    return merged.scatter_reduce(1, owner.to(P.device).expand(P.shape[0], -1), P, reduce="amax")
+
+
 def reference_class_scores(pair_segment, pair_label, A2: torch.Tensor, num_segments: int) -> torch.Tensor:
     """B = O_ref A2: (m, c) float32, row i = sum of A2 rows of the labels of segment i."""
     ps = as_tensor(pair_segment, A2.device, torch.int64)
