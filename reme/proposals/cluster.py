@@ -18,6 +18,7 @@ import torch
 from skimage.measure import label as connected_components
 
 from reme.reference.index import spherical_kmeans
+from reme.io import cell_index
 from reme.proposals import relabel_sequential
 
 
@@ -64,8 +65,6 @@ def cluster_segments(features: torch.Tensor, image_hw: tuple[int, int], n_cluste
         raise ValueError(f"n_clusters and min_size must be >= 1, got {n_clusters}, {min_size}")
     assign = kmeans(features.reshape(h * w, d), n_clusters, seed=seed).cpu().numpy().reshape(h, w)
     H, W = image_hw
-    rows = np.minimum(np.arange(H) * h // H, h - 1)
-    cols = np.minimum(np.arange(W) * w // W, w - 1)
-    full = assign[rows][:, cols]
+    full = assign[cell_index(H, h)][:, cell_index(W, w)]
     regions = connected_components(full + 1, background=0, connectivity=1) - 1
     return _merge_small(regions, min_size)
