@@ -134,9 +134,31 @@ def retrieval_evidence(S_test, reference, *, top: int | None = None, top_k: int 
     Raises:
         ValueError: ``top`` or ``top_k`` < 1, or S_test and S_ref dimensions differ.
     """
+    return neighbour_evidence(S_test, reference.S_ref,
+                              o_ref_csr(reference.pair_segment, reference.pair_label, reference.num_segments,
+                                        reference.num_labels),
+                              reference.labels, top=top, top_k=top_k, logit_scale=logit_scale, chunk_size=chunk_size)
+
+
+def neighbour_evidence(S_test, S_ref, o_ref, labels, *, top: int | None = None, top_k: int | None = None,
+                       logit_scale: float = 1.0, chunk_size: int = 65536) -> RetrievalEvidence:
+    """[`retrieval_evidence`][reme.inference.evidence.retrieval_evidence] over explicit tables: one
+    exact pass of the kernel over ``S_ref`` (on the CPU).
+
+    Args:
+        S_test: (k, d1) float array or tensor; S_ref: (m, d1) array, memory map, view or tensor.
+        o_ref: [`ORefCSR`][reme.inference.retrieval.ORefCSR] with m rows; labels: its n label strings.
+        top, top_k, logit_scale, chunk_size: as in
+            [`retrieval_evidence`][reme.inference.evidence.retrieval_evidence].
+
+    Returns:
+        [`RetrievalEvidence`][reme.inference.evidence.RetrievalEvidence].
+
+    Raises:
+        ValueError: ``top`` or ``top_k`` < 1, or S_test and S_ref dimensions differ.
+    """
     top = _check_top(top, top_k)
     St = as_tensor(S_test.detach().cpu() if isinstance(S_test, torch.Tensor) else S_test, "cpu")
-    S_ref = reference.S_ref
     if St.ndim != 2 or St.shape[1] != S_ref.shape[1]:
         raise ValueError(f"S_test {tuple(St.shape)} and S_ref {tuple(S_ref.shape)} must share the dimension d1")
     m = int(S_ref.shape[0])
@@ -146,10 +168,7 @@ def retrieval_evidence(S_test, reference, *, top: int | None = None, top_k: int 
         scan(St, S_ref, [heap] + ([soft] if soft else []), chunk_size=chunk_size, device="cpu")
     else:
         heap.add_candidates(torch.zeros(St.shape[0], 0), torch.zeros(St.shape[0], 0, dtype=torch.int64))
-    sims, ids = heap.finish()
-    o_ref = o_ref_csr(reference.pair_segment, reference.pair_label, m, reference.num_labels)
-    return evidence_from_neighbours(sims, ids, o_ref, reference.labels, top=top, top_k=top_k,
-                                    logit_scale=logit_scale,
+    return evidence_from_neighbours(*heap.finish(), o_ref, labels, top=top, top_k=top_k, logit_scale=logit_scale,
                                     log_normaliser=soft.log_normaliser() if soft and m else None)
 
 

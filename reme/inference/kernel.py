@@ -263,6 +263,11 @@ class TopkReducer:
         v, i = torch.topk(sim, min(self.k, sim.shape[1]), dim=1)
         self.add_candidates(v, i, offset=start)
 
+    def seed(self, sims: torch.Tensor, ids: torch.Tensor) -> None:
+        """Start the heap from (q, t <= k) candidates found elsewhere (a FAISS search re-scored
+        exactly), kept in their given column order until a merge re-sorts them."""
+        self.vals, self.ids = sims, ids.to(sims.device, torch.int64)
+
     def add_candidates(self, sims: torch.Tensor, ids: torch.Tensor, *, offset: int = 0) -> None:
         """Merge (q, t) candidates found elsewhere (a re-scored FAISS search, overlay rows; ids
         -1 with sims -inf for missing ones) into the heap; ``offset`` is added to their ids."""

@@ -167,6 +167,61 @@ def o_ref_csr(pair_segment, pair_label, num_segments: int, num_labels: int) -> O
 # --------------------------------------------------------------------------- streamed eq. 1
 
 
+def a1_reducer(o_ref: ORefCSR, k: int, device: torch.device, logit_scale: float) -> SoftmaxReducer:
+    """The [`SoftmaxReducer`][reme.inference.kernel.SoftmaxReducer] of exact eq. 1 with a sparse
+    O_ref: each block E adds O_ref[block]^T E to A1^T (n x k); ``finish().T`` is A1 (k x n).
+
+    Args:
+        o_ref: [`ORefCSR`][reme.inference.retrieval.ORefCSR] (m rows).
+        k: test segments; device: where A1 lives; logit_scale: tau1.
+
+    Returns:
+        A reducer for [`reme.inference.kernel.scan`][reme.inference.kernel.scan].
+    """
+    n, device = o_ref.num_labels, torch.device(device)
+    acc = torch.zeros(n, k, device=device)                                   # A1^T
+    ptr, lab = o_ref.ptr, o_ref.label
+    if device.type == "cpu":
+        import scipy.sparse as sp
+
+        ones = np.ones(lab.size, np.float32)
+        acc_np = acc.numpy()
+
+        def add_block(s, t, e):                                              # A1^T += O[s:t]^T E
+            a, b = ptr[s], ptr[t]
+            Ot = sp.csc_matrix((ones[a:b], lab[a:b], ptr[s:t + 1] - a), shape=(n, t - s))
+            np.add(acc_np, Ot @ e.numpy(), out=acc_np)
+    else:
+        lab_t = torch.as_tensor(lab, device=device)
+        seg_t = torch.as_tensor(np.repeat(np.arange(o_ref.num_segments), np.diff(ptr)), device=device)
+
+        def add_block(s, t, e):
+            a, b = ptr[s], ptr[t]
+            acc.index_add_(0, lab_t[a:b], e[seg_t[a:b] - s])
+
+    return SoftmaxReducer(logit_scale, acc, add_block)
+
+
+def class_score_reducer(B: torch.Tensor, k: int, logit_scale: float) -> SoftmaxReducer:
+    """The [`SoftmaxReducer`][reme.inference.kernel.SoftmaxReducer] of eqs. 1-2 fused with a dense
+    B = O_ref A2: each block E adds B[block]^T E to P_seg^T (c x k); ``finish().T`` is P_seg.
+
+    Args:
+        B: (m, c) float tensor ([`reference_class_scores`][reme.inference.retrieval.reference_class_scores]).
+        k: test segments; logit_scale: tau1.
+
+    Returns:
+        A reducer for [`reme.inference.kernel.scan`][reme.inference.kernel.scan].
+    """
+    Bf = B.float()
+    acc = torch.zeros(B.shape[1], k, device=B.device)                           # P_seg^T
+
+    def add_block(s, t, e):                                                     # P^T += B[s:t]^T E
+        acc.addmm_(Bf[s:t].T, e)
+
+    return SoftmaxReducer(logit_scale, acc, add_block)
+
+
 def streamed_label_affinity(S_test, S_ref, o_ref: ORefCSR, *, logit_scale: float = 1.0,
                             chunk_size: int = DEFAULT_CHUNK_SIZE, device=None) -> torch.Tensor:
     """Exact A1 = softmax(logit_scale * S_test S_ref^T, axis=1) O_ref (eq. 1), streamed.
@@ -198,27 +253,7 @@ def streamed_label_affinity(S_test, S_ref, o_ref: ORefCSR, *, logit_scale: float
     k, n = St.shape[0], o_ref.num_labels
     if k == 0 or S_ref.shape[0] == 0:
         return torch.zeros(k, n, device=device)
-    acc = torch.zeros(n, k, device=device)                                   # A1^T
-    ptr, lab = o_ref.ptr, o_ref.label
-    if device.type == "cpu":
-        import scipy.sparse as sp
-
-        ones = np.ones(lab.size, np.float32)
-        acc_np = acc.numpy()
-
-        def add_block(s, t, e):                                              # A1^T += O[s:t]^T E
-            a, b = ptr[s], ptr[t]
-            Ot = sp.csc_matrix((ones[a:b], lab[a:b], ptr[s:t + 1] - a), shape=(n, t - s))
-            np.add(acc_np, Ot @ e.numpy(), out=acc_np)
-    else:
-        lab_t = torch.as_tensor(lab, device=device)
-        seg_t = torch.as_tensor(np.repeat(np.arange(S_ref.shape[0]), np.diff(ptr)), device=device)
-
-        def add_block(s, t, e):
-            a, b = ptr[s], ptr[t]
-            acc.index_add_(0, lab_t[a:b], e[seg_t[a:b] - s])
-
-    soft = SoftmaxReducer(logit_scale, acc, add_block)
+    soft = a1_reducer(o_ref, k, device, logit_scale)
     scan(St, S_ref, [soft], chunk_size=chunk_size, device=device)
     return soft.finish().T
 
@@ -345,12 +380,7 @@ def segment_class_scores(S_test, S_ref, B: torch.Tensor, *, logit_scale: float =
     if top_k is not None:
         vals, ids = exact_topk(St, S_ref, top_k, chunk_size=chunk_size)
         return candidate_class_scores(vals, ids, Bf, logit_scale)
-    acc = torch.zeros(B.shape[1], k, device=B.device)                           # P_seg^T
-
-    def add_block(s, t, e):                                                     # P^T += B[s:t]^T E
-        acc.addmm_(Bf[s:t].T, e)
-
-    soft = SoftmaxReducer(logit_scale, acc, add_block)
+    soft = class_score_reducer(B, k, logit_scale)
     scan(St, S_ref, [soft], chunk_size=chunk_size, device=B.device)
     return soft.finish().T
 
