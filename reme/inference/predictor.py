@@ -461,31 +461,33 @@ class Predictor:
     @torch.inference_mode()
     def segment_scores(self, image, classes, *, tables: OverlayTables | None = None, return_embeddings: bool = False,
                        return_masks: bool = False, evidence_top: int | None = None) -> tuple:
-        """Proposals and P_seg of one image (eqs. 1-2), as numpy.
+        """Proposals and P_seg of one image (eqs. 1-2), as torch tensors.
+
+        The one call that returns tensors (on the predictor's device): the evaluation protocol
+        (`reme.eval.protocol`) continues on them; `predict` returns numpy records.
 
         Args:
             image: path, PIL image or (H, W, 3) uint8 RGB array (read at full size; `predict`
                 reads at the working size).
             classes: class list or string ([`reme.classes.parse_classes`][reme.classes.parse_classes]).
             tables: the overlay's retrieval tables, or None for the base alone.
-            return_embeddings: append S_test, (k, d1) float32 array.
+            return_embeddings: append S_test, (k, d1) float32 tensor.
             return_masks: append the (k, H, W) bool proposal masks when they overlap (SAM), else None.
             evidence_top: append the evidence with this many neighbours per segment (None: not).
 
         Returns:
             ``(segment_ids, P_seg, names)`` then the requested extras: segment_ids is an (H, W)
-            int32 map indexing P_seg's k rows (with SAM: the smallest mask covering each pixel);
-            P_seg is a (k, C) float32 array.
+            int32 numpy map indexing P_seg's k rows (with SAM: the smallest mask covering each
+            pixel); P_seg is a (k, C) float32 tensor.
 
         Raises:
             ValueError: bad class list, or a class named "others" with ``others_threshold`` set.
             reme.errors.ImageReadError: unreadable image.
         """
-        out = self._segment_scores(load_image(image), classes, tables, evidence_top)
-        seg, P, names, S_test, masks, ev = out
-        res = (seg, P.cpu().numpy().astype(np.float32), names)
+        seg, P, names, S_test, masks, ev = self._segment_scores(load_image(image), classes, tables, evidence_top)
+        res = (seg, P, names)
         if return_embeddings:
-            res += (S_test.float().cpu().numpy(),)
+            res += (S_test,)
         if return_masks:
             res += (masks,)
         if evidence_top is not None:

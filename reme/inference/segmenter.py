@@ -192,20 +192,21 @@ class Segmenter:
 
     def segment_scores(self, image, classes, *, return_embeddings: bool = False,
                        return_masks: bool = False) -> tuple:
-        """Proposals and P_seg of one image (eqs. 1-2), as numpy.
+        """Proposals and P_seg of one image (eqs. 1-2), as torch tensors (the one public call that
+        returns tensors, for the evaluation protocol; `predict` returns numpy).
 
         Args:
             image: path, PIL image or (H, W, 3) uint8 RGB array.
             classes: class list or string
                 ([`reme.classes.parse_classes`][reme.classes.parse_classes]).
-            return_embeddings: append S_test, (k, d1) float32 array.
+            return_embeddings: append S_test, (k, d1) float32 tensor.
             return_masks: append the (k, H, W) bool proposal masks when they overlap (SAM),
                 else None.
 
         Returns:
             ``(segment_ids, P_seg, names)`` then the requested extras: segment_ids is an (H, W)
             int32 map indexing P_seg's k rows (with SAM: the smallest mask covering each
-            pixel); P_seg is a (k, C) float32 array (a torch tensor before issue 21).
+            pixel); P_seg is a (k, C) float32 tensor on the segmenter's device.
 
         Raises:
             ValueError: bad class list.
