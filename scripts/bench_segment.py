@@ -144,18 +144,18 @@ def main() -> None:
             t2 = time.perf_counter()
             S_test = mask_average_pool(feats, ids)
             t3 = time.perf_counter()
-            A2, _ = seg._class_affinity([[c] for c in classes])                     # cached per class list
-            P = seg._segment_class_probs(S_test, A2)
+            A2, _ = seg.predictor.class_affinity([[c] for c in classes])            # cached per class list
+            P, _ = seg.predictor.class_scores(S_test, A2)
             t4 = time.perf_counter()
             label_map = P.argmax(dim=1).numpy().astype(np.int32)[ids]                  # eq. 3 argmax
             np.bincount(label_map.ravel(), minlength=len(classes))
             t5 = time.perf_counter()
-            L_test, _ = seg._class_embeddings([[c] for c in classes])
+            L_test, _ = seg.predictor.class_embeddings([[c] for c in classes])
             ta = time.perf_counter()
-            label_affinity(seg._L_ref, L_test, seg.label_logit_scale)                    # what each image paid before
+            label_affinity(seg.predictor.L_ref, L_test, seg.label_logit_scale)                    # what each image paid before
             a2_uncached = time.perf_counter() - ta
             ta = time.perf_counter()
-            seg._class_affinity([[c] for c in classes])                                 # the cache hit it pays now
+            seg.predictor.class_affinity([[c] for c in classes])                        # the cache hit it pays now
             a2_cached = time.perf_counter() - ta
             t.update(proposals=t1 - t0, encoder=t2 - t1, pooling=t3 - t2, retrieval=t4 - t3, aggregation=t5 - t4,
                      a2_uncached=a2_uncached, a2_cached=a2_cached)
