@@ -1,5 +1,7 @@
 """Two threads calling `predict` at once (issue 21): the same label maps and scores as a serial
-run, and the process keeps its torch thread count (no library code changes it)."""
+run, and the process keeps its torch thread count: no library code calls torch.set_num_threads
+(main's ``retrieval._serial`` did, saving and restoring it around element-wise work, so two
+threads could leave the process on one)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,10 @@ from conftest import REPO, photo
 from reme.inference.segmenter import Segmenter
 
 
-def test_predict_from_two_threads_equals_serial_and_keeps_thread_count():
+def test_predict_from_two_threads_equals_serial_and_keeps_thread_count(monkeypatch):
+    calls = []
+    real_set = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n) or real_set(n))
     seg = Segmenter(REPO / "reference_sets" / "default", device="cpu", view_cache_size=0)
     images = [photo("coffee")[::4, ::4].copy(), photo("astronaut")[::4, ::4].copy()]
     classes = ["person", "cup", "table", "sky"]
@@ -40,3 +45,4 @@ def test_predict_from_two_threads_equals_serial_and_keeps_thread_count():
         np.testing.assert_array_equal(got.label_map, want.label_map)
         np.testing.assert_array_equal(got.segment_scores, want.segment_scores)
     assert torch.get_num_threads() == threads_before
+    assert calls == []                            # no library code touches the process-wide setting
