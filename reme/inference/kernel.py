@@ -324,10 +324,8 @@ def candidate_a1_parts(sims, ids, o_ref, logit_scale: float):
     segments: softmax over each row's candidates, then one entry per (candidate, label) of O_ref.
 
     Args:
-        sims: (k, t) float tensor of exact inner products (-inf for missing candidates).
-        ids: (k, t) int rows of S_ref (-1 for missing).
-        o_ref: [`ORefCSR`][reme.inference.retrieval.ORefCSR].
-        logit_scale: tau1.
+        sims, ids, o_ref, logit_scale: as in
+            [`topk_label_affinity`][reme.inference.retrieval.topk_label_affinity].
 
     Returns:
         ``(crow (k + 1,), col (nnz,), values (nnz,))`` tensors on ``sims``' device.
