@@ -359,9 +359,10 @@ def pixels_key(img: np.ndarray) -> tuple[tuple[int, ...], bytes]:
     Raises:
         TypeError: ``img`` is not array-like.
 
-    >>> a = np.zeros((2, 3, 3), np.uint8)
-    >>> pixels_key(a) == pixels_key(a.copy()), pixels_key(a) == pixels_key(a + 1)
-    (True, False)
+    Examples:
+        >>> a = np.zeros((2, 3, 3), np.uint8)
+        >>> pixels_key(a) == pixels_key(a.copy()), pixels_key(a) == pixels_key(a + 1)
+        (True, False)
     """
     import hashlib
 
@@ -390,8 +391,9 @@ def cell_index(size: int, cells: int, *, centre: bool = False) -> np.ndarray:
     Raises:
         ValueError: ``cells`` < 1.
 
-    >>> cell_index(5, 2).tolist(), cell_index(5, 2, centre=True).tolist()
-    ([0, 0, 0, 1, 1], [0, 0, 1, 1, 1])
+    Examples:
+        >>> cell_index(5, 2).tolist(), cell_index(5, 2, centre=True).tolist()
+        ([0, 0, 0, 1, 1], [0, 0, 1, 1, 1])
     """
     if int(cells) < 1:
         raise ValueError(f"cells must be >= 1, got {cells}")

@@ -27,7 +27,7 @@ from reme.reference.overlay import (EXAMPLE_SOURCE, Overlay, StackedRows, check_
 
 def example_image_name(image, img: np.ndarray) -> str:
     """What an added example records as its source image: the path, else ``"array:"`` and 12 hex
-    digits of [`reme.io.pixels_key`][reme.io.pixels_key]."""
+    digits of `reme.io.pixels_key`."""
     if isinstance(image, (str, Path)):
         return str(image)
     return "array:" + pixels_key(img)[1].hex()[:12]

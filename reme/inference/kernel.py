@@ -45,8 +45,9 @@ def as_tensor(x, device, dtype=torch.float32) -> torch.Tensor:
     """``x`` (array, memory map or tensor) as a ``dtype`` tensor on ``device`` (a copy only when
     needed; read-only numpy buffers are copied because torch wants writable memory).
 
-    >>> as_tensor(np.eye(2, dtype=np.float16), "cpu").dtype
-    torch.float32
+    Examples:
+        >>> as_tensor(np.eye(2, dtype=np.float16), "cpu").dtype
+        torch.float32
     """
     if isinstance(x, torch.Tensor):
         return x.to(device=device, dtype=dtype)
@@ -221,10 +222,11 @@ def merge_topk(sims_a: torch.Tensor, ids_a: torch.Tensor, sims_b: torch.Tensor, 
     Raises:
         RuntimeError: the row counts differ (from torch.cat).
 
-    >>> v, i = merge_topk(torch.tensor([[0.9, 0.1]]), torch.tensor([[4, 7]]),
-    ...                   torch.tensor([[0.5]]), torch.tensor([[0]]), offset=10, k=2)
-    >>> v.tolist(), i.tolist()
-    ([[0.8999999761581421, 0.5]], [[4, 10]])
+    Examples:
+        >>> v, i = merge_topk(torch.tensor([[0.9, 0.1]]), torch.tensor([[4, 7]]),
+        ...                   torch.tensor([[0.5]]), torch.tensor([[0]]), offset=10, k=2)
+        >>> v.tolist(), i.tolist()
+        ([[0.8999999761581421, 0.5]], [[4, 10]])
     """
     sims = torch.cat([sims_a, sims_b.to(sims_a.device)], 1)
     ids = torch.cat([ids_a.to(torch.int64), ids_b.to(ids_a.device, torch.int64) + offset], 1)
@@ -299,13 +301,14 @@ def scan(S_test, S_ref, reducers, *, chunk_size: int = DEFAULT_CHUNK_SIZE, devic
     Raises:
         ValueError: dimension mismatch or ``chunk_size`` < 1.
 
-    >>> S_ref = np.eye(3, dtype=np.float16)
-    >>> top, soft = TopkReducer(2), SoftmaxReducer(1.0)
-    >>> _ = scan(np.array([[0.6, 0.8, 0.0]], np.float32), S_ref, [top, soft], chunk_size=2)
-    >>> [round(x, 2) for x in top.finish()[0][0].tolist()], top.finish()[1].tolist()
-    ([0.8, 0.6], [[1, 0]])
-    >>> round(float(soft.log_normaliser()[0]), 4) == round(float(np.log(np.exp([.6, .8, 0]).sum())), 4)
-    True
+    Examples:
+        >>> S_ref = np.eye(3, dtype=np.float16)
+        >>> top, soft = TopkReducer(2), SoftmaxReducer(1.0)
+        >>> _ = scan(np.array([[0.6, 0.8, 0.0]], np.float32), S_ref, [top, soft], chunk_size=2)
+        >>> [round(x, 2) for x in top.finish()[0][0].tolist()], top.finish()[1].tolist()
+        ([0.8, 0.6], [[1, 0]])
+        >>> round(float(soft.log_normaliser()[0]), 4) == round(float(np.log(np.exp([.6, .8, 0]).sum())), 4)
+        True
     """
     device = resolve_device(S_test, device)
     St = as_tensor(S_test, device)

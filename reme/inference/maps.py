@@ -10,7 +10,7 @@ from reme.io import cell_index
 
 def upsample_nearest(a: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     """(h, w) map -> (H, W) by nearest neighbour (pixel centres: source row
-    ``floor((i + 0.5) h / H)``, [`reme.io.cell_index`][reme.io.cell_index] with ``centre=True``);
+    ``floor((i + 0.5) h / H)``, `reme.io.cell_index` with ``centre=True``);
     ``a`` itself when the size already matches. Allocates only the output.
 
     Args:
@@ -23,8 +23,9 @@ def upsample_nearest(a: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     Raises:
         ValueError: a target side of 0 while the source has pixels.
 
-    >>> upsample_nearest(np.array([[1, 2]]), (1, 4)).tolist()
-    [[1, 1, 2, 2]]
+    Examples:
+        >>> upsample_nearest(np.array([[1, 2]]), (1, 4)).tolist()
+        [[1, 1, 2, 2]]
     """
     (h, w), (H, W) = a.shape[:2], size_hw
     if (h, w) == (H, W):
@@ -53,8 +54,9 @@ def label_fractions(label_map: np.ndarray, n: int, rows: int = 1024) -> np.ndarr
     Raises:
         ValueError: negative labels (from numpy's bincount).
 
-    >>> label_fractions(np.array([[0, 1], [1, 1]]), 3).tolist()
-    [0.25, 0.75, 0.0]
+    Examples:
+        >>> label_fractions(np.array([[0, 1], [1, 1]]), 3).tolist()
+        [0.25, 0.75, 0.0]
     """
     counts = np.zeros(n, np.int64)
     for r in range(0, label_map.shape[0], rows):

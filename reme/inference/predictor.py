@@ -331,7 +331,7 @@ class Predictor:
     def view(self, img: np.ndarray):
         """(Proposals, S_test (k, d1) float32 tensor, dense features) of a working-size (h, w, 3)
         uint8 image; the last ``view_cache_size`` images' are kept (keyed by
-        [`reme.io.pixels_key`][reme.io.pixels_key])."""
+        `reme.io.pixels_key`)."""
         def make():
             feats = self.visual_encoder.dense_features(img).to(self.device)
             props = self.proposer(img, feats)

@@ -86,9 +86,10 @@ def label_affinity(L_ref, L_test, logit_scale: float = 1.0, device=None) -> torc
     Raises:
         ValueError: L_ref and L_test are not (., d2) with the same d2.
 
-    >>> A2 = label_affinity(np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32), logit_scale=10.0)
-    >>> [round(x, 4) for x in A2[0].tolist()]
-    [1.0, 0.0]
+    Examples:
+        >>> A2 = label_affinity(np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32), logit_scale=10.0)
+        >>> [round(x, 4) for x in A2[0].tolist()]
+        [1.0, 0.0]
     """
     device = device or (L_ref.device if isinstance(L_ref, torch.Tensor) else "cpu")
     Lr, Lt = as_tensor(L_ref, device), as_tensor(L_test, device)
@@ -110,8 +111,9 @@ def merge_synonyms(P: torch.Tensor, owner: torch.Tensor, num_classes: int) -> to
     Raises:
         RuntimeError: ``owner`` does not have c' entries (from torch).
 
-    >>> merge_synonyms(torch.tensor([[0.2, 0.5, 0.3]]), torch.tensor([0, 1, 0]), 2).tolist()
-    [[0.30000001192092896, 0.5]]
+    Examples:
+        >>> merge_synonyms(torch.tensor([[0.2, 0.5, 0.3]]), torch.tensor([0, 1, 0]), 2).tolist()
+        [[0.30000001192092896, 0.5]]
     """
     merged = torch.full((P.shape[0], num_classes), -float("inf"), device=P.device, dtype=P.dtype)
     return merged.scatter_reduce(1, owner.to(P.device).expand(P.shape[0], -1), P, reduce="amax")
@@ -159,9 +161,10 @@ def o_ref_csr(pair_segment, pair_label, num_segments: int, num_labels: int) -> O
     Raises:
         ValueError: lengths differ or ids are out of range.
 
-    >>> o = o_ref_csr([0, 1, 1], [2, 0, 1], num_segments=3, num_labels=3)
-    >>> o.ptr.tolist(), o.label.tolist(), o.num_segments
-    ([0, 1, 3, 3], [2, 0, 1], 3)
+    Examples:
+        >>> o = o_ref_csr([0, 1, 1], [2, 0, 1], num_segments=3, num_labels=3)
+        >>> o.ptr.tolist(), o.label.tolist(), o.num_segments
+        ([0, 1, 3, 3], [2, 0, 1], 3)
     """
     ps = np.asarray(pair_segment, np.int64).ravel()
     pl = np.asarray(pair_label, np.int64).ravel()
@@ -256,12 +259,13 @@ def streamed_label_affinity(S_test, S_ref, o_ref: ORefCSR, *, logit_scale: float
     Raises:
         ValueError: dimension mismatch, or O_ref not m rows.
 
-    >>> S_ref = np.eye(3, dtype=np.float16)                      # 3 reference segments
-    >>> o = o_ref_csr([0, 1, 2], [0, 0, 1], 3, 2)                 # labels: 0, 0, 1
-    >>> A1 = streamed_label_affinity(np.array([[1.0, 0, 0]], np.float32), S_ref, o, logit_scale=100.0,
-    ...                              chunk_size=2)
-    >>> [round(x, 3) for x in A1[0].tolist()]
-    [1.0, 0.0]
+    Examples:
+        >>> S_ref = np.eye(3, dtype=np.float16)                      # 3 reference segments
+        >>> o = o_ref_csr([0, 1, 2], [0, 0, 1], 3, 2)                 # labels: 0, 0, 1
+        >>> A1 = streamed_label_affinity(np.array([[1.0, 0, 0]], np.float32), S_ref, o, logit_scale=100.0,
+        ...                              chunk_size=2)
+        >>> [round(x, 3) for x in A1[0].tolist()]
+        [1.0, 0.0]
     """
     device = resolve_device(S_test, device)
     St = as_tensor(S_test, device)
@@ -292,9 +296,10 @@ def exact_topk(S_test, S_ref, top_k: int, *, chunk_size: int = DEFAULT_CHUNK_SIZ
     Raises:
         ValueError: ``top_k`` < 1 or dimension mismatch.
 
-    >>> sims, ids = exact_topk(np.array([[0.6, 0.8]], np.float32), np.eye(2, dtype=np.float16), 1)
-    >>> ids.tolist(), [round(x, 2) for x in sims[0].tolist()]
-    ([[1]], [0.8])
+    Examples:
+        >>> sims, ids = exact_topk(np.array([[0.6, 0.8]], np.float32), np.eye(2, dtype=np.float16), 1)
+        >>> ids.tolist(), [round(x, 2) for x in sims[0].tolist()]
+        ([[1]], [0.8])
     """
     top = TopkReducer(top_k)
     scan(S_test, S_ref, [top], chunk_size=chunk_size, device=device)
@@ -371,10 +376,11 @@ def topk_class_scores(sims, ids, o_ref: ORefCSR, A2: torch.Tensor, *, logit_scal
     Raises:
         ValueError: ``ids`` and ``sims`` shapes differ (from numpy's reshape).
 
-    >>> o = o_ref_csr([0, 1], [0, 1], 2, 2)
-    >>> P = topk_class_scores(torch.tensor([[0.9, -float("inf")]]), torch.tensor([[0, -1]]), o, torch.eye(2))
-    >>> P.tolist()
-    [[1.0, 0.0]]
+    Examples:
+        >>> o = o_ref_csr([0, 1], [0, 1], 2, 2)
+        >>> P = topk_class_scores(torch.tensor([[0.9, -float("inf")]]), torch.tensor([[0, -1]]), o, torch.eye(2))
+        >>> P.tolist()
+        [[1.0, 0.0]]
     """
     A1 = topk_label_affinity(sims, ids, o_ref, logit_scale=logit_scale)
     return A1 @ A2.to(A1.device, torch.float32)
@@ -431,10 +437,11 @@ def segment_label_affinity(S_test, S_ref, pair_segment, pair_label, num_labels: 
     Raises:
         ValueError: dimension mismatch, pairs out of range, or top_k < 1.
 
-    >>> A1 = segment_label_affinity(np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32), [0, 1], [1, 0], 2,
-    ...                             logit_scale=100.0, top_k=1)
-    >>> A1.tolist()
-    [[0.0, 1.0], [1.0, 0.0]]
+    Examples:
+        >>> A1 = segment_label_affinity(np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32), [0, 1], [1, 0], 2,
+        ...                             logit_scale=100.0, top_k=1)
+        >>> A1.tolist()
+        [[0.0, 1.0], [1.0, 0.0]]
     """
     device = torch.device(device or "cpu")
     St = as_tensor(S_test, device)
@@ -466,8 +473,9 @@ def pixel_class_scores(P_seg: torch.Tensor, segment_ids: np.ndarray) -> torch.Te
     Raises:
         IndexError: an id outside 0..k-1 (from torch).
 
-    >>> pixel_class_scores(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), np.array([[0, 1]])).tolist()
-    [[[1.0, 0.0], [0.0, 2.0]]]
+    Examples:
+        >>> pixel_class_scores(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), np.array([[0, 1]])).tolist()
+        [[[1.0, 0.0], [0.0, 2.0]]]
     """
     ids = torch.as_tensor(np.ascontiguousarray(segment_ids), dtype=torch.int64, device=P_seg.device)
     return P_seg[ids]
