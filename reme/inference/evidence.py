@@ -63,6 +63,7 @@ class RetrievalEvidence:
 
     @property
     def num_segments(self) -> int:
+        """k, the test segments."""
         return int(self.reference_ids.shape[0])
 
     def label_votes(self, segment: int) -> list[tuple[str, float]]:

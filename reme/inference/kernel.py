@@ -71,14 +71,22 @@ def as_view(x) -> torch.Tensor:
 
 
 def check_pair(St: torch.Tensor, S_ref) -> None:
-    """ValueError unless S_test is (k, d) and S_ref is (m, d) with the same d."""
+    """Check that S_test is (k, d) and S_ref is (m, d) with the same d.
+
+    Raises:
+        ValueError: they are not.
+    """
     if St.ndim != 2 or S_ref.ndim != 2 or St.shape[1] != S_ref.shape[1]:
         raise ValueError(f"S_test and S_ref must be (k, d) and (m, d) with the same d, got {tuple(St.shape)} and "
                          f"{tuple(S_ref.shape)}")
 
 
 def check_chunk(chunk_size: int) -> int:
-    """``chunk_size`` as an int, or ValueError when it is < 1."""
+    """``chunk_size`` as an int.
+
+    Raises:
+        ValueError: it is < 1.
+    """
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     return int(chunk_size)
@@ -152,6 +160,7 @@ class SoftmaxReducer:
         self.logit_scale, self.acc, self.add_block = float(logit_scale), acc, add_block
 
     def start(self, St: torch.Tensor, blocks: Blocks) -> None:
+        """Begin a pass: (k, d) float32 test embeddings and the blocks to come."""
         k, self.d = St.shape[0], St.shape[1]
         self.blocks = blocks
         self.W = blocks.queries(St * self.logit_scale)
@@ -176,6 +185,7 @@ class SoftmaxReducer:
             self.W[:, self.d] = -self.shift
 
     def add(self, start: int, R: torch.Tensor) -> None:
+        """Fold the block of S_ref rows ``start:start + len(R)`` into the accumulator."""
         e = self.ebuf[:R.shape[0]]
         self._logits(R, e)
         if start == 0:
@@ -256,11 +266,13 @@ class TopkReducer:
         self.ids: torch.Tensor | None = None
 
     def start(self, St: torch.Tensor, blocks: Blocks) -> None:
+        """Begin a pass: (k, d) float32 test embeddings and the blocks to come."""
         self.W = blocks.queries(St)
         self.vals = torch.full((St.shape[0], 0), -float("inf"), device=St.device)
         self.ids = torch.zeros((St.shape[0], 0), dtype=torch.int64, device=St.device)
 
     def add(self, start: int, R: torch.Tensor) -> None:
+        """Merge the top-k of the block of S_ref rows ``start:start + len(R)``."""
         sim = self.W @ R.T
         v, i = torch.topk(sim, min(self.k, sim.shape[1]), dim=1)
         self.add_candidates(v, i, offset=start)

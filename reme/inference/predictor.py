@@ -160,6 +160,7 @@ class _LockedLRU:
             return 0 if self.cache is None else len(self.cache)
 
     def get_or_make(self, key, make):
+        """The cached value of ``key``, else ``make()`` (stored)."""
         if self.cache is not None:
             with self.lock:
                 hit = self.cache.get(key)

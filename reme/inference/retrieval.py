@@ -147,6 +147,7 @@ class ORefCSR:
 
     @property
     def num_segments(self) -> int:
+        """m, the rows of O_ref."""
         return int(self.ptr.shape[0] - 1)
 
 
@@ -320,6 +321,9 @@ def rescore(S_test, S_ref, ids, *, block: int = 32) -> torch.Tensor:
 
     Returns:
         (k, t) float32 tensor on S_test's device; -inf where ``ids`` is -1.
+
+    Raises:
+        ValueError: dimension mismatch, or ``ids`` not (k, t).
     """
     St = as_tensor(S_test, S_test.device if isinstance(S_test, torch.Tensor) else "cpu")
     check_pair(St, S_ref)
@@ -402,6 +406,9 @@ def segment_class_scores(S_test, S_ref, B: torch.Tensor, *, logit_scale: float =
 
     Returns:
         (k, c) float32 tensor P_seg.
+
+    Raises:
+        ValueError: dimension mismatch, B not m rows, top_k < 1 or chunk_size < 1.
     """
     St = as_tensor(S_test, B.device)
     check_pair(St, S_ref)
