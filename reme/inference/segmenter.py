@@ -4,6 +4,7 @@ and an [`OverlayEditor`][reme.inference.editor.OverlayEditor] of examples."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Sequence
 
@@ -84,9 +85,22 @@ class Segmenter:
         self.editor = OverlayEditor(self.predictor, overlay)
 
     def __getattr__(self, name):
-        if name in _SETTINGS:
+        if name in _SETTINGS and "predictor" in self.__dict__:
             return getattr(self.__dict__["predictor"], name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        """Reassigning a setting (``seg.example_bias = 1.0``, as before issue 21) gives this
+        Segmenter its own shallow copy of the predictor with the new value, sharing the locked
+        caches (their keys hold what the values depend on); other Segmenters sharing the
+        predictor (`with_overlay`) keep theirs. The value is not re-validated."""
+        if name in _SETTINGS:
+            p = copy.copy(self.predictor)
+            setattr(p, name, value)
+            self.__dict__["predictor"] = p
+            self.editor.predictor = p
+        else:
+            object.__setattr__(self, name, value)
 
     @property
     def overlay(self) -> Overlay:
