@@ -94,7 +94,7 @@ def main() -> None:
             with torch.inference_mode():
                 props = seg.proposer(img, feats)
                 S = embed_proposals(seg.visual_encoder, feats, props, img)
-                sims, ids = exact_topk(S, seg._S_ref, args.k)
+                sims, ids = exact_topk(S, seg.predictor.S_ref, args.k)
             np.savez_compressed(g, segment_ids=props.segment_ids.astype(np.int32), S_test=S.numpy().astype(np.float16),
                                 sims=sims.numpy(), ids=ids.numpy())
         print(split, "done", flush=True)

@@ -43,7 +43,7 @@ def test_segmenter_on_cuda_matches_cpu(base, image, retrieval, top_k):
 
     cpu = Segmenter(base, device="cpu", retrieval=retrieval, top_k=top_k)
     gpu = Segmenter(base, device="cuda", retrieval=retrieval, top_k=top_k)
-    assert gpu._S_ref.device.type == "cuda" and gpu._L_ref.device.type == "cuda"
+    assert gpu.predictor.S_ref.device.type == "cuda" and gpu.predictor.L_ref.device.type == "cuda"
     ids_c, P_c, _ = cpu.segment_scores(image, CLASSES)
     ids_g, P_g, _ = gpu.segment_scores(image, CLASSES)
     assert P_g.device.type == "cuda"

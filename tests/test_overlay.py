@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import reme.inference.segmenter as segmenter_mod
+import reme.inference.editor as editor_mod
 from conftest import REPO, photo, writers_with_reader
 from reme.errors import ReferenceSetError
 from reme.eval.ablation import reference_from_pairs
@@ -116,8 +116,8 @@ def test_a2_of_base_labels_is_unchanged_and_base_labels_reuse_their_rows(seg, im
     syn = [[c] for c in CLASSES]
     A2_before = s._class_affinity(syn)[0].clone()
     calls = []
-    real = segmenter_mod.embed_labels
-    monkeypatch.setattr(segmenter_mod, "embed_labels", lambda enc, labels, *a, **k: calls.append(list(labels)) or real(enc, labels, *a, **k))
+    real = editor_mod.embed_labels
+    monkeypatch.setattr(editor_mod, "embed_labels", lambda enc, labels, *a, **k: calls.append(list(labels)) or real(enc, labels, *a, **k))
     existing = seg.reference.labels[3]
     s.add_examples(image, [0, 1], existing)
     assert calls == []                                                           # existing label: its L_ref row

@@ -270,7 +270,7 @@ def test_segmenter_topk_equals_exact_search_and_keeps_the_memory_map(tmp_path, c
     loaded = load_reference(tmp_path / "ref")
     img = (rng.random((64, 80, 3)) * 255).astype(np.uint8)
     exact = Segmenter(loaded, visual_encoder=classical, text_encoder=minilm, device="cpu", top_k=10)
-    assert exact._S_ref is loaded.S_ref                                       # no float32 copy
+    assert exact.predictor.S_ref is loaded.S_ref                                       # no float32 copy
     topk = Segmenter(loaded, visual_encoder=classical, text_encoder=minilm, device="cpu", top_k=10, retrieval="topk")
     _, P_exact, _ = exact.segment_scores(img, "a, b, c")[:3]
     _, P_topk, _ = topk.segment_scores(img, "a, b, c")[:3]

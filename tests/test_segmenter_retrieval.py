@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-import reme.inference.segmenter as segmenter_mod
+import reme.inference.predictor as predictor_mod
 from conftest import REPO, photo
 from reme.eval.ablation import reference_from_pairs
 from reme.reference import load_reference
-from reme.inference.segmenter import A2_CACHE_SIZE, Segmenter
+from reme.inference.predictor import A2_CACHE_SIZE, Predictor
+from reme.inference.segmenter import Segmenter
 
 REF = REPO / "reference_sets" / "default"
 
@@ -29,8 +30,8 @@ def _softmax(x):
 def test_a2_is_computed_once_per_class_list(monkeypatch):
     image = photo("coffee")[::8, ::8].copy()
     calls = []
-    real = segmenter_mod.label_affinity
-    monkeypatch.setattr(segmenter_mod, "label_affinity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = predictor_mod.label_affinity
+    monkeypatch.setattr(predictor_mod, "label_affinity", lambda *a, **k: calls.append(1) or real(*a, **k))
     seg = Segmenter(REF, device="cpu")
     classes = ["cup", "table", "person"]
     first = seg.predict(image, classes)
@@ -38,24 +39,26 @@ def test_a2_is_computed_once_per_class_list(monkeypatch):
     assert len(calls) == 1                                        # the second image reuses A2
     np.testing.assert_array_equal(first.label_map, second.label_map)
     np.testing.assert_array_equal(first.segment_scores, second.segment_scores)
+    pred = seg.predictor
     syn = [[c] for c in classes]
-    L_test, _ = seg._class_embeddings(syn)
-    assert torch.equal(seg._class_affinity(syn)[0], real(seg._L_ref, L_test, seg.label_logit_scale))  # same A2
+    L_test, _ = pred.class_embeddings(syn)
+    assert torch.equal(pred.class_affinity(syn)[0], real(pred.L_ref, L_test, pred.label_logit_scale))  # same A2
     assert len(calls) == 1
-    seg._class_affinity([["cup"], ["table"]])
+    pred.class_affinity([["cup"], ["table"]])
     assert len(calls) == 2                                        # another list: a new A2
-    seg.label_logit_scale = 10.0
-    seg._class_affinity(syn)
-    assert len(calls) == 3                                        # tau2 is part of the key
     assert A2_CACHE_SIZE >= 2
-    monkeypatch.setattr(segmenter_mod, "A2_CACHE_SIZE", 2)
-    seg._class_affinity([["cup"], ["table"]])                     # new at tau2 = 10: 4 calls, 2 entries kept
-    seg._class_affinity(syn)                                      # a hit, now the most recent
-    seg._class_affinity([["cup"], ["sky"]])                        # new: evicts the least recent (cup, table)
-    assert len(seg._a2_cache) == 2 and len(calls) == 5
-    seg._class_affinity(syn)
+    monkeypatch.setattr(predictor_mod, "A2_CACHE_SIZE", 2)
+    other = Predictor(pred.reference, visual_encoder=pred.visual_encoder, text_encoder=pred.text_encoder,
+                      label_logit_scale=10.0, device="cpu")
+    other.class_affinity(syn)
+    assert len(calls) == 3                                        # tau2 is part of the key (another predictor)
+    other.class_affinity([["cup"], ["table"]])                    # 4 calls, 2 entries kept
+    other.class_affinity(syn)                                     # a hit, now the most recent
+    other.class_affinity([["cup"], ["sky"]])                      # new: evicts the least recent (cup, table)
+    assert len(other.a2_cache) == 2 and len(calls) == 5
+    other.class_affinity(syn)
     assert len(calls) == 5                                        # LRU kept the recently used list
-    seg._class_affinity([["cup"], ["table"]])
+    other.class_affinity([["cup"], ["table"]])
     assert len(calls) == 6                                        # the evicted one is computed again
 
 
@@ -65,9 +68,9 @@ def test_full_softmax_equals_literal_eq1_in_both_branches(image, monkeypatch, cl
     P_seg = A1 softmax(tau2 L_ref L_test^T), in float64, against the streamed A1 (k n <= m c)
     and the B = O_ref A2 branch."""
     used = []
-    for name in ("streamed_label_affinity", "reference_class_scores"):
-        real = getattr(segmenter_mod, name)
-        monkeypatch.setattr(segmenter_mod, name, lambda *a, _r=real, _n=name, **k: used.append(_n) or _r(*a, **k))
+    for name in ("a1_reducer", "reference_class_scores"):
+        real = getattr(predictor_mod, name)
+        monkeypatch.setattr(predictor_mod, name, lambda *a, _r=real, _n=name, **k: used.append(_n) or _r(*a, **k))
     full = load_reference(REF)
     sub = full.pair_segment < 1000                                 # m = 1000, n = 56: k n vs m c picks the branch
     small = reference_from_pairs(full, full.pair_segment[sub], full.pair_label[sub])
@@ -76,11 +79,11 @@ def test_full_softmax_equals_literal_eq1_in_both_branches(image, monkeypatch, cl
     ref = seg.reference
     O = np.zeros((ref.num_segments, ref.num_labels))
     O[ref.pair_segment, ref.pair_label] = 1.0
-    L_test, _ = seg._class_embeddings([[c] for c in classes])
+    L_test, _ = seg.predictor.class_embeddings([[c] for c in classes])
     A1 = _softmax(20.0 * S_test.double().numpy() @ np.asarray(ref.S_ref, np.float64).T) @ O
     A2 = _softmax(30.0 * np.asarray(ref.L_ref, np.float64) @ L_test.double().numpy().T)
     np.testing.assert_allclose(P.numpy(), A1 @ A2, rtol=1e-4, atol=1e-7)
-    assert used == (["streamed_label_affinity"] if branch == "A1" else ["reference_class_scores"])
+    assert used == (["a1_reducer"] if branch == "A1" else ["reference_class_scores"])
 
 
 def test_paper_form_on_faiss_path_warns():

@@ -224,6 +224,28 @@ def test_unknown_word_gets_coverage_warning_and_no_pixels(segmenters, planted):
     assert nr.coverage_warning(on.class_coverage("cat")) is None
 
 
+@pytest.mark.parametrize("kw", [{"top_k": 10}, {"top_k": 10, "retrieval": "topk"}, {"top_k": None},
+                                {"top_k": 10, "example_bias": 0.3}])
+def test_nearest_cosine_from_the_retrieval_pass_equals_an_exact_top1_search(segmenters, planted, kw):
+    """The support rule's nearest cosine, read off eq. 1's top-k heaps (unbiased, before the
+    overlay merge) or computed in its own pass, equals the exact top-1 over base + overlay rows."""
+    from reme.inference.segmenter import Segmenter
+
+    on, _ = segmenters
+    img, mask = planted
+    s = Segmenter(on.reference, visual_encoder=on.visual_encoder, text_encoder=on.text_encoder, device="cpu", **kw)
+    s.add_examples(img, mask, "planted cat")
+    p = s.predictor
+    _, S_test, _ = p.view(img)
+    for tables in (None, s.editor.tables):
+        A2, _ = p.class_affinity([["cat"], ["sky"]], tables)
+        _, _, near = p.class_scores(S_test, A2, tables, nearest=True)
+        exact = nr.nearest_similarity(S_test, [p.S_ref] + ([] if tables is None else [tables.S_ov]), p.chunk_size)
+        assert near.shape == (S_test.shape[0],) and torch.equal(near, exact)
+    assert p.class_scores(S_test, A2, tables)[2] is None                       # not asked: not computed
+    assert (exact > nr.nearest_similarity(S_test, [p.S_ref], p.chunk_size)).any()  # the overlay rows count
+
+
 def test_cli_segment_writes_unlabelled_everywhere(tmp_path, planted):
     from typer.testing import CliRunner
 

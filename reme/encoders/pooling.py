@@ -11,12 +11,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from reme.io import cell_index
+
 
 def _pixel_cells(shape_hw: tuple[int, int], grid_hw: tuple[int, int]) -> np.ndarray:
     """(H, W) int64 index of the grid cell each pixel falls in (row-major)."""
     (H, W), (h, w) = shape_hw, grid_hw
-    rows = np.minimum((np.arange(H) * h) // H, h - 1)
-    cols = np.minimum((np.arange(W) * w) // W, w - 1)
+    rows, cols = cell_index(H, h), cell_index(W, w)
     return rows[:, None] * w + cols[None, :]
 
 

@@ -6,11 +6,14 @@ For a test segment i, eq. 1 gives
                                                              reference segments when top_k is set)
 
 so the label scores of segment i are a weighted vote of its nearest reference segments. This
-module recomputes that vote with a plain exact top-k search over S_ref and returns, per test
-segment, the ``top`` nearest reference segments: their ids (rows of S_ref), cosine similarity,
-softmax weight in eq. 1 and labels, with the provenance the reference set stores (source image,
-box, stage). It deliberately does not call [`reme.inference.retrieval`][reme.inference.retrieval], so it is an
-independent check of what the retrieval computed.
+module returns, per test segment, the ``top`` nearest reference segments: their ids (rows of
+S_ref), cosine similarity, softmax weight in eq. 1 and labels, with the provenance the reference
+set stores (source image, box, stage). The neighbours and the softmax normaliser come from the
+retrieval kernel ([`reme.inference.kernel.scan`][reme.inference.kernel.scan]: a top-k reducer,
+plus the softmax reducer's log-sum-exp in the paper form), either in a pass of their own
+([`retrieval_evidence`][reme.inference.evidence.retrieval_evidence]) or from the pass that
+computed P_seg ([`evidence_from_neighbours`][reme.inference.evidence.evidence_from_neighbours]).
+The tests check the evidence against a literal transcription of eq. 1.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from reme.inference.kernel import SoftmaxReducer, TopkReducer, as_tensor, scan
+from reme.inference.retrieval import label_affinity, merge_synonyms, o_ref_csr
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +63,7 @@ class RetrievalEvidence:
 
     @property
     def num_segments(self) -> int:
+        """k, the test segments."""
         return int(self.reference_ids.shape[0])
 
     def label_votes(self, segment: int) -> list[tuple[str, float]]:
@@ -103,17 +110,12 @@ class RetrievalEvidence:
         return out
 
 
-def _labels_of_segments(pair_segment: np.ndarray, pair_label: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """CSR view of O_ref: (m+1,) row pointers and the label ids sorted by segment."""
-    order = np.argsort(pair_segment, kind="stable")
-    ptr = np.zeros(m + 1, np.int64)
-    np.cumsum(np.bincount(pair_segment, minlength=m), out=ptr[1:])
-    return ptr, pair_label[order]
-
-
 def retrieval_evidence(S_test, reference, *, top: int | None = None, top_k: int | None = None,
                        logit_scale: float = 1.0, chunk_size: int = 65536) -> RetrievalEvidence:
     """The nearest reference segments behind each row of A1 (eq. 1), by exact top-k search.
+
+    One pass of the retrieval kernel over S_ref with a top-k reducer and, in the paper form
+    (``top_k`` None), the softmax reducer for the normaliser over all m reference segments.
 
     Args:
         S_test: (k, d1) float array or tensor, L2-normalised test segment embeddings.
@@ -133,51 +135,109 @@ def retrieval_evidence(S_test, reference, *, top: int | None = None, top_k: int 
     Raises:
         ValueError: ``top`` or ``top_k`` < 1, or S_test and S_ref dimensions differ.
     """
+    return neighbour_evidence(S_test, reference.S_ref,
+                              o_ref_csr(reference.pair_segment, reference.pair_label, reference.num_segments,
+                                        reference.num_labels),
+                              reference.labels, top=top, top_k=top_k, logit_scale=logit_scale, chunk_size=chunk_size)
+
+
+def neighbour_evidence(S_test, S_ref, o_ref, labels, *, top: int | None = None, top_k: int | None = None,
+                       logit_scale: float = 1.0, chunk_size: int = 65536) -> RetrievalEvidence:
+    """[`retrieval_evidence`][reme.inference.evidence.retrieval_evidence] over explicit tables: one
+    exact pass of the kernel over ``S_ref`` (on the CPU).
+
+    Args:
+        S_test: (k, d1) float array or tensor; S_ref: (m, d1) array, memory map, view or tensor.
+        o_ref: [`ORefCSR`][reme.inference.retrieval.ORefCSR] with m rows; labels: its n label strings.
+        top, top_k, logit_scale, chunk_size: as in
+            [`retrieval_evidence`][reme.inference.evidence.retrieval_evidence].
+
+    Returns:
+        [`RetrievalEvidence`][reme.inference.evidence.RetrievalEvidence].
+
+    Raises:
+        ValueError: ``top`` or ``top_k`` < 1, or S_test and S_ref dimensions differ.
+    """
+    top = _check_top(top, top_k)
+    St = as_tensor(S_test.detach().cpu() if isinstance(S_test, torch.Tensor) else S_test, "cpu")
+    if St.ndim != 2 or St.shape[1] != S_ref.shape[1]:
+        raise ValueError(f"S_test {tuple(St.shape)} and S_ref {tuple(S_ref.shape)} must share the dimension d1")
+    m = int(S_ref.shape[0])
+    heap = TopkReducer(max(1, min(max(top, top_k or 0), m)))
+    soft = SoftmaxReducer(logit_scale) if top_k is None else None
+    if m:
+        scan(St, S_ref, [heap] + ([soft] if soft else []), chunk_size=chunk_size, device="cpu")
+    else:
+        heap.add_candidates(torch.zeros(St.shape[0], 0), torch.zeros(St.shape[0], 0, dtype=torch.int64))
+    return evidence_from_neighbours(*heap.finish(), o_ref, labels, top=top, top_k=top_k, logit_scale=logit_scale,
+                                    log_normaliser=soft.log_normaliser() if soft and m else None)
+
+
+def _check_top(top: int | None, top_k: int | None) -> int:
     top = top if top is not None else (top_k or DEFAULT_EVIDENCE_TOP)
     if top < 1 or (top_k is not None and top_k < 1):
         raise ValueError(f"top and top_k must be >= 1, got top={top}, top_k={top_k}")
-    St = torch.as_tensor(np.ascontiguousarray(S_test.detach().cpu().numpy() if isinstance(S_test, torch.Tensor)
-                                              else S_test), dtype=torch.float32)
-    S_ref = reference.S_ref
-    if St.ndim != 2 or St.shape[1] != S_ref.shape[1]:
-        raise ValueError(f"S_test {tuple(St.shape)} and S_ref {tuple(S_ref.shape)} must share the dimension d1")
-    k, m = St.shape[0], S_ref.shape[0]
-    want = min(max(top, top_k or 0), m)
-    vals = torch.full((k, 0), -float("inf"))
-    ids = torch.zeros((k, 0), dtype=torch.int64)
-    lse = torch.full((k,), -float("inf"))
-    for start in range(0, m, chunk_size):
-        block = np.asarray(S_ref[start:start + chunk_size], np.float32)
-        sim = St @ torch.from_numpy(np.ascontiguousarray(block)).T                    # S_test S_ref^T
-        if top_k is None:                                                             # paper form: all m
-            lse = torch.logaddexp(lse, torch.logsumexp(logit_scale * sim, dim=1))
-        v, i = torch.topk(sim, min(want, sim.shape[1]), dim=1)
-        vals, order = torch.topk(torch.cat([vals, v], 1), min(want, vals.shape[1] + v.shape[1]), dim=1)
-        ids = torch.gather(torch.cat([ids, i + start], 1), 1, order)
+    return int(top)
+
+
+def evidence_from_neighbours(sims, ids, o_ref, labels, *, top: int | None = None, top_k: int | None = None,
+                             logit_scale: float = 1.0, log_normaliser=None) -> RetrievalEvidence:
+    """[`RetrievalEvidence`][reme.inference.evidence.RetrievalEvidence] from a top-k result of the
+    retrieval kernel ([`reme.inference.kernel.TopkReducer`][reme.inference.kernel.TopkReducer]).
+
+    Args:
+        sims: (k, t) float cosine similarities, descending; ids: (k, t) int rows of S_ref.
+            t must be at least ``min(top, m)`` and, with ``top_k``, at least ``top_k`` when m allows.
+        o_ref: [`ORefCSR`][reme.inference.retrieval.ORefCSR] of the searched reference rows.
+        labels: the n label strings (columns of O_ref).
+        top, top_k, logit_scale: as in
+            [`retrieval_evidence`][reme.inference.evidence.retrieval_evidence].
+        log_normaliser: (k,) log sum_j exp(tau1 <S_test[i], S_ref[j]>) over all rows
+            ([`SoftmaxReducer.log_normaliser`][reme.inference.kernel.SoftmaxReducer.log_normaliser]);
+            needed when ``top_k`` is None, ignored otherwise (the normaliser is then over the
+            first ``top_k`` columns).
+
+    Returns:
+        [`RetrievalEvidence`][reme.inference.evidence.RetrievalEvidence], padded to ``top`` columns.
+
+    Raises:
+        ValueError: ``top`` or ``top_k`` < 1, or ``top_k`` None without ``log_normaliser`` while
+            there are neighbours.
+    """
+    top = _check_top(top, top_k)
+    vals = torch.as_tensor(sims, dtype=torch.float32).cpu()
+    idx = torch.as_tensor(ids).cpu()
+    k = vals.shape[0]
+    t = min(top, vals.shape[1])
+    sim_t, ids_t = vals[:, :t], idx[:, :t]
     if top_k is not None and k:
-        lse = torch.logsumexp(logit_scale * vals[:, :top_k], dim=1)                   # softmax over top_k
-    t = min(top, m)
-    sim_t, ids_t = vals[:, :t], ids[:, :t]
+        lse = torch.logsumexp(logit_scale * vals[:, :top_k], dim=1)                  # softmax over top_k
+    elif k and t:
+        if log_normaliser is None:
+            raise ValueError("the paper form (top_k None) needs the softmax normaliser of all reference segments")
+        lse = torch.as_tensor(log_normaliser, dtype=torch.float32).cpu()
+    else:
+        lse = torch.zeros(k)
     w = torch.exp(logit_scale * sim_t - lse[:, None]) if k and t else torch.zeros(k, t)
     ref_ids = np.full((k, top), -1, np.int64)
-    sims = np.full((k, top), np.nan, np.float32)
+    sims_out = np.full((k, top), np.nan, np.float32)
     weights = np.zeros((k, top), np.float32)
-    ref_ids[:, :t], sims[:, :t], weights[:, :t] = ids_t.numpy(), sim_t.numpy(), w.numpy()
-    ptr, lab = _labels_of_segments(np.asarray(reference.pair_segment, np.int64),
-                                   np.asarray(reference.pair_label, np.int64), m)
+    ref_ids[:, :t], sims_out[:, :t], weights[:, :t] = ids_t.numpy(), sim_t.numpy(), w.numpy()
+    ptr, lab = o_ref.ptr, o_ref.label
     label_ids = [[lab[ptr[r]:ptr[r + 1]].tolist() if r >= 0 else [] for r in row] for row in ref_ids.tolist()]
-    return RetrievalEvidence(reference_ids=ref_ids, similarity=sims, weight=weights,
+    return RetrievalEvidence(reference_ids=ref_ids, similarity=sims_out, weight=weights,
                              covered=weights.sum(1).astype(np.float32), label_ids=label_ids,
-                             labels=list(reference.labels), logit_scale=float(logit_scale), support=top_k)
+                             labels=list(labels), logit_scale=float(logit_scale), support=top_k)
 
 
 def label_class_affinity(L_ref_rows, L_test, *, logit_scale: float = 1.0, owner=None,
                          num_classes: int | None = None) -> np.ndarray:
     """Rows of A2 (eq. 2): how much each reference label speaks for each test class.
 
-    A2[j] = softmax(tau2 * L_ref[j] L_test^T) over the c' class strings (synonyms included);
-    with ``owner``, the columns of one class's synonyms are merged by max, as the segmenter
-    merges P_seg.
+    A2[j] = softmax(tau2 * L_ref[j] L_test^T) over the c' class strings (synonyms included;
+    [`reme.inference.retrieval.label_affinity`][reme.inference.retrieval.label_affinity]); with ``owner``,
+    the columns of one class's synonyms are merged by max, as the segmenter merges P_seg
+    ([`reme.inference.retrieval.merge_synonyms`][reme.inference.retrieval.merge_synonyms]).
 
     Args:
         L_ref_rows: (r, d2) float, L2-normalised embeddings of the reference labels of interest.
@@ -196,19 +256,11 @@ def label_class_affinity(L_ref_rows, L_test, *, logit_scale: float = 1.0, owner=
     Lt = np.asarray(L_test, np.float32)
     if Lr.ndim != 2 or Lt.ndim != 2 or Lr.shape[1] != Lt.shape[1]:
         raise ValueError(f"L_ref rows {Lr.shape} and L_test {Lt.shape} must share the dimension d2")
-    logits = logit_scale * (Lr @ Lt.T)
-    logits -= logits.max(axis=1, keepdims=True)
-    A2 = np.exp(logits)
-    A2 /= A2.sum(axis=1, keepdims=True)
+    A2 = label_affinity(Lr, Lt, logit_scale)
     if owner is None:
-        return A2.astype(np.float32)
+        return A2.numpy()
     owner = np.asarray(owner, np.int64)
     if owner.shape != (Lt.shape[0],):
         raise ValueError(f"owner has {owner.shape} entries for {Lt.shape[0]} class strings")
     C = int(num_classes if num_classes is not None else owner.max() + 1)
-    out = np.zeros((Lr.shape[0], C), np.float32)
-    for c in range(C):
-        cols = owner == c
-        if cols.any():
-            out[:, c] = A2[:, cols].max(axis=1)
-    return out
+    return merge_synonyms(A2, torch.as_tensor(owner), C).clamp_min(0).numpy()

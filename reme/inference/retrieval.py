@@ -42,12 +42,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-logger = logging.getLogger(__name__)
+from reme.inference.kernel import (
+    DEFAULT_CHUNK_SIZE,
+    SoftmaxReducer,
+    TopkReducer,
+    as_tensor,
+    as_view,
+    candidate_a1_parts,
+    candidate_class_scores,
+    check_pair,
+    resolve_device,
+    scan,
+)
 
-#: Reference rows per block of the streamed eq. 1. Chosen by us: on the 2-core test machine
-#: (k = 256, d = 1024) blocks of 8k-16k rows were fastest (docs/performance.md); the working
-#: memory is about chunk_size * (d + k) * 4 bytes (~80 MB at 16384 x (1024 + 256)).
-DEFAULT_CHUNK_SIZE = 16384
+logger = logging.getLogger(__name__)
 
 #: Candidate neighbours of the top-k path when the softmax itself is not restricted (top_k
 #: None): chosen by us. Synthetic clusters (scripts/bench_retrieval.py --sweep, N = 1e6): 32-256
@@ -57,48 +65,11 @@ DEFAULT_CHUNK_SIZE = 16384
 #: (32 absorbs the SQ8 ranking error; more only costs time). docs/performance.md.
 DEFAULT_TOPK_CANDIDATES = 32
 
-#: The running softmax shift of a test segment is raised only when a block exceeds it by more
-#: than this many logits, so exp() never overflows (values stay <= e^20) and the in-place
-#: subtraction runs only for the few blocks that raise the maximum.
-_SHIFT_SLACK = 20.0
-
-
-def _as_tensor(x, device, dtype=torch.float32) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x.to(device=device, dtype=dtype)
-    arr = np.ascontiguousarray(x)
-    if not arr.flags.writeable:  # Arrow / memory-mapped buffers: torch wants writable memory
-        arr = arr.copy()
-    return torch.as_tensor(arr, device=device).to(dtype)
-
-
-def _view(x) -> torch.Tensor:
-    """A CPU tensor sharing memory with a numpy array (read-only arrays and memory maps too;
-    the result is only ever read)."""
-    if isinstance(x, torch.Tensor):
-        return x
-    arr = np.asarray(x)
-    if not arr.flags.c_contiguous:
-        arr = np.ascontiguousarray(arr)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": never written here
-        return torch.from_numpy(arr)
 
 
 def _check_dims(a: torch.Tensor, b: torch.Tensor, an: str, bn: str) -> None:
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"{an} and {bn} must be (., d) with the same d, got {tuple(a.shape)} and {tuple(b.shape)}")
-
-
-def _check_pair(St: torch.Tensor, S_ref) -> None:
-    if St.ndim != 2 or S_ref.ndim != 2 or St.shape[1] != S_ref.shape[1]:
-        raise ValueError(f"S_test and S_ref must be (k, d) and (m, d) with the same d, got {tuple(St.shape)} and {tuple(S_ref.shape)}")
-
-
-def _check_chunk(chunk_size: int) -> int:
-    if int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return int(chunk_size)
 
 
 def label_affinity(L_ref, L_test, logit_scale: float = 1.0, device=None) -> torch.Tensor:
@@ -111,17 +82,47 @@ def label_affinity(L_ref, L_test, logit_scale: float = 1.0, device=None) -> torc
 
     Returns:
         (n, c) float32 tensor; each row sums to 1.
+
+    Raises:
+        ValueError: L_ref and L_test are not (., d2) with the same d2.
+
+    Examples:
+        >>> A2 = label_affinity(np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32), logit_scale=10.0)
+        >>> [round(x, 4) for x in A2[0].tolist()]
+        [1.0, 0.0]
     """
     device = device or (L_ref.device if isinstance(L_ref, torch.Tensor) else "cpu")
-    Lr, Lt = _as_tensor(L_ref, device), _as_tensor(L_test, device)
+    Lr, Lt = as_tensor(L_ref, device), as_tensor(L_test, device)
     _check_dims(Lr, Lt, "L_ref", "L_test")
     return torch.softmax(logit_scale * (Lr @ Lt.T), dim=1)
 
 
+def merge_synonyms(P: torch.Tensor, owner: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Merge the columns of one class's synonyms by max: (k, c') scores -> (k, C).
+
+    Args:
+        P: (k, c') float tensor, one column per class string (eq. 2 runs over all of them).
+        owner: (c',) int64 tensor, the class index in [0, C) of each column.
+        num_classes: C.
+
+    Returns:
+        (k, C) tensor of P's dtype; -inf in a class with no column.
+
+    Raises:
+        RuntimeError: ``owner`` does not have c' entries (from torch).
+
+    Examples:
+        >>> merge_synonyms(torch.tensor([[0.2, 0.5, 0.3]]), torch.tensor([0, 1, 0]), 2).tolist()
+        [[0.30000001192092896, 0.5]]
+    """
+    merged = torch.full((P.shape[0], num_classes), -float("inf"), device=P.device, dtype=P.dtype)
+    return merged.scatter_reduce(1, owner.to(P.device).expand(P.shape[0], -1), P, reduce="amax")
+
+
 def reference_class_scores(pair_segment, pair_label, A2: torch.Tensor, num_segments: int) -> torch.Tensor:
     """B = O_ref A2: (m, c) float32, row i = sum of A2 rows of the labels of segment i."""
-    ps = _as_tensor(pair_segment, A2.device, torch.int64)
-    pl = _as_tensor(pair_label, A2.device, torch.int64)
+    ps = as_tensor(pair_segment, A2.device, torch.int64)
+    pl = as_tensor(pair_label, A2.device, torch.int64)
     B = torch.zeros(num_segments, A2.shape[1], device=A2.device, dtype=torch.float32)
     return B.index_add_(0, ps, A2[pl])
 
@@ -146,6 +147,7 @@ class ORefCSR:
 
     @property
     def num_segments(self) -> int:
+        """m, the rows of O_ref."""
         return int(self.ptr.shape[0] - 1)
 
 
@@ -159,6 +161,11 @@ def o_ref_csr(pair_segment, pair_label, num_segments: int, num_labels: int) -> O
 
     Raises:
         ValueError: lengths differ or ids are out of range.
+
+    Examples:
+        >>> o = o_ref_csr([0, 1, 1], [2, 0, 1], num_segments=3, num_labels=3)
+        >>> o.ptr.tolist(), o.label.tolist(), o.num_segments
+        ([0, 1, 3, 3], [2, 0, 1], 3)
     """
     ps = np.asarray(pair_segment, np.int64).ravel()
     pl = np.asarray(pair_label, np.int64).ravel()
@@ -175,121 +182,59 @@ def o_ref_csr(pair_segment, pair_label, num_segments: int, num_labels: int) -> O
 # --------------------------------------------------------------------------- streamed eq. 1
 
 
-class _serial:
-    """Run element-wise CPU work on one thread (context manager).
+def a1_reducer(o_ref: ORefCSR, k: int, device: torch.device, logit_scale: float) -> SoftmaxReducer:
+    """The [`SoftmaxReducer`][reme.inference.kernel.SoftmaxReducer] of exact eq. 1 with a sparse
+    O_ref: each block E adds O_ref[block]^T E to A1^T (n x k); ``finish().T`` is A1 (k x n).
 
-    Measured on the 2-core test machine: with both threads, every element-wise op over a
-    16384 x 256 block paid a parallel-region start-up of ~10 ms under load (exp_ 11.6 ms vs
-    2.0 ms single-threaded, sum 11.8 vs 1.3 ms); the GEMMs keep all threads.
+    Args:
+        o_ref: [`ORefCSR`][reme.inference.retrieval.ORefCSR] (m rows).
+        k: test segments; device: where A1 lives; logit_scale: tau1.
+
+    Returns:
+        A reducer for [`reme.inference.kernel.scan`][reme.inference.kernel.scan].
     """
+    n, device = o_ref.num_labels, torch.device(device)
+    acc = torch.zeros(n, k, device=device)                                   # A1^T
+    ptr, lab = o_ref.ptr, o_ref.label
+    if device.type == "cpu":
+        import scipy.sparse as sp
 
-    def __init__(self, device: torch.device):
-        self.active = device.type == "cpu"
+        ones = np.ones(lab.size, np.float32)
+        acc_np = acc.numpy()
 
-    def __enter__(self):
-        if self.active:
-            self.n = torch.get_num_threads()
-            torch.set_num_threads(1)
+        def add_block(s, t, e):                                              # A1^T += O[s:t]^T E
+            a, b = ptr[s], ptr[t]
+            Ot = sp.csc_matrix((ones[a:b], lab[a:b], ptr[s:t + 1] - a), shape=(n, t - s))
+            np.add(acc_np, Ot @ e.numpy(), out=acc_np)
+    else:
+        lab_t = torch.as_tensor(lab, device=device)
+        seg_t = torch.as_tensor(np.repeat(np.arange(o_ref.num_segments), np.diff(ptr)), device=device)
 
-    def __exit__(self, *exc):
-        if self.active:
-            torch.set_num_threads(self.n)
+        def add_block(s, t, e):
+            a, b = ptr[s], ptr[t]
+            acc.index_add_(0, lab_t[a:b], e[seg_t[a:b] - s])
+
+    return SoftmaxReducer(logit_scale, acc, add_block)
 
 
-class _Blocks:
-    """Blocks of S_ref as float32 tensors on ``device``.
+def class_score_reducer(B: torch.Tensor, k: int, logit_scale: float) -> SoftmaxReducer:
+    """The [`SoftmaxReducer`][reme.inference.kernel.SoftmaxReducer] of eqs. 1-2 fused with a dense
+    B = O_ref A2: each block E adds B[block]^T E to P_seg^T (c x k); ``finish().T`` is P_seg.
 
-    float16 (or off-device) rows are converted into one reused (chunk, d + 1) buffer whose last
-    column is 1, so the GEMM against [tau S_test, -shift] also subtracts the softmax shift;
-    float32 rows already on the device are used in place (``fused`` False).
+    Args:
+        B: (m, c) float tensor ([`reference_class_scores`][reme.inference.retrieval.reference_class_scores]).
+        k: test segments; logit_scale: tau1.
+
+    Returns:
+        A reducer for [`reme.inference.kernel.scan`][reme.inference.kernel.scan].
     """
+    Bf = B.float()
+    acc = torch.zeros(B.shape[1], k, device=B.device)                           # P_seg^T
 
-    def __init__(self, S_ref, chunk_size: int, device: torch.device):
-        self.src, self.device = S_ref, device
-        self.m, self.d = int(S_ref.shape[0]), int(S_ref.shape[1])
-        self.chunk = min(chunk_size, max(self.m, 1))
-        on_device = S_ref.device == device if isinstance(S_ref, torch.Tensor) else device.type == "cpu"
-        self.fused = not (on_device and S_ref.dtype in (np.float32, torch.float32))
-        if self.fused:
-            self.buf = torch.empty(self.chunk, self.d + 1, device=device)
-            self.buf[:, self.d] = 1.0
+    def add_block(s, t, e):                                                     # P^T += B[s:t]^T E
+        acc.addmm_(Bf[s:t].T, e)
 
-    def __iter__(self):
-        for start in range(0, self.m, self.chunk):
-            yield start, self.get(start, min(self.m, start + self.chunk))
-
-    def get(self, start: int, stop: int) -> torch.Tensor:
-        block = _view(self.src[start:stop])
-        if not self.fused:
-            return block
-        if block.device != self.device:
-            block = block.to(self.device, non_blocking=True)
-        out = self.buf[:stop - start]
-        with _serial(self.device):
-            out[:, :self.d].copy_(block)  # float16 -> float32
-        return out
-
-
-def _streamed_softmax(St: torch.Tensor, S_ref, logit_scale: float, chunk_size: int, acc: torch.Tensor,
-                      add_block) -> torch.Tensor:
-    """Online-softmax core shared by the exact paths.
-
-    For every block R = S_ref[s:t]: E = exp(tau R St^T - shift) ((t-s) x k, float32, in place),
-    ``add_block(s, t, E)`` adds its contribution to ``acc`` (q x k, columns = test segments),
-    and the per-column denominators are summed. Returns acc / denominator.
-
-    The shift of each column starts at the maximum of the first block and is raised only when a
-    later block's column sum shows values above e^_SHIFT_SLACK (or overflowed, in which case
-    the block is recomputed), so most blocks cost one GEMM, one exp and one sum.
-    """
-    k, d = St.shape
-    blocks = _Blocks(S_ref, chunk_size, St.device)
-    serial = _serial(St.device)
-    Sq = St * float(logit_scale)
-    W = torch.cat([Sq, torch.zeros(k, 1, device=St.device)], 1) if blocks.fused else Sq
-    shift = torch.zeros(k, device=St.device)
-    denom = torch.zeros(k, device=St.device)
-    ebuf = torch.empty(blocks.chunk, k, device=St.device)
-    limit = float(np.exp(_SHIFT_SLACK))
-
-    def logits(R, e):
-        torch.mm(R, W.T, out=e)                                    # tau S_ref S_test^T (- shift)
-        if not blocks.fused:
-            with serial:
-                e.sub_(shift)
-
-    def raise_shift(delta, rescale=True):
-        nonlocal shift
-        shift = shift + delta
-        if rescale:                                                # acc, denom hold earlier blocks
-            f = torch.exp(-delta)
-            denom.mul_(f)
-            acc.mul_(f)
-        if blocks.fused:
-            W[:, d] = -shift
-
-    for start, R in blocks:
-        e = ebuf[:R.shape[0]]
-        logits(R, e)
-        with serial:
-            if start == 0:
-                cmax = e.amax(dim=0)
-                e.sub_(cmax)
-                raise_shift(cmax, rescale=False)
-            e.exp_()
-            colsum = e.sum(dim=0)
-            if not (bool(torch.isfinite(colsum).all()) and float(colsum.max()) <= limit):
-                # rare: this block holds values far above the running shift; redo it exactly
-                logits(R, e)
-                cmax = e.amax(dim=0)
-                delta = torch.where(cmax > 0, cmax, torch.zeros_like(cmax))
-                e.sub_(delta)
-                raise_shift(delta)
-                e.exp_()
-                colsum = e.sum(dim=0)
-            denom += colsum
-        add_block(start, start + e.shape[0], e)
-    return acc / denom
+    return SoftmaxReducer(logit_scale, acc, add_block)
 
 
 def streamed_label_affinity(S_test, S_ref, o_ref: ORefCSR, *, logit_scale: float = 1.0,
@@ -314,37 +259,26 @@ def streamed_label_affinity(S_test, S_ref, o_ref: ORefCSR, *, logit_scale: float
 
     Raises:
         ValueError: dimension mismatch, or O_ref not m rows.
+
+    Examples:
+        >>> S_ref = np.eye(3, dtype=np.float16)                      # 3 reference segments
+        >>> o = o_ref_csr([0, 1, 2], [0, 0, 1], 3, 2)                 # labels: 0, 0, 1
+        >>> A1 = streamed_label_affinity(np.array([[1.0, 0, 0]], np.float32), S_ref, o, logit_scale=100.0,
+        ...                              chunk_size=2)
+        >>> [round(x, 3) for x in A1[0].tolist()]
+        [1.0, 0.0]
     """
-    device = torch.device(device) if device is not None else (
-        S_test.device if isinstance(S_test, torch.Tensor) else torch.device("cpu"))
-    St = _as_tensor(S_test, device)
-    _check_pair(St, S_ref)
+    device = resolve_device(S_test, device)
+    St = as_tensor(S_test, device)
+    check_pair(St, S_ref)
     if o_ref.num_segments != S_ref.shape[0]:
         raise ValueError(f"O_ref has {o_ref.num_segments} rows but S_ref has {S_ref.shape[0]}")
     k, n = St.shape[0], o_ref.num_labels
     if k == 0 or S_ref.shape[0] == 0:
         return torch.zeros(k, n, device=device)
-    acc = torch.zeros(n, k, device=device)                                   # A1^T
-    ptr, lab = o_ref.ptr, o_ref.label
-    if device.type == "cpu":
-        import scipy.sparse as sp
-
-        ones = np.ones(lab.size, np.float32)
-        acc_np = acc.numpy()
-
-        def add_block(s, t, e):                                              # A1^T += O[s:t]^T E
-            a, b = ptr[s], ptr[t]
-            Ot = sp.csc_matrix((ones[a:b], lab[a:b], ptr[s:t + 1] - a), shape=(n, t - s))
-            np.add(acc_np, Ot @ e.numpy(), out=acc_np)
-    else:
-        lab_t = torch.as_tensor(lab, device=device)
-        seg_t = torch.as_tensor(np.repeat(np.arange(S_ref.shape[0]), np.diff(ptr)), device=device)
-
-        def add_block(s, t, e):
-            a, b = ptr[s], ptr[t]
-            acc.index_add_(0, lab_t[a:b], e[seg_t[a:b] - s])
-
-    return _streamed_softmax(St, S_ref, logit_scale, _check_chunk(chunk_size), acc, add_block).T
+    soft = a1_reducer(o_ref, k, device, logit_scale)
+    scan(St, S_ref, [soft], chunk_size=chunk_size, device=device)
+    return soft.finish().T
 
 
 def exact_topk(S_test, S_ref, top_k: int, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -362,27 +296,15 @@ def exact_topk(S_test, S_ref, top_k: int, *, chunk_size: int = DEFAULT_CHUNK_SIZ
 
     Raises:
         ValueError: ``top_k`` < 1 or dimension mismatch.
+
+    Examples:
+        >>> sims, ids = exact_topk(np.array([[0.6, 0.8]], np.float32), np.eye(2, dtype=np.float16), 1)
+        >>> ids.tolist(), [round(x, 2) for x in sims[0].tolist()]
+        ([[1]], [0.8])
     """
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    device = torch.device(device) if device is not None else (
-        S_test.device if isinstance(S_test, torch.Tensor) else torch.device("cpu"))
-    St = _as_tensor(S_test, device)
-    _check_pair(St, S_ref)
-    blocks = _Blocks(S_ref, _check_chunk(chunk_size), device)
-    k, d = St.shape
-    W = torch.cat([St, torch.zeros(k, 1, device=device)], 1) if blocks.fused else St
-    vals = torch.full((k, 0), -float("inf"), device=device)
-    ids = torch.zeros((k, 0), dtype=torch.int64, device=device)
-    for start, R in blocks:
-        # (k, rows) so that top-k runs along contiguous rows, in parallel over test segments:
-        # measured 0.70 s against 1.1-1.5 s for (rows, k) with top-k down the columns
-        # (672 x 1e5 x 1024, float16 S_ref, 2 CPU threads; docs/performance.md)
-        sim = W @ R.T
-        v, i = torch.topk(sim, min(top_k, sim.shape[1]), dim=1)
-        vals, order = torch.topk(torch.cat([vals, v], 1), min(top_k, vals.shape[1] + v.shape[1]), dim=1)
-        ids = torch.gather(torch.cat([ids, i + start], 1), 1, order)
-    return vals, ids
+    top = TopkReducer(top_k)
+    scan(S_test, S_ref, [top], chunk_size=chunk_size, device=device)
+    return top.finish()
 
 
 def rescore(S_test, S_ref, ids, *, block: int = 32) -> torch.Tensor:
@@ -399,46 +321,28 @@ def rescore(S_test, S_ref, ids, *, block: int = 32) -> torch.Tensor:
 
     Returns:
         (k, t) float32 tensor on S_test's device; -inf where ``ids`` is -1.
+
+    Raises:
+        ValueError: dimension mismatch, or ``ids`` not (k, t).
     """
-    St = _as_tensor(S_test, S_test.device if isinstance(S_test, torch.Tensor) else "cpu")
-    _check_pair(St, S_ref)
+    St = as_tensor(S_test, S_test.device if isinstance(S_test, torch.Tensor) else "cpu")
+    check_pair(St, S_ref)
     I = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, np.int64)
     if I.ndim != 2 or I.shape[0] != St.shape[0]:
         raise ValueError(f"ids must be (k, t) with k = {St.shape[0]}, got shape {I.shape}")
     k, t = I.shape
     out = torch.empty(k, t, device=St.device)
     safe = np.where(I >= 0, I, 0)
-    with _serial(St.device):
-        for q0 in range(0, k, block):
-            rows = safe[q0:q0 + block]
-            if isinstance(S_ref, torch.Tensor):
-                R = S_ref[torch.as_tensor(rows.ravel(), device=S_ref.device)].to(St.device, torch.float32)
-            else:
-                R = _view(np.asarray(S_ref[rows.ravel()])).to(St.device, torch.float32)
-            R = R.reshape(rows.shape[0], t, -1)
-            out[q0:q0 + block] = torch.bmm(R, St[q0:q0 + block, :, None])[:, :, 0]
+    for q0 in range(0, k, block):
+        rows = safe[q0:q0 + block]
+        if isinstance(S_ref, torch.Tensor):
+            R = S_ref[torch.as_tensor(rows.ravel(), device=S_ref.device)].to(St.device, torch.float32)
+        else:
+            R = as_view(np.asarray(S_ref[rows.ravel()])).to(St.device, torch.float32)
+        R = R.reshape(rows.shape[0], t, -1)
+        out[q0:q0 + block] = torch.bmm(R, St[q0:q0 + block, :, None])[:, :, 0]
     out[torch.as_tensor(I < 0, device=St.device)] = -float("inf")
     return out
-
-
-def _topk_csr_parts(sims, ids, o_ref: ORefCSR, logit_scale: float):
-    """(crow, col, values) of A1 restricted to the candidates, rows = test segments."""
-    sims = torch.as_tensor(sims, dtype=torch.float32)
-    k, t = sims.shape
-    with _serial(sims.device):
-        w = torch.softmax(logit_scale * sims, dim=1) if t else sims
-        w = torch.nan_to_num(w, nan=0.0)                                       # rows with no candidate
-    I = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, np.int64).ravel()
-    safe = np.where(I >= 0, I, 0)
-    counts = np.where(I >= 0, o_ref.ptr[safe + 1] - o_ref.ptr[safe], 0)
-    total = int(counts.sum())
-    starts = np.repeat(o_ref.ptr[safe] - np.cumsum(counts) + counts, counts)
-    labels = o_ref.label[starts + np.arange(total)] if total else np.zeros(0, np.int64)
-    crow = np.zeros(k + 1, np.int64)
-    np.cumsum(counts.reshape(k, t).sum(1), out=crow[1:])
-    dev = sims.device
-    vals = w.reshape(-1)[torch.as_tensor(np.repeat(np.arange(I.size), counts), device=dev)]
-    return torch.as_tensor(crow, device=dev), torch.as_tensor(labels, device=dev), vals
 
 
 def topk_label_affinity(sims, ids, o_ref: ORefCSR, *, logit_scale: float = 1.0) -> torch.Tensor:
@@ -455,7 +359,7 @@ def topk_label_affinity(sims, ids, o_ref: ORefCSR, *, logit_scale: float = 1.0) 
         several candidates has several entries, which ``A1 @ A2`` and ``to_dense`` sum);
         [`topk_class_scores`][reme.inference.retrieval.topk_class_scores] gives P_seg = A1 A2 directly.
     """
-    crow, col, vals = _topk_csr_parts(sims, ids, o_ref, logit_scale)
+    crow, col, vals = candidate_a1_parts(sims, ids, o_ref, logit_scale)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
         return torch.sparse_csr_tensor(crow, col, vals, (crow.shape[0] - 1, o_ref.num_labels), check_invariants=False)
@@ -472,10 +376,18 @@ def topk_class_scores(sims, ids, o_ref: ORefCSR, A2: torch.Tensor, *, logit_scal
 
     Returns:
         (k, c) float32 tensor.
+
+    Raises:
+        ValueError: ``ids`` and ``sims`` shapes differ (from numpy's reshape).
+
+    Examples:
+        >>> o = o_ref_csr([0, 1], [0, 1], 2, 2)
+        >>> P = topk_class_scores(torch.tensor([[0.9, -float("inf")]]), torch.tensor([[0, -1]]), o, torch.eye(2))
+        >>> P.tolist()
+        [[1.0, 0.0]]
     """
     A1 = topk_label_affinity(sims, ids, o_ref, logit_scale=logit_scale)
-    with _serial(A1.device):                     # 2-10 ms on one thread vs ~100 ms on two here
-        return A1 @ A2.to(A1.device, torch.float32)
+    return A1 @ A2.to(A1.device, torch.float32)
 
 
 def segment_class_scores(S_test, S_ref, B: torch.Tensor, *, logit_scale: float = 1.0,
@@ -494,9 +406,12 @@ def segment_class_scores(S_test, S_ref, B: torch.Tensor, *, logit_scale: float =
 
     Returns:
         (k, c) float32 tensor P_seg.
+
+    Raises:
+        ValueError: dimension mismatch, B not m rows, top_k < 1 or chunk_size < 1.
     """
-    St = _as_tensor(S_test, B.device)
-    _check_pair(St, S_ref)
+    St = as_tensor(S_test, B.device)
+    check_pair(St, S_ref)
     if B.shape[0] != S_ref.shape[0]:
         raise ValueError(f"B has {B.shape[0]} rows but S_ref has {S_ref.shape[0]}")
     k, m = St.shape[0], S_ref.shape[0]
@@ -507,14 +422,10 @@ def segment_class_scores(S_test, S_ref, B: torch.Tensor, *, logit_scale: float =
     Bf = B.float()
     if top_k is not None:
         vals, ids = exact_topk(St, S_ref, top_k, chunk_size=chunk_size)
-        w = torch.softmax(logit_scale * vals, dim=1)                           # (k, top_k)
-        return torch.einsum("kt,ktc->kc", w, Bf[ids])
-    acc = torch.zeros(B.shape[1], k, device=B.device)                           # P_seg^T
-
-    def add_block(s, t, e):                                                     # P^T += B[s:t]^T E
-        acc.addmm_(Bf[s:t].T, e)
-
-    return _streamed_softmax(St, S_ref, logit_scale, _check_chunk(chunk_size), acc, add_block).T
+        return candidate_class_scores(vals, ids, Bf, logit_scale)
+    soft = class_score_reducer(B, k, logit_scale)
+    scan(St, S_ref, [soft], chunk_size=chunk_size, device=B.device)
+    return soft.finish().T
 
 
 def segment_label_affinity(S_test, S_ref, pair_segment, pair_label, num_labels: int, *,
@@ -529,18 +440,25 @@ def segment_label_affinity(S_test, S_ref, pair_segment, pair_label, num_labels: 
 
     Returns:
         (k, n) float32 tensor.
+
+    Raises:
+        ValueError: dimension mismatch, pairs out of range, or top_k < 1.
+
+    Examples:
+        >>> A1 = segment_label_affinity(np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32), [0, 1], [1, 0], 2,
+        ...                             logit_scale=100.0, top_k=1)
+        >>> A1.tolist()
+        [[0.0, 1.0], [1.0, 0.0]]
     """
-    device = device or "cpu"
-    St, Sr = _as_tensor(S_test, device), _as_tensor(S_ref, device)
-    _check_dims(St, Sr, "S_test", "S_ref")
-    logits = logit_scale * (St @ Sr.T)
-    if top_k is not None and top_k < Sr.shape[0]:
-        thresh = torch.topk(logits, top_k, dim=1).values[:, -1:]
-        # ties at the threshold are kept; same set as torch.topk when similarities are distinct
-        logits = logits.masked_fill(logits < thresh, -float("inf"))
-    W = torch.softmax(logits, dim=1)
-    A1 = torch.zeros(St.shape[0], num_labels, device=device)
-    return A1.index_add_(1, _as_tensor(pair_label, device, torch.int64), W[:, _as_tensor(pair_segment, device, torch.int64)])
+    device = torch.device(device or "cpu")
+    St = as_tensor(S_test, device)
+    check_pair(St, S_ref)
+    m = int(S_ref.shape[0])
+    o_ref = o_ref_csr(pair_segment, pair_label, m, num_labels)
+    if top_k is not None and top_k < m:
+        sims, ids = exact_topk(St, S_ref, top_k, chunk_size=max(m, 1), device=device)
+        return topk_label_affinity(sims, ids, o_ref, logit_scale=logit_scale).to_dense()
+    return streamed_label_affinity(St, S_ref, o_ref, logit_scale=logit_scale, chunk_size=max(m, 1), device=device)
 
 
 # --------------------------------------------------------------------------- eq. 3
@@ -558,6 +476,13 @@ def pixel_class_scores(P_seg: torch.Tensor, segment_ids: np.ndarray) -> torch.Te
 
     Returns:
         (H, W, c) float32 tensor.
+
+    Raises:
+        IndexError: an id outside 0..k-1 (from torch).
+
+    Examples:
+        >>> pixel_class_scores(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), np.array([[0, 1]])).tolist()
+        [[[1.0, 0.0], [0.0, 2.0]]]
     """
     ids = torch.as_tensor(np.ascontiguousarray(segment_ids), dtype=torch.int64, device=P_seg.device)
     return P_seg[ids]

@@ -119,16 +119,25 @@ def nearest_similarity(S_test, tables, chunk_size: int | None = None) -> torch.T
     """(k,) float32 cosine of each test segment's nearest reference segment over one or more
     S_ref tables (the base set, then an overlay's rows); -inf when all are empty.
 
-    An exact top-1 search ([`exact_topk`][reme.inference.retrieval.exact_topk]); the top-k
-    retrieval of eq. 1 already has it as its first column."""
+    An exact top-1 search ([`exact_topk`][reme.inference.retrieval.exact_topk]); the exact
+    top-k retrieval of eq. 1 already has it as its heap's first column (`top1`), which
+    [`Predictor.class_scores`][reme.inference.predictor.Predictor.class_scores] reads instead."""
     from reme.inference.retrieval import DEFAULT_CHUNK_SIZE, exact_topk
 
     best = torch.full((S_test.shape[0],), -float("inf"), device=S_test.device)
     for S in tables:
         if S is not None and S.shape[0] > 0 and S_test.shape[0] > 0:
             sims, _ = exact_topk(S_test, S, 1, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE)
-            best = torch.maximum(best, sims[:, 0].to(best.device))
+            best = torch.maximum(best, top1(sims).to(best.device))
     return best
+
+
+def top1(sims: torch.Tensor) -> torch.Tensor:
+    """(k,) float32 first column of (k, t) descending similarities (a top-k heap's), -inf when
+    t is 0 (no reference rows)."""
+    if sims.shape[1] == 0:
+        return torch.full((sims.shape[0],), -float("inf"), device=sims.device)
+    return sims[:, 0].float()
 
 
 def extend_scores(P: torch.Tensor, none: torch.Tensor | None, nearest: torch.Tensor | None,

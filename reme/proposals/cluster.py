@@ -19,6 +19,8 @@ import torch
 from skimage.measure import label as connected_components
 from skimage.segmentation import relabel_sequential
 
+from reme.io import cell_index
+
 
 def kmeans(X: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> torch.Tensor:
     """Cosine k-means of (n, d) rows: k-means++ seeding on the cosine distance (Arthur &
@@ -101,8 +103,6 @@ def cluster_segments(features: torch.Tensor, image_hw: tuple[int, int], n_cluste
         raise ValueError(f"n_clusters and min_size must be >= 1, got {n_clusters}, {min_size}")
     assign = kmeans(features.reshape(h * w, d), n_clusters, seed=seed).cpu().numpy().reshape(h, w)
     H, W = image_hw
-    rows = np.minimum(np.arange(H) * h // H, h - 1)
-    cols = np.minimum(np.arange(W) * w // W, w - 1)
-    full = assign[rows][:, cols]
+    full = assign[cell_index(H, h)][:, cell_index(W, w)]
     regions = connected_components(full + 1, background=0, connectivity=1) - 1
     return _merge_small(regions, min_size)
