@@ -50,11 +50,11 @@ from reme.inference.retrieval import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_TOPK_CANDIDATES,
     label_affinity,
-    o_ref_csr,
     rescore,
     streamed_label_affinity,
     topk_class_scores,
 )
+from reme.reference.oref import o_ref_csr
 
 CLASS_LISTS = (21, 59, 150)
 

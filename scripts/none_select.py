@@ -23,7 +23,8 @@ from reme.encoders import resolve_encoder
 from reme.encoders.text import TEMPLATES, embed_labels
 from reme.eval.subset import SubsetMeter
 from reme.inference import unlabelled as nr
-from reme.inference.retrieval import label_affinity, o_ref_csr, topk_label_affinity
+from reme.inference.retrieval import label_affinity, topk_label_affinity
+from reme.reference.oref import o_ref_csr
 from reme.reference import load_reference
 
 TAU = 50.0

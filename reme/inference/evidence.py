@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from reme.inference.kernel import SoftmaxReducer, TopkReducer, as_tensor, scan
-from reme.inference.retrieval import label_affinity, merge_synonyms, o_ref_csr
+from reme.inference.retrieval import label_affinity, merge_synonyms
+from reme.reference.oref import o_ref_csr
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def neighbour_evidence(S_test, S_ref, o_ref, labels, *, top: int | None = None, 
 
     Args:
         S_test: (k, d1) float array or tensor; S_ref: (m, d1) array, memory map, view or tensor.
-        o_ref: [`ORefCSR`][reme.inference.retrieval.ORefCSR] with m rows; labels: its n label strings.
+        o_ref: [`ORefCSR`][reme.reference.oref.ORefCSR] with m rows; labels: its n label strings.
         top, top_k, logit_scale, chunk_size: as in
             [`retrieval_evidence`][reme.inference.evidence.retrieval_evidence].
 
@@ -188,7 +189,7 @@ def evidence_from_neighbours(sims, ids, o_ref, labels, *, top: int | None = None
     Args:
         sims: (k, t) float cosine similarities, descending; ids: (k, t) int rows of S_ref.
             t must be at least ``min(top, m)`` and, with ``top_k``, at least ``top_k`` when m allows.
-        o_ref: [`ORefCSR`][reme.inference.retrieval.ORefCSR] of the searched reference rows.
+        o_ref: [`ORefCSR`][reme.reference.oref.ORefCSR] of the searched reference rows.
         labels: the n label strings (columns of O_ref).
         top, top_k, logit_scale: as in
             [`retrieval_evidence`][reme.inference.evidence.retrieval_evidence].

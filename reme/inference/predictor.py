@@ -35,19 +35,18 @@ from reme.inference.kernel import DEFAULT_CHUNK_SIZE, TopkReducer, scan
 from reme.inference.maps import label_fractions, upsample_nearest, upsample_scores
 from reme.inference.retrieval import (
     DEFAULT_TOPK_CANDIDATES,
-    ORefCSR,
     a1_reducer,
     class_score_reducer,
     label_affinity,
     merge_synonyms,
     normalise_rows,
-    o_ref_csr,
     pixel_class_scores,
     pixel_class_scores_masks,
     reference_class_scores,
     rescore,
     topk_class_scores,
 )
+from reme.reference.oref import ORefCSR, o_ref_csr
 from reme.io import load_image, load_image_bounded, pixels_key
 from reme.proposals import FelzenszwalbParams, ProposalGenerator
 from reme.reference import ReferenceSet, load_reference
@@ -132,7 +131,7 @@ class OverlayTables:
     Attributes:
         S_ov: (r, d1) overlay rows (array on the CPU, tensor on an accelerator).
         S_all: (m + r, d1) `StackedRows` view (CPU), a tensor, or None (made when needed).
-        o_ref: (m + r) x (n + n_new) [`ORefCSR`][reme.inference.retrieval.ORefCSR].
+        o_ref: (m + r) x (n + n_new) [`ORefCSR`][reme.reference.oref.ORefCSR].
         row_labels: (r,) merged label id of each overlay row.
         new_labels: the overlay's labels the base lacks (ids n, n + 1, ...).
         L_new: (n_new, d2) float32 tensor of their L_ref rows, or None.

@@ -37,11 +37,11 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from reme.reference.oref import ORefCSR, o_ref_csr
 from reme.inference.kernel import (
     DEFAULT_CHUNK_SIZE,
     SoftmaxReducer,
@@ -127,58 +127,6 @@ def reference_class_scores(pair_segment, pair_label, A2: torch.Tensor, num_segme
     return B.index_add_(0, ps, A2[pl])
 
 
-# --------------------------------------------------------------------------- O_ref, sparse
-
-
-@dataclass(frozen=True)
-class ORefCSR:
-    """O_ref (m x n, binary) in compressed-row form: the labels of segment i are
-    ``label[ptr[i]:ptr[i + 1]]``.
-
-    Attributes:
-        ptr: (m + 1,) int64 row pointers.
-        label: (p,) int64 label ids (columns of O_ref), grouped by segment.
-        num_labels: n.
-    """
-
-    ptr: np.ndarray
-    label: np.ndarray
-    num_labels: int
-
-    @property
-    def num_segments(self) -> int:
-        """m, the rows of O_ref."""
-        return int(self.ptr.shape[0] - 1)
-
-
-def o_ref_csr(pair_segment, pair_label, num_segments: int, num_labels: int) -> ORefCSR:
-    """O_ref from its nonzeros ``(pair_segment[j], pair_label[j])`` as
-    [`ORefCSR`][reme.inference.retrieval.ORefCSR].
-
-    Args:
-        pair_segment, pair_label: (p,) int ids in [0, m) and [0, n).
-        num_segments: m. num_labels: n.
-
-    Raises:
-        ValueError: lengths differ or ids are out of range.
-
-    Examples:
-        >>> o = o_ref_csr([0, 1, 1], [2, 0, 1], num_segments=3, num_labels=3)
-        >>> o.ptr.tolist(), o.label.tolist(), o.num_segments
-        ([0, 1, 3, 3], [2, 0, 1], 3)
-    """
-    ps = np.asarray(pair_segment, np.int64).ravel()
-    pl = np.asarray(pair_label, np.int64).ravel()
-    if ps.shape != pl.shape:
-        raise ValueError(f"pair_segment and pair_label differ in length: {ps.shape} vs {pl.shape}")
-    if ps.size and (ps.min() < 0 or ps.max() >= num_segments or pl.min() < 0 or pl.max() >= num_labels):
-        raise ValueError(f"O_ref pairs out of range for m={num_segments}, n={num_labels}")
-    order = np.argsort(ps, kind="stable")
-    ptr = np.zeros(num_segments + 1, np.int64)
-    np.cumsum(np.bincount(ps, minlength=num_segments), out=ptr[1:])
-    return ORefCSR(ptr=ptr, label=np.ascontiguousarray(pl[order]), num_labels=int(num_labels))
-
-
 # --------------------------------------------------------------------------- streamed eq. 1
 
 
@@ -187,7 +135,7 @@ def a1_reducer(o_ref: ORefCSR, k: int, device: torch.device, logit_scale: float)
     O_ref: each block E adds O_ref[block]^T E to A1^T (n x k); ``finish().T`` is A1 (k x n).
 
     Args:
-        o_ref: [`ORefCSR`][reme.inference.retrieval.ORefCSR] (m rows).
+        o_ref: [`ORefCSR`][reme.reference.oref.ORefCSR] (m rows).
         k: test segments; device: where A1 lives; logit_scale: tau1.
 
     Returns:
@@ -247,8 +195,8 @@ def streamed_label_affinity(S_test, S_ref, o_ref: ORefCSR, *, logit_scale: float
     Args:
         S_test: (k, d1) float array or tensor, L2-normalised test segment embeddings.
         S_ref: (m, d1) float16/float32 array, memory map or tensor, L2-normalised rows.
-        o_ref: O_ref as [`ORefCSR`][reme.inference.retrieval.ORefCSR]
-            ([`o_ref_csr`][reme.inference.retrieval.o_ref_csr]) with m rows.
+        o_ref: O_ref as [`ORefCSR`][reme.reference.oref.ORefCSR]
+            ([`o_ref_csr`][reme.reference.oref.o_ref_csr]) with m rows.
         logit_scale: tau1 (1 = literal paper form).
         chunk_size: reference rows per block.
         device: where to compute (default: S_test's device, else CPU).
@@ -351,7 +299,7 @@ def topk_label_affinity(sims, ids, o_ref: ORefCSR, *, logit_scale: float = 1.0) 
     Args:
         sims: (k, t) float tensor of exact inner products (-inf for missing candidates).
         ids: (k, t) int rows of S_ref (-1 for missing).
-        o_ref: [`ORefCSR`][reme.inference.retrieval.ORefCSR].
+        o_ref: [`ORefCSR`][reme.reference.oref.ORefCSR].
         logit_scale: tau1.
 
     Returns:

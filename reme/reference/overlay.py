@@ -35,7 +35,7 @@ from reme.classes import check_label
 from reme.errors import ReferenceSetError
 from reme.io import sha256_file
 from reme.reference import ReferenceSet, load_reference
-from reme.inference.retrieval import ORefCSR
+from reme.reference.oref import ORefCSR
 
 EXAMPLES_FILE = "examples.parquet"
 #: ``segments.parquet`` source of an overlay row.
@@ -106,7 +106,7 @@ def concat_csr(base: ORefCSR, extra_labels: np.ndarray, num_labels: int) -> ORef
         num_labels: columns of the result (n + new labels).
 
     Returns:
-        (m + r) x num_labels [`ORefCSR`][reme.inference.retrieval.ORefCSR].
+        (m + r) x num_labels [`ORefCSR`][reme.reference.oref.ORefCSR].
     """
     extra = np.asarray(extra_labels, np.int64)
     ptr = np.concatenate([base.ptr, base.ptr[-1] + np.arange(1, extra.size + 1, dtype=np.int64)])
