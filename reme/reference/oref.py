@@ -31,7 +31,7 @@ class ORefCSR:
 
 def o_ref_csr(pair_segment, pair_label, num_segments: int, num_labels: int) -> ORefCSR:
     """O_ref from its nonzeros ``(pair_segment[j], pair_label[j])`` as
-    [`ORefCSR`][reme.inference.retrieval.ORefCSR].
+    [`ORefCSR`][reme.reference.oref.ORefCSR].
 
     Args:
         pair_segment, pair_label: (p,) int ids in [0, m) and [0, n).
