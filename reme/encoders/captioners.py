@@ -237,6 +237,26 @@ def _spec_for(family: str, target: str, source: str) -> str:
     return f"{family}:{source}" if given_folder else f"{family}:{target}"
 
 
+def _load_hf_captioner(family: str, target: str, device, cache_dir: str | None, dtype, *, model_class: str,
+                       processor_class: str, expected: str):
+    """(model on ``device``, processor, spec, torch.device) of a ``family:`` captioner whose
+    config's ``model_type`` must be ``family`` (else ValueError naming ``expected``)."""
+    transformers = _import_transformers()
+    target = (target or "").strip()
+    source, _ = _hub.resolve_hf_repo(target, family=family, cache_dir=cache_dir)
+    spec = _spec_for(family, target, source)
+    dev = torch.device(device)
+    config = transformers.AutoConfig.from_pretrained(source, cache_dir=cache_dir, trust_remote_code=False)
+    if getattr(config, "model_type", None) != family:
+        raise ValueError(f"{spec}: config model_type is {config.model_type!r}, expected {expected}")
+    model = getattr(transformers, model_class).from_pretrained(
+        source, config=config, cache_dir=cache_dir, trust_remote_code=False,
+        **_hub.hf_dtype_kwargs(_default_dtype(dev, dtype)),
+    ).to(dev)
+    processor = getattr(transformers, processor_class).from_pretrained(source, cache_dir=cache_dir)
+    return model, processor, spec, dev
+
+
 def load_llava(
     target: str,
     *,
@@ -265,23 +285,9 @@ def load_llava(
             unreachable (the message gives the ``hf download`` command and the local spec).
         ValueError: the config is not a LLaVA model.
     """
-    transformers = _import_transformers()
-    target = (target or "").strip()
-    source, _ = _hub.resolve_hf_repo(target, family="llava", cache_dir=cache_dir)
-    spec = _spec_for("llava", target, source)
-    dev = torch.device(device)
-    config = transformers.AutoConfig.from_pretrained(
-        source, cache_dir=cache_dir, trust_remote_code=False
-    )
-    if getattr(config, "model_type", None) != "llava":
-        raise ValueError(f"{spec}: config model_type is {config.model_type!r}, expected 'llava'")
-    model = transformers.LlavaForConditionalGeneration.from_pretrained(
-        source, config=config, cache_dir=cache_dir, trust_remote_code=False,
-        **_hub.hf_dtype_kwargs(_default_dtype(dev, dtype)),
-    ).to(dev)
-    processor = transformers.AutoProcessor.from_pretrained(
-        source, cache_dir=cache_dir, trust_remote_code=False
-    )
+    model, processor, spec, dev = _load_hf_captioner(
+        "llava", target, device, cache_dir, dtype, model_class="LlavaForConditionalGeneration",
+        processor_class="AutoProcessor", expected="'llava'")
     captioner = LLaVACaptioner(
         model, processor, spec=spec, device=dev, prompt=prompt, max_new_tokens=max_new_tokens
     )
@@ -317,24 +323,10 @@ def load_blip(
         reme.errors.MissingWeightsError: as `load_llava`.
         ValueError: the config is not a BLIP model.
     """
-    transformers = _import_transformers()
-    target = (target or "").strip()
-    source, _ = _hub.resolve_hf_repo(target, family="blip", cache_dir=cache_dir)
-    spec = _spec_for("blip", target, source)
-    dev = torch.device(device)
-    config = transformers.AutoConfig.from_pretrained(
-        source, cache_dir=cache_dir, trust_remote_code=False
-    )
-    if getattr(config, "model_type", None) != "blip":
-        raise ValueError(
-            f"{spec}: config model_type is {config.model_type!r}, expected 'blip' "
-            f"(BLIP-2 checkpoints are not supported by this loader)"
-        )
-    model = transformers.BlipForConditionalGeneration.from_pretrained(
-        source, config=config, cache_dir=cache_dir, trust_remote_code=False,
-        **_hub.hf_dtype_kwargs(_default_dtype(dev, dtype)),
-    ).to(dev)
-    processor = transformers.BlipProcessor.from_pretrained(source, cache_dir=cache_dir)
+    model, processor, spec, dev = _load_hf_captioner(
+        "blip", target, device, cache_dir, dtype, model_class="BlipForConditionalGeneration",
+        processor_class="BlipProcessor",
+        expected="'blip' (BLIP-2 checkpoints are not supported by this loader)")
     captioner = BLIPCaptioner(
         model, processor, spec=spec, device=dev, prompt=prompt, max_new_tokens=max_new_tokens
     )
