@@ -59,3 +59,23 @@ def test_marked_region_gets_its_class(predictions, name, rows, cols, expected):
     got = res.classes[int(counts.argmax())]
     share = counts.max() / region.size
     assert got == expected, f"{name}: majority {got!r} ({share:.0%}) inside the region, expected {expected!r}"
+
+
+@pytest.fixture(scope="module")
+def default_predictions():
+    """README command 1 as it runs: the "none of these" rule on (the default)."""
+    from reme.inference.segmenter import Segmenter
+
+    seg = Segmenter(default_reference_path(), device="cpu")
+    return {name: seg.predict(photo(name), README_CLASSES) for name in sorted({r[0] for r in REGIONS})}
+
+
+@pytest.mark.parametrize("name,rows,cols,expected", REGIONS, ids=[f"{r[0]}-{r[3]}-{i}" for i, r in enumerate(REGIONS)])
+def test_the_unlabelled_rule_never_gives_a_marked_region_another_class(default_predictions, name, rows, cols,
+                                                                        expected):
+    res = default_predictions[name]
+    region = res.label_map[rows, cols]
+    labelled = region[region >= 0]
+    assert labelled.size >= region.size // 4, f"{name}: only {labelled.size / region.size:.0%} of the region labelled"
+    got = res.classes[int(np.bincount(labelled, minlength=len(res.classes)).argmax())]
+    assert got == expected, f"{name}: labelled pixels of the region are mostly {got!r}, expected {expected!r}"
