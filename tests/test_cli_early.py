@@ -127,3 +127,17 @@ def test_eval_options_are_refused_before_anything_loads(tmp_path, no_models, mon
     monkeypatch.setattr(commands, "run_eval", lambda **k: pytest.fail("run_eval ran before the options were checked"))
     res = invoke("eval", "--dataset", "camvid", "--others-threshold", "nan", "--out", tmp_path / "o")
     assert res.exit_code == 2 and "--others-threshold must be a finite number >= 0" in res.output, res.output
+
+
+def test_refusing_a_missing_photo_imports_no_torch(tmp_path):
+    """`reme segment missing.jpg` answers before torch is imported (issue 20: refused in well
+    under a second; importing torch alone takes 2-3 s here)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom reme.cli import main\nsys.argv = ['reme', 'segment', sys.argv[1], '--classes', 'cat']\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing.jpg")], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.stdout.split() == ["exit", "2", "False"], proc.stdout + proc.stderr
+    assert "not found" in proc.stderr

@@ -13,6 +13,7 @@ from PIL import Image
 from conftest import REPO, photo
 from reme.eval.subset import SubsetMeter, parse_asked, subset_scores
 from reme.inference import unlabelled as nr
+from reme.report import viz
 from reme.report.viz import UNLABELLED_LEGEND, class_colors, overlay, save_label_png
 
 REF = REPO / "reference_sets" / "default"
@@ -91,12 +92,12 @@ def test_label_png_reserved_values(tmp_path):
     lm = np.array([[0, 1], [-1, 2]], np.int32)
     save_label_png(lm, tmp_path / "a.png", n_classes=3)
     back = np.array(Image.open(tmp_path / "a.png"))
-    assert back.dtype == np.uint8 and back.tolist() == [[0, 1], [nr.PNG_UNLABELLED_8, 2]]
+    assert back.dtype == np.uint8 and back.tolist() == [[0, 1], [viz.PNG_UNLABELLED_8, 2]]
     save_label_png(lm, tmp_path / "b.png", n_classes=300)            # 16-bit
     back = np.array(Image.open(tmp_path / "b.png"))
-    assert back.tolist() == [[0, 1], [nr.PNG_UNLABELLED_16, 2]]
+    assert back.tolist() == [[0, 1], [viz.PNG_UNLABELLED_16, 2]]
     save_label_png(lm, tmp_path / "c.png", n_classes=256)            # 255 is taken by a class: 16-bit
-    assert np.array(Image.open(tmp_path / "c.png"))[1, 0] == nr.PNG_UNLABELLED_16
+    assert np.array(Image.open(tmp_path / "c.png"))[1, 0] == viz.PNG_UNLABELLED_16
     with pytest.raises(ValueError):
         save_label_png(np.array([[-2]]), tmp_path / "d.png", n_classes=3)
 

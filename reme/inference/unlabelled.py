@@ -16,8 +16,8 @@ assigns every pixel. Two rules let a segment stay unlabelled:
 * **Weak visual support.** A segment whose nearest reference segment has cosine similarity
   below ``s_min`` is unlabelled ("unknown to this reference set").
 
-Unlabelled pixels are `UNLABELLED` (-1) in ``SegmentationResult.label_map``, `PNG_UNLABELLED_8`
-(255) in 8-bit label PNGs and `PNG_UNLABELLED_16` (65535) in 16-bit ones.
+Unlabelled pixels are `UNLABELLED` (-1) in ``SegmentationResult.label_map``, 255 in 8-bit label
+PNGs and 65535 in 16-bit ones (`reme.report.viz.PNG_UNLABELLED_8`, ``PNG_UNLABELLED_16``).
 
 [`class_coverage`][reme.inference.unlabelled.class_coverage] tells, per asked class, the nearest
 reference labels: a class none of whose labels reaches ``t_none`` can never win a segment.
@@ -32,9 +32,6 @@ import torch
 
 #: label_map value of an unlabelled pixel.
 UNLABELLED = -1
-#: Label PNG value of an unlabelled pixel: 8-bit palette PNGs (<= 255 classes) and 16-bit maps.
-PNG_UNLABELLED_8 = 255
-PNG_UNLABELLED_16 = 65535
 
 #: t_none, the none column's text-similarity threshold (cosine, MiniLM with the reference set's
 #: templates), and s_min, the weakest nearest-neighbour cosine that still counts as visual

@@ -8,7 +8,6 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from reme.inference.unlabelled import PNG_UNLABELLED_8, PNG_UNLABELLED_16
 from reme.io import atomic_path
 
 
@@ -34,6 +33,10 @@ def class_colors(n: int) -> np.ndarray:
 
 #: Most classes a label PNG can hold: 8-bit palette PNG up to 256, 16-bit grey PNG above.
 MAX_LABEL_PNG_CLASSES = 65536
+#: Label PNG value of an unlabelled pixel (label_map -1, "none of these"): 8-bit palette PNGs
+#: (<= 255 classes) and 16-bit maps.
+PNG_UNLABELLED_8 = 255
+PNG_UNLABELLED_16 = 65535
 #: Legend text of unlabelled pixels in `overlay`.
 UNLABELLED_LEGEND = "unlabelled (none of these)"
 
