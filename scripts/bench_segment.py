@@ -19,7 +19,7 @@ Prints progress to stderr and, last, one JSON line on stdout (``--json``: only t
   ``classes_1000_cached_s`` the same after a new ``Segmenter`` (no in-memory state) when the
   disk cache already holds them: what a second process pays;
 * ``load_avg``    1-minute load averages at start and end; ``threads`` torch's thread count
-  (``--threads``, else ``$REME_THREADS``, else reme's auto policy, `reme.threads`).
+  (``--threads``, else ``$REME_THREADS``, else reme's auto policy, `reme.cli.threads`).
 
     python scripts/bench_segment.py --json
     python scripts/bench_segment.py --json --threads 1 --skip-cli
@@ -144,7 +144,7 @@ def main() -> None:
     if args.images < 5:
         ap.error("--images must be >= 5")
 
-    from reme.threads import apply_threads
+    from reme.cli.threads import apply_threads
 
     load_start = os.getloadavg()[0]
     threads = apply_threads(args.threads)

@@ -14,7 +14,7 @@ with ``--reference``, the mIoU of ``Segmenter.predict`` (on val frames).
     python scripts/bench_speed_options.py proposals --split train --frames 20
     python scripts/bench_speed_options.py proposals --split val --frames 20 --reference /work/refs/camvid_dino
 
-One JSON line per variant on stdout; the thread count follows ``reme.threads``.
+One JSON line per variant on stdout; the thread count follows ``reme.cli.threads``.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def main() -> None:
                     help="comma-separated; CamVid frames here are 480 x 360 = 172800 pixels, so these are "
                          "1/2, 1/4 (half the side) and 1/8 of a frame")
     args = ap.parse_args()
-    from reme.threads import apply_threads
+    from reme.cli.threads import apply_threads
 
     apply_threads()
     data = frames(args.split, args.frames)

@@ -1,4 +1,4 @@
-"""Thread policy of the entry points (reme.threads)."""
+"""Thread policy of the entry points (reme.cli.threads)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from reme import threads
+from reme.cli import threads
 
 
 def test_auto_policy_leaves_loaded_cores_alone():
@@ -36,7 +36,7 @@ def test_bad_values_name_their_source(monkeypatch, bad):
 
 
 def test_apply_before_torch_sets_the_environment_torch_reads():
-    code = ("import reme.threads as t, sys; n = t.apply_threads(1); assert 'torch' not in sys.modules; "
+    code = ("import reme.cli.threads as t, sys; n = t.apply_threads(1); assert 'torch' not in sys.modules; "
             "import torch; print(n, torch.get_num_threads())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["1", "1"]

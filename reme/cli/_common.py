@@ -11,7 +11,7 @@ from typing import List
 import typer
 
 from reme.classes import CLASS_LIST_GRAMMAR
-from reme.threads import apply_threads
+from reme.cli.threads import apply_threads
 
 #: Help of every --classes / --classes-file option: the one class-list grammar (reme.classes).
 CLASSES_HELP = f"Class list: {CLASS_LIST_GRAMMAR}. Example: 'person; people, car, dog'."
@@ -29,7 +29,7 @@ VERBOSE_HELP = "Also print INFO logs and the model-loading progress bars."
 def setup_logging(quiet: bool, verbose: bool = False) -> None:
     """Log warnings (and show reme's progress bars) by default; ``-v`` adds INFO logs and the
     Hugging Face "Loading weights" bars, ``-q`` drops the progress bars. Also applies the
-    thread policy (`reme.threads`: ``$REME_THREADS``, else auto)."""
+    thread policy (`reme.cli.threads`: ``$REME_THREADS``, else auto)."""
     try:
         apply_threads()
     except ValueError as exc:

@@ -1,7 +1,7 @@
 """Thread policy of reme's entry points (CLI commands, the demo server, build workers).
 
 Library code never changes torch's process-wide thread count; an entry point calls
-[`apply_threads`][reme.threads.apply_threads] once at start-up. The count is, first match wins:
+[`apply_threads`][reme.cli.threads.apply_threads] once at start-up. The count is, first match wins:
 
 1. the ``threads`` argument (a positive int);
 2. ``$REME_THREADS`` (a positive int, or ``auto``);
