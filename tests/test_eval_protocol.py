@@ -15,8 +15,8 @@ from reme.eval.protocol import (
     predict_image,
     resized_shape,
     slide_windows,
-    upsample_nearest,
 )
+from reme.inference.maps import upsample_nearest
 
 
 def test_resized_shape_follows_mmseg_rule():

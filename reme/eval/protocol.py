@@ -48,7 +48,6 @@ from cachetools import LRUCache
 from PIL import Image
 
 from reme.inference.retrieval import normalise_rows, pixel_class_scores_masks  # P_hat = P / row sum (step 3 above)
-from reme.inference.segmenter import upsample_nearest  # noqa: F401  (one nearest-neighbour resize; eval re-exports it)
 
 MODES = ("whole", "slide")
 BACKGROUND_MODES = ("threshold", "class", "class+threshold")

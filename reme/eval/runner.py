@@ -21,8 +21,8 @@ from reme.eval.protocol import (
     finalize_labels,
     make_plan,
     predict_image,
-    upsample_nearest,
 )
+from reme.inference.maps import upsample_nearest
 from reme.eval.report import result_markdown, save_confusion_png, save_side_by_side, write_json, write_text
 from reme.eval.metrics import ConfusionMeter, majority_scores, scores_from_confusion
 

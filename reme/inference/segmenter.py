@@ -10,7 +10,6 @@ from typing import Sequence
 
 import torch
 
-from reme.checks import check_logit_scale
 from reme.inference.editor import OverlayEditor
 from reme.inference.kernel import DEFAULT_CHUNK_SIZE
 from reme.inference.maps import label_fractions, upsample_nearest, upsample_scores
@@ -28,7 +27,7 @@ from reme.reference import ReferenceSet
 from reme.reference.overlay import Overlay
 
 __all__ = ["Segmenter", "SegmentationResult", "A2_CACHE_SIZE", "DEFAULT_LABEL_LOGIT_SCALE",
-           "DEFAULT_MAX_WORKING_PIXELS", "DEFAULT_SEGMENT_LOGIT_SCALE", "DEFAULT_TOP_K", "check_logit_scale",
+           "DEFAULT_MAX_WORKING_PIXELS", "DEFAULT_SEGMENT_LOGIT_SCALE", "DEFAULT_TOP_K",
            "label_fractions", "upsample_nearest", "upsample_scores"]
 
 #: Settings read through to the predictor (read-only; make a new Segmenter to change one).
