@@ -3,6 +3,8 @@ free-form queries and synonym merging; on the embedded reference set and real ph
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -83,3 +85,19 @@ def test_free_form_queries_and_synonyms_merged_by_max(image):
     torch.testing.assert_close(P_syn[:, 1], P_sep[:, 2])
     with pytest.raises(ValueError, match="proposals"):
         Segmenter(REF, device="cpu", proposals="slic")
+
+
+def test_signature_lists_predictor_settings_plus_overlay():
+    """Segmenter passes ``**settings`` to its Predictor (one keyword list, Predictor's); its
+    signature still shows every setting with its default, and a misspelt one is refused."""
+    from reme.inference.predictor import Predictor
+
+    def keywords(obj):
+        return {name: p.default for name, p in inspect.signature(obj).parameters.items()
+                if p.kind is p.KEYWORD_ONLY}
+
+    seg, pred = keywords(Segmenter), keywords(Predictor)
+    assert seg == {**pred, "overlay": None}
+    assert next(iter(inspect.signature(Segmenter).parameters)) == "reference"
+    with pytest.raises(TypeError, match=r"Segmenter.*'topk'.*'top_k'"):
+        Segmenter(REF, topk=5)

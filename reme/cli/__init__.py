@@ -32,13 +32,16 @@ _TYPE_METAVARS = {str: "TEXT", int: "INTEGER", float: "FLOAT"}
 def _set_metavars(typer_app: typer.Typer) -> None:
     import typing
 
+    infos = (typer.models.OptionInfo, typer.models.ArgumentInfo)
     for command in typer_app.registered_commands:
-        hints = typing.get_type_hints(command.callback)
+        hints = typing.get_type_hints(command.callback, include_extras=True)
         for name, param in inspect.signature(command.callback).parameters.items():
-            info = param.default
-            if not isinstance(info, (typer.models.OptionInfo, typer.models.ArgumentInfo)) or info.metavar:
+            info, hint = param.default, hints[name]
+            if typing.get_origin(hint) is typing.Annotated:   # `name: Annotated[type, typer.Option(...)] = default`
+                info = next((m for m in hint.__metadata__ if isinstance(m, infos)), info)
+                hint = hint.__origin__
+            if not isinstance(info, infos) or info.metavar:
                 continue
-            hint = hints[name]
             args = [a for a in typing.get_args(hint) if a is not type(None)]
             base = args[0] if typing.get_origin(hint) in (typing.Union, list) and args else hint
             if base is Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -20,6 +20,21 @@ logger = logging.getLogger("reme")
 _EVAL_DATASETS = "voc21, voc20, pc60, pc59, pc459, coco_object, coco_stuff171, cityscapes, ade150, ade847 or generic"
 
 
+# Options `eval` and `ablate` share (the same evaluation-data selection and protocol).
+RootOpt = Annotated[Optional[Path], typer.Option(
+    help="Dataset root, or a detectron2 datasets root holding it (folder trees: docs/evaluation.md).")]
+ImagesOpt = Annotated[Optional[Path], typer.Option(
+    help="Evaluation image folder (generic; overrides a benchmark's layout).")]
+MasksOpt = Annotated[Optional[Path], typer.Option(
+    help="Evaluation index-mask folder, same stems (generic; overrides the layout).")]
+ClassesFileOpt = Annotated[Optional[Path], typer.Option(help="Generic evaluation data: " + CLASSES_FILE_HELP)]
+LimitOpt = Annotated[Optional[int], typer.Option(help="Evaluate the first N images (after any --offset and --stride).")]
+StrideOpt = Annotated[int, typer.Option(help="Use every N-th evaluation image.")]
+ShortSideOpt = Annotated[Optional[int], typer.Option(
+    help="Short side in pixels (default: the benchmark's; 0 = native).")]
+ModeOpt = Annotated[Optional[str], typer.Option(help="Inference: whole (default) or slide.")]
+
+
 def _eval_protocol_kw(short_side, mode, crop, window_stride, background_mode, bg_threshold, others_threshold,
                       no_synonyms) -> dict:
     return dict(short_side=short_side, mode=mode, crop=crop, window_stride=window_stride, background=background_mode,
@@ -29,8 +44,7 @@ def _eval_protocol_kw(short_side, mode, crop, window_stride, background_mode, bg
 @app.command("eval", short_help="Evaluate on a benchmark: mIoU, per-class IoU.")
 def eval_cmd(
     dataset: Optional[str] = typer.Option(None, "--dataset", help=f"Benchmark: {_EVAL_DATASETS} (or --suite)."),
-    root: Optional[Path] = typer.Option(None, help="Dataset root, or a detectron2 datasets root holding it "
-                                        "(folder trees: docs/evaluation.md)."),
+    root: RootOpt = None,
     layout: Optional[str] = typer.Option(None, help="Benchmark tree: mmseg, detectron2 or flat (default: detect)."),
     suite: Optional[str] = typer.Option(None, help="'paper': every benchmark of the paper under --data-root, "
                                         "resumable, with a summary beside the published numbers."),
@@ -40,17 +54,17 @@ def eval_cmd(
     out: Optional[Path] = typer.Option(None, help="Output folder: results.json, results.md, confusion.png, vis/ "
                                        "(--suite: one folder per benchmark + summary.md/json; default eval_paper)."),
     split: Optional[str] = typer.Option(None, help="Benchmark split (default val / validation)."),
-    images: Optional[Path] = typer.Option(None, help="Image folder (generic; overrides a benchmark's layout)."),
-    masks: Optional[Path] = typer.Option(None, help="Index-mask folder, same stems (generic; overrides the layout)."),
-    classes_file: Optional[Path] = typer.Option(None, help="Generic datasets: " + CLASSES_FILE_HELP),
+    images: ImagesOpt = None,
+    masks: MasksOpt = None,
+    classes_file: ClassesFileOpt = None,
     ignore_index: Optional[int] = typer.Option(None, help="Mask value to ignore (generic default 255)."),
     reduce_zero_label: bool = typer.Option(False, help="Generic: ignore mask value 0 and shift the others down."),
     background: Optional[str] = typer.Option(None, help="Generic: name of the background class (set by threshold)."),
-    limit: Optional[int] = typer.Option(None, help="Evaluate the first N images (after --offset and --stride)."),
-    stride: int = typer.Option(1, help="Use every N-th image."),
+    limit: LimitOpt = None,
+    stride: StrideOpt = 1,
     offset: int = typer.Option(0, help="Skip the first N images (sorted by name)."),
-    short_side: Optional[int] = typer.Option(None, help="Short side in pixels (default: the benchmark's; 0 = native)."),
-    mode: Optional[str] = typer.Option(None, help="Inference: whole (default) or slide."),
+    short_side: ShortSideOpt = None,
+    mode: ModeOpt = None,
     crop: Optional[int] = typer.Option(None, help="Sliding-window size (default 336)."),
     window_stride: Optional[int] = typer.Option(None, help="Sliding-window step (default 112)."),
     background_mode: Optional[str] = typer.Option(None, help="class+threshold (default of VOC-21, PC-60, COCO-Object), threshold or class."),
@@ -147,14 +161,14 @@ def _eval_subset(ask, dataset, root, split, images, masks, classes_file, ignore_
 def ablate_cmd(
     kind: str = typer.Option("noisy-gt", help="noisy-gt (GT reference with corrupted labels) or caption."),
     dataset: str = typer.Option(..., "--dataset", help=f"Evaluation data: {_EVAL_DATASETS}."),
-    root: Optional[Path] = typer.Option(None, help="Dataset root."),
-    images: Optional[Path] = typer.Option(None, help="Evaluation image folder (generic)."),
-    masks: Optional[Path] = typer.Option(None, help="Evaluation mask folder (generic)."),
-    classes_file: Optional[Path] = typer.Option(None, help="Generic evaluation data: " + CLASSES_FILE_HELP),
-    limit: Optional[int] = typer.Option(None, help="Evaluate the first N images (after --stride)."),
-    stride: int = typer.Option(1, help="Use every N-th evaluation image."),
-    short_side: Optional[int] = typer.Option(None, help="Short side (default: the benchmark's; 0 = native)."),
-    mode: Optional[str] = typer.Option(None, help="whole (default) or slide."),
+    root: RootOpt = None,
+    images: ImagesOpt = None,
+    masks: MasksOpt = None,
+    classes_file: ClassesFileOpt = None,
+    limit: LimitOpt = None,
+    stride: StrideOpt = 1,
+    short_side: ShortSideOpt = None,
+    mode: ModeOpt = None,
     reference: Optional[Path] = typer.Option(None, help="noisy-gt: the GT-mode reference set."),
     noise: float = typer.Option(0.3, help="noisy-gt: fraction of labels replaced at random."),
     seed: int = typer.Option(0, help="noisy-gt: corruption seed."),

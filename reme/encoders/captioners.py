@@ -14,6 +14,7 @@ Specs::
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -65,13 +66,28 @@ def _to_pil(image: np.ndarray):
     return Image.fromarray(_preprocess.check_rgb_uint8(image))
 
 
+class _ClassDefault:
+    """Marker default of `_HFCaptioner.__init__`: the subclass's ``DEFAULT_*`` value."""
+
+    def __repr__(self) -> str:
+        return "<class default>"
+
+
+_CLASS_DEFAULT: Any = _ClassDefault()
+
+
 class _HFCaptioner(Captioner):
     """Shared parts of the transformers captioners.
+
+    A subclass sets `DEFAULT_PROMPT` and `DEFAULT_MAX_NEW_TOKENS` (its constructor's defaults,
+    shown by ``inspect.signature``) and may refuse prompts (`_check_prompt`) or derive the model
+    input from the settings (`_ready`).
 
     Attributes:
         spec (str): canonical spec, e.g. ``"llava:llava-hf/llava-1.5-7b-hf"``.
         device (torch.device): where generation runs.
         model: the wrapped ``transformers`` model, eval mode; processor: its processor.
+        prompt (str | None): the instruction or caption prefix.
         max_new_tokens (int): greedy decoding budget.
         dim: None (no embeddings).
     """
@@ -83,13 +99,38 @@ class _HFCaptioner(Captioner):
     #: Captioners have no embedding dimension.
     dim: int | None = None
     max_new_tokens: int
+    #: The constructor's default ``prompt``.
+    DEFAULT_PROMPT: str | None = None
+    #: The constructor's default ``max_new_tokens``.
+    DEFAULT_MAX_NEW_TOKENS: int
 
-    def _setup(self, model: Any, processor: Any, spec: str, device, prompt, max_new_tokens: int) -> None:
-        """Store the wrapped model (eval mode) and the generation settings.
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        spec: str,
+        device: str | torch.device = "cpu",
+        prompt: str | None = _CLASS_DEFAULT,
+        max_new_tokens: int = _CLASS_DEFAULT,
+    ) -> None:
+        """Wrap a loaded model and processor (use the family's loader); the subclass docstrings
+        name the model classes and the defaults.
+
+        Args:
+            model: the ``transformers`` generation model.
+            processor: its processor.
+            spec: canonical spec string.
+            device: device the model is on.
+            prompt: the instruction or caption prefix; default `DEFAULT_PROMPT`.
+            max_new_tokens: greedy decoding budget; default `DEFAULT_MAX_NEW_TOKENS`.
 
         Raises:
-            ValueError: ``max_new_tokens < 1``.
+            ValueError: a prompt the subclass refuses, or ``max_new_tokens < 1``.
         """
+        prompt = self.DEFAULT_PROMPT if prompt is _CLASS_DEFAULT else prompt
+        max_new_tokens = self.DEFAULT_MAX_NEW_TOKENS if max_new_tokens is _CLASS_DEFAULT else max_new_tokens
+        self._check_prompt(prompt)
         if int(max_new_tokens) < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.model = model.eval()
@@ -98,6 +139,22 @@ class _HFCaptioner(Captioner):
         self.device = torch.device(device)
         self.prompt = prompt
         self.max_new_tokens = int(max_new_tokens)
+        self._ready()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Give the subclass the constructor signature with its own defaults."""
+        super().__init_subclass__(**kwargs)
+        defaults = {"prompt": cls.DEFAULT_PROMPT, "max_new_tokens": cls.DEFAULT_MAX_NEW_TOKENS}
+        base = inspect.signature(_HFCaptioner.__init__)
+        _, *params = base.parameters.values()
+        cls.__signature__ = base.replace(parameters=[p.replace(default=defaults.get(p.name, p.default))
+                                                     for p in params])
+
+    def _check_prompt(self, prompt: str | None) -> None:
+        """Refuse a prompt the model cannot use (ValueError); any prompt by default."""
+
+    def _ready(self) -> None:
+        """Derive what generation needs from the stored settings; nothing by default."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(spec={self.spec!r}, device={self.device})"
@@ -118,41 +175,34 @@ class _HFCaptioner(Captioner):
 
 
 class LLaVACaptioner(_HFCaptioner):
-    """LLaVA-1.5 with the paper's prompt and greedy decoding (docs/method.md step 2); a
-    ``LlavaForConditionalGeneration`` and its ``LlavaProcessor``.
+    """LLaVA-1.5 with the paper's prompt and greedy decoding (docs/method.md step 2); wraps a
+    loaded ``LlavaForConditionalGeneration`` and its ``AutoProcessor`` (use `load_llava`).
+
+    Args:
+        model: ``LlavaForConditionalGeneration``.
+        processor: its ``AutoProcessor``.
+        spec: canonical spec string.
+        device: device the model is on.
+        prompt: the instruction; default the paper's prompt (`LLAVA_PROMPT`).
+        max_new_tokens: greedy decoding budget (default 256).
+
+    Raises:
+        ValueError: ``max_new_tokens < 1`` or an empty prompt.
 
     Attributes:
         prompt (str): the instruction (default `LLAVA_PROMPT`).
         text (str): the full model input text (chat template applied).
     """
 
-    def __init__(
-        self,
-        model: Any,
-        processor: Any,
-        *,
-        spec: str,
-        device: str | torch.device = "cpu",
-        prompt: str = LLAVA_PROMPT,
-        max_new_tokens: int = LLAVA_MAX_NEW_TOKENS,
-    ) -> None:
-        """Wrap a loaded LLaVA model and processor (use `load_llava`).
+    DEFAULT_PROMPT = LLAVA_PROMPT
+    DEFAULT_MAX_NEW_TOKENS = LLAVA_MAX_NEW_TOKENS
 
-        Args:
-            model: ``LlavaForConditionalGeneration``.
-            processor: its ``AutoProcessor``.
-            spec: canonical spec string.
-            device: device the model is on.
-            prompt: the instruction; default the paper's prompt.
-            max_new_tokens: greedy decoding budget (default 256).
-
-        Raises:
-            ValueError: ``max_new_tokens < 1`` or an empty prompt.
-        """
+    def _check_prompt(self, prompt: str | None) -> None:
         if not prompt or not prompt.strip():
             raise ValueError("prompt must be a non-empty string")
-        self._setup(model, processor, spec, device, prompt, max_new_tokens)
-        self.text = self._build_text(prompt)
+
+    def _ready(self) -> None:
+        self.text = self._build_text(self.prompt)
 
     def _build_text(self, prompt: str) -> str:
         if getattr(self.processor, "chat_template", None):
@@ -181,37 +231,26 @@ class LLaVACaptioner(_HFCaptioner):
 
 
 class BLIPCaptioner(_HFCaptioner):
-    """BLIP image captioning (the lighter alternative of docs/method.md step 2); a
-    ``BlipForConditionalGeneration`` and its ``BlipProcessor``.
+    """BLIP image captioning (the lighter alternative of docs/method.md step 2); wraps a loaded
+    ``BlipForConditionalGeneration`` and its ``BlipProcessor`` (use `load_blip`).
+
+    Args:
+        model: ``BlipForConditionalGeneration``.
+        processor: its ``BlipProcessor``.
+        spec: canonical spec string.
+        device: device the model is on.
+        prompt: None (default) for unconditional captions, or a prefix the caption continues.
+        max_new_tokens: greedy decoding budget (default 40, chosen by us).
+
+    Raises:
+        ValueError: ``max_new_tokens < 1``.
 
     Attributes:
         prompt (str | None): optional text prefix (conditional captioning, e.g. "a photo of").
     """
 
-    def __init__(
-        self,
-        model: Any,
-        processor: Any,
-        *,
-        spec: str,
-        device: str | torch.device = "cpu",
-        prompt: str | None = None,
-        max_new_tokens: int = BLIP_MAX_NEW_TOKENS,
-    ) -> None:
-        """Wrap a loaded BLIP model and processor (use `load_blip`).
-
-        Args:
-            model: ``BlipForConditionalGeneration``.
-            processor: its ``BlipProcessor``.
-            spec: canonical spec string.
-            device: device the model is on.
-            prompt: None (default) for unconditional captions, or a prefix the caption continues.
-            max_new_tokens: greedy decoding budget (default 40, chosen by us).
-
-        Raises:
-            ValueError: ``max_new_tokens < 1``.
-        """
-        self._setup(model, processor, spec, device, prompt, max_new_tokens)
+    DEFAULT_PROMPT = None
+    DEFAULT_MAX_NEW_TOKENS = BLIP_MAX_NEW_TOKENS
 
     def caption(self, image: np.ndarray, key: str | None = None) -> list[str]:
         """Caption one image.
@@ -237,10 +276,11 @@ def _spec_for(family: str, target: str, source: str) -> str:
     return f"{family}:{source}" if given_folder else f"{family}:{target}"
 
 
-def _load_hf_captioner(family: str, target: str, device, cache_dir: str | None, dtype, *, model_class: str,
-                       processor_class: str, expected: str):
-    """(model on ``device``, processor, spec, torch.device) of a ``family:`` captioner whose
-    config's ``model_type`` must be ``family`` (else ValueError naming ``expected``)."""
+def _load_hf_captioner(cls: type[_HFCaptioner], family: str, target: str, device, cache_dir: str | None, dtype, *,
+                       model_class: str, processor_class: str, expected: str, **settings) -> _HFCaptioner:
+    """A ``cls`` captioner (``settings``: its prompt and max_new_tokens) of a ``family:`` model,
+    on ``device``, whose config's ``model_type`` must be ``family`` (else ValueError naming
+    ``expected``)."""
     transformers = _import_transformers()
     target = (target or "").strip()
     source, _ = _hub.resolve_hf_repo(target, family=family, cache_dir=cache_dir)
@@ -254,7 +294,9 @@ def _load_hf_captioner(family: str, target: str, device, cache_dir: str | None, 
         **_hub.hf_dtype_kwargs(_default_dtype(dev, dtype)),
     ).to(dev)
     processor = getattr(transformers, processor_class).from_pretrained(source, cache_dir=cache_dir)
-    return model, processor, spec, dev
+    captioner = cls(model, processor, spec=spec, device=dev, **settings)
+    logger.info("loaded %s on %s", spec, dev)
+    return captioner
 
 
 def load_llava(
@@ -285,14 +327,9 @@ def load_llava(
             unreachable (the message gives the ``hf download`` command and the local spec).
         ValueError: the config is not a LLaVA model.
     """
-    model, processor, spec, dev = _load_hf_captioner(
-        "llava", target, device, cache_dir, dtype, model_class="LlavaForConditionalGeneration",
-        processor_class="AutoProcessor", expected="'llava'")
-    captioner = LLaVACaptioner(
-        model, processor, spec=spec, device=dev, prompt=prompt, max_new_tokens=max_new_tokens
-    )
-    logger.info("loaded %s on %s", spec, dev)
-    return captioner
+    return _load_hf_captioner(
+        LLaVACaptioner, "llava", target, device, cache_dir, dtype, model_class="LlavaForConditionalGeneration",
+        processor_class="AutoProcessor", expected="'llava'", prompt=prompt, max_new_tokens=max_new_tokens)
 
 
 def load_blip(
@@ -323,15 +360,10 @@ def load_blip(
         reme.errors.MissingWeightsError: as `load_llava`.
         ValueError: the config is not a BLIP model.
     """
-    model, processor, spec, dev = _load_hf_captioner(
-        "blip", target, device, cache_dir, dtype, model_class="BlipForConditionalGeneration",
-        processor_class="BlipProcessor",
-        expected="'blip' (BLIP-2 checkpoints are not supported by this loader)")
-    captioner = BLIPCaptioner(
-        model, processor, spec=spec, device=dev, prompt=prompt, max_new_tokens=max_new_tokens
-    )
-    logger.info("loaded %s on %s", spec, dev)
-    return captioner
+    return _load_hf_captioner(
+        BLIPCaptioner, "blip", target, device, cache_dir, dtype, model_class="BlipForConditionalGeneration",
+        processor_class="BlipProcessor", expected="'blip' (BLIP-2 checkpoints are not supported by this loader)",
+        prompt=prompt, max_new_tokens=max_new_tokens)
 
 
 # -------------------------------------------------------------------------------- caption files

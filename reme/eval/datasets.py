@@ -111,35 +111,38 @@ LAYOUT_NAMES = ("mmseg", "detectron2", "flat")
 _FLAT = Layout("images", "masks", ".png", None, name="flat")
 _VOC12, _VOC10 = ("VOCdevkit/VOC2012",), ("VOCdevkit/VOC2010",)
 
+#: mmseg's trees of VOC 2012 and PASCAL-Context (background = 0).
+_VOC_MMSEG = Layout("JPEGImages", "SegmentationClass", ".png", ".jpg", "ImageSets/Segmentation/{split}.txt")
+_CONTEXT_MMSEG = Layout("JPEGImages", "SegmentationClassContext", ".png", ".jpg", "ImageSets/SegmentationContext/{split}.txt")
+
+
+def _detectron2_shifted(images: str, masks: str) -> Layout:
+    """The detectron2 tree of a ``reduce_zero_label`` benchmark: PNG masks whose ids are already
+    shifted (0 = the first class, 255 = ignore)."""
+    return Layout(images, masks, ".png", ".jpg", name="detectron2", reduce_zero_label=False)
+
+
+#: detectron2's trees of VOC 2012 (VOC-21: background last, VOC-20: no background) and PASCAL-Context 59.
+_VOC21_D2 = Layout("JPEGImages", "annotations_detectron2_bg/{split}", label_lut="voc21_background_last",
+                   name="detectron2")
+_VOC20_D2 = _detectron2_shifted("JPEGImages", "annotations_detectron2/{split}")
+_PC59_D2 = _detectron2_shifted("JPEGImages", "annotations_detectron2/pc59_{split}")
+
 #: The ten benchmarks of the paper (docs/method.md). Each lists its accepted trees, tried in order:
 #: mmseg's dataset preparation (VOC, Context, COCO, Cityscapes, ADE-150), the detectron2
 #: preparation of ReME's, CAT-Seg's and ProxyCLIP's scripts (``annotations_detectron2*``:
 #: ids already shifted, VOC-21 with background as the *last* value 20, which the
 #: ``voc21_background_last`` table maps to class 0 of ``voc21.txt``; 16-bit TIFF label maps
 #: with 65535 = ignore for the 459- and 847-class sets), then a flat images/ + masks/ tree.
-#: mmseg's trees of VOC 2012 and PASCAL-Context (background = 0).
-_VOC_MMSEG = Layout("JPEGImages", "SegmentationClass", ".png", ".jpg", "ImageSets/Segmentation/{split}.txt")
-_CONTEXT_MMSEG = Layout("JPEGImages", "SegmentationClassContext", ".png", ".jpg", "ImageSets/SegmentationContext/{split}.txt")
-
 BENCHMARKS: dict[str, BenchmarkSpec] = {s.name: s for s in [
-    BenchmarkSpec("voc21", "PASCAL VOC 2012 (21 classes, with background)", "voc21", (
-        _VOC_MMSEG,
-        Layout("JPEGImages", "annotations_detectron2_bg/{split}", ".png", ".jpg", label_lut="voc21_background_last",
-               name="detectron2"), _FLAT),
-        background_index=0, felzenszwalb="voc", homes=_VOC12),
-    BenchmarkSpec("voc20", "PASCAL VOC 2012 (20 classes, background ignored)", "voc20", (
-        _VOC_MMSEG,
-        Layout("JPEGImages", "annotations_detectron2/{split}", ".png", ".jpg", name="detectron2",
-               reduce_zero_label=False), _FLAT),
-        reduce_zero_label=True, felzenszwalb="voc", homes=_VOC12),
-    BenchmarkSpec("pc60", "PASCAL-Context 60 (59 classes + background)", "pc60", (
-        _CONTEXT_MMSEG,
-        _FLAT), background_index=0, felzenszwalb="voc", homes=_VOC10),
-    BenchmarkSpec("pc59", "PASCAL-Context 59 (background ignored)", "pc59", (
-        _CONTEXT_MMSEG,
-        Layout("JPEGImages", "annotations_detectron2/pc59_{split}", ".png", ".jpg", name="detectron2",
-               reduce_zero_label=False), _FLAT),
-        reduce_zero_label=True, felzenszwalb="voc", homes=_VOC10),
+    BenchmarkSpec("voc21", "PASCAL VOC 2012 (21 classes, with background)", "voc21", (_VOC_MMSEG, _VOC21_D2, _FLAT),
+                  background_index=0, felzenszwalb="voc", homes=_VOC12),
+    BenchmarkSpec("voc20", "PASCAL VOC 2012 (20 classes, background ignored)", "voc20", (_VOC_MMSEG, _VOC20_D2, _FLAT),
+                  reduce_zero_label=True, felzenszwalb="voc", homes=_VOC12),
+    BenchmarkSpec("pc60", "PASCAL-Context 60 (59 classes + background)", "pc60", (_CONTEXT_MMSEG, _FLAT),
+                  background_index=0, felzenszwalb="voc", homes=_VOC10),
+    BenchmarkSpec("pc59", "PASCAL-Context 59 (background ignored)", "pc59", (_CONTEXT_MMSEG, _PC59_D2, _FLAT),
+                  reduce_zero_label=True, felzenszwalb="voc", homes=_VOC10),
     BenchmarkSpec("pc459", "PASCAL-Context 459", "pc459", (
         Layout("JPEGImages", "annotations_detectron2/pc459_{split}", ".tif", ".jpg",
                "ImageSets/SegmentationContext/{split}.txt", name="detectron2"),
@@ -162,8 +165,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {s.name: s for s in [
         short_side=560, felzenszwalb="cityscapes", homes=("cityscapes",)),
     BenchmarkSpec("ade150", "ADE20K SceneParsing (150 classes)", "ade150", (
         Layout("images/{split}", "annotations/{split}", ".png"),
-        Layout("images/{split}", "annotations_detectron2/{split}", ".png", name="detectron2",
-               reduce_zero_label=False), _FLAT),
+        _detectron2_shifted("images/{split}", "annotations_detectron2/{split}"), _FLAT),
         default_split="validation", reduce_zero_label=True, short_side=448, homes=("ADEChallengeData2016",)),
     BenchmarkSpec("ade847", "ADE20K-Full (847 classes)", "ade847", (
         Layout("images_detectron2/{split}", "annotations_detectron2/{split}", ".tif", name="detectron2"),

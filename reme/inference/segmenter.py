@@ -5,13 +5,11 @@ and an [`OverlayEditor`][reme.inference.editor.OverlayEditor] of examples."""
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
 from pathlib import Path
-from typing import Sequence
-
-import torch
 
 from reme.inference.editor import OverlayEditor
-from reme.inference.kernel import DEFAULT_CHUNK_SIZE
 from reme.inference.maps import label_fractions, upsample_nearest, upsample_scores
 from reme.inference.predictor import (
     A2_CACHE_SIZE,
@@ -22,7 +20,6 @@ from reme.inference.predictor import (
     Predictor,
     SegmentationResult,
 )
-from reme.proposals import FelzenszwalbParams
 from reme.reference import ReferenceSet
 from reme.reference.overlay import Overlay
 
@@ -36,11 +33,23 @@ _SETTINGS = ("reference", "visual_encoder", "text_encoder", "felzenszwalb", "seg
              "others_threshold", "max_working_pixels", "example_bias", "view_cache_size", "proposer", "index",
              "none_rule")
 
+#: The keywords a Segmenter passes to its Predictor (``**settings``): Predictor's keyword-only
+#: parameters, each documented there with its default.
+_PREDICTOR_KEYWORDS = tuple(name for name, p in inspect.signature(Predictor.__init__).parameters.items()
+                            if p.kind is p.KEYWORD_ONLY)
+
+
+def _unknown_keyword(name: str) -> str:
+    """The TypeError message for a keyword that is neither ``overlay`` nor a Predictor setting."""
+    close = difflib.get_close_matches(name, ("overlay", *_PREDICTOR_KEYWORDS), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"Segmenter() got an unexpected keyword argument {name!r}{hint}"
+
 
 class Segmenter:
     """Training-free open-vocabulary segmenter (ReME inference, docs/method.md Part 2).
 
-    Every keyword but ``reference`` and ``overlay`` is a setting of the
+    Every keyword but ``reference`` and ``overlay`` is passed on as a setting of the
     [`Predictor`][reme.inference.predictor.Predictor] it wraps (visual_encoder, text_encoder,
     felzenszwalb, segment_logit_scale, label_logit_scale, top_k, templates,
     allow_encoder_mismatch, device, chunk_size, retrieval, proposals, n_clusters, smooth_omega,
@@ -56,8 +65,12 @@ class Segmenter:
             with the reference set: an overlay folder (loaded when it exists, else created
             there by `save_overlay`), an [`Overlay`][reme.reference.overlay.Overlay], or None (an empty
             in-memory overlay; `add_examples` still works). An empty overlay changes nothing.
+        **settings: the Predictor's keywords, with its defaults (``inspect.signature(Segmenter)``
+            and ``help(Segmenter)`` list them all).
 
     Raises:
+        TypeError: a keyword that is neither ``overlay`` nor a Predictor setting (the message
+            suggests the nearest name).
         ReferenceSetError: the encoders do not match the reference set, or the overlay was made
             with other encoders than the reference set.
         ValueError: the overlay path is inside the reference folder, example_bias outside [0, 1]
@@ -66,25 +79,12 @@ class Segmenter:
             non-finite others_threshold, an unlabelled threshold outside [-1, 1].
     """
 
-    def __init__(self, reference: str | Path | ReferenceSet, *, visual_encoder=None, text_encoder=None,
-                 felzenszwalb: FelzenszwalbParams | None = None,
-                 segment_logit_scale: float = DEFAULT_SEGMENT_LOGIT_SCALE,
-                 label_logit_scale: float = DEFAULT_LABEL_LOGIT_SCALE,
-                 top_k: int | None = DEFAULT_TOP_K, templates: Sequence[str] | None = None,
-                 allow_encoder_mismatch: bool = False, device: str | torch.device | None = None,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, retrieval: str = "exact",
-                 proposals: str | None = None, n_clusters: int | None = None, smooth_omega: float = 0.0,
-                 others_threshold: float | None = None,
-                 max_working_pixels: int | None = DEFAULT_MAX_WORKING_PIXELS,
-                 overlay: str | Path | Overlay | None = None, example_bias: float = 0.0,
-                 view_cache_size: int = 1, unlabelled=True):
-        self.predictor = Predictor(
-            reference, visual_encoder=visual_encoder, text_encoder=text_encoder, felzenszwalb=felzenszwalb,
-            segment_logit_scale=segment_logit_scale, label_logit_scale=label_logit_scale, top_k=top_k,
-            templates=templates, allow_encoder_mismatch=allow_encoder_mismatch, device=device,
-            chunk_size=chunk_size, retrieval=retrieval, proposals=proposals, n_clusters=n_clusters,
-            smooth_omega=smooth_omega, others_threshold=others_threshold, max_working_pixels=max_working_pixels,
-            example_bias=example_bias, view_cache_size=view_cache_size, unlabelled=unlabelled)
+    def __init__(self, reference: str | Path | ReferenceSet, *, overlay: str | Path | Overlay | None = None,
+                 **settings):
+        unknown = [name for name in settings if name not in _PREDICTOR_KEYWORDS]
+        if unknown:
+            raise TypeError(_unknown_keyword(unknown[0]))
+        self.predictor = Predictor(reference, **settings)
         self.editor = OverlayEditor(self.predictor, overlay)
 
     def __getattr__(self, name):
@@ -304,3 +304,16 @@ class Segmenter:
     @property
     def _views(self):
         return self.predictor.view_cache
+
+
+def _segmenter_signature() -> inspect.Signature:
+    """Predictor.__init__'s signature with Segmenter's ``overlay`` keyword after ``reference``,
+    so ``inspect.signature(Segmenter)`` and ``help(Segmenter)`` list every setting with its
+    default."""
+    overlay = inspect.signature(Segmenter.__init__).parameters["overlay"]
+    predictor = inspect.signature(Predictor.__init__)
+    self_, reference, *settings = predictor.parameters.values()
+    return predictor.replace(parameters=[self_, reference, overlay, *settings])
+
+
+Segmenter.__init__.__signature__ = _segmenter_signature()
