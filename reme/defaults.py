@@ -13,6 +13,10 @@ DEFAULT_REFERENCE_NAME = "default"
 # that they agree).
 #: `reme.inference.segmenter.DEFAULT_MAX_WORKING_PIXELS`: 2 MP working resolution.
 MAX_WORKING_PIXELS = 2048 * 1024
+#: Felzenszwalb's working size at inference (`reme.inference.predictor.DEFAULT_PROPOSAL_PIXELS`):
+#: 1/6 of the 448 x 597 input the DINOv2 encoder sees of a 4:3 photo, the best of full size and
+#: 1/2, 1/4, 1/6, 1/8 of it on 82 CamVid train frames (docs/performance.md); None = full size.
+PROPOSAL_PIXELS: int | None = 44_576
 #: `reme.inference.segmenter.DEFAULT_SEGMENT_LOGIT_SCALE` / `DEFAULT_LABEL_LOGIT_SCALE` (tau1, tau2).
 LOGIT_SCALE = 50.0
 #: `reme.inference.segmenter.DEFAULT_TOP_K`.

@@ -40,6 +40,21 @@ def frames(split: str, n: int, exclude: set[str] = frozenset()) -> list[tuple[np
             for p in paths]
 
 
+def coco_frames(n: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[str]]:
+    """The first ``n`` coco_tiny **train** photos with masks of the 80 thing classes (background
+    and unannotated pixels ignored: value 255), and those 80 names."""
+    from reme.defaults import shared_data_dir
+
+    root = (shared_data_dir() or Path("/work/shared/data")) / "coco_tiny"
+    names = [line.strip() for line in (root / "classes_coco_object.txt").read_text().splitlines() if line.strip()]
+    out = []
+    for p in sorted((root / "images" / "train2017").glob("*.jpg"))[:n]:
+        gt = np.asarray(Image.open(root / "masks" / "train2017" / (p.stem + ".png"))).astype(np.int64)
+        gt = np.where((gt >= 1) & (gt <= 80), gt - 1, 255)
+        out.append((np.asarray(Image.open(p).convert("RGB")), gt))
+    return out, names[1:81]
+
+
 def class_file() -> list[str]:
     from reme.defaults import shared_data_dir
 
@@ -52,6 +67,13 @@ def miou(pairs, num_classes: int) -> float:
 
     cm = sum(confusion_matrix(gt, pred, num_classes) for gt, pred in pairs)
     return float(scores_from_confusion(cm)["miou"])
+
+
+def pixel_accuracy(pairs, num_classes: int) -> float:
+    from reme.eval.metrics import confusion_matrix, scores_from_confusion
+
+    cm = sum(confusion_matrix(gt, pred, num_classes) for gt, pred in pairs)
+    return float(scores_from_confusion(cm)["pixel_acc"])
 
 
 def run_precision(args, data, classes) -> None:
@@ -109,6 +131,12 @@ def _memo_last(fn):
     return memo
 
 
+def data_root() -> Path:
+    from reme.defaults import shared_data_dir
+
+    return shared_data_dir() or Path("/work/shared/data")
+
+
 def reference_images(reference: str) -> set[str]:
     """File names of the photos a reference set was built from (``segments.parquet``)."""
     import pyarrow.parquet as pq
@@ -124,7 +152,15 @@ def run_proposals(args, data, classes) -> None:
     if args.reference:
         from reme.inference.segmenter import Segmenter
 
-        seg = Segmenter(args.reference, device="cpu", view_cache_size=0, unlabelled=False)  # the closed set
+        ref = args.reference
+        if args.dataset == "coco":  # leave-out: the reference without the coco_tiny train photos it holds
+            sys.path.insert(0, str(Path(__file__).parent))
+            from none_cache import drop_images
+
+            from reme.reference import load_reference
+
+            ref = drop_images(load_reference(ref), {p.name for p in (Path(data_root()) / "coco_tiny/images/train2017").glob("*.jpg")})
+        seg = Segmenter(ref, device="cpu", view_cache_size=0, unlabelled=False)  # the closed set
         seg.visual_encoder.dense_features = _memo_last(seg.visual_encoder.dense_features)
     params = seg.felzenszwalb if seg is not None else FelzenszwalbParams()
     settings = [None] + [int(v) for v in args.max_pixels.split(",")]
@@ -146,9 +182,10 @@ def run_proposals(args, data, classes) -> None:
     for mp in settings:
         row = {"max_pixels": mp, "proposals_s_median": round(float(np.median(times[mp])), 3),
                "k_median": int(np.median(ks[mp])), "oracle_miou": round(miou(oracle[mp], len(classes)), 2),
-               "split": args.split, "frames": len(data), "load_avg": round(os.getloadavg()[0], 2)}
+               "split": "coco_tiny train2017" if args.dataset == "coco" else args.split, "frames": len(data), "load_avg": round(os.getloadavg()[0], 2)}
         if seg is not None:
             row["miou"] = round(miou(pred[mp], len(classes)), 2)
+            row["pixel_acc"] = round(pixel_accuracy(pred[mp], len(classes)), 2)
         print(json.dumps(row), flush=True)
 
 
@@ -159,6 +196,8 @@ def main() -> None:
     ap.add_argument("--split", default="val", choices=["train", "val"])
     ap.add_argument("--frames", type=int, default=20)
     ap.add_argument("--precisions", default="bf16")
+    ap.add_argument("--dataset", default="camvid", choices=["camvid", "coco"],
+                    help="coco (proposals mode): coco_tiny train photos, the 80 things, the reference without them")
     ap.add_argument("--outside", default=None, metavar="REFERENCE",
                     help="only frames this reference set was not built from (choosing a default on train frames "
                          "with the embedded reference: --split train --outside reference_sets/default)")
@@ -169,8 +208,11 @@ def main() -> None:
     from reme.cli.threads import apply_threads
 
     apply_threads()
-    data = frames(args.split, args.frames, reference_images(args.outside) if args.outside else set())
-    classes = class_file()
+    if args.dataset == "coco":
+        data, classes = coco_frames(args.frames)
+    else:
+        data = frames(args.split, args.frames, reference_images(args.outside) if args.outside else set())
+        classes = class_file()
     if args.what == "precision":
         if not args.reference:
             ap.error("precision needs --reference")

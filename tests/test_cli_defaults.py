@@ -3,6 +3,7 @@ quietly (issue 22)."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -21,6 +22,10 @@ def test_cli_defaults_are_the_library_constants():
     assert defaults.MAX_WORKING_PIXELS == sm.DEFAULT_MAX_WORKING_PIXELS
     assert defaults.LOGIT_SCALE == sm.DEFAULT_SEGMENT_LOGIT_SCALE == sm.DEFAULT_LABEL_LOGIT_SCALE
     assert defaults.TOP_K == sm.DEFAULT_TOP_K and defaults.MAX_BUILD_PIXELS == MAX_BUILD_PIXELS
+    from reme.inference.predictor import DEFAULT_PROPOSAL_PIXELS, Predictor
+
+    assert inspect.signature(Predictor).parameters["proposal_pixels"].default == DEFAULT_PROPOSAL_PIXELS
+    assert inspect.signature(sm.Segmenter).parameters["proposal_pixels"].default == DEFAULT_PROPOSAL_PIXELS
     text = " ".join(CliRunner().invoke(app, ["segment", "--help"], terminal_width=400,
                                        env={"COLUMNS": "400"}).output.split())
     assert f"default: {sm.DEFAULT_MAX_WORKING_PIXELS}" in text and f"(default {sm.DEFAULT_TOP_K};" in text

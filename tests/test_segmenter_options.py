@@ -101,3 +101,23 @@ def test_signature_lists_predictor_settings_plus_overlay():
     assert next(iter(inspect.signature(Segmenter).parameters)) == "reference"
     with pytest.raises(TypeError, match=r"Segmenter.*'topk'.*'top_k'"):
         Segmenter(REF, topk=5)
+
+
+def test_proposal_pixels_sets_the_felzenszwalb_working_size():
+    """proposal_pixels: proposals at about that many pixels, maps at the image's size; the view
+    cache keys on the proposal settings, so a changed size is not served stale proposals."""
+    from reme.proposals import felzenszwalb_segments
+
+    image = photo("coffee")                                             # 400 x 600
+    seg = Segmenter(REF, device="cpu", proposal_pixels=30_000, unlabelled=False)
+    assert seg.proposer.max_pixels == 30_000
+    small = seg.predict(image, ["cup", "table"])
+    assert small.label_map.shape == small.segment_ids.shape == image.shape[:2]
+    expected = felzenszwalb_segments(image, seg.felzenszwalb, 30_000)
+    assert np.array_equal(small.segment_ids, expected)
+    seg.proposer.max_pixels = None                                      # same Segmenter, same pixels
+    full = seg.predict(image, ["cup", "table"])
+    assert np.array_equal(full.segment_ids, felzenszwalb_segments(image, seg.felzenszwalb))
+    assert not np.array_equal(full.segment_ids, small.segment_ids)
+    with pytest.raises(ValueError, match="proposal_pixels"):
+        Segmenter(REF, device="cpu", proposal_pixels=0)

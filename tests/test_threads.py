@@ -60,3 +60,11 @@ def test_cli_refuses_a_bad_reme_threads_in_one_line():
     res = CliRunner().invoke(app, ["segment", "missing.jpg", "--classes", "cat"], env={"REME_THREADS": "lots"})
     assert res.exit_code == 2
     assert "REME_THREADS must be a positive integer or 'auto'" in res.output
+
+
+def test_build_workers_auto_follows_the_thread_policy(monkeypatch):
+    monkeypatch.setenv(threads.ENV_VAR, "3")
+    assert threads.build_workers("cpu") == 3
+    assert threads.build_workers("cuda:0") == 1 and threads.build_workers("cpu", engine="ray") == 1
+    monkeypatch.setenv(threads.ENV_VAR, "1")
+    assert threads.build_workers("cpu") == 1

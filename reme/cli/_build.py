@@ -56,7 +56,9 @@ def build_reference_cmd(
     embedding_dtype: str = typer.Option("float16", help="Storage dtype of S_ref: float16 or float32."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: CUDA if available)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
-    workers: int = typer.Option(1, help="Worker processes (local engine) or Ray actors for the per-image stages."),
+    workers: int = typer.Option(0, help="Worker processes (local engine; one torch thread each) or Ray actors for "
+                                "the per-image stages; 0 = auto: one per core the thread policy gives "
+                                "($REME_THREADS, else the idle cores) on a CPU, 1 with CUDA or Ray."),
     batch_size: int = typer.Option(8, help="Images per encoder / captioner / spaCy batch."),
     shard_size: int = typer.Option(32, help="Images per shard (the unit of resumption)."),
     engine: str = typer.Option("local", help="'local' (this machine) or 'ray' (Ray Data; pip install \"reme[ray]\")."),
@@ -77,6 +79,8 @@ def build_reference_cmd(
     from reme.errors import MissingWeightsError
     from reme.proposals import FelzenszwalbParams
 
+    if workers < 0:
+        fail(f"--workers must be >= 0 (0 = auto), got {workers}")
     if out.exists() and not overwrite:
         fail(f"{out} exists; pass --overwrite to replace it")
     check_out_path(out, folder_itself=False)
@@ -97,6 +101,10 @@ def build_reference_cmd(
         gt_mode = bool(annotations or masks or yolo_labels)
         vis = resolve_encoder(f"gfa:{visual_encoder}+{gfa_with}@{gfa_omega}" if gfa_with else visual_encoder,
                               device=device)
+        if not workers:
+            from reme.cli.threads import build_workers
+
+            run_opts["workers"] = build_workers(getattr(vis, "device", "cpu"), engine)
         if gt_mode:
             if masks and not classes_file:
                 fail("--masks needs --classes-file")

@@ -125,9 +125,14 @@ def existing_overlay(overlay: Path) -> str:
     return str(overlay)
 
 
-def segmenter_kw(top_k, segment_logit_scale, label_logit_scale, **options) -> dict:
-    """Segmenter keywords the user set (None = the Segmenter's default)."""
+def segmenter_kw(top_k, segment_logit_scale, label_logit_scale, proposal_pixels=None, **options) -> dict:
+    """Segmenter keywords the user set (None = the Segmenter's default; ``proposal_pixels`` 0 =
+    proposals at the working size)."""
     kw: dict = {k: v for k, v in options.items() if v is not None}
+    if proposal_pixels is not None:
+        if proposal_pixels < 0:
+            fail(f"--proposal-pixels must be >= 0 (0 = the working size), got {proposal_pixels}")
+        kw["proposal_pixels"] = proposal_pixels or None
     if top_k is not None:
         kw["top_k"] = top_k or None
     if segment_logit_scale is not None:

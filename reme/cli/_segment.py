@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 
 from reme.checks import MAX_LOGIT_SCALE
-from reme.defaults import LOGIT_SCALE, MAX_WORKING_PIXELS, TOP_K
+from reme.defaults import LOGIT_SCALE, MAX_WORKING_PIXELS, PROPOSAL_PIXELS, TOP_K
 
 from reme.classes import CLASS_LIST_GRAMMAR
 from reme.cli._common import (CLASSES_HELP, QUIET_HELP, VERBOSE_HELP, app, check_options, check_out_path,
@@ -32,7 +32,8 @@ def segment_cmd(
     label_logit_scale: Optional[float] = typer.Option(None, help=f"tau2 of eq. 2 (default {LOGIT_SCALE:g}; at most {MAX_LOGIT_SCALE:g})."),
     top_k: Optional[int] = typer.Option(None, help=f"Softmax over the top-k reference segments (default {TOP_K}; 0 = all)."),
     paper_form: bool = typer.Option(False, help="Literal paper eqs. 1-3: scales 1, softmax over all segments, "
-                                    "every pixel assigned (implies --no-unlabelled)."),
+                                    "every pixel assigned, full-size proposals (implies --no-unlabelled "
+                                    "--proposal-pixels 0)."),
     unlabelled: bool = typer.Option(True, "--unlabelled/--no-unlabelled",
                                     help="Leave unlabelled what matches none of the classes (label PNG 255, "
                                     "or 65535 in 16-bit PNGs; docs/method.md 'None of these'). "
@@ -55,6 +56,8 @@ def segment_cmd(
                                           "(repeatable; default: the manifest's image root)."),
     max_working_pixels: int = typer.Option(MAX_WORKING_PIXELS, help="Segment larger photos at this many pixels and bring "
                                            "the labels back to full size (bounds memory); 0 = full resolution."),
+    proposal_pixels: int = typer.Option(PROPOSAL_PIXELS or 0, help="Make the Felzenszwalb proposals at about this many "
+                                        "pixels (parameters scaled, labels at the working size); 0 = at the working size."),
     overlay_dir: Optional[Path] = typer.Option(None, "--overlay", help="Also search the examples of this overlay "
                                                "folder ('reme add-examples'); it must exist."),
     segment_ids: bool = typer.Option(False, "--segment-ids", help="Also write <stem>_segments.png: the proposal id of "
@@ -76,6 +79,8 @@ def segment_cmd(
                   label_logit_scale=label_logit_scale)
     if max_working_pixels < 0:
         fail(f"--max-working-pixels must be >= 0 (0 = full resolution), got {max_working_pixels}")
+    if proposal_pixels < 0:
+        fail(f"--proposal-pixels must be >= 0 (0 = the working size), got {proposal_pixels}")
     if explain_segments < 1:
         fail(f"--explain-segments must be >= 1, got {explain_segments}")
     try:
@@ -116,7 +121,8 @@ def segment_cmd(
         kw["unlabelled"] = unlabelled and not paper_form
         seg = sm.Segmenter(ref, device=device, allow_encoder_mismatch=allow_encoder_mismatch, retrieval=retrieval,
                            proposals=proposals, n_clusters=n_clusters, smooth_omega=smooth_omega,
-                           others_threshold=others_threshold, max_working_pixels=max_working_pixels or None, **kw)
+                           others_threshold=others_threshold, max_working_pixels=max_working_pixels or None,
+                           proposal_pixels=None if paper_form else proposal_pixels or None, **kw)
     except (MissingWeightsError, ReferenceSetError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     if seg.none_rule.label_threshold is not None:

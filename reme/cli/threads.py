@@ -107,3 +107,21 @@ def apply_threads(threads: int | str | None = None) -> int:
         torch.set_num_threads(n)
     logger.info("torch threads: %d", n)
     return n
+
+
+def build_workers(device, engine: str = "local") -> int:
+    """``reme build-reference --workers 0`` (auto): on a CPU with the local engine, one worker
+    process (one torch thread each) per thread `choose_threads` gives; 1 with the encoders on a
+    GPU or with Ray (name the actor count there).
+
+    Args:
+        device: the visual encoder's device (``torch.device`` or string).
+        engine: ``"local"`` or ``"ray"``.
+
+    Returns:
+        A worker count >= 1.
+    """
+    if engine != "local" or not str(device).startswith("cpu"):
+        return 1
+    return choose_threads()
+

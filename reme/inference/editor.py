@@ -2,7 +2,7 @@
 [`Predictor`][reme.inference.predictor.Predictor]. It owns an
 [`Overlay`][reme.reference.overlay.Overlay]: parses masks, label maps and segment ids into
 overlay rows, removes and saves examples, and keeps the merged retrieval tables
-([`OverlayTables`][reme.inference.predictor.OverlayTables]) that `Predictor.predict` searches.
+([`OverlayTables`][reme.inference.records.OverlayTables]) that `Predictor.predict` searches.
 Edits and the tables they produce are guarded by one lock per editor.
 """
 
@@ -17,7 +17,8 @@ import torch
 
 from reme.encoders.text import embed_labels
 from reme.inference.maps import upsample_nearest
-from reme.inference.predictor import OverlayTables, Predictor
+from reme.inference.predictor import Predictor
+from reme.inference.records import OverlayTables
 from reme.io import load_image_bounded, pixels_key
 from reme.proposals import majority_pieces, masks_bboxes
 from reme.reference import ReferenceSet

@@ -1,7 +1,7 @@
 """``Predictor``: the stateless half of inference (docs/method.md Part 2): reference set, encoders
 and settings in, numpy records out. The overlay of examples is edited elsewhere
 ([`reme.inference.editor.OverlayEditor`][reme.inference.editor.OverlayEditor]) and passed in as
-[`OverlayTables`][reme.inference.predictor.OverlayTables]; [`reme.inference.segmenter.Segmenter`][reme.inference.segmenter.Segmenter]
+[`OverlayTables`][reme.inference.records.OverlayTables]; [`reme.inference.segmenter.Segmenter`][reme.inference.segmenter.Segmenter]
 joins the two behind one object.
 
 A Predictor's settings are fixed at construction; what it keeps between calls are caches of
@@ -16,15 +16,15 @@ import copy
 import logging
 import threading
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from reme.checks import check_logit_scale, check_others_threshold
 from reme.classes import parse_classes
+from reme.defaults import PROPOSAL_PIXELS
 from reme.encoders import resolve_device, resolve_encoder
 from reme.encoders.pooling import embed_proposals
 from reme.encoders.text import TEMPLATES, embed_labels
@@ -34,6 +34,7 @@ from reme.inference.caches import LockedLRU
 from reme.inference.evidence import DEFAULT_EVIDENCE_TOP, evidence_from_neighbours, neighbour_evidence
 from reme.inference.kernel import DEFAULT_CHUNK_SIZE, TopkReducer, scan
 from reme.inference.maps import label_fractions, upsample_nearest, upsample_scores
+from reme.inference.records import OverlayTables, SegmentationResult
 from reme.inference.retrieval import (
     DEFAULT_TOPK_CANDIDATES,
     a1_reducer,
@@ -47,7 +48,7 @@ from reme.inference.retrieval import (
     rescore,
     topk_class_scores,
 )
-from reme.reference.oref import ORefCSR, o_ref_csr
+from reme.reference.oref import o_ref_csr
 from reme.io import load_image, load_image_bounded, pixels_key
 from reme.proposals import FelzenszwalbParams, ProposalGenerator
 from reme.reference import ReferenceSet, load_reference
@@ -57,7 +58,8 @@ logger = logging.getLogger(__name__)
 #: Defaults chosen by us on CamVid train->val (GT reference of 68k segments, classical encoder,
 #: 30 val images; docs/method.md "Choosing the logit scales"): paper form (1, 1, all) 2.9 mIoU
 #: (majority class everywhere), scale 100 over all segments 30.2, top-k 5-10 at scale 50-100
-#: 43.0-43.7. The literal paper form is segment_logit_scale=1, label_logit_scale=1, top_k=None.
+#: 43.0-43.7. The literal paper form is segment_logit_scale=1, label_logit_scale=1, top_k=None
+#: (with unlabelled=False and full-size proposals, proposal_pixels=None).
 DEFAULT_SEGMENT_LOGIT_SCALE = 50.0
 DEFAULT_LABEL_LOGIT_SCALE = 50.0
 DEFAULT_TOP_K: int | None = 10
@@ -67,83 +69,14 @@ DEFAULT_TOP_K: int | None = 10
 #: 1024 Cityscapes frame and every benchmark image fit unchanged. Peak memory is then flat in
 #: the input size past it (docs/performance.md, "Large photos").
 DEFAULT_MAX_WORKING_PIXELS = 2048 * 1024
+#: Felzenszwalb's working size at inference, in pixels (``proposal_pixels``; `reme.defaults`
+#: holds the value so the CLI can show it without torch); None = the image's working size.
+#: Chosen on CamVid train frames (docs/performance.md "Proposals at a reduced working size").
+DEFAULT_PROPOSAL_PIXELS: int | None = PROPOSAL_PIXELS
 #: Class lists whose A2 (eq. 2) a Predictor keeps (least recently used out); our choice.
 A2_CACHE_SIZE = 4
 #: Class lists whose text embeddings a Predictor keeps; our choice.
 CLASS_CACHE_SIZE = 16
-
-
-@dataclass
-class SegmentationResult:
-    """Output of [`Segmenter.predict`][reme.inference.segmenter.Segmenter.predict] (numpy only).
-
-    (H, W) is the input image's size. An input over ``max_working_pixels`` is segmented at a
-    smaller working size (``extras["working_size"]``); the maps are then brought back to (H, W):
-    nearest for ``label_map`` and ``segment_ids``, bilinear for ``scores``.
-
-    Attributes:
-        label_map: (H, W) int32, index into ``classes`` of each pixel, or
-            `reme.inference.unlabelled.UNLABELLED` (-1) where no asked class fits ("none of
-            these", docs/method.md; off with ``Segmenter(unlabelled=False)``).
-        classes: the C class *display names*: the first synonym of each class as given
-            (``"floor; ground"`` gives ``"floor"``; `reme.classes.parse_classes`), plus
-            ``"others"`` when ``others_threshold`` is set. Order as given.
-        segment_ids: (H, W) int32 proposal id of each pixel (0..k-1).
-        segment_scores: (k, C) float32 P_seg = A1 A2 (eqs. 1-2), values >= 0. Not a
-            distribution: a row does not sum to 1. Eq. 2's softmax runs over every synonym
-            string, and merging the synonyms of a class by max drops the others' share (rows
-            of 0.75-1.0 are typical with the embedded reference, whose segments carry one
-            label each); a reference segment paired with several labels votes once per label
-            (rows can then exceed 1). Compare values within a row (argmax), or normalise rows
-            (`reme.inference.retrieval.normalise_rows`) for a distribution.
-        class_fractions: (C,) float64 fraction of pixels assigned to each class.
-        scores: (H, W, C) float32 P_test (eq. 3: the P_seg row of each pixel's segment, same
-            row sums as ``segment_scores``), only with ``return_scores=True`` (else None).
-        extras: ``working_size`` (h, w), the size the image was segmented at; with the
-            "none of these" rule also ``unlabelled_segments`` (k,) bool, ``none_scores`` (k,)
-            float32 (the none column of P_seg', NaN when that rule is off) and
-            ``nearest_similarity`` (k,) float32 (cosine of each segment's nearest reference
-            segment, NaN when the support rule is off).
-        unlabelled_fraction: fraction of pixels left unlabelled (``label_map`` -1; 0 when the
-            rule is off).
-        coverage: per class a [`ClassCoverage`][reme.inference.unlabelled.ClassCoverage] (its
-            nearest reference labels and whether one reaches t_none); None when the rule is off.
-        evidence: `reme.inference.evidence.RetrievalEvidence`, the nearest reference segments
-            behind each test segment's A1 row, only with ``return_evidence=True`` (else None).
-    """
-
-    label_map: np.ndarray
-    classes: list[str]
-    segment_ids: np.ndarray
-    segment_scores: np.ndarray
-    class_fractions: np.ndarray
-    scores: np.ndarray | None = None
-    extras: dict = field(default_factory=dict)
-    evidence: Any = None
-    unlabelled_fraction: float = 0.0
-    coverage: list | None = None
-
-
-@dataclass
-class OverlayTables:
-    """Retrieval tables of base + overlay rows, made by
-    [`OverlayEditor`][reme.inference.editor.OverlayEditor] (the base is never copied).
-
-    Attributes:
-        S_ov: (r, d1) overlay rows (array on the CPU, tensor on an accelerator).
-        S_all: (m + r, d1) `StackedRows` view (CPU), a tensor, or None (made when needed).
-        o_ref: (m + r) x (n + n_new) [`ORefCSR`][reme.reference.oref.ORefCSR].
-        row_labels: (r,) merged label id of each overlay row.
-        new_labels: the overlay's labels the base lacks (ids n, n + 1, ...).
-        L_new: (n_new, d2) float32 tensor of their L_ref rows, or None.
-    """
-
-    S_ov: Any
-    S_all: Any
-    o_ref: ORefCSR
-    row_labels: np.ndarray
-    new_labels: list[str]
-    L_new: torch.Tensor | None
 
 
 class Predictor:
@@ -210,13 +143,18 @@ class Predictor:
             [`NoneRule`][reme.inference.unlabelled.NoneRule] or ``(t_none, s_min)`` pair (None
             switches one rule off). `segment_scores` (used by `reme eval`) is unaffected unless
             asked (``return_none``). Read back as ``none_rule``.
+        proposal_pixels: Felzenszwalb proposals of an image over this many pixels are made at
+            about this size (parameters scaled, ids brought back by nearest neighbour;
+            [`felzenszwalb_segments`][reme.proposals.felzenszwalb_segments]); the encoder and
+            the label maps keep the working size. Default `DEFAULT_PROPOSAL_PIXELS`; None = the
+            working size itself. Read back as ``proposer.max_pixels``.
 
     Raises:
         ReferenceSetError: the encoders do not match the reference set.
         ValueError: a logit scale that is not a finite number in (0, 1000], top_k < 1, an unknown
             retrieval, smooth_omega outside [0, 1), max_working_pixels < 1, example_bias outside
             [0, 1] or without top_k, a negative or non-finite others_threshold, an unlabelled
-            threshold outside [-1, 1].
+            threshold outside [-1, 1], proposal_pixels < 1.
     """
 
     def __init__(self, reference: str | Path | ReferenceSet, *, visual_encoder=None, text_encoder=None,
@@ -229,7 +167,8 @@ class Predictor:
                  proposals: str | None = None, n_clusters: int | None = None, smooth_omega: float = 0.0,
                  others_threshold: float | None = None,
                  max_working_pixels: int | None = DEFAULT_MAX_WORKING_PIXELS, example_bias: float = 0.0,
-                 view_cache_size: int = 1, unlabelled=True):
+                 view_cache_size: int = 1, unlabelled=True,
+                 proposal_pixels: int | None = DEFAULT_PROPOSAL_PIXELS):
         self.none_rule = none_rules.resolve_rule(unlabelled)
         self.device = resolve_device(device)
         self.reference = reference if isinstance(reference, ReferenceSet) else load_reference(reference)
@@ -254,6 +193,8 @@ class Predictor:
         if max_working_pixels is not None and int(max_working_pixels) < 1:
             raise ValueError(f"max_working_pixels must be >= 1 or None, got {max_working_pixels}")
         self.max_working_pixels = None if max_working_pixels is None else int(max_working_pixels)
+        if proposal_pixels is not None and int(proposal_pixels) < 1:
+            raise ValueError(f"proposal_pixels must be >= 1 or None, got {proposal_pixels}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
         self.top_k = top_k
@@ -276,7 +217,7 @@ class Predictor:
         self.proposer = ProposalGenerator(method, felzenszwalb=self.felzenszwalb,
                                           n_clusters=n_clusters if n_clusters is not None else built.get("n_clusters", 8),
                                           sam_options=built.get("sam_options") if method == built.get("method") else None,
-                                          device=self.device)
+                                          device=self.device, max_pixels=proposal_pixels)
         if not 0.0 <= float(example_bias) <= 1.0:
             raise ValueError(f"example_bias must lie in [0, 1], got {example_bias}")
         if example_bias and top_k is None:
@@ -321,7 +262,7 @@ class Predictor:
             props = self.proposer(img, feats)
             return props, embed_proposals(self.visual_encoder, feats, props, img), feats
 
-        return self.view_cache.get_or_make(pixels_key(img), make)
+        return self.view_cache.get_or_make((pixels_key(img), self.proposer.settings_key), make)
 
     def class_embeddings(self, synonyms: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(L_test (c', d2) float32 tensor of every class string, owner (c',) int64 class index)."""

@@ -251,6 +251,12 @@ class ProposalGenerator:
             self.sam = SamProposals(method[4:] or "facebook/sam-vit-huge", device=device, **(sam_options or {}))
 
     @property
+    def settings_key(self) -> tuple:
+        """What the proposals of an image depend on besides its pixels (method, Felzenszwalb
+        settings, k of the clusters, working size): part of a cache key."""
+        return (self.method, self.felzenszwalb, self.n_clusters, self.max_pixels)
+
+    @property
     def overlapping(self) -> bool:
         """True when proposals may overlap (SAM)."""
         return self.sam is not None

@@ -6,6 +6,13 @@ shard files itself; only shard indices, image keys and small marker dicts cross 
 boundaries. Workers start with ``fork`` on CPU (they inherit the loaded encoders, nothing is
 rebuilt) and with ``spawn`` when an encoder lives on a GPU (CUDA cannot be forked): spawned
 workers rebuild the encoders from `reme.build._shard_stages.ShardComputer.config`.
+
+On a CPU every build runs its shards in worker processes, one torch thread each, even with one
+worker: matrix products on 1 and 2 threads differ in the last bits, so this is what makes the
+files independent of the worker count, and N workers use N cores (1.9x the throughput of one
+worker with two, docs/building.md). (An in-process path under ``threadpoolctl`` did not limit
+torch once an entry point had called ``torch.set_num_threads``: it ran on every core.) With the
+encoders on a GPU, one worker computes in this process.
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ def default_start_method(device: str) -> str:
 
 def _init_worker(config_json: str | None, work_dir: str) -> None:
     global _WORKER, _STORE
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)                        # this process is the worker's entry point
+    threadpool_limits(limits=1)                     # NumPy's BLAS and OpenMP as well, for good
     _WORKER = _INHERITED if config_json is None else ShardComputer.from_config(json.loads(config_json))
     _STORE = ShardStore(work_dir)
 
@@ -57,7 +65,8 @@ def run_local(store: ShardStore, tasks: Sequence[tuple[int, list[str]]], compute
         store: the work folder.
         tasks: shards still to do.
         computer: the per-image stages (used directly, or inherited / rebuilt by workers).
-        workers: 1 runs in this process; more starts a process pool of that size.
+        workers: size of the process pool (each process on one torch thread); with ``spawn``
+            (encoders on a GPU) 1 computes in this process.
         start_method: ``"fork"`` or ``"spawn"`` (default `default_start_method`).
         device: the encoders' device (chooses the default start method).
         on_done: called with each finished shard's marker dict, in completion order.
@@ -69,14 +78,15 @@ def run_local(store: ShardStore, tasks: Sequence[tuple[int, list[str]]], compute
     global _INHERITED
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    if workers == 1 or len(tasks) <= 1:
-        with threadpool_limits(limits=1):           # one thread, as in the workers; restored after
-            for index, keys in tasks:
-                seg, pairs, meta = computer.compute_encoded(index, keys)
-                store.write(index, seg, pairs, meta)
-                on_done(meta)
+    if not tasks:
         return
     method = start_method or default_start_method(device)
+    if workers == 1 and method == "spawn":          # encoders on a GPU: compute here, no second copy
+        for index, keys in tasks:
+            seg, pairs, meta = computer.compute_encoded(index, keys)
+            store.write(index, seg, pairs, meta)
+            on_done(meta)
+        return
     config = None if method == "fork" else json.dumps(computer.config(device))
     _INHERITED = computer if method == "fork" else None
     try:
