@@ -56,7 +56,7 @@ def main() -> None:
     root = shared_data_dir()
     if root is None:
         raise SystemExit("shared/data not found (set REME_SHARED_DATA)")
-    photo = sorted((root / "voc_samples" / "images").glob("*.jpg"))[0]
+    photo = sorted(p for p in (root / "voc_samples" / "images").iterdir() if p.suffix.lower() in (".jpg", ".png"))[0]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "photo.jpg"
         Image.open(photo).convert("RGB").resize((640, 480)).save(path)

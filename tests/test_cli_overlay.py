@@ -185,7 +185,8 @@ def test_add_examples_help_fits_80_columns():
 @needs_shared
 def test_rows_added_for_camvid_frames_are_gt_modes_rows(tmp_path):
     """Two CamVid train frames: the overlay rows ``add-examples`` adds for each frame equal (to
-    float16 rounding) the rows ``build_gt_reference`` makes for it with the same encoder."""
+    float16 rounding) the rows ``build_gt_reference`` makes for it with the same encoder and the
+    same (full-size) proposals."""
     from reme.build.annotations import MaskFolder
     from reme.build.pipeline import build_gt_reference
     from reme.classes import read_class_file
@@ -203,7 +204,8 @@ def test_rows_added_for_camvid_frames_are_gt_modes_rows(tmp_path):
                              out=tmp_path / "ref", progress=False)
     summary = json.loads(cli("add-examples", "--reference", tmp_path / "ref", "--overlay", tmp_path / "ov",
                              "--images", tmp_path / "images", "--masks", tmp_path / "masks",
-                             "--classes-file", cam / "classes.txt", "--device", "cpu", "-q").stdout)
+                             "--classes-file", cam / "classes.txt", "--device", "cpu", "--proposal-pixels", "0",
+                             "-q").stdout)
     assert summary["images_added"] == 2 and summary["new_labels"] == []
     ov = load_overlay(tmp_path / "ov")
     seg_label = np.empty(ref.num_segments, object)

@@ -11,7 +11,7 @@ import typer
 
 from reme.cli._common import (CLASSES_FILE_HELP, QUIET_HELP, VERBOSE_HELP, app, check_options, echo_lines, fail,
                               setup_logging)
-from reme.defaults import MAX_WORKING_PIXELS
+from reme.defaults import MAX_WORKING_PIXELS, PROPOSAL_PIXELS
 from reme.inference.teach import DEFAULT_SAVE_EVERY
 
 logger = logging.getLogger("reme")
@@ -77,7 +77,8 @@ def add_examples_cmd(
         None, "--from-segment", metavar="IMG SEGMENT_IDS LABEL",
         help="One example: segment(s) of 'reme segment IMG --segment-ids' (the value of IMG's <stem>_segments.png "
              "at a pixel; several ids comma-separated) labelled LABEL. Use the same --reference, --proposals, "
-             "--n-clusters and --max-working-pixels as that 'reme segment' run, so the ids are the same."),
+             "--n-clusters, --max-working-pixels and --proposal-pixels as that 'reme segment' run, so the ids are "
+             "the same."),
     undo: Optional[str] = typer.Option(None, "--undo", metavar="EXAMPLE_ID|last|all",
                                        help="Remove one example (its id from --list), the last one, or all."),
     list_examples: bool = typer.Option(False, "--list", help="Print the overlay's examples, one JSON object a line."),
@@ -85,6 +86,8 @@ def add_examples_cmd(
     n_clusters: Optional[int] = typer.Option(None, help="k of --proposals cluster; as 'reme segment'."),
     max_working_pixels: int = typer.Option(MAX_WORKING_PIXELS, help="As 'reme segment': larger photos are segmented "
                                            "at this many pixels; 0 = full resolution."),
+    proposal_pixels: int = typer.Option(PROPOSAL_PIXELS or 0, help="As 'reme segment': Felzenszwalb at about this "
+                                        "many pixels; 0 = at the working size (the pieces a GT build makes)."),
     allow_encoder_mismatch: bool = typer.Option(False, help="Accept encoders whose spec differs from the manifest."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: CUDA if available)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
@@ -137,8 +140,8 @@ def add_examples_cmd(
 
     if not 0.0 < min_purity <= 1.0:
         fail(f"--min-purity must lie in (0, 1], got {min_purity}")
-    if save_every < 0 or max_working_pixels < 0:
-        fail("--save-every and --max-working-pixels must be >= 0")
+    if save_every < 0 or max_working_pixels < 0 or proposal_pixels < 0:
+        fail("--save-every, --max-working-pixels and --proposal-pixels must be >= 0")
     check_options(proposals=proposals, n_clusters=n_clusters)
     if from_segment:
         from reme.classes import check_label
@@ -160,7 +163,8 @@ def add_examples_cmd(
         from reme.inference.segmenter import Segmenter
 
         seg = Segmenter(ref, device=device, allow_encoder_mismatch=allow_encoder_mismatch, proposals=proposals,
-                        n_clusters=n_clusters, max_working_pixels=max_working_pixels or None, overlay=overlay)
+                        n_clusters=n_clusters, max_working_pixels=max_working_pixels or None, overlay=overlay,
+                        proposal_pixels=proposal_pixels or None)
     except (MissingWeightsError, ReferenceSetError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     ov, base_labels = seg.overlay, seg.reference.labels
