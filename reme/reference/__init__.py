@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reme.checks import check_unit_rows
-from reme.io import replace_dir, sha256_file
+from reme.io import arrow_values, read_parquet, replace_dir, sha256_file
 from reme._version import __version__
 from reme.errors import ReferenceSetError
 
@@ -425,7 +425,7 @@ def _read_embedding(table: pa.Table, fname: str, dim: int) -> np.ndarray:
     col = table.column("embedding").combine_chunks()
     if col.type.list_size != dim:
         raise ReferenceSetError(f"{fname}: embedding size {col.type.list_size}, manifest says {dim}")
-    return col.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+    return arrow_values(col.values).reshape(-1, dim)
 
 
 def _read_dropped(path: Path, sha: str | None) -> dict[str, Any]:
@@ -434,13 +434,13 @@ def _read_dropped(path: Path, sha: str | None) -> dict[str, Any]:
     if sha and _sha256(path) != sha:
         raise ReferenceSetError(f"{path} does not match the sha256 in the manifest; rebuild the reference set")
     try:
-        t = pq.read_table(path)
+        t = read_parquet(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ReferenceSetError(f"cannot read {path}: {exc}; the file is truncated or corrupt") from exc
     return {"image": t.column("image").to_pylist(),
-            "bbox": t.column("bbox").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, 4),
+            "bbox": arrow_values(t.column("bbox").combine_chunks().values).reshape(-1, 4),
             "label": t.column("label").to_pylist(), "root": t.column("root").to_pylist(),
-            "reason": t.column("reason").to_pylist(), "score": t.column("score").to_numpy()}
+            "reason": t.column("reason").to_pylist(), "score": arrow_values(t.column("score"))}
 
 
 def _read_s_ref(path: Path, manifest: dict[str, Any], mmap: bool) -> np.ndarray:
@@ -502,7 +502,7 @@ def load_reference(path: str | Path, *, verify: bool = True, mmap: bool = True) 
     tables = {}
     for name in _FILES:
         try:
-            tables[name] = pq.read_table(path / name)
+            tables[name] = read_parquet(path / name)
         except (pa.ArrowInvalid, OSError) as exc:
             raise ReferenceSetError(f"cannot read {path / name}: {exc}; the file is truncated or corrupt, rebuild the reference set") from exc
     seg, lab, pairs = (tables[n] for n in _FILES)
@@ -510,13 +510,13 @@ def load_reference(path: str | Path, *, verify: bool = True, mmap: bool = True) 
         S = (_read_embedding(seg, "segments.parquet", int(manifest["visual_dim"])) if v1
              else _read_s_ref(path, manifest, mmap))
         L = _read_embedding(lab, "labels.parquet", int(manifest["text_dim"])).astype(np.float32)
-        bbox = seg.column("bbox").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, 4)
+        bbox = arrow_values(seg.column("bbox").combine_chunks().values).reshape(-1, 4)
         ref = ReferenceSet(
             S_ref=S, L_ref=L,
-            pair_segment=pairs.column("segment_id").to_numpy(), pair_label=pairs.column("label_id").to_numpy(),
+            pair_segment=arrow_values(pairs.column("segment_id")), pair_label=arrow_values(pairs.column("label_id")),
             labels=lab.column("text").to_pylist(), roots=lab.column("root").to_pylist(),
             segment_image=seg.column("image").to_pylist(), segment_bbox=bbox,
-            segment_area=seg.column("area").to_numpy(), manifest=manifest,
+            segment_area=arrow_values(seg.column("area")), manifest=manifest,
             segment_source=seg.column("source").to_pylist() if "source" in seg.column_names else None,
             dropped=_read_dropped(path / DROPPED_FILE, files.get(DROPPED_FILE) if verify else None),
             path=path,

@@ -29,11 +29,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from reme.classes import check_label
 from reme.errors import ReferenceSetError
-from reme.io import sha256_file
+from reme.io import arrow_values, read_parquet, sha256_file
 from reme.reference import ReferenceSet, load_reference
 from reme.reference.oref import ORefCSR
 
@@ -471,7 +470,7 @@ def _load_overlay(path: Path, verify: bool) -> Overlay:
         raise ReferenceSetError(f"{f} does not match the sha256 in {path / 'manifest.json'} (file changed or "
                                 f"truncated, or not listed): {OVERLAY_FIX}")
     try:
-        t = pq.read_table(f)
+        t = read_parquet(f)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ReferenceSetError(f"cannot read {f}: {exc}; the file is truncated or corrupt: {OVERLAY_FIX}") from exc
     r = ref.num_segments
@@ -480,7 +479,7 @@ def _load_overlay(path: Path, verify: bool) -> Overlay:
     row_label = [ref.labels[j] for j in ref.pair_label[np.argsort(ref.pair_segment, kind="stable")]]
     if len(row_label) != r or row_label != t.column("label").to_pylist():
         raise ReferenceSetError(f"{path}: pairs.parquet and {EXAMPLES_FILE} disagree on the row labels")
-    mb = t.column("mask_bbox").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, 4)
+    mb = arrow_values(t.column("mask_bbox").combine_chunks().values).reshape(-1, 4)
     return Overlay(S=np.asarray(ref.S_ref), labels=row_label, example_ids=t.column("example_id").to_pylist(),
                    images=list(ref.segment_image), bbox=np.asarray(ref.segment_bbox, np.int32),
                    area=np.asarray(ref.segment_area, np.int64), mask_bbox=mb.astype(np.int32),
