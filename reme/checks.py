@@ -105,7 +105,7 @@ def check_unit_rows(a: Any, what: str, *, tol: float = UNIT_NORM_TOL, block: int
 def check_segment_options(*, top_k: Any = None, smooth_omega: Any = 0.0, retrieval: str = "exact",
                           proposals: str | None = None, n_clusters: Any = None, others_threshold: Any = None,
                           segment_logit_scale: Any = None, label_logit_scale: Any = None,
-                          names: dict[str, str] | None = None) -> None:
+                          proposal_pixels: Any = None, names: dict[str, str] | None = None) -> None:
     """Check the options of a [`Segmenter`][reme.inference.segmenter.Segmenter] that need no
     model, so that a caller (the CLI) refuses a bad value before anything loads. None means
     "the default" for every option but ``smooth_omega`` and ``retrieval``.
@@ -134,6 +134,10 @@ def check_segment_options(*, top_k: Any = None, smooth_omega: Any = 0.0, retriev
             raise ValueError(f"{n('proposals')}: {exc}") from None
     if n_clusters is not None and (isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1):
         raise ValueError(f"{n('n_clusters')} must be an integer >= 1, got {n_clusters!r}")
+    if proposal_pixels is not None and (isinstance(proposal_pixels, bool) or not isinstance(proposal_pixels, int)
+                                        or proposal_pixels < 0):
+        raise ValueError(f"{n('proposal_pixels')} must be an integer >= 0 (0 = the working size), "
+                         f"got {proposal_pixels!r}")
     check_others_threshold(others_threshold, n("others_threshold"))
     for key, value in (("segment_logit_scale", segment_logit_scale), ("label_logit_scale", label_logit_scale)):
         if value is not None:

@@ -68,6 +68,7 @@ def test_bad_images_are_refused_before_models_load(tmp_path, no_models):
     ("--others-threshold", "nan", "--others-threshold must be a finite number >= 0"),
     ("--label-logit-scale", "1e308", "--label-logit-scale must be a finite number in (0, 1000]"),
     ("--explain-segments", "0", "--explain-segments must be >= 1"),
+    ("--proposal-pixels", "-1", "--proposal-pixels must be an integer >= 0"),
 ])
 def test_bad_options_are_refused_before_models_load(tmp_path, no_models, flag, value, msg):
     res = invoke("segment", "skimage:coffee", *CLASSES, flag, value, "--out", tmp_path / "o")
@@ -127,6 +128,8 @@ def test_eval_options_are_refused_before_anything_loads(tmp_path, no_models, mon
     monkeypatch.setattr(commands, "run_eval", lambda **k: pytest.fail("run_eval ran before the options were checked"))
     res = invoke("eval", "--dataset", "camvid", "--others-threshold", "nan", "--out", tmp_path / "o")
     assert res.exit_code == 2 and "--others-threshold must be a finite number >= 0" in res.output, res.output
+    res = invoke("eval", "--dataset", "camvid", "--proposal-pixels", "-5", "--out", tmp_path / "o")
+    assert res.exit_code == 2 and "--proposal-pixels must be an integer >= 0" in res.output, res.output
 
 
 def test_refusing_a_missing_photo_imports_no_torch(tmp_path):

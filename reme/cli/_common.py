@@ -23,6 +23,9 @@ logger = logging.getLogger("reme")
 
 
 QUIET_HELP = "Warnings and errors only: no progress bars."
+#: ``--proposal-pixels`` of `segment`, `eval` and `add-examples`.
+PROPOSAL_PIXELS_HELP = ("Make the Felzenszwalb proposals at about this many pixels (parameters scaled, labels at the "
+                        "working size); 0 = at the working size, as a build makes them.")
 VERBOSE_HELP = "Also print INFO logs and the model-loading progress bars."
 
 
@@ -125,14 +128,11 @@ def existing_overlay(overlay: Path) -> str:
     return str(overlay)
 
 
-def segmenter_kw(top_k, segment_logit_scale, label_logit_scale, proposal_pixels=None, **options) -> dict:
+def segmenter_kw(top_k, segment_logit_scale, label_logit_scale, proposal_pixels: int, **options) -> dict:
     """Segmenter keywords the user set (None = the Segmenter's default; ``proposal_pixels`` 0 =
-    proposals at the working size)."""
+    proposals at the working size), checked before by `check_options`."""
     kw: dict = {k: v for k, v in options.items() if v is not None}
-    if proposal_pixels is not None:
-        if proposal_pixels < 0:
-            fail(f"--proposal-pixels must be >= 0 (0 = the working size), got {proposal_pixels}")
-        kw["proposal_pixels"] = proposal_pixels or None
+    kw["proposal_pixels"] = proposal_pixels or None
     if top_k is not None:
         kw["top_k"] = top_k or None
     if segment_logit_scale is not None:
@@ -145,7 +145,8 @@ def segmenter_kw(top_k, segment_logit_scale, label_logit_scale, proposal_pixels=
 #: CLI flag of each Segmenter option, for messages of `check_options`.
 OPTION_FLAGS = {"top_k": "--top-k", "smooth_omega": "--smooth-omega", "retrieval": "--retrieval",
                 "proposals": "--proposals", "n_clusters": "--n-clusters", "others_threshold": "--others-threshold",
-                "segment_logit_scale": "--segment-logit-scale", "label_logit_scale": "--label-logit-scale"}
+                "segment_logit_scale": "--segment-logit-scale", "label_logit_scale": "--label-logit-scale",
+                "proposal_pixels": "--proposal-pixels"}
 
 
 def check_options(**options) -> None:

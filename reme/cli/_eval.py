@@ -11,8 +11,8 @@ import typer
 from reme.checks import MAX_LOGIT_SCALE
 from reme.defaults import LOGIT_SCALE, PROPOSAL_PIXELS, TOP_K
 
-from reme.cli._common import (CLASSES_FILE_HELP, QUIET_HELP, VERBOSE_HELP, app, check_options, existing_overlay, fail,
-                              segmenter_kw, setup_logging)
+from reme.cli._common import (CLASSES_FILE_HELP, PROPOSAL_PIXELS_HELP, QUIET_HELP, VERBOSE_HELP, app, check_options,
+                              existing_overlay, fail, segmenter_kw, setup_logging)
 
 logger = logging.getLogger("reme")
 
@@ -84,8 +84,7 @@ def eval_cmd(
     proposals: Optional[str] = typer.Option(None, help="felzenszwalb, cluster or sam[:MODEL] (default: the reference set's)."),
     n_clusters: Optional[int] = typer.Option(None, help="k of --proposals cluster."),
     smooth_omega: Optional[float] = typer.Option(None, help="GFA smoothing of P_seg over adjacent segments, in [0, 1)."),
-    proposal_pixels: Optional[int] = typer.Option(None, help=f"Felzenszwalb proposals at about this many pixels "
-                                                  f"(default {PROPOSAL_PIXELS or 0}; 0 = at the working size)."),
+    proposal_pixels: int = typer.Option(PROPOSAL_PIXELS or 0, help=PROPOSAL_PIXELS_HELP),
     overlay_dir: Optional[Path] = typer.Option(None, "--overlay", help="Also search the examples of this overlay "
                                                "folder ('reme add-examples'); it must exist."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: CUDA if available)."),
@@ -99,7 +98,7 @@ def eval_cmd(
     setup_logging(quiet, verbose)
     check_options(top_k=top_k, smooth_omega=smooth_omega or 0.0, retrieval=retrieval or "exact", proposals=proposals,
                   n_clusters=n_clusters, others_threshold=others_threshold, segment_logit_scale=segment_logit_scale,
-                  label_logit_scale=label_logit_scale)
+                  label_logit_scale=label_logit_scale, proposal_pixels=proposal_pixels)
     if ask is not None:  # subset-query protocol (reme.eval.subset)
         _eval_subset(ask, dataset, root, split, images, masks, classes_file, ignore_index, reduce_zero_label, limit,
                      stride, offset, reference, device, quiet,
@@ -113,8 +112,7 @@ def eval_cmd(
     if (dataset is None) == (suite is None):
         fail("give --dataset NAME or --suite paper (not both)")
     seg_kw = segmenter_kw(top_k, segment_logit_scale, label_logit_scale, proposal_pixels, retrieval=retrieval,
-                          proposals=proposals,
-                          n_clusters=n_clusters, smooth_omega=smooth_omega,
+                          proposals=proposals, n_clusters=n_clusters, smooth_omega=smooth_omega,
                           overlay=overlay_dir and existing_overlay(overlay_dir))
     protocol_kw = _eval_protocol_kw(short_side, mode, crop, window_stride, background_mode, bg_threshold,
                                     others_threshold, no_synonyms)

@@ -9,8 +9,8 @@ from typing import List, Optional, Tuple
 
 import typer
 
-from reme.cli._common import (CLASSES_FILE_HELP, QUIET_HELP, VERBOSE_HELP, app, check_options, echo_lines, fail,
-                              setup_logging)
+from reme.cli._common import (CLASSES_FILE_HELP, PROPOSAL_PIXELS_HELP, QUIET_HELP, VERBOSE_HELP, app, check_options,
+                              echo_lines, fail, setup_logging)
 from reme.defaults import MAX_WORKING_PIXELS, PROPOSAL_PIXELS
 from reme.inference.teach import DEFAULT_SAVE_EVERY
 
@@ -86,8 +86,7 @@ def add_examples_cmd(
     n_clusters: Optional[int] = typer.Option(None, help="k of --proposals cluster; as 'reme segment'."),
     max_working_pixels: int = typer.Option(MAX_WORKING_PIXELS, help="As 'reme segment': larger photos are segmented "
                                            "at this many pixels; 0 = full resolution."),
-    proposal_pixels: int = typer.Option(PROPOSAL_PIXELS or 0, help="As 'reme segment': Felzenszwalb at about this "
-                                        "many pixels; 0 = at the working size (the pieces a GT build makes)."),
+    proposal_pixels: int = typer.Option(PROPOSAL_PIXELS or 0, help=PROPOSAL_PIXELS_HELP),
     allow_encoder_mismatch: bool = typer.Option(False, help="Accept encoders whose spec differs from the manifest."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: CUDA if available)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
@@ -140,9 +139,9 @@ def add_examples_cmd(
 
     if not 0.0 < min_purity <= 1.0:
         fail(f"--min-purity must lie in (0, 1], got {min_purity}")
-    if save_every < 0 or max_working_pixels < 0 or proposal_pixels < 0:
-        fail("--save-every, --max-working-pixels and --proposal-pixels must be >= 0")
-    check_options(proposals=proposals, n_clusters=n_clusters)
+    if save_every < 0 or max_working_pixels < 0:
+        fail("--save-every and --max-working-pixels must be >= 0")
+    check_options(proposals=proposals, n_clusters=n_clusters, proposal_pixels=proposal_pixels)
     if from_segment:
         from reme.classes import check_label
 

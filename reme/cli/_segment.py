@@ -13,8 +13,8 @@ from reme.checks import MAX_LOGIT_SCALE
 from reme.defaults import LOGIT_SCALE, MAX_WORKING_PIXELS, PROPOSAL_PIXELS, TOP_K
 
 from reme.classes import CLASS_LIST_GRAMMAR
-from reme.cli._common import (CLASSES_HELP, QUIET_HELP, VERBOSE_HELP, app, check_options, check_out_path,
-                              check_reference_manifest, existing_overlay, fail, image_stem, readable_images,
+from reme.cli._common import (CLASSES_HELP, PROPOSAL_PIXELS_HELP, QUIET_HELP, VERBOSE_HELP, app, check_options,
+                              check_out_path, check_reference_manifest, existing_overlay, fail, image_stem, readable_images,
                               setup_logging, unique_stems)
 
 logger = logging.getLogger("reme")
@@ -56,8 +56,7 @@ def segment_cmd(
                                           "(repeatable; default: the manifest's image root)."),
     max_working_pixels: int = typer.Option(MAX_WORKING_PIXELS, help="Segment larger photos at this many pixels and bring "
                                            "the labels back to full size (bounds memory); 0 = full resolution."),
-    proposal_pixels: int = typer.Option(PROPOSAL_PIXELS or 0, help="Make the Felzenszwalb proposals at about this many "
-                                        "pixels (parameters scaled, labels at the working size); 0 = at the working size."),
+    proposal_pixels: int = typer.Option(PROPOSAL_PIXELS or 0, help=PROPOSAL_PIXELS_HELP),
     overlay_dir: Optional[Path] = typer.Option(None, "--overlay", help="Also search the examples of this overlay "
                                                "folder ('reme add-examples'); it must exist."),
     segment_ids: bool = typer.Option(False, "--segment-ids", help="Also write <stem>_segments.png: the proposal id of "
@@ -76,11 +75,9 @@ def segment_cmd(
         fail("give exactly one of --classes or --classes-file")
     check_options(top_k=top_k, smooth_omega=smooth_omega, retrieval=retrieval, proposals=proposals,
                   n_clusters=n_clusters, others_threshold=others_threshold, segment_logit_scale=segment_logit_scale,
-                  label_logit_scale=label_logit_scale)
+                  label_logit_scale=label_logit_scale, proposal_pixels=proposal_pixels)
     if max_working_pixels < 0:
         fail(f"--max-working-pixels must be >= 0 (0 = full resolution), got {max_working_pixels}")
-    if proposal_pixels < 0:
-        fail(f"--proposal-pixels must be >= 0 (0 = the working size), got {proposal_pixels}")
     if explain_segments < 1:
         fail(f"--explain-segments must be >= 1, got {explain_segments}")
     try:
