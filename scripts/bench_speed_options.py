@@ -30,11 +30,16 @@ import numpy as np
 from PIL import Image
 
 
-def frames(split: str, n: int, exclude: set[str] = frozenset()) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The first ``n`` CamVid frames of ``split`` (sorted by name) whose names are not in ``exclude``."""
+def data_root() -> Path:
+    """shared/data as `reme.defaults.shared_data_dir` finds it, else /work/shared/data."""
     from reme.defaults import shared_data_dir
 
-    root = shared_data_dir() or Path("/work/shared/data")
+    return shared_data_dir() or Path("/work/shared/data")
+
+
+def frames(split: str, n: int, exclude: set[str] = frozenset()) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The first ``n`` CamVid frames of ``split`` (sorted by name) whose names are not in ``exclude``."""
+    root = data_root()
     paths = [p for p in sorted((root / "camvid" / "images" / split).glob("*.png")) if p.name not in exclude][:n]
     return [(np.asarray(Image.open(p).convert("RGB")), np.asarray(Image.open(root / "camvid" / "masks" / split / p.name)))
             for p in paths]
@@ -43,9 +48,7 @@ def frames(split: str, n: int, exclude: set[str] = frozenset()) -> list[tuple[np
 def coco_frames(n: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[str]]:
     """The first ``n`` coco_tiny **train** photos with masks of the 80 thing classes (background
     and unannotated pixels ignored: value 255), and those 80 names."""
-    from reme.defaults import shared_data_dir
-
-    root = (shared_data_dir() or Path("/work/shared/data")) / "coco_tiny"
+    root = data_root() / "coco_tiny"
     names = [line.strip() for line in (root / "classes_coco_object.txt").read_text().splitlines() if line.strip()]
     out = []
     for p in sorted((root / "images" / "train2017").glob("*.jpg"))[:n]:
@@ -56,9 +59,7 @@ def coco_frames(n: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[str]]
 
 
 def class_file() -> list[str]:
-    from reme.defaults import shared_data_dir
-
-    root = shared_data_dir() or Path("/work/shared/data")
+    root = data_root()
     return [line.strip() for line in (root / "camvid" / "classes.txt").read_text().splitlines() if line.strip()]
 
 
@@ -131,12 +132,6 @@ def _memo_last(fn):
     return memo
 
 
-def data_root() -> Path:
-    from reme.defaults import shared_data_dir
-
-    return shared_data_dir() or Path("/work/shared/data")
-
-
 def reference_images(reference: str) -> set[str]:
     """File names of the photos a reference set was built from (``segments.parquet``)."""
     import pyarrow.parquet as pq
@@ -159,7 +154,7 @@ def run_proposals(args, data, classes) -> None:
 
             from reme.reference import load_reference
 
-            ref = drop_images(load_reference(ref), {p.name for p in (Path(data_root()) / "coco_tiny/images/train2017").glob("*.jpg")})
+            ref = drop_images(load_reference(ref), {p.name for p in (data_root() / "coco_tiny/images/train2017").glob("*.jpg")})
         seg = Segmenter(ref, device="cpu", view_cache_size=0, unlabelled=False)  # the closed set
         seg.visual_encoder.dense_features = _memo_last(seg.visual_encoder.dense_features)
     params = seg.felzenszwalb if seg is not None else FelzenszwalbParams()

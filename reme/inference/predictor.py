@@ -489,15 +489,16 @@ class Predictor:
         def make():
             L_test, owner = self.class_embeddings(synonyms)
             o_ref = self.o_ref if tables is None else tables.o_ref
-            return tuple(none_rules.class_coverage(names, L_test, owner, self._L_all(tables), self._labels(tables),
-                                                   none_rules.label_segment_counts(o_ref.label, o_ref.num_labels),
-                                                   self.none_rule.label_threshold))
+            return none_rules.class_coverage(names, L_test, owner, self._L_all(tables), self._labels(tables),
+                                             none_rules.label_segment_counts(o_ref.label, o_ref.num_labels),
+                                             self.none_rule.label_threshold)
 
         key = ("coverage", tuple(names), tuple(map(tuple, synonyms)), self.none_rule.label_threshold)
-        return copy.deepcopy(list(self._per_class_list(None if tables is None else tables.o_ref, key, make)))
+        # a copy: the caller may change its records, the cached ones stay as made
+        return copy.deepcopy(self._per_class_list(None if tables is None else tables.o_ref, key, make))
 
     def _per_class_list(self, overlay_part, key, make):
-        """``make()``, kept in the A2 cache under ``key`` when ``overlay_part`` (overlay tables, or
+        """``make()``, kept in ``list_cache`` under ``key`` when ``overlay_part`` (overlay tables, or
         the part of them the value depends on) is None: values that depend only on the reference
         set and the class list are computed once per class list, not once per image."""
         return make() if overlay_part is not None else self.list_cache.get_or_make(key, make)
